@@ -1,0 +1,47 @@
+"""Writing new K/V rows into a paged cache: the CUDA kernel, or the reference on CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _extension, reference
+from ._validation import (INDEX_DTYPES, KERNEL_DTYPES, check_in_range, check_last_dim_contiguous,
+                          check_same_device, check_size, check_tensor, debug_checks_enabled)
+from .paged_kv import PagedKVCache
+
+
+def write_kv(cache: PagedKVCache, slots: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor) -> None:
+    """Store `key` [T, H, Dk] and `value` [T, H, Dv] at token `slots` [T] of `cache`, in place.
+
+    Slot -1 marks a padding token and is skipped. On CUDA tensors this runs the
+    `paged_kv_write` kernel (no host synchronisation, CUDA-graph safe); on CPU
+    tensors it runs the float reference.
+    """
+    check_tensor("key", key, dims=3)
+    check_tensor("value", value, dims=3)
+    check_tensor("slots", slots, dims=1, dtypes=INDEX_DTYPES)
+    num_tokens = key.shape[0]
+    check_size("value", value, 0, num_tokens, "one row per token of key")
+    check_size("slots", slots, 0, num_tokens, "one slot per token of key")
+    check_size("key", key, 1, cache.num_kv_heads, "the cache's kv heads")
+    check_size("value", value, 1, cache.num_kv_heads, "the cache's kv heads")
+    check_size("key", key, 2, cache.head_dim_k, "the cache's K head dim")
+    check_size("value", value, 2, cache.head_dim_v, "the cache's V head dim")
+    check_same_device(cache=cache.k, key=key, value=value, slots=slots)
+    if debug_checks_enabled():
+        check_in_range("slots", slots, -1, cache.num_slots,
+                       f"-1 for padding, else a slot of the {cache.num_pages} pages x "
+                       f"{cache.page_size}")
+    if key.device.type != "cuda":
+        reference.write_kv(cache, slots, key, value)
+        return
+    for name, t in (("key", key), ("value", value), ("k_cache", cache.k), ("v_cache", cache.v)):
+        check_tensor(name, t, dtypes=KERNEL_DTYPES)
+        check_last_dim_contiguous(name, t)
+    if key.dtype != cache.dtype or value.dtype != cache.dtype:
+        raise TypeError(f"key ({key.dtype}) and value ({value.dtype}) must have the cache's dtype "
+                        f"{cache.dtype}")
+    if not slots.is_contiguous():
+        slots = slots.contiguous()
+    _extension.load_ops().paged_kv_write(key, value, cache.k, cache.v, slots)

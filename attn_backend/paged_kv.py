@@ -1,0 +1,150 @@
+"""One description of a paged KV cache for both engines.
+
+A `PagedKVCache` holds two 4-D views, K and V, each
+`[num_pages, page_size, num_kv_heads, head_dim]` with any strides except a
+contiguous last dimension. A token slot is `page * page_size + offset`.
+
+- SGLang keeps per-layer K and V buffers `[num_slots, num_kv_heads, head_dim]`
+  addressed by token slots (`req_to_token` rows); `from_sglang` views them as pages.
+- vLLM keeps one per-layer tensor `[num_blocks, num_kv_heads, block_size,
+  head_dim_k + head_dim_v]` (K and V packed in the last dim; its physical
+  stride order depends on the resolved KV layout) addressed by a block table;
+  `from_vllm` splits it into the two views without copying.
+- MLA keeps one row `[kv_lora_rank + rope_dim]` per token; K is the whole row
+  and V its first `kv_lora_rank` columns (`from_mla`).
+
+Kernels and the float reference both take this object, so the addressing is
+written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import check_tensor
+
+
+@dataclass(frozen=True)
+class PagedKVCache:
+    k: torch.Tensor  # [num_pages, page_size, num_kv_heads, head_dim_k]
+    v: torch.Tensor  # [num_pages, page_size, num_kv_heads, head_dim_v]
+
+    def __post_init__(self):
+        check_tensor("k_cache", self.k, dims=4)
+        check_tensor("v_cache", self.v, dims=4)
+        if self.k.shape[:3] != self.v.shape[:3]:
+            raise ValueError(f"k_cache {tuple(self.k.shape)} and v_cache {tuple(self.v.shape)} must "
+                             "agree in pages, page size and kv heads")
+        if self.k.dtype != self.v.dtype or self.k.device != self.v.device:
+            raise ValueError("k_cache and v_cache must share dtype and device")
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim_k(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_pages * self.page_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @classmethod
+    def from_sglang(cls, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                    page_size: int) -> "PagedKVCache":
+        """Views SGLang's `[num_slots, H, D]` K and V buffers as pages of `page_size` slots."""
+        check_tensor("k_buffer", k_buffer, dims=3)
+        check_tensor("v_buffer", v_buffer, dims=3)
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        num_pages = k_buffer.shape[0] // page_size
+        usable = num_pages * page_size  # trailing slots that fill no whole page are unaddressable
+        return cls(_as_pages(k_buffer[:usable], num_pages, page_size),
+                   _as_pages(v_buffer[:usable], num_pages, page_size))
+
+    @classmethod
+    def from_vllm(cls, kv_cache: torch.Tensor, head_dim_k: int) -> "PagedKVCache":
+        """Splits vLLM's `[num_blocks, H, block_size, Dk + Dv]` tensor (any layout) into K and V."""
+        check_tensor("kv_cache", kv_cache, dims=4)
+        if not 0 < head_dim_k < kv_cache.shape[3]:
+            raise ValueError(f"head_dim_k={head_dim_k} must be in [1, {kv_cache.shape[3] - 1}] "
+                             f"for kv_cache of shape {tuple(kv_cache.shape)}")
+        pages = kv_cache.transpose(1, 2)  # [num_blocks, block_size, H, Dk + Dv]
+        return cls(pages[..., :head_dim_k], pages[..., head_dim_k:])
+
+    @classmethod
+    def from_mla(cls, kv_buffer: torch.Tensor, kv_lora_rank: int, page_size: int) -> "PagedKVCache":
+        """SGLang's MLA buffer `[num_slots, 1, kv_lora_rank + rope_dim]`: K = row, V = latent part."""
+        check_tensor("kv_buffer", kv_buffer, dims=3)
+        if not 0 < kv_lora_rank < kv_buffer.shape[2]:
+            raise ValueError(f"kv_lora_rank={kv_lora_rank} must be below the row width "
+                             f"{kv_buffer.shape[2]}")
+        num_pages = kv_buffer.shape[0] // page_size
+        pages = _as_pages(kv_buffer[: num_pages * page_size], num_pages, page_size)
+        return cls(pages, pages[..., :kv_lora_rank])
+
+    def page_and_offset(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = slots.to(device=self.device, dtype=torch.long)
+        return slots // self.page_size, slots % self.page_size
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows `[len(slots), H, D]` of the given token slots."""
+        page, offset = self.page_and_offset(slots)
+        return self.k[page, offset], self.v[page, offset]
+
+
+def _as_pages(buffer: torch.Tensor, num_pages: int, page_size: int) -> torch.Tensor:
+    if buffer.stride(0) != buffer.shape[1] * buffer.stride(1) and buffer.shape[0] > 1:
+        raise ValueError("an SGLang KV buffer must have contiguous slots (slot stride = H * "
+                         f"head stride); got strides {buffer.stride()}")
+    return buffer.view(num_pages, page_size, *buffer.shape[1:])
+
+
+def slots_from_req_to_token(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                            kv_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGLang addressing → (kv_indptr [B+1], kv_slots [sum kv_lens]) in CSR form."""
+    rows = req_pool_indices.tolist()
+    lens = kv_lens.tolist()
+    pieces = [req_to_token[row, :n].long() for row, n in zip(rows, lens)]
+    return _csr(lens, pieces, req_to_token.device)
+
+
+def slots_from_block_table(block_table: torch.Tensor, kv_lens: torch.Tensor,
+                           page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM addressing → (kv_indptr [B+1], kv_slots): slot = block_table[r, t // bs] * bs + t % bs."""
+    lens = kv_lens.tolist()
+    pieces = []
+    for r, n in enumerate(lens):
+        t = torch.arange(n, device=block_table.device)
+        pieces.append(block_table[r, t // page_size].long() * page_size + t % page_size)
+    return _csr(lens, pieces, block_table.device)
+
+
+def _csr(lens: list[int], pieces: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    indptr = torch.zeros(len(lens) + 1, dtype=torch.long)
+    indptr[1:] = torch.tensor(lens, dtype=torch.long).cumsum(0)
+    slots = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long, device=device)
+    return indptr.to(device), slots

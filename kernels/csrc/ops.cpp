@@ -1,0 +1,33 @@
+// Operator schemas of torch.ops.attn_backend, their Meta (fake) kernels, and
+// the Python module init that lets setup.py's build be imported.
+#include <Python.h>
+#include <torch/library.h>
+
+namespace {
+
+// Mutates only its cache arguments, so tracing needs no output shapes.
+void paged_kv_write_meta(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                         const at::Tensor&) {}
+
+}  // namespace
+
+TORCH_LIBRARY(attn_backend, m) {
+  m.def(
+      "paged_kv_write(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor slots) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(attn_backend, Meta, m) { m.impl("paged_kv_write", &paged_kv_write_meta); }
+
+// The extension is loaded with torch.ops.load_library; this init only exists
+// so that `import attn_backend._C` of a setup.py build also succeeds.
+#define ATTN_BACKEND_CONCAT_(a, b) a##b
+#define ATTN_BACKEND_CONCAT(a, b) ATTN_BACKEND_CONCAT_(a, b)
+#define ATTN_BACKEND_STR_(a) #a
+#define ATTN_BACKEND_STR(a) ATTN_BACKEND_STR_(a)
+
+extern "C" PyMODINIT_FUNC ATTN_BACKEND_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, ATTN_BACKEND_STR(TORCH_EXTENSION_NAME),
+                               nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,40 @@
+# Sourced by scripts/test.sh and scripts/bench.sh: an environment with torch,
+# the test tools and attn_backend built in place (kernels compiled by setup.py).
+#
+# - If python3 already has torch (the GPU machine's image), that interpreter is
+#   used as is: it may have no network, and its torch is the one to build for.
+# - Otherwise a virtualenv .venv is created with torch 2.14.1 (the CUDA build,
+#   so the extension links; it runs on the CPU reference without a GPU).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+if [ -z "${CUDA_HOME:-}" ]; then
+  for candidate in /usr/local/cuda "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x/x)")")"; do
+    if [ -x "$candidate/bin/nvcc" ] && [ -d "$candidate/include" ]; then export CUDA_HOME=$candidate; break; fi
+  done
+fi
+if [ -z "${CUDA_HOME:-}" ]; then
+  echo "env.sh: nvcc (the CUDA toolkit) is needed to build the kernels; set CUDA_HOME" >&2
+  exit 1
+fi
+export PATH="$CUDA_HOME/bin:$PATH"
+
+if python3 -c "import torch" 2>/dev/null; then
+  PY=python3
+else
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv --system-site-packages .venv
+  fi
+  PY=$ROOT/.venv/bin/python
+  "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.14.1"
+fi
+"$PY" -m pip install -q ninja pytest hypothesis pytest-benchmark numpy matplotlib 2>&1 | grep -v -i "running pip as" || true
+started=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+  > /tmp/attn_backend_build.log 2>&1 || {
+  tail -n 60 /tmp/attn_backend_build.log >&2
+  echo "env.sh: building the attn_backend extension failed (full log: /tmp/attn_backend_build.log)" >&2
+  exit 1
+}
+echo "env.sh: attn_backend built in $(( $(date +%s) - started )) s with $("$PY" -c 'import torch; print("torch", torch.__version__)')"

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runner for the GPU machine (no network; torch from its image): JIT-builds the
+# kernels (MAX_JOBS=16), runs the gpu-marked tests, runs the benchmarks, writes
+# logs and JSON under $OUT, and prints a short summary last.
+#   bash scripts/gpu_check.sh [--tests-only | --bench-only] [--only BENCHES] [pytest -k EXPR via PYTEST_K]
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-/tmp/attn_backend_out}
+mkdir -p "$OUT"
+export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export ATTN_BACKEND_CACHE_DIR=${ATTN_BACKEND_CACHE_DIR:-/tmp/attn_backend_cache}
+run_tests=1 run_bench=1 bench_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tests-only) run_bench=0 ;;
+    --bench-only) run_tests=0 ;;
+    --only) bench_args+=(--only "$2"); shift ;;
+    *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+summary=()
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+t0=$(date +%s)
+python3 -c "
+import logging; logging.basicConfig(level=logging.INFO)
+from attn_backend import _extension; _extension.load_ops(); print('loaded', _extension.loaded_library())
+" 2>&1 | tee "$OUT/build.log"
+build_rc=${PIPESTATUS[0]}
+summary+=("build (JIT): rc=$build_rc in $(( $(date +%s) - t0 )) s")
+[ "$build_rc" -eq 0 ] || { printf '%s\n' "${summary[@]}"; exit 1; }
+
+test_rc=0
+if [ "$run_tests" -eq 1 ]; then
+  t0=$(date +%s)
+  python3 -m pytest -q -m gpu tests ${PYTEST_K:+-k "$PYTEST_K"} --junitxml="$OUT/gpu_tests.xml" \
+    2>&1 | tee "$OUT/gpu_tests.log"
+  test_rc=${PIPESTATUS[0]}
+  summary+=("gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s: $(tail -n 1 "$OUT/gpu_tests.log")")
+fi
+
+bench_rc=0
+if [ "$run_bench" -eq 1 ]; then
+  t0=$(date +%s)
+  python3 -m bench.run_all --out "$OUT" "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
+  bench_rc=${PIPESTATUS[0]}
+  summary+=("benchmarks: rc=$bench_rc in $(( $(date +%s) - t0 )) s (JSON in $OUT)")
+fi
+
+echo
+echo "==== gpu_check summary ===="
+printf '%s\n' "${summary[@]}"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

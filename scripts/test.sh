@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: sets up the environment, builds the kernels, runs the suite.
+# Without a GPU the gpu-marked tests are skipped; with one they run too.
+#   bash scripts/test.sh [pytest args]
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+set +e
+"$PY" -m pytest -q tests "$@"
+status=$?
+if [ "$status" -eq 5 ]; then
+  echo "test.sh: pytest collected no tests; treating that as a failure" >&2
+  exit 1
+fi
+exit "$status"

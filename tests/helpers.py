@@ -1,0 +1,78 @@
+"""Builders of random paged-KV test problems shared by the CPU and GPU tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attn_backend.paged_kv import PagedKVCache
+
+
+@dataclass
+class PagedProblem:
+    """A batch of requests whose KV sits on shuffled pages of one cache."""
+
+    cache: PagedKVCache
+    page_table: list[list[int]]  # page ids of each request, in order
+    kv_lens: list[int]
+    q_lens: list[int]
+
+    @property
+    def page_size(self) -> int:
+        return self.cache.page_size
+
+    def slots(self, r: int) -> torch.Tensor:
+        t = torch.arange(self.kv_lens[r])
+        pages = torch.tensor(self.page_table[r], dtype=torch.long)
+        return pages[t // self.page_size] * self.page_size + t % self.page_size
+
+    def kv_csr(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        indptr = torch.tensor([0] + self.kv_lens).cumsum(0)
+        slots = torch.cat([self.slots(r) for r in range(len(self.kv_lens))]) if self.kv_lens \
+            else torch.empty(0, dtype=torch.long)
+        device = device or self.cache.device
+        return indptr.to(device), slots.to(device)
+
+    def qo_indptr(self, device=None) -> torch.Tensor:
+        return torch.tensor([0] + self.q_lens).cumsum(0).to(device or self.cache.device)
+
+
+def allocate_pages(kv_lens: list[int], page_size: int, generator: torch.Generator,
+                   spare_pages: int = 3) -> tuple[list[list[int]], int]:
+    """Shuffled, disjoint page lists for each request (partial last pages included)."""
+    needed = [(n + page_size - 1) // page_size for n in kv_lens]
+    num_pages = sum(needed) + spare_pages
+    order = torch.randperm(num_pages, generator=generator).tolist()
+    tables, start = [], 0
+    for count in needed:
+        tables.append(order[start:start + count])
+        start += count
+    return tables, num_pages
+
+
+def make_cache(layout: str, num_pages: int, page_size: int, num_kv_heads: int, head_dim_k: int,
+               head_dim_v: int, dtype: torch.dtype, device, generator=None) -> PagedKVCache:
+    """A cache filled with random values in one of the engine layouts.
+
+    layout: "sglang" (separate [slots, H, D] buffers), "vllm_nhd" (packed
+    K||V, token-major strides) or "vllm_hnd" (packed K||V, head-major).
+    """
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
+
+    if layout == "sglang":
+        k = rand(num_pages * page_size, num_kv_heads, head_dim_k)
+        v = rand(num_pages * page_size, num_kv_heads, head_dim_v)
+        return PagedKVCache.from_sglang(k, v, page_size)
+    width = head_dim_k + head_dim_v
+    if layout == "vllm_nhd":  # physical [blocks, block_size, H, C], logical [blocks, H, block_size, C]
+        kv = rand(num_pages, page_size, num_kv_heads, width).transpose(1, 2)
+    elif layout == "vllm_hnd":
+        kv = rand(num_pages, num_kv_heads, page_size, width)
+    else:
+        raise ValueError(layout)
+    return PagedKVCache.from_vllm(kv, head_dim_k)
+
+
+LAYOUTS = ("sglang", "vllm_nhd", "vllm_hnd")

@@ -1,0 +1,73 @@
+"""Bad input raises before launch, naming the argument and what is accepted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn_backend
+from attn_backend import PagedKVCache
+from attn_backend.cuda_graph import FixedCapacityBuffer
+
+
+def _cache(page_size=16, heads=2, dk=8, dv=8, dtype=torch.float32):
+    return PagedKVCache.from_sglang(torch.randn(4 * page_size, heads, dk, dtype=dtype),
+                                    torch.randn(4 * page_size, heads, dv, dtype=dtype), page_size)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: {**a, "key": a["key"][:, :1]}, r"key has size 1 in dimension 1; expected 2"),
+    (lambda a: {**a, "value": torch.randn(3, 2, 4)}, r"value has size 4 in dimension 2"),
+    (lambda a: {**a, "slots": a["slots"].float()}, r"slots has dtype float32; accepted: int32, int64"),
+    (lambda a: {**a, "slots": a["slots"][:2]}, r"slots has size 2 in dimension 0; expected 3"),
+    (lambda a: {**a, "key": a["key"][0]}, r"key must have 3 dimensions"),
+    (lambda a: {**a, "slots": torch.tensor([0, 64, 1])}, r"slots holds values in \[0, 64\]; accepted: \[-1, 63\]"),
+    (lambda a: {**a, "slots": torch.tensor([0, -2, 1])}, r"slots holds values in \[-2, 1\]"),
+    (lambda a: {**a, "key": "nope"}, r"key must be a torch.Tensor"),
+])
+def test_write_kv_rejects_bad_arguments(change, match):
+    args = {"cache": _cache(), "slots": torch.tensor([0, 5, -1]), "key": torch.randn(3, 2, 8),
+            "value": torch.randn(3, 2, 8)}
+    with pytest.raises((ValueError, TypeError), match=match):
+        attn_backend.write_kv(**change(args))
+
+
+def test_out_of_range_slots_pass_silently_only_without_debug_checks():
+    args = {"cache": _cache(), "slots": torch.tensor([70]), "key": torch.randn(1, 2, 8),
+            "value": torch.randn(1, 2, 8)}
+    attn_backend.set_debug_checks(False)
+    try:
+        with pytest.raises(IndexError):  # the CPU reference indexes out of range
+            attn_backend.write_kv(**args)
+    finally:
+        attn_backend.set_debug_checks(True)
+
+
+def test_cache_views_reject_mismatched_halves():
+    with pytest.raises(ValueError, match="must agree in pages"):
+        PagedKVCache(torch.randn(4, 16, 2, 8), torch.randn(4, 16, 3, 8))
+    with pytest.raises(ValueError, match="head_dim_k=16"):
+        PagedKVCache.from_vllm(torch.randn(4, 2, 16, 16), 16)
+    with pytest.raises(ValueError, match="kv_lora_rank=40"):
+        PagedKVCache.from_mla(torch.randn(64, 1, 40), 40, 16)
+
+
+def test_cache_views_share_storage_with_engine_tensors():
+    kv = torch.zeros(3, 2, 16, 24)
+    cache = PagedKVCache.from_vllm(kv, 16)
+    cache.v[1, 5, 0] = 7.0
+    assert kv[1, 0, 5, 16:].eq(7.0).all() and kv[1, 0, 5, :16].eq(0).all()
+    mla = torch.zeros(64, 1, 40)
+    mla_cache = PagedKVCache.from_mla(mla, 32, 16)
+    mla_cache.k[2, 3, 0] = 1.0
+    assert mla[35, 0].eq(1.0).all() and mla_cache.v[2, 3, 0].eq(1.0).all()
+
+
+def test_fixed_capacity_buffer_keeps_its_address():
+    buffer = FixedCapacityBuffer("kv_indptr", 8, torch.int32, "cpu")
+    address = buffer.tensor.data_ptr()
+    assert buffer.load([1, 2, 3]).tolist() == [1, 2, 3]
+    assert buffer.load(torch.tensor([9, 8])).tolist() == [9, 8]
+    assert buffer.tensor.data_ptr() == address and buffer.tensor[2].item() == 3
+    with pytest.raises(ValueError, match="kv_indptr: 9 values exceed its capacity of 8"):
+        buffer.load(range(9))
