@@ -6,12 +6,15 @@ defines the semantics.
 """
 
 from ._validation import set_debug_checks
+from .decode import PagedDecode
 from .kv_write import write_kv
-from .paged_kv import PagedKVCache, slots_from_block_table, slots_from_req_to_token
+from .paged_kv import PagedKVCache, PageTable, slots_from_block_table, slots_from_req_to_token
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PageTable",
+    "PagedDecode",
     "PagedKVCache",
     "set_debug_checks",
     "slots_from_block_table",

@@ -89,11 +89,13 @@ def jit_build(verbose: bool = False) -> Path:
     previous_arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     started = time.perf_counter()
-    logger.warning(
-        "attn_backend: JIT-compiling %d CUDA sources for TORCH_CUDA_ARCH_LIST=%s into %s "
-        "(first use only; MAX_JOBS=%s)",
-        len(sources), arch_list, build_dir, os.environ.get("MAX_JOBS", "auto"),
-    )
+    cached = (build_dir / "attn_backend_jit.so").exists()
+    if not cached:
+        logger.warning(
+            "attn_backend: JIT-compiling %d CUDA sources for TORCH_CUDA_ARCH_LIST=%s into %s "
+            "(first use only; MAX_JOBS=%s)",
+            len(sources), arch_list, build_dir, os.environ.get("MAX_JOBS", "auto"),
+        )
     try:
         library = cpp_extension.load(
             name="attn_backend_jit",
@@ -110,8 +112,9 @@ def jit_build(verbose: bool = False) -> Path:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = previous_arch_list
-    logger.warning("attn_backend: kernels ready in %.1f s (%s)", time.perf_counter() - started,
-                   library)
+    if not cached:
+        logger.warning("attn_backend: kernels compiled in %.1f s (%s)",
+                       time.perf_counter() - started, library)
     return Path(library)
 
 

@@ -63,9 +63,18 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)})")
 
 
+def capturing_cuda_graph(device: torch.device) -> bool:
+    """True while the current stream of a CUDA device is being captured into a graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def check_in_range(name: str, values: torch.Tensor, low: int, high: int, what: str) -> None:
-    """Every value in [low, high); reads the tensor on the host."""
-    if values.numel() == 0:
+    """Every value in [low, high); reads the tensor on the host.
+
+    Skipped while a CUDA graph is being captured: reading device values there
+    would invalidate the capture (the eager warm-up before capture checks them).
+    """
+    if values.numel() == 0 or capturing_cuda_graph(values.device):
         return
     lo, hi = int(values.min()), int(values.max())
     if lo < low or hi >= high:

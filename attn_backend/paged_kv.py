@@ -148,3 +148,62 @@ def _csr(lens: list[int], pieces: list[torch.Tensor], device) -> tuple[torch.Ten
     indptr[1:] = torch.tensor(lens, dtype=torch.long).cumsum(0)
     slots = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long, device=device)
     return indptr.to(device), slots
+
+
+@dataclass(frozen=True)
+class PageTable:
+    """Which pages each request's tokens are on, read in place from the engine's table.
+
+    Page p of request r is `table[row(r), p * entry_stride] // divisor` where
+    row(r) = `row_index[r]` (or r when `row_index` is None). Build it with
+    `from_block_table` (vLLM) or `from_req_to_token` (SGLang); kernels read the
+    engine's own tensor, so a CUDA graph replay needs no copy.
+    """
+
+    table: torch.Tensor  # int32 [rows, columns], contiguous rows
+    entry_stride: int = 1
+    divisor: int = 1
+    row_index: torch.Tensor | None = None  # int32/int64 [batch]
+
+    def __post_init__(self):
+        check_tensor("page_table", self.table, dims=2, dtypes=(torch.int32,))
+        if self.table.shape[1] > 1 and self.table.stride(1) != 1:
+            raise ValueError("page_table rows must be contiguous (stride 1 along a row)")
+        if self.row_index is not None:
+            check_tensor("req_pool_indices", self.row_index, dims=1,
+                         dtypes=(torch.int32, torch.int64))
+            if self.row_index.device != self.table.device:
+                raise ValueError("req_pool_indices must be on the page table's device")
+
+    @classmethod
+    def from_block_table(cls, block_table: torch.Tensor) -> "PageTable":
+        """vLLM's block table: `block_table[r, p]` is the page of tokens [p * bs, (p + 1) * bs)."""
+        return cls(block_table)
+
+    @classmethod
+    def from_req_to_token(cls, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                          page_size: int) -> "PageTable":
+        """SGLang's token-slot table: a page's id is its first token's slot // page_size."""
+        return cls(req_to_token, entry_stride=page_size, divisor=page_size,
+                   row_index=req_pool_indices)
+
+    def max_pages_per_request(self) -> int:
+        return (self.table.shape[1] + self.entry_stride - 1) // self.entry_stride
+
+    def page_ids(self, batch_size: int, kv_lens: list[int], page_size: int) -> list[torch.Tensor]:
+        """Host-side page ids of each request (synchronises; for the reference and debug checks)."""
+        rows = self.row_index.tolist() if self.row_index is not None else range(batch_size)
+        ids = []
+        for row, length in zip(rows, kv_lens):
+            num_pages = (length + page_size - 1) // page_size
+            entries = self.table[row, : num_pages * self.entry_stride: self.entry_stride]
+            ids.append(entries.long() // self.divisor)
+        return ids
+
+    def token_slots(self, batch_size: int, kv_lens: list[int], page_size: int):
+        """CSR (kv_indptr, kv_slots) of the tokens [0, kv_len) of each request."""
+        pieces = []
+        for pages, length in zip(self.page_ids(batch_size, kv_lens, page_size), kv_lens):
+            t = torch.arange(length, device=pages.device)
+            pieces.append(pages[t // page_size] * page_size + t % page_size)
+        return _csr(list(kv_lens), pieces, self.table.device)

@@ -33,7 +33,7 @@ def make_cache(layout: str, num_pages: int, page_size: int, heads: int, head_dim
     return PagedKVCache.from_vllm(packed.transpose(1, 2), head_dim)
 
 
-def run() -> tuple[str, list[dict]]:
+def run() -> tuple[str, list[dict], list[str]]:
     rows = []
     for tokens, heads, head_dim, page_size, layout in CASES:
         num_pages = max(4 * tokens // page_size, 1024)
@@ -57,4 +57,4 @@ def run() -> tuple[str, list[dict]]:
             "ours": round(tbs["ours"], 4),
             "peers": {"torch_index_put": round(tbs["torch_index_put"], 4)},
         })
-    return "TB/s", rows
+    return "TB/s", rows, []

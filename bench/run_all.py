@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from . import bench_kv_write
+from . import bench_decode, bench_kv_write
 from .common import RESULTS_DIR, copy_ceiling_tbs, format_table, write_results
 
-BENCHMARKS = {"kv_write": bench_kv_write}
+BENCHMARKS = {"decode": bench_decode, "kv_write": bench_kv_write}
 
 
 def main(argv=None) -> int:
@@ -34,11 +34,15 @@ def main(argv=None) -> int:
     summaries = []
     for name in names:
         started = time.perf_counter()
-        unit, rows = BENCHMARKS[name].run()
-        path = write_results(name, unit, ceiling, rows, args.out)
+        module = BENCHMARKS[name]
+        unit, rows, notes = module.run()
+        path = write_results(name, unit, ceiling, rows, args.out, notes)
+        if hasattr(module, "plot"):
+            module.plot(rows, ceiling["value"], path.with_suffix(".png"))
         summaries.append(f"== {name} ({time.perf_counter() - started:.0f} s) -> {path}\n"
                          f"ceiling {ceiling['name']}: {ceiling['value']} TB/s\n"
-                         + format_table(rows, unit))
+                         + format_table(rows, unit)
+                         + "".join(f"\nnote: {note}" for note in notes))
     print("\n\n".join(summaries))
     return 0
 

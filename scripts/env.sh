@@ -20,6 +20,12 @@ if [ -z "${CUDA_HOME:-}" ]; then
 fi
 export PATH="$CUDA_HOME/bin:$PATH"
 
+# pip, minus the notices about index locations this machine does not have.
+quiet_pip() {
+  "$PY" -m pip "$1" -q "${@:2}" 2>&1 | { grep -v -E "^WARNING: (Location|Running pip as)" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 if python3 -c "import torch" 2>/dev/null; then
   PY=python3
 else
@@ -27,9 +33,9 @@ else
     python3 -m venv --system-site-packages .venv
   fi
   PY=$ROOT/.venv/bin/python
-  "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.14.1"
+  "$PY" -c "import torch" 2>/dev/null || quiet_pip install "torch==2.14.1"
 fi
-"$PY" -m pip install -q ninja pytest hypothesis pytest-benchmark numpy matplotlib 2>&1 | grep -v -i "running pip as" || true
+quiet_pip install ninja pytest hypothesis pytest-benchmark numpy matplotlib
 started=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
   > /tmp/attn_backend_build.log 2>&1 || {

@@ -22,6 +22,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 summary=()
+# Peers (FlashInfer) travel as wheels in .whl_* folders (see .gpu/README.md).
+if ls .whl_*/*.whl >/dev/null 2>&1 && [ -f .gpu/install_wheels.sh ]; then
+  source .gpu/install_wheels.sh .whl_*/*.whl || exit 1
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
 t0=$(date +%s)

@@ -9,15 +9,33 @@ namespace {
 void paged_kv_write_meta(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
                          const at::Tensor&) {}
 
+// Writes into `out` (and `lse`) only.
+void paged_decode_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const std::optional<at::Tensor>&, int64_t, int64_t, const at::Tensor&,
+                       const at::Tensor&, int64_t, int64_t, const at::Tensor&, const at::Tensor&,
+                       double, double, at::Tensor&, const std::optional<at::Tensor>&) {}
+
 }  // namespace
 
 TORCH_LIBRARY(attn_backend, m) {
   m.def(
       "paged_kv_write(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slots) -> ()");
+  // Batch decode over a paged cache with the plan's schedule (see decode.cuh);
+  // merges split requests' partial states when merge_batch > 0.
+  m.def(
+      "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
+      "Tensor? row_index, int table_entry_stride, int table_divisor, Tensor schedule, "
+      "Tensor merge_indptr, int num_work_items, int merge_batch, Tensor(a!) partial_out, "
+      "Tensor(b!) partial_lse, float sm_scale, float logits_soft_cap, Tensor(c!) out, "
+      "Tensor(d!)? lse) -> ()");
+  m.def("paged_decode_ctas_per_sm(int head_dim_qk, int head_dim_vo) -> int");
 }
 
-TORCH_LIBRARY_IMPL(attn_backend, Meta, m) { m.impl("paged_kv_write", &paged_kv_write_meta); }
+TORCH_LIBRARY_IMPL(attn_backend, Meta, m) {
+  m.impl("paged_kv_write", &paged_kv_write_meta);
+  m.impl("paged_decode", &paged_decode_meta);
+}
 
 // The extension is loaded with torch.ops.load_library; this init only exists
 // so that `import attn_backend._C` of a setup.py build also succeeds.

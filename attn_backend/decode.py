@@ -1,0 +1,205 @@
+"""Batch decode over a paged KV cache: `plan()` on the host, `run()` on the device.
+
+    decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128,
+                         dtype=torch.bfloat16, device="cuda")
+    decode.plan(kv_lens)                       # host lengths -> schedule in fixed buffers
+    out = decode.run(q, cache, page_table)     # no host sync; capturable in a CUDA graph
+
+Every buffer `run()` reads is allocated once in the constructor, so a graph
+captured once replays correctly after `plan()` is called again with new
+lengths. With `use_cuda_graph=True` the grid depends only on the batch size.
+CPU tensors run the float reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _extension, reference
+from ._validation import (KERNEL_DTYPES, capturing_cuda_graph, check_in_range, check_last_dim_contiguous,
+                          check_same_device, check_size, check_tensor, debug_checks_enabled)
+from .cuda_graph import FixedCapacityBuffer
+from .paged_kv import PagedKVCache, PageTable
+from .schedule import graph_grid_size, items_per_head_target, plan_decode
+
+SUPPORTED_HEAD_DIMS = ((64, 64), (128, 128), (256, 256))
+MAX_GROUP_SIZE = 16  # query heads per kv head: the kernel's 16-row MMA tile
+
+
+@dataclass(frozen=True)
+class _PlannedBatch:
+    kv_lens: list[int]
+    window_left: int
+    num_work_items: int
+    merge_batch: int
+
+
+class PagedDecode:
+    """One query token per request against its paged KV (GQA/MQA/MHA, split-KV)."""
+
+    def __init__(self, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                 head_dim_vo: int | None = None, dtype: torch.dtype, device,
+                 max_batch_size: int = 512, use_cuda_graph: bool = False,
+                 cta_slots: int | None = None):
+        """`cta_slots`: decode CTAs the GPU runs at once, which sizes split-KV (default:
+        measured from the kernel's occupancy on `device`)."""
+        head_dim_vo = head_dim if head_dim_vo is None else head_dim_vo
+        if (head_dim, head_dim_vo) not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head dims (qk={head_dim}, vo={head_dim_vo}) are not compiled; "
+                             f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+        if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of "
+                             f"num_kv_heads={num_kv_heads}")
+        if not 1 <= num_qo_heads // num_kv_heads <= MAX_GROUP_SIZE:
+            raise ValueError(f"group size num_qo_heads/num_kv_heads = "
+                             f"{num_qo_heads // num_kv_heads}; supported: 1..{MAX_GROUP_SIZE}")
+        if dtype not in KERNEL_DTYPES:
+            raise TypeError(f"dtype {dtype}; accepted: float16, bfloat16")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.num_qo_heads = num_qo_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.head_dim_vo = head_dim_vo
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        self.use_cuda_graph = use_cuda_graph
+
+        if cta_slots is not None:
+            self.cta_slots = cta_slots
+        elif self.device.type == "cuda":
+            ctas_per_sm = _extension.load_ops().paged_decode_ctas_per_sm(head_dim, head_dim_vo)
+            num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.cta_slots = max(1, ctas_per_sm) * num_sms
+        else:
+            self.cta_slots = 1  # the reference ignores the schedule
+        self.capacity = max_batch_size + items_per_head_target(self.cta_slots, num_kv_heads)
+        self._schedule = FixedCapacityBuffer("decode schedule", 4 * self.capacity, torch.int32,
+                                             self.device)
+        self._merge_indptr = FixedCapacityBuffer("decode merge_indptr", max_batch_size + 1,
+                                                 torch.int32, self.device)
+        self._partial_out = torch.empty(self.capacity, num_qo_heads, head_dim_vo,
+                                        dtype=torch.float32, device=self.device)
+        self._partial_lse = torch.empty(self.capacity, num_qo_heads, dtype=torch.float32,
+                                        device=self.device)
+        self._host_schedule = np.empty((4, self.capacity), dtype=np.int32)
+        self._planned: _PlannedBatch | None = None
+
+    def plan(self, kv_lens, *, window_left: int = -1) -> None:
+        """Schedule a batch from host `kv_lens` (each request's KV length, its new token included).
+
+        `window_left` = w limits each query to the keys [kv_len - 1 - w, kv_len - 1]
+        (-1: no window); the schedule skips the keys outside it.
+        """
+        lens = np.asarray(kv_lens.tolist() if isinstance(kv_lens, torch.Tensor) else kv_lens,
+                          dtype=np.int64).reshape(-1)
+        batch = len(lens)
+        if not 1 <= batch <= self.max_batch_size:
+            raise ValueError(f"kv_lens has {batch} requests; accepted: 1..{self.max_batch_size} "
+                             "(max_batch_size of this PagedDecode)")
+        if lens.min() < 0 or lens.max() >= 2**31:
+            raise ValueError(f"kv_lens must be in [0, 2**31); got [{lens.min()}, {lens.max()}]")
+        schedule = plan_decode(lens, window_left=window_left, num_kv_heads=self.num_kv_heads,
+                               cta_slots=self.cta_slots)
+        if self.use_cuda_graph:
+            num_work_items = graph_grid_size(batch, self.num_kv_heads, self.cta_slots)
+            merge_batch = batch
+        else:
+            num_work_items = schedule.num_items
+            merge_batch = batch if schedule.num_partials else 0
+        if not schedule.num_items <= num_work_items <= self.capacity:
+            raise RuntimeError(f"decode schedule of {schedule.num_items} items does not fit its "
+                               f"grid of {num_work_items} (capacity {self.capacity})")
+        self._host_schedule[:] = np.array([[-1], [0], [0], [-1]], dtype=np.int32)
+        self._host_schedule[:, : schedule.num_items] = schedule.items
+        self._schedule.load(torch.from_numpy(self._host_schedule.reshape(-1)))
+        self._merge_indptr.load(torch.from_numpy(schedule.merge_indptr))
+        self._planned = _PlannedBatch(lens.tolist(), window_left, num_work_items, merge_batch)
+
+    def run(self, q: torch.Tensor, cache: PagedKVCache, page_table: PageTable, *,
+            sm_scale: float | None = None, logits_soft_cap: float = 0.0,
+            out: torch.Tensor | None = None, return_lse: bool = False):
+        """Attention of `q` [batch, num_qo_heads, head_dim] over the planned batch's KV.
+
+        Returns `out` [batch, num_qo_heads, head_dim_vo], or (out, lse) with
+        `return_lse` (lse: float32 natural log, [batch, num_qo_heads]).
+        """
+        planned = self._planned
+        if planned is None:
+            raise RuntimeError("PagedDecode.run() called before plan()")
+        batch = len(planned.kv_lens)
+        self._check_inputs(q, cache, page_table, batch, out, logits_soft_cap)
+        if sm_scale is None:
+            sm_scale = 1.0 / math.sqrt(self.head_dim)
+        if debug_checks_enabled() and not capturing_cuda_graph(q.device):
+            pages = page_table.page_ids(batch, planned.kv_lens, cache.page_size)
+            if pages:
+                check_in_range("page ids in page_table", torch.cat(pages), 0, cache.num_pages,
+                               f"the cache has {cache.num_pages} pages")
+        if q.device.type != "cuda":
+            return self._run_reference(q, cache, page_table, sm_scale, logits_soft_cap, out,
+                                       return_lse)
+        if out is None:
+            out = torch.empty(batch, self.num_qo_heads, self.head_dim_vo, dtype=q.dtype,
+                              device=q.device)
+        lse = torch.empty(batch, self.num_qo_heads, dtype=torch.float32, device=q.device) \
+            if return_lse else None
+        _extension.load_ops().paged_decode(
+            q, cache.k, cache.v, page_table.table, page_table.row_index, page_table.entry_stride,
+            page_table.divisor, self._schedule.tensor.view(4, self.capacity),
+            self._merge_indptr.tensor, planned.num_work_items, planned.merge_batch,
+            self._partial_out, self._partial_lse, float(sm_scale), float(logits_soft_cap), out,
+            lse)
+        return (out, lse) if return_lse else out
+
+    def _check_inputs(self, q, cache, page_table, batch, out, logits_soft_cap):
+        check_tensor("q", q, dims=3)
+        check_size("q", q, 0, batch, "the batch size given to plan()")
+        check_size("q", q, 1, self.num_qo_heads, "num_qo_heads")
+        check_size("q", q, 2, self.head_dim, "head_dim")
+        if cache.num_kv_heads != self.num_kv_heads:
+            raise ValueError(f"cache has {cache.num_kv_heads} kv heads; expected {self.num_kv_heads}")
+        if (cache.head_dim_k, cache.head_dim_v) != (self.head_dim, self.head_dim_vo):
+            raise ValueError(f"cache head dims ({cache.head_dim_k}, {cache.head_dim_v}) differ "
+                             f"from ({self.head_dim}, {self.head_dim_vo})")
+        check_same_device(q=q, cache=cache.k, page_table=page_table.table)
+        if q.device != self.device:
+            raise ValueError(f"q is on {q.device}; this PagedDecode was built for {self.device}")
+        if logits_soft_cap < 0:
+            raise ValueError(f"logits_soft_cap must be >= 0 (0 = off), got {logits_soft_cap}")
+        rows = page_table.row_index.shape[0] if page_table.row_index is not None \
+            else page_table.table.shape[0]
+        if rows < batch:
+            raise ValueError(f"page_table addresses {rows} requests; the batch has {batch}")
+        if out is not None:
+            check_tensor("out", out, dims=3)
+            if tuple(out.shape) != (batch, self.num_qo_heads, self.head_dim_vo):
+                raise ValueError(f"out has shape {tuple(out.shape)}; expected "
+                                 f"{(batch, self.num_qo_heads, self.head_dim_vo)}")
+            if out.dtype != q.dtype or out.device != q.device:
+                raise ValueError("out must have q's dtype and device")
+        if q.device.type == "cuda":
+            for name, t in (("q", q), ("k_cache", cache.k), ("v_cache", cache.v)):
+                check_tensor(name, t, dtypes=(self.dtype,))
+                check_last_dim_contiguous(name, t)
+            if out is not None:
+                check_last_dim_contiguous("out", out)
+
+    def _run_reference(self, q, cache, page_table, sm_scale, logits_soft_cap, out, return_lse):
+        planned = self._planned
+        batch = len(planned.kv_lens)
+        kv_indptr, kv_slots = page_table.token_slots(batch, planned.kv_lens, cache.page_size)
+        result = reference.attention(q, list(range(batch + 1)), cache, kv_indptr, kv_slots,
+                                     sm_scale=sm_scale, causal=True,
+                                     window_left=planned.window_left,
+                                     logits_soft_cap=logits_soft_cap)
+        decoded = result.out.to(q.dtype)
+        if out is not None:
+            out.copy_(decoded)
+            decoded = out
+        return (decoded, result.lse) if return_lse else decoded

@@ -1,0 +1,212 @@
+"""Paged decode bandwidth: ours against FlashInfer, cuDNN/flash SDPA and flex_attention.
+
+Bandwidth = (K and V bytes read + query and output bytes) / median time. The
+cache is one SGLang-layout allocation ([slots, kv_heads, 128] for K and for V,
+random values) viewed with page size 16 or 1; each request's pages are
+shuffled. FlashInfer reads the very same buffers through its own CSR page
+table. The SDPA and flex peers get the same K/V gathered into contiguous
+[batch, kv_heads, kv_len, 128] tensors (no paging), the best case for them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+
+import torch
+
+import attn_backend
+from attn_backend import PagedDecode, PagedKVCache, PageTable
+
+from .common import median_ms
+
+NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
+DTYPE = torch.bfloat16
+BATCHES = (1, 16, 64, 256)
+KV_LENS = (512, 4096, 32768)
+PAGE_SIZES = (16, 1)
+FLEX_SECONDS_BUDGET = 240.0
+
+
+def case_name(batch, kv_len, page_size):
+    return f"b{batch}_kv{kv_len}_h{NUM_QO_HEADS}-{NUM_KV_HEADS}_d{HEAD_DIM}_bf16_p{page_size}"
+
+
+def _shuffled_pages(batch, kv_len, page_size, num_pages, gen):
+    pages_per_request = math.ceil(kv_len / page_size)
+    order = torch.randperm(num_pages, generator=gen)[: batch * pages_per_request]
+    return order.view(batch, pages_per_request).to(torch.int32)
+
+
+class Peers:
+    """Optional peers; each one that cannot run says why once."""
+
+    def __init__(self):
+        self.notes: list[str] = []
+        self.flashinfer = None
+        try:
+            import flashinfer
+            self.flashinfer = flashinfer
+            self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+        except Exception as error:  # noqa: BLE001 - reported in the results
+            self.notes.append(f"flashinfer not run: {type(error).__name__}: {error}")
+        self.flex = None
+        self.flex_seconds = 0.0
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+            self.flex = torch.compile(flex_attention, dynamic=False)
+        except Exception as error:  # noqa: BLE001
+            self.notes.append(f"flex_attention not run: {type(error).__name__}: {error}")
+
+    def note_once(self, text):
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def flashinfer_decode(self, use_tensor_cores, cache, pages, kv_len, q):
+        batch, pages_per_request = pages.shape
+        page_size = cache.page_size
+        wrapper = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=use_tensor_cores)
+        indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * pages_per_request
+        last = torch.full((batch,), kv_len - (pages_per_request - 1) * page_size,
+                          dtype=torch.int32, device="cuda")
+        wrapper.plan(indptr, pages.reshape(-1).cuda(), last, NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM,
+                     page_size, q_data_type=DTYPE, kv_data_type=DTYPE)
+        out = torch.empty_like(q)
+        kv = (cache.k, cache.v)
+        return lambda: wrapper.run(q, kv, out=out)
+
+
+def _contiguous_kv(cache, pages, kv_len):
+    """[batch, kv_heads, kv_len, dim] copies of each request's K and V."""
+    page_size = cache.page_size
+    t = torch.arange(kv_len, device="cuda")
+    slots = pages.cuda().long()[:, t // page_size] * page_size + t % page_size  # [batch, kv_len]
+    k = cache.k.reshape(-1, NUM_KV_HEADS, HEAD_DIM)[slots].transpose(1, 2).contiguous()
+    v = cache.v.reshape(-1, NUM_KV_HEADS, HEAD_DIM)[slots].transpose(1, 2).contiguous()
+    return k, v
+
+
+def run() -> tuple[str, list[dict], list[str]]:
+    attn_backend.set_debug_checks(False)
+    peers = Peers()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    decode = PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+                         dtype=DTYPE, device="cuda", max_batch_size=max(BATCHES))
+    for kv_len in KV_LENS:
+        for batch in BATCHES:
+            num_slots = batch * kv_len + 64 * 16
+            k_buffer = torch.randn(num_slots, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+            v_buffer = torch.randn_like(k_buffer)
+            q = torch.randn(batch, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+            moved = 2 * batch * kv_len * NUM_KV_HEADS * HEAD_DIM * 2 + 2 * q.numel() * 2
+            iters = 20 if moved > (4 << 30) else 50
+            contiguous = None
+            for page_size in PAGE_SIZES:
+                cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size)
+                pages = _shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
+                table = PageTable.from_block_table(pages.cuda())
+                decode.plan([kv_len] * batch)
+                out = torch.empty_like(q)
+                timings = {"ours": median_ms(lambda: decode.run(q, cache, table, out=out),
+                                             iters=iters)}
+                if peers.flashinfer is not None:
+                    for name, tensor_cores in (("flashinfer", True), ("flashinfer_cuda_cores", False)):
+                        try:
+                            fn = peers.flashinfer_decode(tensor_cores, cache, pages, kv_len, q)
+                            timings[name] = median_ms(fn, iters=iters)
+                        except Exception as error:  # noqa: BLE001
+                            peers.note_once(f"{name} failed: {type(error).__name__}: {error}"[:300])
+                if contiguous is None:  # SDPA/flex: once per shape, the layout has no pages
+                    contiguous = _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters)
+                timings.update(contiguous)
+                tbs = {name: moved / (ms * 1e-3) / 1e12 for name, ms in timings.items()}
+                rows.append({
+                    "case": case_name(batch, kv_len, page_size),
+                    "ours": round(tbs.pop("ours"), 4),
+                    "peers": {name: round(value, 4) for name, value in sorted(tbs.items())},
+                    "ours_us": round(timings["ours"] * 1e3, 2),
+                })
+            del k_buffer, v_buffer
+            torch.cuda.empty_cache()
+    return "TB/s", rows, peers.notes
+
+
+def _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters) -> dict[str, float]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    timings = {}
+    try:
+        k, v = _contiguous_kv(cache, pages, kv_len)
+    except torch.OutOfMemoryError:
+        peers.note_once(f"SDPA/flex peers skipped where the contiguous copy did not fit "
+                        f"(first: b{batch} kv{kv_len})")
+        return timings
+    q4 = q.unsqueeze(2)  # [batch, heads, 1, dim]
+    for name, backend in (("sdpa_cudnn_contiguous", SDPBackend.CUDNN_ATTENTION),
+                          ("sdpa_flash_contiguous", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                    q4, k, v, enable_gqa=True)
+                fn()
+                timings[name] = median_ms(fn, iters=iters)
+        except Exception as error:  # noqa: BLE001
+            peers.note_once(f"{name} failed: {type(error).__name__}: {str(error)[:200]}")
+    if peers.flex is not None and peers.flex_seconds < FLEX_SECONDS_BUDGET:
+        started = time.perf_counter()
+        try:
+            fn = lambda: peers.flex(q4, k, v, enable_gqa=True)  # noqa: E731
+            fn()
+            timings["flex_attention_contiguous"] = median_ms(fn, iters=iters)
+        except Exception as error:  # noqa: BLE001
+            peers.note_once(f"flex_attention failed: {type(error).__name__}: "
+                            f"{traceback.format_exception_only(error)[-1][:200]}")
+        peers.flex_seconds += time.perf_counter() - started
+    elif peers.flex is not None:
+        peers.note_once(f"flex_attention skipped after {FLEX_SECONDS_BUDGET:.0f} s of compiling")
+    del k, v
+    return timings
+
+
+def plot(rows, ceiling_tbs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BATCHES), figsize=(5 * len(BATCHES), 4.2), sharey=True)
+    styles = {"ours": ("tab:red", "-"), "flashinfer": ("tab:blue", "-"),
+              "flashinfer_cuda_cores": ("tab:cyan", "--"), "sdpa_cudnn_contiguous": ("tab:green", ":"),
+              "sdpa_flash_contiguous": ("tab:olive", ":"),
+              "flex_attention_contiguous": ("tab:purple", ":")}
+    for ax, batch in zip(axes, BATCHES):
+        for page_size, marker in ((16, "o"), (1, "x")):
+            series = {}
+            for row in rows:
+                if not row["case"].startswith(f"b{batch}_") or not row["case"].endswith(f"_p{page_size}"):
+                    continue
+                kv_len = int(row["case"].split("_kv")[1].split("_")[0])
+                series.setdefault("ours", []).append((kv_len, row["ours"]))
+                for name, value in row["peers"].items():
+                    if page_size == 1 and name.endswith("_contiguous"):
+                        continue  # contiguous peers do not depend on the page size
+                    series.setdefault(name, []).append((kv_len, value))
+            for name, points in series.items():
+                color, line = styles.get(name, ("gray", "-"))
+                xs, ys = zip(*sorted(points))
+                label = name if name.endswith("_contiguous") else f"{name} p{page_size}"
+                ax.plot(xs, ys, line, color=color, marker=marker, label=label,
+                        alpha=1.0 if page_size == 16 else 0.6)
+        ax.axhline(ceiling_tbs, color="black", linewidth=1, label="copy ceiling")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("kv_len")
+    axes[0].set_ylabel("TB/s (K+V bytes / time)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Paged decode, GQA {NUM_QO_HEADS}/{NUM_KV_HEADS}, d{HEAD_DIM}, bf16 "
+                 f"({torch.cuda.get_device_name()})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

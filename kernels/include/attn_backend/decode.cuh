@@ -1,0 +1,414 @@
+// Paged-KV batch decode on tensor cores: one query token per request.
+//
+// A CTA (4 warps) runs one work item of the plan: a (request, kv head, kv
+// range) triple. The query heads of the kv head's GQA group (at most 16) are
+// the 16 rows of an mma.sync m16n8k16 tile, so each K/V token is loaded once
+// for the whole group. K and V stream through a `kStages`-deep cp.async ring
+// of 64-token tiles in XOR-swizzled shared memory; warp w computes tokens
+// [16w, 16w + 16) of every tile with its own online-softmax state, and the
+// four states are merged at the end. A work item that covers a whole request
+// writes the output; one that covers part of a split request writes a float
+// partial (output, lse) that `merge_partials_kernel` combines.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "attn_backend/mma.cuh"
+#include "attn_backend/paged_addressing.cuh"
+
+namespace attn_backend {
+
+// The plan's work list, in fixed-capacity device buffers (CUDA-graph safe).
+struct DecodeSchedule {
+  const int32_t* work_request;  // -1: an unused slot of a graph-sized grid
+  const int32_t* work_kv_start;
+  const int32_t* work_kv_end;
+  const int32_t* work_partial;  // -1: writes the final output; else the partial's index
+};
+
+struct DecodeParams {
+  const void* q;  // [batch, num_qo_heads, head_dim_qk]
+  int64_t q_stride_token;
+  int64_t q_stride_head;
+  void* out;  // [batch, num_qo_heads, head_dim_vo]
+  int64_t out_stride_token;
+  int64_t out_stride_head;
+  float* lse;  // [batch, num_qo_heads] natural log, or null
+  PagedCacheSide k;
+  PagedCacheSide v;
+  PageTableView pages;
+  int page_size;
+  int num_pages;
+  int num_qo_heads;
+  int group_size;  // query heads per kv head
+  float sm_scale;
+  float soft_cap;  // > 0: score = soft_cap * tanh(sm_scale * q.k / soft_cap)
+  DecodeSchedule schedule;
+  float* partial_out;  // [num_partials, num_qo_heads, head_dim_vo]
+  float* partial_lse;  // [num_partials, num_qo_heads]
+};
+
+struct MergeParams {
+  const int32_t* merge_indptr;  // [batch + 1]: request r's partials; empty = written directly
+  const float* partial_out;
+  const float* partial_lse;
+  void* out;
+  int64_t out_stride_token;
+  int64_t out_stride_head;
+  float* lse;
+  int num_qo_heads;
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int kHeadDimQK_, int kHeadDimVO_, int kStages_>
+struct DecodeTraits {
+  static constexpr int kHeadDimQK = kHeadDimQK_;
+  static constexpr int kHeadDimVO = kHeadDimVO_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = 16;                    // mma M: the group's query heads
+  static constexpr int kTokensPerWarp = 16;           // mma K of the P·V product
+  static constexpr int kTileTokens = kWarps * kTokensPerWarp;
+  static constexpr int kChunksQK = kHeadDimQK / 8;    // 16-byte chunks per row
+  static constexpr int kChunksVO = kHeadDimVO / 8;
+  static constexpr int kKTileBytes = kTileTokens * kHeadDimQK * 2;
+  static constexpr int kVTileBytes = kTileTokens * kHeadDimVO * 2;
+  static constexpr int kStageBytes = kKTileBytes + kVTileBytes;
+  static constexpr int kRingBytes = kStages * kStageBytes;
+  // After the main loop the ring holds the warps' states for the final merge.
+  static constexpr int kMergeBytes = kWarps * kRows * (kHeadDimVO + 2) * 4;
+  static constexpr int kQBytes = kRows * kHeadDimQK * 2;
+  static constexpr int kSlotBytes = kStages * kTileTokens * 8;
+  static constexpr int kQOffset = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
+  static constexpr int kSmemBytes = kQOffset + kQBytes + kSlotBytes;
+  static_assert(kChunksQK % 8 == 0 && kChunksVO % 8 == 0, "head dims must be multiples of 64");
+};
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a tile with
+// `kChunks` chunks per row. XOR-ing with the row spreads the 8 rows that one
+// ldmatrix reads over all 32 banks.
+template <int kChunks>
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+  return row * kChunks * 8 + ((chunk ^ (row & 7)) * 8);
+}
+
+template <typename Traits, typename T, bool kSoftCap>
+__global__ void __launch_bounds__(Traits::kThreads)
+    paged_decode_kernel(const __grid_constant__ DecodeParams p) {
+  constexpr int kStages = Traits::kStages;
+  constexpr int kTile = Traits::kTileTokens;
+  constexpr int kChunksQK = Traits::kChunksQK;
+  constexpr int kChunksVO = Traits::kChunksVO;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr float kNegInf = -__builtin_huge_valf();
+
+  extern __shared__ __align__(128) uint8_t smem[];
+  T* const q_smem = reinterpret_cast<T*>(smem + Traits::kQOffset);
+  int2* const slot_smem = reinterpret_cast<int2*>(smem + Traits::kQOffset + Traits::kQBytes);
+
+  const int item = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int request = p.schedule.work_request[item];
+  if (request < 0) return;
+  const int kv_start = p.schedule.work_kv_start[item];
+  const int kv_end = p.schedule.work_kv_end[item];
+  const int partial = p.schedule.work_partial[item];
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int first_qo_head = kv_head * p.group_size;
+
+  auto k_tile = [&](int stage) { return reinterpret_cast<T*>(smem + stage * Traits::kStageBytes); };
+  auto v_tile = [&](int stage) {
+    return reinterpret_cast<T*>(smem + stage * Traits::kStageBytes + Traits::kKTileBytes);
+  };
+
+  // The group's query rows; rows past the group are zero.
+  for (int i = tid; i < Traits::kRows * kChunksQK; i += kThreads) {
+    const int row = i / kChunksQK;
+    const int chunk = i % kChunksQK;
+    const bool valid = row < p.group_size;
+    const T* src = static_cast<const T*>(p.q) + request * p.q_stride_token +
+                   (first_qo_head + (valid ? row : 0)) * p.q_stride_head + chunk * 8;
+    ptx::cp_async_16(q_smem + swizzled<kChunksQK>(row, chunk), src, valid);
+  }
+  ptx::cp_async_commit();
+
+  const int64_t table_row = p.pages.row_of(request);
+  const int num_tiles = (kv_end - kv_start + kTile - 1) / kTile;
+
+  // Page id and slot within the page of each token of a tile, read once per
+  // token row from the page table; x = -1 marks a token outside the range.
+  auto locate_tile = [&](int tile, int stage) {
+    if (tid < kTile) {
+      const int token = kv_start + tile * kTile + tid;
+      int2 where = make_int2(-1, 0);
+      if (token < kv_end) {
+        const int page_in_sequence = token / p.page_size;
+        const int page = p.pages.page_id(table_row, page_in_sequence);
+        // An out-of-range id (debug mode reports it before launch) is never
+        // dereferenced: the row is zero-filled instead.
+        if (page >= 0 && page < p.num_pages) {
+          where = make_int2(page, token - page_in_sequence * p.page_size);
+        }
+      }
+      slot_smem[stage * kTile + tid] = where;
+    }
+  };
+
+  auto load_side = [&](const PagedCacheSide& side, T* tile_smem, int stage, auto chunks_tag) {
+    constexpr int kChunks = decltype(chunks_tag)::value;
+#pragma unroll
+    for (int i = tid; i < kTile * kChunks; i += kThreads) {
+      const int row = i / kChunks;
+      const int chunk = i % kChunks;
+      const int2 where = slot_smem[stage * kTile + row];
+      const bool valid = where.x >= 0;
+      const T* src = reinterpret_cast<const T*>(side.base);
+      if (valid) {
+        src += where.x * side.stride_page + where.y * side.stride_slot +
+               kv_head * side.stride_head + chunk * 8;
+      }
+      ptx::cp_async_16(tile_smem + swizzled<kChunks>(row, chunk), src, valid);
+    }
+  };
+  auto load_tile = [&](int stage) {
+    load_side(p.k, k_tile(stage), stage, std::integral_constant<int, kChunksQK>{});
+    load_side(p.v, v_tile(stage), stage, std::integral_constant<int, kChunksVO>{});
+  };
+
+  // Prologue: page ids, then the first kStages - 1 tiles in flight. A commit
+  // per stage even when there is no tile keeps the group count uniform.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) locate_tile(s, s);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(s);
+    ptx::cp_async_commit();
+  }
+
+  ptx::cp_async_wait<kStages - 1>();  // the query group
+  __syncthreads();
+  uint32_t q_frag[Traits::kHeadDimQK / 16][4];
+  {
+    const int matrix = lane / 8;
+    const int row = (matrix % 2) * 8 + lane % 8;
+#pragma unroll
+    for (int kk = 0; kk < Traits::kHeadDimQK / 16; ++kk) {
+      ptx::ldmatrix_x4(q_frag[kk], q_smem + swizzled<kChunksQK>(row, kk * 2 + matrix / 2));
+    }
+  }
+
+  float o[Traits::kHeadDimVO / 8][4];
+#pragma unroll
+  for (int n = 0; n < Traits::kHeadDimVO / 8; ++n) {
+    o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  }
+  float row_max[2] = {kNegInf, kNegInf};  // log2 domain; rows lane/4 and lane/4 + 8
+  float row_sum[2] = {0.f, 0.f};           // this thread's share; quad-reduced at the end
+  const float score_scale = kSoftCap ? p.sm_scale / p.soft_cap : p.sm_scale * kLog2e;
+  const float cap_scale = p.soft_cap * kLog2e;
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = tile % kStages;
+    const int next = tile + kStages - 1;
+    if (next < num_tiles) locate_tile(next, next % kStages);
+    ptx::cp_async_wait<kStages - 2>();
+    // Tile `tile` has landed for every thread, the page ids of `next` are
+    // visible, and all warps are done with the stage that `next` reuses.
+    __syncthreads();
+    if (next < num_tiles) load_tile(next % kStages);
+    ptx::cp_async_commit();
+
+    const T* k_smem = k_tile(stage);
+    const T* v_smem = v_tile(stage);
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      const int matrix = lane / 8;
+      const int row = warp * Traits::kTokensPerWarp + (matrix / 2) * 8 + lane % 8;
+#pragma unroll
+      for (int kk = 0; kk < Traits::kHeadDimQK / 16; ++kk) {
+        uint32_t b[4];
+        ptx::ldmatrix_x4(b, k_smem + swizzled<kChunksQK>(row, kk * 2 + matrix % 2));
+        ptx::mma_16x8x16<T>(s[0], q_frag[kk], b[0], b[1]);
+        ptx::mma_16x8x16<T>(s[1], q_frag[kk], b[2], b[3]);
+      }
+    }
+
+    const int warp_first_token = kv_start + tile * kTile + warp * Traits::kTokensPerWarp;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int token = warp_first_token + nt * 8 + (lane % 4) * 2 + (e % 2);
+        float x = s[nt][e];
+        x = kSoftCap ? cap_scale * ptx::fast_tanh(x * score_scale) : x * score_scale;
+        s[nt][e] = token < kv_end ? x : kNegInf;
+      }
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float tile_max = fmaxf(fmaxf(s[0][2 * half], s[0][2 * half + 1]),
+                             fmaxf(s[1][2 * half], s[1][2 * half + 1]));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
+      const float new_max = fmaxf(row_max[half], tile_max);
+      // With nothing seen yet the max is -inf; subtracting 0 keeps exp2 at 0.
+      const float reference = new_max == kNegInf ? 0.f : new_max;
+      const float correction = ptx::fast_exp2(row_max[half] - reference);
+      row_max[half] = new_max;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float prob = ptx::fast_exp2(s[nt][2 * half + e] - reference);
+          s[nt][2 * half + e] = prob;
+          sum += prob;
+        }
+      }
+      row_sum[half] = row_sum[half] * correction + sum;
+#pragma unroll
+      for (int n = 0; n < Traits::kHeadDimVO / 8; ++n) {
+        o[n][2 * half] *= correction;
+        o[n][2 * half + 1] *= correction;
+      }
+    }
+
+    // The probabilities, in registers, are the A operand of P·V.
+    const uint32_t p_frag[4] = {ptx::pack2<T>(s[0][0], s[0][1]), ptx::pack2<T>(s[0][2], s[0][3]),
+                                ptx::pack2<T>(s[1][0], s[1][1]), ptx::pack2<T>(s[1][2], s[1][3])};
+    {
+      const int matrix = lane / 8;
+      const int row = warp * Traits::kTokensPerWarp + (matrix % 2) * 8 + lane % 8;
+#pragma unroll
+      for (int n16 = 0; n16 < Traits::kHeadDimVO / 16; ++n16) {
+        uint32_t b[4];
+        ptx::ldmatrix_x4_trans(b, v_smem + swizzled<kChunksVO>(row, n16 * 2 + matrix / 2));
+        ptx::mma_16x8x16<T>(o[2 * n16], p_frag, b[0], b[1]);
+        ptx::mma_16x8x16<T>(o[2 * n16 + 1], p_frag, b[2], b[3]);
+      }
+    }
+  }
+
+  // Merge the four warps' states through shared memory (the ring is free now).
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    row_sum[half] += __shfl_xor_sync(0xffffffff, row_sum[half], 1);
+    row_sum[half] += __shfl_xor_sync(0xffffffff, row_sum[half], 2);
+  }
+  ptx::cp_async_wait<0>();
+  __syncthreads();
+  constexpr int kRows = Traits::kRows;
+  float* const merge_o = reinterpret_cast<float*>(smem);  // [warps][rows][head_dim_vo]
+  float* const merge_max = merge_o + Traits::kWarps * kRows * Traits::kHeadDimVO;
+  float* const merge_sum = merge_max + Traits::kWarps * kRows;
+  if (lane % 4 == 0) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      merge_max[warp * kRows + lane / 4 + 8 * half] = row_max[half];
+      merge_sum[warp * kRows + lane / 4 + 8 * half] = row_sum[half];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = lane / 4 + 8 * half;
+    float global_max = kNegInf;
+#pragma unroll
+    for (int w = 0; w < Traits::kWarps; ++w) global_max = fmaxf(global_max, merge_max[w * kRows + row]);
+    const float reference = global_max == kNegInf ? 0.f : global_max;
+    const float factor = ptx::fast_exp2(row_max[half] - reference);
+    float* dst = merge_o + (warp * kRows + row) * Traits::kHeadDimVO + (lane % 4) * 2;
+#pragma unroll
+    for (int n = 0; n < Traits::kHeadDimVO / 8; ++n) {
+      dst[n * 8] = o[n][2 * half] * factor;
+      dst[n * 8 + 1] = o[n][2 * half + 1] * factor;
+    }
+  }
+  __syncthreads();
+
+  const int out_elems = p.group_size * Traits::kHeadDimVO;
+  for (int e = tid; e < out_elems; e += kThreads) {
+    const int row = e / Traits::kHeadDimVO;
+    const int col = e % Traits::kHeadDimVO;
+    float global_max = kNegInf;
+#pragma unroll
+    for (int w = 0; w < Traits::kWarps; ++w) global_max = fmaxf(global_max, merge_max[w * kRows + row]);
+    const float reference = global_max == kNegInf ? 0.f : global_max;
+    float total = 0.f;
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < Traits::kWarps; ++w) {
+      total += merge_sum[w * kRows + row] * ptx::fast_exp2(merge_max[w * kRows + row] - reference);
+      acc += merge_o[(w * kRows + row) * Traits::kHeadDimVO + col];
+    }
+    const float value = total > 0.f ? acc / total : 0.f;
+    const float lse = total > 0.f ? (global_max + __log2f(total)) * kLn2 : kNegInf;
+    const int qo_head = first_qo_head + row;
+    if (partial < 0) {
+      T* out = static_cast<T*>(p.out) + request * p.out_stride_token + qo_head * p.out_stride_head;
+      out[col] = ptx::from_float<T>(value);
+      if (col == 0 && p.lse != nullptr) p.lse[request * p.num_qo_heads + qo_head] = lse;
+    } else {
+      const int64_t index = static_cast<int64_t>(partial) * p.num_qo_heads + qo_head;
+      p.partial_out[index * Traits::kHeadDimVO + col] = value;
+      if (col == 0) p.partial_lse[index] = lse;
+    }
+  }
+}
+
+// One warp per (request, query head): out = Σ_i exp(lse_i - lse) * out_i over
+// the request's partials, lse = log Σ_i exp(lse_i).
+template <int kHeadDimVO, typename T>
+__global__ void __launch_bounds__(128) merge_partials_kernel(const __grid_constant__ MergeParams p) {
+  constexpr float kNegInf = -__builtin_huge_valf();
+  constexpr int kPerLane = kHeadDimVO / 32;
+  const int request = blockIdx.x;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int head = blockIdx.y * 4 + warp;
+  if (head >= p.num_qo_heads) return;
+  const int begin = p.merge_indptr[request];
+  const int end = p.merge_indptr[request + 1];
+  if (end <= begin) return;  // this request was written directly
+
+  float max_lse = kNegInf;
+  for (int i = begin + lane; i < end; i += 32) {
+    max_lse = fmaxf(max_lse, p.partial_lse[static_cast<int64_t>(i) * p.num_qo_heads + head]);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffff, max_lse, offset));
+  }
+  const float reference = max_lse == kNegInf ? 0.f : max_lse;
+  float total = 0.f;
+  float acc[kPerLane] = {};
+  for (int i = begin; i < end; ++i) {
+    const int64_t index = static_cast<int64_t>(i) * p.num_qo_heads + head;
+    const float weight = ptx::fast_exp2((p.partial_lse[index] - reference) * kLog2e);
+    total += weight;
+    const float* src = p.partial_out + index * kHeadDimVO + lane * kPerLane;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) acc[j] += weight * src[j];
+  }
+  T* out = static_cast<T*>(p.out) + request * p.out_stride_token + head * p.out_stride_head +
+           lane * kPerLane;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    out[j] = ptx::from_float<T>(total > 0.f ? acc[j] / total : 0.f);
+  }
+  if (lane == 0 && p.lse != nullptr) {
+    p.lse[request * p.num_qo_heads + head] = total > 0.f ? reference + __logf(total) : kNegInf;
+  }
+}
+
+}  // namespace attn_backend

@@ -1,0 +1,181 @@
+"""The paged decode kernel against the float reference, on the GPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attn_backend import PagedDecode, PageTable, reference
+
+from .helpers import PagedProblem, allocate_pages, make_cache
+
+pytestmark = pytest.mark.gpu
+
+TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
+
+
+def build(kv_lens, *, page_size, num_kv_heads, group, head_dim, dtype, layout, gen,
+          engine="vllm"):
+    tables, num_pages = allocate_pages(kv_lens, page_size, gen)
+    cache = make_cache(layout, num_pages, page_size, num_kv_heads, head_dim, head_dim, dtype,
+                       "cuda", gen)
+    problem = PagedProblem(cache, tables, kv_lens, [1] * len(kv_lens))
+    batch = len(kv_lens)
+    max_pages = max(len(p) for p in tables) + 1
+    if engine == "vllm":
+        table = torch.zeros(batch, max_pages, dtype=torch.int32)
+        for r, pages in enumerate(tables):
+            table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        page_table = PageTable.from_block_table(table.cuda())
+    else:
+        rows = torch.randperm(batch + 2, generator=gen)[:batch] + 1
+        req_to_token = torch.zeros(batch + 3, max_pages * page_size, dtype=torch.int32)
+        for r in range(batch):
+            req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int()
+        page_table = PageTable.from_req_to_token(req_to_token.cuda(), rows.cuda(), page_size)
+    q = torch.randn(batch, num_kv_heads * group, head_dim, generator=gen).to(dtype).cuda()
+    return problem, page_table, q
+
+
+def check(decode, problem, page_table, q, *, window_left=-1, soft_cap=0.0, seed=None):
+    sm_scale = 1 / math.sqrt(q.shape[-1])
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    got, lse = decode.run(q, problem.cache, page_table, out=out, return_lse=True,
+                          logits_soft_cap=soft_cap)
+    kv_indptr, kv_slots = problem.kv_csr()
+    want = reference.attention(q, problem.qo_indptr(), problem.cache, kv_indptr, kv_slots,
+                               sm_scale=sm_scale, window_left=window_left,
+                               logits_soft_cap=soft_cap)
+    tol = TOLERANCE[q.dtype]
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got.float(), want.out, atol=tol, rtol=tol,
+                               msg=lambda m: f"seed={seed}: {m}")
+    torch.testing.assert_close(lse, want.lse, atol=2e-3, rtol=1e-3,
+                               msg=lambda m: f"seed={seed} (lse): {m}")
+
+
+@pytest.mark.parametrize("layout", ["sglang", "vllm_nhd", "vllm_hnd"])
+@pytest.mark.parametrize("page_size", [1, 16, 64, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_page_sizes_layouts_dtypes(layout, page_size, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    kv_lens = [1, 15, 16, 17, 300, 2049, int(torch.randint(1, 5000, (1,), generator=gen))]
+    engine = "sglang" if layout == "sglang" else "vllm"
+    problem, table, q = build(kv_lens, page_size=page_size, num_kv_heads=2, group=4,
+                              head_dim=128, dtype=dtype, layout=layout, gen=gen, engine=engine)
+    decode = PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=dtype,
+                         device="cuda", max_batch_size=16)
+    decode.plan(kv_lens)
+    check(decode, problem, table, q, seed=seed)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group", [1, 4, 8, 16])
+def test_decode_head_dims_and_group_sizes(head_dim, group, seed):
+    gen = torch.Generator().manual_seed(seed)
+    kv_lens = torch.randint(1, 3000, (9,), generator=gen).tolist()
+    num_kv_heads = max(1, 16 // group)
+    problem, table, q = build(kv_lens, page_size=16, num_kv_heads=num_kv_heads, group=group,
+                              head_dim=head_dim, dtype=torch.bfloat16, layout="vllm_nhd", gen=gen)
+    decode = PagedDecode(num_qo_heads=num_kv_heads * group, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, dtype=torch.bfloat16, device="cuda", max_batch_size=9)
+    decode.plan(kv_lens)
+    check(decode, problem, table, q, seed=seed)
+
+
+@pytest.mark.parametrize("kv_lens", [[32768], [1, 32768, 5], [12000] * 3],
+                         ids=["b1x32k", "mixed_with_32k", "b3x12k"])
+@pytest.mark.parametrize("window_left, soft_cap", [(-1, 0.0), (-1, 30.0), (4095, 0.0), (100, 50.0)])
+def test_decode_split_kv_long_contexts_window_softcap(kv_lens, window_left, soft_cap, seed):
+    gen = torch.Generator().manual_seed(seed)
+    problem, table, q = build(kv_lens, page_size=16, num_kv_heads=8, group=4, head_dim=128,
+                              dtype=torch.bfloat16, layout="sglang", gen=gen, engine="sglang")
+    decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                         device="cuda", max_batch_size=4)
+    decode.plan(kv_lens, window_left=window_left)
+    check(decode, problem, table, q, window_left=window_left, soft_cap=soft_cap, seed=seed)
+
+
+@pytest.mark.parametrize("batch", [1, 64, 512])
+def test_decode_batch_sizes(batch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    high = {1: 20000, 64: 4000, 512: 600}[batch]
+    kv_lens = torch.randint(1, high, (batch,), generator=gen).tolist()
+    problem, table, q = build(kv_lens, page_size=16, num_kv_heads=8, group=4, head_dim=128,
+                              dtype=torch.bfloat16, layout="vllm_nhd", gen=gen)
+    decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                         device="cuda", max_batch_size=512)
+    decode.plan(kv_lens)
+    check(decode, problem, table, q, seed=seed)
+
+
+def test_decode_graph_replays_with_new_lengths(seed):
+    """One capture at batch 6, replayed for lengths that do and do not split."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, page_size, max_len = 6, 16, 20000
+    num_pages = batch * (max_len // page_size + 1) + 4
+    cache = make_cache("sglang", num_pages, page_size, 8, 128, 128, torch.bfloat16, "cuda", gen)
+    rows = torch.arange(1, batch + 1)
+    req_to_token = torch.zeros(batch + 1, max_len + page_size, dtype=torch.int32, device="cuda")
+    table = PageTable.from_req_to_token(req_to_token, rows.cuda(), page_size)
+    decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                         device="cuda", max_batch_size=8, use_cuda_graph=True)
+    q = torch.empty(batch, 32, 128, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+
+    def refresh(kv_lens):
+        pages, _ = allocate_pages(kv_lens, page_size, gen, spare_pages=num_pages - sum(
+            (n + page_size - 1) // page_size for n in kv_lens))
+        problem = PagedProblem(cache, pages, kv_lens, [1] * batch)
+        req_to_token.zero_()
+        for r in range(batch):
+            req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int().cuda()
+        q.copy_(torch.randn(q.shape, generator=gen).to(q.dtype))
+        decode.plan(kv_lens)
+        return problem
+
+    refresh([100] * batch)
+    decode.run(q, cache, table, out=out)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode.run(q, cache, table, out=out)
+    for kv_lens in ([1, 2, 3, 4, 5, 6], [19000, 1, 300, 7, 4096, 2], [max_len] * batch):
+        problem = refresh(kv_lens)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        kv_indptr, kv_slots = problem.kv_csr()
+        want = reference.attention(q, problem.qo_indptr(), cache, kv_indptr, kv_slots)
+        torch.testing.assert_close(out.float(), want.out, atol=1.5e-2, rtol=1.5e-2,
+                                   msg=lambda m: f"seed={seed} lens={kv_lens}: {m}")
+
+
+def test_decode_empty_request_gives_zero_and_minus_inf(seed):
+    gen = torch.Generator().manual_seed(seed)
+    problem, table, q = build([0, 50], page_size=16, num_kv_heads=2, group=4, head_dim=64,
+                              dtype=torch.bfloat16, layout="vllm_nhd", gen=gen)
+    decode = PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
+                         device="cuda", max_batch_size=2)
+    decode.plan([0, 50])
+    out, lse = decode.run(q, problem.cache, table, return_lse=True)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+    assert torch.isfinite(out[1].float()).all() and torch.isfinite(lse[1]).all()
+
+
+def test_decode_rejects_bad_gpu_inputs(seed):
+    gen = torch.Generator().manual_seed(seed)
+    problem, table, q = build([40, 50], page_size=16, num_kv_heads=2, group=4, head_dim=64,
+                              dtype=torch.bfloat16, layout="vllm_nhd", gen=gen)
+    decode = PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
+                         device="cuda", max_batch_size=2)
+    decode.plan([40, 50])
+    with pytest.raises(TypeError, match="q has dtype float16; accepted: bfloat16"):
+        decode.run(q.half(), problem.cache, table)
+    with pytest.raises(ValueError, match="q is on cpu .* page_table is on cuda|on one device"):
+        decode.run(q.cpu(), problem.cache, table)
+    bad = PageTable.from_block_table(table.table.clone())
+    bad.table[1, 0] = problem.cache.num_pages + 5
+    with pytest.raises(ValueError, match="page ids in page_table holds values"):
+        decode.run(q, problem.cache, bad)

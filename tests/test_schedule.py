@@ -1,0 +1,48 @@
+"""The split-KV decode schedule covers every visible key exactly once and fits its grid."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attn_backend.schedule import (MIN_CHUNK_TOKENS, TILE_TOKENS, graph_grid_size,
+                                   items_per_head_target, kv_ranges, plan_decode)
+
+
+@settings(max_examples=300, deadline=None)
+@given(kv_lens=st.lists(st.integers(0, 40000), min_size=1, max_size=300),
+       num_kv_heads=st.sampled_from([1, 2, 8, 32]),
+       cta_slots=st.sampled_from([132, 264, 396]),
+       window_left=st.sampled_from([-1, 0, 100, 4095]))
+def test_schedule_partitions_each_request(kv_lens, num_kv_heads, cta_slots, window_left):
+    lens = np.array(kv_lens)
+    schedule = plan_decode(lens, window_left=window_left, num_kv_heads=num_kv_heads,
+                           cta_slots=cta_slots)
+    request, start, end, partial = schedule.items
+    starts, ends = kv_ranges(lens, window_left)
+    assert schedule.num_items <= graph_grid_size(len(lens), num_kv_heads, cta_slots)
+    for r in range(len(lens)):
+        mine = np.flatnonzero(request == r)
+        assert len(mine) >= 1
+        # Contiguous, ordered, non-empty (except an empty request) chunks tiling [start, end).
+        assert start[mine[0]] == starts[r] and end[mine[-1]] == ends[r]
+        assert np.all(start[mine[1:]] == end[mine[:-1]])
+        if len(mine) > 1:
+            assert np.all(end[mine] > start[mine])
+            assert np.all((end[mine[:-1]] - start[mine[:-1]]) % TILE_TOKENS == 0)
+            first, last = schedule.merge_indptr[r], schedule.merge_indptr[r + 1]
+            assert list(partial[mine]) == list(range(first, last))
+        else:
+            assert partial[mine[0]] == -1
+            assert schedule.merge_indptr[r] == schedule.merge_indptr[r + 1]
+    if schedule.num_items > len(lens):  # a split happened: one wave at most, chunks not tiny
+        assert schedule.num_items <= items_per_head_target(cta_slots, num_kv_heads)
+        assert schedule.chunk_tokens >= MIN_CHUNK_TOKENS
+
+
+def test_small_batch_long_context_splits_to_fill_the_gpu():
+    schedule = plan_decode(np.array([32768]), window_left=-1, num_kv_heads=8, cta_slots=264)
+    assert schedule.chunk_tokens == 1024 and schedule.num_items == 32
+    big = plan_decode(np.full(64, 4096), window_left=-1, num_kv_heads=8, cta_slots=264)
+    assert big.num_items == 64 and big.num_partials == 0
