@@ -24,7 +24,7 @@ from ._validation import (KERNEL_DTYPES, capturing_cuda_graph, check_in_range, c
                           check_same_device, check_size, check_tensor, debug_checks_enabled)
 from .cuda_graph import FixedCapacityBuffer
 from .paged_kv import PagedKVCache, PageTable
-from .schedule import graph_grid_size, items_per_head_target, plan_decode
+from .schedule import graph_grid_size, max_items_per_head, plan_decode
 
 SUPPORTED_HEAD_DIMS = ((64, 64), (128, 128), (256, 256))
 MAX_GROUP_SIZE = 16  # query heads per kv head: the kernel's 16-row MMA tile
@@ -67,6 +67,8 @@ class PagedDecode:
         self.head_dim_vo = head_dim_vo
         self.dtype = dtype
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_batch_size = max_batch_size
         self.use_cuda_graph = use_cuda_graph
 
@@ -78,7 +80,7 @@ class PagedDecode:
             self.cta_slots = max(1, ctas_per_sm) * num_sms
         else:
             self.cta_slots = 1  # the reference ignores the schedule
-        self.capacity = max_batch_size + items_per_head_target(self.cta_slots, num_kv_heads)
+        self.capacity = max_items_per_head(max_batch_size, num_kv_heads, self.cta_slots)
         self._schedule = FixedCapacityBuffer("decode schedule", 4 * self.capacity, torch.int32,
                                              self.device)
         self._merge_indptr = FixedCapacityBuffer("decode merge_indptr", max_batch_size + 1,

@@ -1,10 +1,15 @@
 """Host-side split-KV scheduling for decode: which CTA reads which part of which request.
 
-Decode reads each request's whole KV once, so the work is proportional to
-kv_len. When batch x kv_heads CTAs already fill the GPU, each request is one
-work item. Otherwise requests are cut into chunks (multiples of the kernel's
-64-token tile) of the smallest size that still fits the work into one wave of
-CTAs; the chunks' partial (output, lse) states are merged afterwards.
+Decode reads each request's whole KV once, so a work item's cost is about its
+number of keys. Requests are cut into chunks (multiples of the kernel's
+64-token tile) so that the CTAs come out in near-whole waves over the GPU:
+the chunk size minimises the estimated makespan
+
+    waves(c) * (average item length + per-item overhead),  waves = ceil(items * heads / slots)
+
+bounded below by one chunk. Split requests' partial (output, lse) states are
+merged afterwards. Items are ordered longest first, so the hardware's
+in-order CTA dispatch balances unequal requests.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 TILE_TOKENS = 64  # the decode kernel's K/V tile
-MIN_CHUNK_TOKENS = 256  # below this the merge costs more than the extra parallelism gains
+MIN_CHUNK_TOKENS = 256  # shorter chunks cost more in merging than they gain
+ITEM_OVERHEAD_TOKENS = 64  # a CTA's fixed cost (pipeline fill, epilogue), in tokens of streaming
+MAX_SPLITS_CONSIDERED = 128
 
 
 @dataclass(frozen=True)
@@ -42,48 +49,52 @@ def kv_ranges(kv_lens: np.ndarray, window_left: int) -> tuple[np.ndarray, np.nda
     return np.maximum(ends - 1 - window_left, 0), ends
 
 
-def items_per_head_target(cta_slots: int, num_kv_heads: int) -> int:
-    """Work items per kv head that make one wave of `cta_slots` CTAs."""
-    return max(1, cta_slots // num_kv_heads)
+def max_items_per_head(batch_size: int, num_kv_heads: int, cta_slots: int) -> int:
+    """The most work items per kv head a schedule may use (sizes CUDA-graph grids and buffers)."""
+    return 2 * batch_size + 4 * (-(-cta_slots // num_kv_heads))
 
 
-def choose_chunk(lengths: np.ndarray, target_items: int) -> int:
-    """Smallest tile-multiple chunk (>= MIN_CHUNK_TOKENS) with sum(ceil(len / chunk)) <= target."""
+def choose_chunk(lengths: np.ndarray, num_kv_heads: int, cta_slots: int, max_items: int) -> int:
+    """The chunk size (tokens) with the smallest estimated makespan; see the module docstring."""
     longest = int(lengths.max(initial=0))
-    if len(lengths) >= target_items or longest <= MIN_CHUNK_TOKENS:
-        return max(longest, 1)  # no split
-    low = MIN_CHUNK_TOKENS // TILE_TOKENS
-    high = (longest + TILE_TOKENS - 1) // TILE_TOKENS
-    while low < high:  # in units of tiles
-        mid = (low + high) // 2
-        items = np.maximum(1, -(-lengths // (mid * TILE_TOKENS))).sum()
-        if items <= target_items:
-            high = mid
-        else:
-            low = mid + 1
-    return low * TILE_TOKENS
+    if longest <= MIN_CHUNK_TOKENS:
+        return max(longest, 1)
+    splits = np.arange(1, min(MAX_SPLITS_CONSIDERED, longest // MIN_CHUNK_TOKENS) + 1)
+    chunks = np.unique(-(-(-(-longest // splits)) // TILE_TOKENS) * TILE_TOKENS)[::-1]
+    chunks = chunks[chunks >= MIN_CHUNK_TOKENS]
+    if chunks.size == 0 or chunks[0] < longest:
+        chunks = np.concatenate([[longest], chunks])
+    items = np.maximum(1, -(-lengths[:, None] // chunks[None, :])).sum(axis=0)
+    feasible = items <= max_items
+    feasible[0] = True  # one item per request always fits
+    chunks, items = chunks[feasible], items[feasible]
+    waves = -(-(items * num_kv_heads) // cta_slots)
+    average = lengths.sum() / items
+    estimate = np.maximum(waves * (average + ITEM_OVERHEAD_TOKENS), chunks + ITEM_OVERHEAD_TOKENS)
+    return int(chunks[np.argmin(estimate)])  # argmin takes the first (largest) chunk on ties
 
 
 def plan_decode(kv_lens: np.ndarray, *, window_left: int, num_kv_heads: int,
                 cta_slots: int) -> DecodeSchedule:
+    batch = len(kv_lens)
     starts, ends = kv_ranges(kv_lens, window_left)
     lengths = ends - starts
-    chunk = choose_chunk(lengths, items_per_head_target(cta_slots, num_kv_heads))
+    chunk = choose_chunk(lengths, num_kv_heads, cta_slots,
+                         max_items_per_head(batch, num_kv_heads, cta_slots))
     counts = np.maximum(1, -(-lengths // chunk))  # an empty request still gets one item
-    batch = len(kv_lens)
     request = np.repeat(np.arange(batch), counts)
     first_item = np.repeat(np.cumsum(counts) - counts, counts)
     index_in_request = np.arange(len(request)) - first_item
     item_start = starts[request] + index_in_request * chunk
     item_end = np.minimum(item_start + chunk, ends[request])
     split = counts > 1
-    merge_counts = np.where(split, counts, 0)
-    merge_indptr = np.concatenate([[0], np.cumsum(merge_counts)])
+    merge_indptr = np.concatenate([[0], np.cumsum(np.where(split, counts, 0))])
     partial = np.where(split[request], merge_indptr[request] + index_in_request, -1)
-    items = np.stack([request, item_start, item_end, partial]).astype(np.int32)
+    order = np.argsort(-(item_end - item_start), kind="stable")  # longest first
+    items = np.stack([request, item_start, item_end, partial])[:, order].astype(np.int32)
     return DecodeSchedule(items, merge_indptr.astype(np.int32), chunk)
 
 
 def graph_grid_size(batch_size: int, num_kv_heads: int, cta_slots: int) -> int:
     """Work-item slots of a CUDA-graph-captured decode: enough for any lengths at this batch."""
-    return batch_size + items_per_head_target(cta_slots, num_kv_heads)
+    return max_items_per_head(batch_size, num_kv_heads, cta_slots)

@@ -22,4 +22,4 @@ def test_paged_decode_plan_batch_256_split(benchmark):
                          cta_slots=264)  # as on a 132-SM GPU with 2 CTAs per SM
     lens = np.random.default_rng().integers(1, 4096, size=256)
     benchmark(decode.plan, lens)
-    assert decode._planned.num_work_items == 256 + 264 // 8
+    assert decode._planned.num_work_items == 2 * 256 + 4 * (264 // 8)

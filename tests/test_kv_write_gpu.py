@@ -57,7 +57,6 @@ def test_kv_write_replays_in_a_cuda_graph_with_new_slots(seed):
     for _ in range(3):
         _, new_slots, new_key, new_value = _case("vllm_nhd", 16, 8, 128, 128, torch.bfloat16, 64,
                                                  torch.int64, gen)
-        new_slots = new_slots % cache.num_slots.__int__()
         static_slots.copy_(new_slots)
         static_key.copy_(new_key)
         static_value.copy_(new_value)

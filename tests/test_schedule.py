@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attn_backend.schedule import (MIN_CHUNK_TOKENS, TILE_TOKENS, graph_grid_size,
-                                   items_per_head_target, kv_ranges, plan_decode)
+from attn_backend.schedule import (MIN_CHUNK_TOKENS, TILE_TOKENS, graph_grid_size, kv_ranges,
+                                   plan_decode)
 
 
 @settings(max_examples=300, deadline=None)
@@ -36,13 +36,20 @@ def test_schedule_partitions_each_request(kv_lens, num_kv_heads, cta_slots, wind
         else:
             assert partial[mine[0]] == -1
             assert schedule.merge_indptr[r] == schedule.merge_indptr[r + 1]
-    if schedule.num_items > len(lens):  # a split happened: one wave at most, chunks not tiny
-        assert schedule.num_items <= items_per_head_target(cta_slots, num_kv_heads)
+    if schedule.num_items > len(lens):  # a split happened: chunks are whole tiles, not tiny
         assert schedule.chunk_tokens >= MIN_CHUNK_TOKENS
+        assert schedule.chunk_tokens % TILE_TOKENS == 0
+    sizes = end - start
+    assert np.all(sizes[:-1] >= sizes[1:])  # longest first
 
 
-def test_small_batch_long_context_splits_to_fill_the_gpu():
-    schedule = plan_decode(np.array([32768]), window_left=-1, num_kv_heads=8, cta_slots=264)
-    assert schedule.chunk_tokens == 1024 and schedule.num_items == 32
-    big = plan_decode(np.full(64, 4096), window_left=-1, num_kv_heads=8, cta_slots=264)
-    assert big.num_items == 64 and big.num_partials == 0
+def test_chunks_make_near_whole_waves():
+    # One 32k request over 396 CTA slots: about one wave of 8-head items.
+    single = plan_decode(np.array([32768]), window_left=-1, num_kv_heads=8, cta_slots=396)
+    assert single.chunk_tokens == 704 and single.num_items * 8 <= 396
+    # 64 x 4k: 512 whole-request CTAs would be 1.29 waves; thirds make 3.9 waves.
+    batch = plan_decode(np.full(64, 4096), window_left=-1, num_kv_heads=8, cta_slots=396)
+    assert batch.chunk_tokens == 1408 and batch.num_items == 192
+    # When whole requests already make whole waves, nothing is split.
+    even = plan_decode(np.full(99, 4096), window_left=-1, num_kv_heads=4, cta_slots=396)
+    assert even.num_items == 99 and even.num_partials == 0

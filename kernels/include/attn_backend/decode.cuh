@@ -82,7 +82,8 @@ struct DecodeTraits {
   // After the main loop the ring holds the warps' states for the final merge.
   static constexpr int kMergeBytes = kWarps * kRows * (kHeadDimVO + 2) * 4;
   static constexpr int kQBytes = kRows * kHeadDimQK * 2;
-  static constexpr int kSlotBytes = kStages * kTileTokens * 8;
+  // Per stage and token row: element offsets of the row in the K and V caches.
+  static constexpr int kSlotBytes = kStages * kTileTokens * 2 * 8;
   static constexpr int kQOffset = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
   static constexpr int kSmemBytes = kQOffset + kQBytes + kSlotBytes;
   static_assert(kChunksQK % 8 == 0 && kChunksVO % 8 == 0, "head dims must be multiples of 64");
@@ -108,10 +109,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   extern __shared__ __align__(128) uint8_t smem[];
   T* const q_smem = reinterpret_cast<T*>(smem + Traits::kQOffset);
-  int2* const slot_smem = reinterpret_cast<int2*>(smem + Traits::kQOffset + Traits::kQBytes);
+  // [stage][token][K, V]: element offset of the token's row for this kv head,
+  // or -1 for a token outside the range.
+  int64_t* const row_offsets = reinterpret_cast<int64_t*>(smem + Traits::kQOffset + Traits::kQBytes);
 
-  const int item = blockIdx.x;
-  const int kv_head = blockIdx.y;
+  const int kv_head = blockIdx.x;
+  const int item = blockIdx.y;
   const int request = p.schedule.work_request[item];
   if (request < 0) return;
   const int kv_start = p.schedule.work_kv_start[item];
@@ -141,58 +144,70 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int64_t table_row = p.pages.row_of(request);
   const int num_tiles = (kv_end - kv_start + kTile - 1) / kTile;
 
-  // Page id and slot within the page of each token of a tile, read once per
-  // token row from the page table; x = -1 marks a token outside the range.
-  auto locate_tile = [&](int tile, int stage) {
-    if (tid < kTile) {
-      const int token = kv_start + tile * kTile + tid;
-      int2 where = make_int2(-1, 0);
-      if (token < kv_end) {
-        const int page_in_sequence = token / p.page_size;
-        const int page = p.pages.page_id(table_row, page_in_sequence);
-        // An out-of-range id (debug mode reports it before launch) is never
-        // dereferenced: the row is zero-filled instead.
-        if (page >= 0 && page < p.num_pages) {
-          where = make_int2(page, token - page_in_sequence * p.page_size);
-        }
-      }
-      slot_smem[stage * kTile + tid] = where;
+  // Page ids come from the page table one tile ahead of their use: thread
+  // t < kTile fetches the page of token t of a tile into registers, and only
+  // after the current tile's compute turns it into row offsets in shared
+  // memory, so the table's latency hides under the math. Each token row reads
+  // its page table entry once.
+  struct PendingRow {
+    int page;  // -1: outside the range (or an out-of-range id, never dereferenced)
+    int slot_in_page;
+  };
+  auto fetch_row = [&](int tile) {
+    PendingRow row{-1, 0};
+    const int token = kv_start + tile * kTile + tid;
+    if (tid < kTile && tile < num_tiles && token < kv_end) {
+      const int page_in_sequence = token / p.page_size;
+      const int page = p.pages.page_id(table_row, page_in_sequence);
+      // Debug mode reports out-of-range ids before launch; here they are
+      // zero-filled instead of read.
+      if (page >= 0 && page < p.num_pages) row = {page, token - page_in_sequence * p.page_size};
+    }
+    return row;
+  };
+  auto store_row = [&](int tile, const PendingRow& row) {
+    if (tid < kTile && tile < num_tiles) {
+      int64_t* dst = row_offsets + ((tile % kStages) * kTile + tid) * 2;
+      dst[0] = row.page < 0 ? -1 : row.page * p.k.stride_page + row.slot_in_page * p.k.stride_slot;
+      dst[1] = row.page < 0 ? -1 : row.page * p.v.stride_page + row.slot_in_page * p.v.stride_slot;
     }
   };
 
-  auto load_side = [&](const PagedCacheSide& side, T* tile_smem, int stage, auto chunks_tag) {
+  const T* const k_base = reinterpret_cast<const T*>(p.k.base) + kv_head * p.k.stride_head;
+  const T* const v_base = reinterpret_cast<const T*>(p.v.base) + kv_head * p.v.stride_head;
+  // Thread `tid` copies 16-byte chunk `tid % kChunks` of rows tid / kChunks + j * (kThreads / kChunks).
+  auto load_side = [&](const T* base, T* tile_smem, int stage, int side, auto chunks_tag) {
     constexpr int kChunks = decltype(chunks_tag)::value;
+    constexpr int kRowsPerPass = kThreads / kChunks;
+    const int chunk = tid % kChunks;
+    const int first_row = tid / kChunks;
+    const int64_t* offsets = row_offsets + stage * kTile * 2 + side;
 #pragma unroll
-    for (int i = tid; i < kTile * kChunks; i += kThreads) {
-      const int row = i / kChunks;
-      const int chunk = i % kChunks;
-      const int2 where = slot_smem[stage * kTile + row];
-      const bool valid = where.x >= 0;
-      const T* src = reinterpret_cast<const T*>(side.base);
-      if (valid) {
-        src += where.x * side.stride_page + where.y * side.stride_slot +
-               kv_head * side.stride_head + chunk * 8;
-      }
-      ptx::cp_async_16(tile_smem + swizzled<kChunks>(row, chunk), src, valid);
+    for (int j = 0; j < kTile / kRowsPerPass; ++j) {
+      const int row = first_row + j * kRowsPerPass;
+      const int64_t offset = offsets[row * 2];
+      ptx::cp_async_16(tile_smem + swizzled<kChunks>(row, chunk),
+                       base + (offset < 0 ? 0 : offset + chunk * 8), offset >= 0);
     }
   };
-  auto load_tile = [&](int stage) {
-    load_side(p.k, k_tile(stage), stage, std::integral_constant<int, kChunksQK>{});
-    load_side(p.v, v_tile(stage), stage, std::integral_constant<int, kChunksVO>{});
+  auto load_tile = [&](int tile) {
+    const int stage = tile % kStages;
+    load_side(k_base, k_tile(stage), stage, 0, std::integral_constant<int, kChunksQK>{});
+    load_side(v_base, v_tile(stage), stage, 1, std::integral_constant<int, kChunksVO>{});
   };
 
-  // Prologue: page ids, then the first kStages - 1 tiles in flight. A commit
-  // per stage even when there is no tile keeps the group count uniform.
+  // Prologue: row offsets of the first kStages - 1 tiles, their loads in
+  // flight (a commit per stage even without a tile keeps the group count
+  // uniform), and the page ids of the tile after them.
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles) locate_tile(s, s);
-  }
+  for (int s = 0; s < kStages - 1; ++s) store_row(s, fetch_row(s));
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < num_tiles) load_tile(s);
     ptx::cp_async_commit();
   }
+  PendingRow pending = fetch_row(kStages - 1);
 
   ptx::cp_async_wait<kStages - 1>();  // the query group
   __syncthreads();
@@ -219,13 +234,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile % kStages;
     const int next = tile + kStages - 1;
-    if (next < num_tiles) locate_tile(next, next % kStages);
+    store_row(next, pending);
     ptx::cp_async_wait<kStages - 2>();
-    // Tile `tile` has landed for every thread, the page ids of `next` are
+    // Tile `tile` has landed for every thread, the row offsets of `next` are
     // visible, and all warps are done with the stage that `next` reuses.
     __syncthreads();
-    if (next < num_tiles) load_tile(next % kStages);
+    if (next < num_tiles) load_tile(next);
     ptx::cp_async_commit();
+    pending = fetch_row(next + 1);
 
     const T* k_smem = k_tile(stage);
     const T* v_smem = v_tile(stage);
@@ -254,6 +270,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       }
     }
 
+    float correction[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float tile_max = fmaxf(fmaxf(s[0][2 * half], s[0][2 * half + 1]),
@@ -263,7 +280,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       const float new_max = fmaxf(row_max[half], tile_max);
       // With nothing seen yet the max is -inf; subtracting 0 keeps exp2 at 0.
       const float reference = new_max == kNegInf ? 0.f : new_max;
-      const float correction = ptx::fast_exp2(row_max[half] - reference);
+      correction[half] = ptx::fast_exp2(row_max[half] - reference);
       row_max[half] = new_max;
       float sum = 0.f;
 #pragma unroll
@@ -275,11 +292,17 @@ __global__ void __launch_bounds__(Traits::kThreads)
           sum += prob;
         }
       }
-      row_sum[half] = row_sum[half] * correction + sum;
+      row_sum[half] = row_sum[half] * correction[half] + sum;
+    }
+    // Once the running maxima settle most tiles leave them unchanged; then the
+    // output needs no rescaling (a warp-uniform test, so no divergence).
+    if (__any_sync(0xffffffff, correction[0] != 1.f || correction[1] != 1.f)) {
 #pragma unroll
       for (int n = 0; n < Traits::kHeadDimVO / 8; ++n) {
-        o[n][2 * half] *= correction;
-        o[n][2 * half + 1] *= correction;
+        o[n][0] *= correction[0];
+        o[n][1] *= correction[0];
+        o[n][2] *= correction[1];
+        o[n][3] *= correction[1];
       }
     }
 
