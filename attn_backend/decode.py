@@ -35,7 +35,6 @@ class _PlannedBatch:
     kv_lens: list[int]
     window_left: int
     num_work_items: int
-    merge_batch: int
 
 
 class PagedDecode:
@@ -89,6 +88,9 @@ class PagedDecode:
                                         dtype=torch.float32, device=self.device)
         self._partial_lse = torch.empty(self.capacity, num_qo_heads, dtype=torch.float32,
                                         device=self.device)
+        # Zeros between launches; the kernel's merging CTA resets what it counted.
+        self._merge_counters = torch.zeros(max_batch_size * num_kv_heads, dtype=torch.int32,
+                                           device=self.device)
         self._host_schedule = np.empty((4, self.capacity), dtype=np.int32)
         self._planned: _PlannedBatch | None = None
 
@@ -108,12 +110,8 @@ class PagedDecode:
             raise ValueError(f"kv_lens must be in [0, 2**31); got [{lens.min()}, {lens.max()}]")
         schedule = plan_decode(lens, window_left=window_left, num_kv_heads=self.num_kv_heads,
                                cta_slots=self.cta_slots)
-        if self.use_cuda_graph:
-            num_work_items = graph_grid_size(batch, self.num_kv_heads, self.cta_slots)
-            merge_batch = batch
-        else:
-            num_work_items = schedule.num_items
-            merge_batch = batch if schedule.num_partials else 0
+        num_work_items = graph_grid_size(batch, self.num_kv_heads, self.cta_slots) \
+            if self.use_cuda_graph else schedule.num_items
         if not schedule.num_items <= num_work_items <= self.capacity:
             raise RuntimeError(f"decode schedule of {schedule.num_items} items does not fit its "
                                f"grid of {num_work_items} (capacity {self.capacity})")
@@ -121,7 +119,7 @@ class PagedDecode:
         self._host_schedule[:, : schedule.num_items] = schedule.items
         self._schedule.load(torch.from_numpy(self._host_schedule.reshape(-1)))
         self._merge_indptr.load(torch.from_numpy(schedule.merge_indptr))
-        self._planned = _PlannedBatch(lens.tolist(), window_left, num_work_items, merge_batch)
+        self._planned = _PlannedBatch(lens.tolist(), window_left, num_work_items)
 
     def run(self, q: torch.Tensor, cache: PagedKVCache, page_table: PageTable, *,
             sm_scale: float | None = None, logits_soft_cap: float = 0.0,
@@ -154,7 +152,7 @@ class PagedDecode:
         _extension.load_ops().paged_decode(
             q, cache.k, cache.v, page_table.table, page_table.row_index, page_table.entry_stride,
             page_table.divisor, self._schedule.tensor.view(4, self.capacity),
-            self._merge_indptr.tensor, planned.num_work_items, planned.merge_batch,
+            self._merge_indptr.tensor, self._merge_counters, planned.num_work_items,
             self._partial_out, self._partial_lse, float(sm_scale), float(logits_soft_cap), out,
             lse)
         return (out, lse) if return_lse else out

@@ -12,8 +12,9 @@ void paged_kv_write_meta(const at::Tensor&, const at::Tensor&, at::Tensor&, at::
 // Writes into `out` (and `lse`) only.
 void paged_decode_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const std::optional<at::Tensor>&, int64_t, int64_t, const at::Tensor&,
-                       const at::Tensor&, int64_t, int64_t, const at::Tensor&, const at::Tensor&,
-                       double, double, at::Tensor&, const std::optional<at::Tensor>&) {}
+                       const at::Tensor&, at::Tensor&, int64_t, const at::Tensor&,
+                       const at::Tensor&, double, double, at::Tensor&,
+                       const std::optional<at::Tensor>&) {}
 
 }  // namespace
 
@@ -22,13 +23,13 @@ TORCH_LIBRARY(attn_backend, m) {
       "paged_kv_write(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slots) -> ()");
   // Batch decode over a paged cache with the plan's schedule (see decode.cuh);
-  // merges split requests' partial states when merge_batch > 0.
+  // split requests' partial states are merged in the same launch.
   m.def(
       "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
       "Tensor? row_index, int table_entry_stride, int table_divisor, Tensor schedule, "
-      "Tensor merge_indptr, int num_work_items, int merge_batch, Tensor(a!) partial_out, "
-      "Tensor(b!) partial_lse, float sm_scale, float logits_soft_cap, Tensor(c!) out, "
-      "Tensor(d!)? lse) -> ()");
+      "Tensor merge_indptr, Tensor(a!) merge_counters, int num_work_items, "
+      "Tensor(b!) partial_out, Tensor(c!) partial_lse, float sm_scale, float logits_soft_cap, "
+      "Tensor(d!) out, Tensor(e!)? lse) -> ()");
   m.def("paged_decode_ctas_per_sm(int head_dim_qk, int head_dim_vo) -> int");
 }
 

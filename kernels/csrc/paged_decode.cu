@@ -1,5 +1,5 @@
-// torch binding of kernels/include/attn_backend/decode.cuh: the decode kernel
-// plus, when the plan split a request, the merge of its partial states.
+// torch binding of kernels/include/attn_backend/decode.cuh (one launch; split
+// requests are merged inside it).
 // Readable validation happens in Python (attn_backend/decode.py); these checks
 // are the last line of defence.
 #include "attn_backend/decode.cuh"
@@ -52,7 +52,7 @@ PagedCacheSide make_side(const at::Tensor& cache) {
 void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& page_table, const std::optional<at::Tensor>& row_index,
                   int64_t table_entry_stride, int64_t table_divisor, const at::Tensor& schedule,
-                  const at::Tensor& merge_indptr, int64_t num_work_items, int64_t merge_batch,
+                  const at::Tensor& merge_indptr, at::Tensor& merge_counters, int64_t num_work_items,
                   const at::Tensor& partial_out, const at::Tensor& partial_lse, double sm_scale,
                   double logits_soft_cap, at::Tensor& out, const std::optional<at::Tensor>& lse) {
   TORCH_CHECK(q.dim() == 3 && out.dim() == 3, "q and out must be [batch, heads, dim]");
@@ -70,8 +70,11 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
                   schedule.is_contiguous(),
               "schedule must be a contiguous int32 [4, capacity] tensor");
   TORCH_CHECK(num_work_items <= schedule.size(1), "num_work_items exceeds the schedule capacity");
-  TORCH_CHECK(merge_indptr.scalar_type() == at::kInt && merge_indptr.numel() >= merge_batch + 1,
-              "merge_indptr too small");
+  TORCH_CHECK(merge_indptr.scalar_type() == at::kInt && merge_indptr.numel() >= q.size(0) + 1,
+              "merge_indptr must hold batch + 1 int32 entries");
+  TORCH_CHECK(merge_counters.scalar_type() == at::kInt && merge_counters.is_contiguous() &&
+                  merge_counters.numel() >= q.size(0) * k_cache.size(2),
+              "merge_counters must hold batch * num_kv_heads int32 zeros");
   TORCH_CHECK(partial_out.scalar_type() == at::kFloat && partial_lse.scalar_type() == at::kFloat &&
                   partial_out.is_contiguous() && partial_lse.is_contiguous(),
               "partial buffers must be contiguous float32");
@@ -117,16 +120,8 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   params.schedule = {sched, sched + capacity, sched + 2 * capacity, sched + 3 * capacity};
   params.partial_out = partial_out.data_ptr<float>();
   params.partial_lse = partial_lse.data_ptr<float>();
-
-  MergeParams merge{};
-  merge.merge_indptr = merge_indptr.data_ptr<int32_t>();
-  merge.partial_out = params.partial_out;
-  merge.partial_lse = params.partial_lse;
-  merge.out = params.out;
-  merge.out_stride_token = params.out_stride_token;
-  merge.out_stride_head = params.out_stride_head;
-  merge.lse = params.lse;
-  merge.num_qo_heads = params.num_qo_heads;
+  params.merge_indptr = merge_indptr.data_ptr<int32_t>();
+  params.merge_counters = merge_counters.data_ptr<int32_t>();
 
   dispatch_head_dims(q.size(2), v_cache.size(3), [&](auto dqk, auto dvo) {
     constexpr int kQK = decltype(dqk)::value;
@@ -144,12 +139,6 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         TORCH_CHECK(num_work_items <= 65535, "paged_decode: at most 65535 work items");
         const dim3 grid(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(num_work_items));
         kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
-        ATTN_BACKEND_CHECK_LAUNCH();
-      }
-      if (merge_batch > 0) {
-        const dim3 grid(static_cast<unsigned>(merge_batch),
-                        static_cast<unsigned>((num_qo_heads + 3) / 4));
-        merge_partials_kernel<kVO, T><<<grid, 128, 0, stream>>>(merge);
         ATTN_BACKEND_CHECK_LAUNCH();
       }
     });

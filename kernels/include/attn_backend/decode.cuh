@@ -8,7 +8,8 @@
 // [16w, 16w + 16) of every tile with its own online-softmax state, and the
 // four states are merged at the end. A work item that covers a whole request
 // writes the output; one that covers part of a split request writes a float
-// partial (output, lse) that `merge_partials_kernel` combines.
+// partial (output, lse), and the last of the request's chunks to finish (per
+// kv head) merges the partials into the output, so no second launch is needed.
 #pragma once
 
 #include <cstdint>
@@ -47,17 +48,10 @@ struct DecodeParams {
   DecodeSchedule schedule;
   float* partial_out;  // [num_partials, num_qo_heads, head_dim_vo]
   float* partial_lse;  // [num_partials, num_qo_heads]
-};
-
-struct MergeParams {
-  const int32_t* merge_indptr;  // [batch + 1]: request r's partials; empty = written directly
-  const float* partial_out;
-  const float* partial_lse;
-  void* out;
-  int64_t out_stride_token;
-  int64_t out_stride_head;
-  float* lse;
-  int num_qo_heads;
+  const int32_t* merge_indptr;  // [batch + 1]: request r's partials are [indptr[r], indptr[r+1])
+  // [batch * num_kv_heads] zeros between launches: counts a split request's
+  // finished chunks; the CTA that finishes last merges and resets it.
+  int32_t* merge_counters;
 };
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -95,6 +89,39 @@ struct DecodeTraits {
 template <int kChunks>
 __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * kChunks * 8 + ((chunk ^ (row & 7)) * 8);
+}
+
+// out = sum_i exp(lse_i - lse) * out_i over request `request`'s partials, for
+// query heads [first_head, first_head + num_heads), with lse = log sum_i exp(lse_i).
+// Partials written by other CTAs are read with ld.cg (L2), never a stale L1 line.
+template <int kHeadDimVO, typename T>
+__device__ __forceinline__ void merge_partials(const DecodeParams& p, int request, int first_head,
+                                               int num_heads, int tid, int num_threads) {
+  constexpr float kNegInf = -__builtin_huge_valf();
+  const int begin = p.merge_indptr[request];
+  const int end = p.merge_indptr[request + 1];
+  for (int e = tid; e < num_heads * kHeadDimVO; e += num_threads) {
+    const int head = first_head + e / kHeadDimVO;
+    const int col = e % kHeadDimVO;
+    float max_lse = kNegInf;
+    for (int i = begin; i < end; ++i) {
+      max_lse = fmaxf(max_lse, __ldcg(p.partial_lse + static_cast<int64_t>(i) * p.num_qo_heads + head));
+    }
+    const float reference = max_lse == kNegInf ? 0.f : max_lse;
+    float total = 0.f;
+    float acc = 0.f;
+    for (int i = begin; i < end; ++i) {
+      const int64_t index = static_cast<int64_t>(i) * p.num_qo_heads + head;
+      const float weight = ptx::fast_exp2((__ldcg(p.partial_lse + index) - reference) * kLog2e);
+      total += weight;
+      acc += weight * __ldcg(p.partial_out + index * kHeadDimVO + col);
+    }
+    T* out = static_cast<T*>(p.out) + request * p.out_stride_token + head * p.out_stride_head;
+    out[col] = ptx::from_float<T>(total > 0.f ? acc / total : 0.f);
+    if (col == 0 && p.lse != nullptr) {
+      p.lse[request * p.num_qo_heads + head] = total > 0.f ? reference + __logf(total) : kNegInf;
+    }
+  }
 }
 
 template <typename Traits, typename T, bool kSoftCap>
@@ -387,51 +414,22 @@ __global__ void __launch_bounds__(Traits::kThreads)
       if (col == 0) p.partial_lse[index] = lse;
     }
   }
-}
+  if (partial < 0) return;
 
-// One warp per (request, query head): out = Σ_i exp(lse_i - lse) * out_i over
-// the request's partials, lse = log Σ_i exp(lse_i).
-template <int kHeadDimVO, typename T>
-__global__ void __launch_bounds__(128) merge_partials_kernel(const __grid_constant__ MergeParams p) {
-  constexpr float kNegInf = -__builtin_huge_valf();
-  constexpr int kPerLane = kHeadDimVO / 32;
-  const int request = blockIdx.x;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int head = blockIdx.y * 4 + warp;
-  if (head >= p.num_qo_heads) return;
-  const int begin = p.merge_indptr[request];
-  const int end = p.merge_indptr[request + 1];
-  if (end <= begin) return;  // this request was written directly
-
-  float max_lse = kNegInf;
-  for (int i = begin + lane; i < end; i += 32) {
-    max_lse = fmaxf(max_lse, p.partial_lse[static_cast<int64_t>(i) * p.num_qo_heads + head]);
+  // Split request: count this chunk done; the last one merges all of them.
+  __shared__ bool merges;
+  __threadfence();  // this CTA's partial is visible before it is counted
+  __syncthreads();
+  if (tid == 0) {
+    const int count = p.merge_indptr[request + 1] - p.merge_indptr[request];
+    int32_t* counter = p.merge_counters + static_cast<int64_t>(request) * gridDim.x + kv_head;
+    merges = atomicAdd(counter, 1) == count - 1;
+    if (merges) *counter = 0;  // ready for the next launch (and graph replay)
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffff, max_lse, offset));
-  }
-  const float reference = max_lse == kNegInf ? 0.f : max_lse;
-  float total = 0.f;
-  float acc[kPerLane] = {};
-  for (int i = begin; i < end; ++i) {
-    const int64_t index = static_cast<int64_t>(i) * p.num_qo_heads + head;
-    const float weight = ptx::fast_exp2((p.partial_lse[index] - reference) * kLog2e);
-    total += weight;
-    const float* src = p.partial_out + index * kHeadDimVO + lane * kPerLane;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) acc[j] += weight * src[j];
-  }
-  T* out = static_cast<T*>(p.out) + request * p.out_stride_token + head * p.out_stride_head +
-           lane * kPerLane;
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    out[j] = ptx::from_float<T>(total > 0.f ? acc[j] / total : 0.f);
-  }
-  if (lane == 0 && p.lse != nullptr) {
-    p.lse[request * p.num_qo_heads + head] = total > 0.f ? reference + __logf(total) : kNegInf;
-  }
+  __syncthreads();
+  if (!merges) return;
+  __threadfence();
+  merge_partials<Traits::kHeadDimVO, T>(p, request, first_qo_head, p.group_size, tid, kThreads);
 }
 
 }  // namespace attn_backend
