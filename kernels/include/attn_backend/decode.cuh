@@ -92,35 +92,75 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
 }
 
 // out = sum_i exp(lse_i - lse) * out_i over request `request`'s partials, for
-// query heads [first_head, first_head + num_heads), with lse = log sum_i exp(lse_i).
-// Partials written by other CTAs are read with ld.cg (L2), never a stale L1 line.
+// the query heads [first_head, first_head + num_heads) (at most 16), with
+// lse = log sum_i exp(lse_i). It runs at the tail of the kernel, so it is
+// latency-bound: each head's max and total weight are computed once, with the
+// lanes of a warp striding over the partials, and the columns then accumulate
+// with 8 partials' loads in flight. Partials written by other CTAs are read
+// with ld.cg (from L2), never from a stale L1 line.
 template <int kHeadDimVO, typename T>
 __device__ __forceinline__ void merge_partials(const DecodeParams& p, int request, int first_head,
-                                               int num_heads, int tid, int num_threads) {
+                                               int num_heads, float* head_max, float* head_total) {
   constexpr float kNegInf = -__builtin_huge_valf();
+  constexpr int kLoadsInFlight = 8;
   const int begin = p.merge_indptr[request];
   const int end = p.merge_indptr[request + 1];
-  for (int e = tid; e < num_heads * kHeadDimVO; e += num_threads) {
-    const int head = first_head + e / kHeadDimVO;
-    const int col = e % kHeadDimVO;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int num_warps = blockDim.x / 32;
+  for (int h = warp; h < num_heads; h += num_warps) {
+    const float* lse = p.partial_lse + first_head + h;
     float max_lse = kNegInf;
-    for (int i = begin; i < end; ++i) {
-      max_lse = fmaxf(max_lse, __ldcg(p.partial_lse + static_cast<int64_t>(i) * p.num_qo_heads + head));
+    for (int i = begin + lane; i < end; i += 32) {
+      max_lse = fmaxf(max_lse, __ldcg(lse + static_cast<int64_t>(i) * p.num_qo_heads));
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffff, max_lse, offset));
     }
     const float reference = max_lse == kNegInf ? 0.f : max_lse;
     float total = 0.f;
+    for (int i = begin + lane; i < end; i += 32) {
+      total += ptx::fast_exp2(
+          (__ldcg(lse + static_cast<int64_t>(i) * p.num_qo_heads) - reference) * kLog2e);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      total += __shfl_xor_sync(0xffffffff, total, offset);
+    }
+    if (lane == 0) {
+      head_max[h] = reference;
+      head_total[h] = total;
+      if (p.lse != nullptr) {
+        p.lse[request * p.num_qo_heads + first_head + h] =
+            total > 0.f ? reference + __logf(total) : kNegInf;
+      }
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < num_heads * kHeadDimVO; e += blockDim.x) {
+    const int h = e / kHeadDimVO;
+    const int col = e % kHeadDimVO;
+    const int head = first_head + h;
+    const float reference = head_max[h];
+    const float total = head_total[h];
     float acc = 0.f;
-    for (int i = begin; i < end; ++i) {
-      const int64_t index = static_cast<int64_t>(i) * p.num_qo_heads + head;
-      const float weight = ptx::fast_exp2((__ldcg(p.partial_lse + index) - reference) * kLog2e);
-      total += weight;
-      acc += weight * __ldcg(p.partial_out + index * kHeadDimVO + col);
+    for (int i0 = begin; i0 < end; i0 += kLoadsInFlight) {
+      float lse[kLoadsInFlight];
+      float value[kLoadsInFlight];
+#pragma unroll
+      for (int u = 0; u < kLoadsInFlight; ++u) {
+        const int64_t index = static_cast<int64_t>(i0 + u < end ? i0 + u : begin) * p.num_qo_heads + head;
+        lse[u] = __ldcg(p.partial_lse + index);
+        value[u] = __ldcg(p.partial_out + index * kHeadDimVO + col);
+      }
+#pragma unroll
+      for (int u = 0; u < kLoadsInFlight; ++u) {
+        if (i0 + u < end) acc += ptx::fast_exp2((lse[u] - reference) * kLog2e) * value[u];
+      }
     }
     T* out = static_cast<T*>(p.out) + request * p.out_stride_token + head * p.out_stride_head;
     out[col] = ptx::from_float<T>(total > 0.f ? acc / total : 0.f);
-    if (col == 0 && p.lse != nullptr) {
-      p.lse[request * p.num_qo_heads + head] = total > 0.f ? reference + __logf(total) : kNegInf;
-    }
   }
 }
 
@@ -429,7 +469,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   __syncthreads();
   if (!merges) return;
   __threadfence();
-  merge_partials<Traits::kHeadDimVO, T>(p, request, first_qo_head, p.group_size, tid, kThreads);
+  // The ring is free again: merge_max/merge_sum were read before the barrier above.
+  merge_partials<Traits::kHeadDimVO, T>(p, request, first_qo_head, p.group_size, merge_max,
+                                        merge_sum);
 }
 
 }  // namespace attn_backend
