@@ -39,6 +39,25 @@ def _shuffled_pages(batch, kv_len, page_size, num_pages, gen):
     return order.view(batch, pages_per_request).to(torch.int32)
 
 
+def make_problem(batch, kv_len, page_size, gen):
+    """Random K/V for `batch` requests of `kv_len` tokens on shuffled pages, and a query."""
+    k_buffer = torch.randn(batch * kv_len + 1024, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE,
+                           device="cuda")
+    cache = PagedKVCache.from_sglang(k_buffer, torch.randn_like(k_buffer), page_size)
+    pages = _shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
+    q = torch.randn(batch, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    return cache, pages, q
+
+
+def make_decode(max_batch_size):
+    return PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+                       dtype=DTYPE, device="cuda", max_batch_size=max_batch_size)
+
+
+def kv_bytes(batch, kv_len):
+    return 2 * batch * kv_len * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+
+
 class Peers:
     """Optional peers; each one that cannot run says why once."""
 
@@ -93,15 +112,14 @@ def run() -> tuple[str, list[dict], list[str]]:
     peers = Peers()
     gen = torch.Generator().manual_seed(0)
     rows = []
-    decode = PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                         dtype=DTYPE, device="cuda", max_batch_size=max(BATCHES))
+    decode = make_decode(max(BATCHES))
     for kv_len in KV_LENS:
         for batch in BATCHES:
             num_slots = batch * kv_len + 64 * 16
             k_buffer = torch.randn(num_slots, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
             v_buffer = torch.randn_like(k_buffer)
             q = torch.randn(batch, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-            moved = 2 * batch * kv_len * NUM_KV_HEADS * HEAD_DIM * 2 + 2 * q.numel() * 2
+            moved = kv_bytes(batch, kv_len) + 2 * q.numel() * q.element_size()
             iters = 20 if moved > (4 << 30) else 50
             contiguous = None
             for page_size in PAGE_SIZES:

@@ -1,7 +1,7 @@
 """One decode shape, ours and FlashInfer's tensor-core decode, for a profiler.
 
-    ncu --clock-control none --kernel-name regex:"paged_decode|Prefill" --launch-skip 5 \\
-        --launch-count 2 python3 -m bench.profile_decode --batch 64 --kv-len 4096
+    ncu --clock-control none --kernel-name regex:"paged_decode|Prefill" --launch-skip 4 \\
+        --launch-count 1 python3 -m bench.profile_decode --batch 64 --kv-len 4096
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import argparse
 import torch
 
 import attn_backend
-from attn_backend import PagedDecode, PagedKVCache, PageTable
+from attn_backend import PageTable
 
-from .bench_decode import HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, _shuffled_pages
+from .bench_decode import Peers, make_decode, make_problem
 
 
 def main() -> None:
@@ -24,14 +24,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args()
     attn_backend.set_debug_checks(False)
-    gen = torch.Generator().manual_seed(0)
-    num_slots = args.batch * args.kv_len + 1024
-    k = torch.randn(num_slots, NUM_KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-    cache = PagedKVCache.from_sglang(k, torch.randn_like(k), args.page_size)
-    pages = _shuffled_pages(args.batch, args.kv_len, args.page_size, cache.num_pages, gen)
-    q = torch.randn(args.batch, NUM_QO_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-    decode = PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                         dtype=torch.bfloat16, device="cuda", max_batch_size=args.batch)
+    cache, pages, q = make_problem(args.batch, args.kv_len, args.page_size,
+                                   torch.Generator().manual_seed(0))
+    decode = make_decode(args.batch)
     decode.plan([args.kv_len] * args.batch)
     table = PageTable.from_block_table(pages.cuda())
     for _ in range(args.repeats):
