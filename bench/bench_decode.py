@@ -179,6 +179,9 @@ def _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters) -> dict[str,
             fn = lambda: peers.flex(q4, k, v, enable_gqa=True)  # noqa: E731
             fn()
             timings["flex_attention_contiguous"] = median_ms(fn, iters=iters)
+        except torch.OutOfMemoryError:
+            peers.note_once(f"flex_attention_contiguous not run at b{batch}_kv{kv_len}: out of GPU "
+                            "memory")
         except Exception as error:  # noqa: BLE001
             peers.note_once(f"flex_attention failed: {type(error).__name__}: "
                             f"{traceback.format_exception_only(error)[-1][:200]}")

@@ -54,11 +54,15 @@ def gemm_ceiling_tflops(n: int = 8192) -> float:
 
 
 def git_commit() -> str:
+    """HEAD of the checkout; where the tree was copied without .git (the GPU machine), the
+    caller passes it as ATTN_BACKEND_GIT_COMMIT."""
+    if os.environ.get("ATTN_BACKEND_GIT_COMMIT"):
+        return os.environ["ATTN_BACKEND_GIT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ATTN_BACKEND_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def gpu_tag() -> str:
@@ -78,7 +82,8 @@ def write_results(benchmark: str, unit: str, ceiling: dict, rows: list[dict], ou
         "torch": torch.__version__,
         "date": date,
         "git_commit": git_commit(),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": os.environ.get("ATTN_BACKEND_BENCH_COMMAND")
+        or " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "unit": unit,
         "ceiling": ceiling,
         "rows": rows,

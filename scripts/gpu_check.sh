@@ -2,7 +2,9 @@
 # Runner for the GPU machine (no network; torch from its image): JIT-builds the
 # kernels (MAX_JOBS=16), runs the gpu-marked tests, runs the benchmarks, writes
 # logs and JSON under $OUT, and prints a short summary last.
-#   bash scripts/gpu_check.sh [--tests-only | --bench-only] [--only BENCHES] [pytest -k EXPR via PYTEST_K]
+#   ATTN_BACKEND_GIT_COMMIT=<sha> bash scripts/gpu_check.sh [--tests-only | --bench-only]
+#       [--only BENCHES]        (PYTEST_K=EXPR selects tests; the commit stamps the results,
+#                                since the GPU machine's copy of the tree has no .git)
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -49,7 +51,8 @@ fi
 bench_rc=0
 if [ "$run_bench" -eq 1 ]; then
   t0=$(date +%s)
-  python3 -m bench.run_all --out "$OUT" "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
+  ATTN_BACKEND_BENCH_COMMAND="bash scripts/gpu_check.sh${bench_args[*]:+ ${bench_args[*]}}" \
+    python3 -m bench.run_all --out "$OUT" "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
   bench_rc=${PIPESTATUS[0]}
   summary+=("benchmarks: rc=$bench_rc in $(( $(date +%s) - t0 )) s (JSON in $OUT)")
 fi
