@@ -95,8 +95,8 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
 // the query heads [first_head, first_head + num_heads) (at most 16), with
 // lse = log sum_i exp(lse_i). It runs at the tail of the kernel, so it is
 // latency-bound: each head's max and total weight are computed once, with the
-// lanes of a warp striding over the partials, and the columns then accumulate
-// with 8 partials' loads in flight. Partials written by other CTAs are read
+// lanes of a warp striding over the partials, and each thread then walks the
+// partials once for 4 columns with 8 partials' loads in flight. Partials written by other CTAs are read
 // with ld.cg (from L2), never from a stale L1 line.
 template <int kHeadDimVO, typename T>
 __device__ __forceinline__ void merge_partials(const DecodeParams& p, int request, int first_head,
@@ -138,29 +138,43 @@ __device__ __forceinline__ void merge_partials(const DecodeParams& p, int reques
     }
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < num_heads * kHeadDimVO; e += blockDim.x) {
-    const int h = e / kHeadDimVO;
-    const int col = e % kHeadDimVO;
+  // Each thread owns 4 consecutive columns of one head and walks the partials
+  // once for all of them (float4 loads), 8 partials in flight.
+  constexpr int kVectorsPerHead = kHeadDimVO / 4;
+  for (int v = threadIdx.x; v < num_heads * kVectorsPerHead; v += blockDim.x) {
+    const int h = v / kVectorsPerHead;
+    const int col = (v % kVectorsPerHead) * 4;
     const int head = first_head + h;
     const float reference = head_max[h];
     const float total = head_total[h];
-    float acc = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int i0 = begin; i0 < end; i0 += kLoadsInFlight) {
       float lse[kLoadsInFlight];
-      float value[kLoadsInFlight];
+      float4 value[kLoadsInFlight];
 #pragma unroll
       for (int u = 0; u < kLoadsInFlight; ++u) {
-        const int64_t index = static_cast<int64_t>(i0 + u < end ? i0 + u : begin) * p.num_qo_heads + head;
+        const int64_t index =
+            static_cast<int64_t>(i0 + u < end ? i0 + u : begin) * p.num_qo_heads + head;
         lse[u] = __ldcg(p.partial_lse + index);
-        value[u] = __ldcg(p.partial_out + index * kHeadDimVO + col);
+        value[u] = __ldcg(reinterpret_cast<const float4*>(p.partial_out + index * kHeadDimVO + col));
       }
 #pragma unroll
       for (int u = 0; u < kLoadsInFlight; ++u) {
-        if (i0 + u < end) acc += ptx::fast_exp2((lse[u] - reference) * kLog2e) * value[u];
+        if (i0 + u < end) {
+          const float weight = ptx::fast_exp2((lse[u] - reference) * kLog2e);
+          acc.x += weight * value[u].x;
+          acc.y += weight * value[u].y;
+          acc.z += weight * value[u].z;
+          acc.w += weight * value[u].w;
+        }
       }
     }
-    T* out = static_cast<T*>(p.out) + request * p.out_stride_token + head * p.out_stride_head;
-    out[col] = ptx::from_float<T>(total > 0.f ? acc / total : 0.f);
+    const float scale = total > 0.f ? 1.f / total : 0.f;
+    T* out = static_cast<T*>(p.out) + request * p.out_stride_token + head * p.out_stride_head + col;
+    out[0] = ptx::from_float<T>(acc.x * scale);
+    out[1] = ptx::from_float<T>(acc.y * scale);
+    out[2] = ptx::from_float<T>(acc.z * scale);
+    out[3] = ptx::from_float<T>(acc.w * scale);
   }
 }
 
