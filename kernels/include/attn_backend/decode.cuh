@@ -96,8 +96,8 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
 // lse = log sum_i exp(lse_i). It runs at the tail of the kernel, so it is
 // latency-bound: each head's max and total weight are computed once, with the
 // lanes of a warp striding over the partials, and each thread then walks the
-// partials once for 4 columns with 8 partials' loads in flight. Partials written by other CTAs are read
-// with ld.cg (from L2), never from a stale L1 line.
+// partials once for 4 columns with 8 partials' loads in flight. Partials
+// written by other CTAs are read with ld.cg (from L2), never a stale L1 line.
 template <int kHeadDimVO, typename T>
 __device__ __forceinline__ void merge_partials(const DecodeParams& p, int request, int first_head,
                                                int num_heads, float* head_max, float* head_total) {
