@@ -119,8 +119,13 @@ def jit_build(verbose: bool = False) -> Path:
 
 
 def load_ops():
-    """Load the kernels once per process and return `torch.ops.attn_backend`."""
+    """Load the kernels once per process and return `torch.ops.attn_backend`.
+
+    Called on every kernel launch, so after the first load it takes no lock.
+    """
     global _loaded_from
+    if _loaded_from is not None:
+        return torch.ops.attn_backend
     with _load_lock:
         if _loaded_from is None:
             library = _prebuilt_library(_sources.sources_hash())

@@ -152,25 +152,26 @@ def test_decode_graph_replays_with_new_lengths(seed):
                                    msg=lambda m: f"seed={seed} lens={kv_lens}: {m}")
 
 
-def test_decode_empty_request_gives_zero_and_minus_inf(seed):
+def small_planned_decode(kv_lens, seed):
+    """Two requests, GQA 8/2, d64, bf16, planned: (problem, page table, q, decode)."""
     gen = torch.Generator().manual_seed(seed)
-    problem, table, q = build([0, 50], page_size=16, num_kv_heads=2, group=4, head_dim=64,
+    problem, table, q = build(kv_lens, page_size=16, num_kv_heads=2, group=4, head_dim=64,
                               dtype=torch.bfloat16, layout="vllm_nhd", gen=gen)
     decode = PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
-                         device="cuda", max_batch_size=2)
-    decode.plan([0, 50])
+                         device="cuda", max_batch_size=len(kv_lens))
+    decode.plan(kv_lens)
+    return problem, table, q, decode
+
+
+def test_decode_empty_request_gives_zero_and_minus_inf(seed):
+    problem, table, q, decode = small_planned_decode([0, 50], seed)
     out, lse = decode.run(q, problem.cache, table, return_lse=True)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
     assert torch.isfinite(out[1].float()).all() and torch.isfinite(lse[1]).all()
 
 
 def test_decode_rejects_bad_gpu_inputs(seed):
-    gen = torch.Generator().manual_seed(seed)
-    problem, table, q = build([40, 50], page_size=16, num_kv_heads=2, group=4, head_dim=64,
-                              dtype=torch.bfloat16, layout="vllm_nhd", gen=gen)
-    decode = PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
-                         device="cuda", max_batch_size=2)
-    decode.plan([40, 50])
+    problem, table, q, decode = small_planned_decode([40, 50], seed)
     with pytest.raises(TypeError, match="q has dtype float16; accepted: bfloat16"):
         decode.run(q.half(), problem.cache, table)
     with pytest.raises(ValueError, match="q is on cpu .* page_table is on cuda|on one device"):

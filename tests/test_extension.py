@@ -38,8 +38,8 @@ def _prebuilt_stamp():
 
 
 needs_prebuilt = pytest.mark.skipif(
-    _prebuilt_stamp() is None or _prebuilt_stamp()["torch_version"] != torch.__version__,
-    reason="no setup.py build of the extension for this torch (pip install -e . builds one)")
+    _extension._prebuilt_library(_sources.sources_hash()) is None,
+    reason="no setup.py build matching this torch and these sources (pip install -e . builds one)")
 
 
 @needs_prebuilt
