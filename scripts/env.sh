@@ -36,6 +36,24 @@ else
   "$PY" -c "import torch" 2>/dev/null || quiet_pip install "torch==2.14.1"
 fi
 quiet_pip install ninja pytest hypothesis pytest-benchmark numpy matplotlib
+# SGLang without its GPU-only dependencies, for the integration tests (on CPU they
+# run on the float reference). Pinned to the release whose torch pin is ours.
+SGLANG_FOR_TORCH_2_14="sglang==0.5.23"
+SGLANG_CPU_DEPS=("transformers==5.19.0" "tokenizers==0.23.2" "torchvision==0.29.1"
+  "apache-tvm-ffi==0.1.11" "compressed-tensors==0.18.0" "openai==2.8.0" "sentencepiece==0.2.1"
+  pillow pyzmq msgspec pydantic orjson psutil pybase64 requests packaging starlette tqdm IPython
+  aiohttp dill gguf partial_json_parser fastapi uvicorn einops)
+if ! "$PY" -c "import sglang" 2>/dev/null; then
+  if "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.14.') else 1)"; then
+    if ! { quiet_pip install --no-deps "$SGLANG_FOR_TORCH_2_14" && quiet_pip install "${SGLANG_CPU_DEPS[@]}"; }; then
+      echo "env.sh: installing $SGLANG_FOR_TORCH_2_14 failed; the SGLang integration tests will skip" >&2
+      [ "${CI:-}" = "true" ] && exit 1
+    fi
+  else
+    echo "env.sh: no sglang release pinned for this torch; the SGLang integration tests will skip" >&2
+  fi
+fi
+
 started=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
   > /tmp/attn_backend_build.log 2>&1 || {

@@ -1,0 +1,74 @@
+"""attn_backend inside SGLang, with SGLang's own classes and attention test kit (CPU: reference)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+
+sglang = pytest.importorskip("sglang", reason="sglang is not installed")
+
+from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+from sglang.test.kits.attention_unittest.attention_methods.dense_attention import (  # noqa: E402
+    make_dense_cases,
+    run_dense_attention_case,
+)
+
+from attn_backend.integrations.sglang import BACKEND_NAME, register  # noqa: E402
+
+register()
+DENSE_CASES = make_dense_cases(BACKEND_NAME)
+LAYOUTS = ("shuffled_pages", "interleaved_pages", "non_monotonic_extend")
+
+
+class _KitTestCase:
+    """The kit calls testcase.skipTest(reason) when a backend is unavailable; that must fail here."""
+
+    def skipTest(self, reason):  # noqa: N802
+        pytest.fail(f"the kit skipped {BACKEND_NAME}: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: c.name)
+def test_kit_dense_cases_on_cpu(case, layout):
+    if layout == "non_monotonic_extend" and case.forward_mode.is_decode():
+        pytest.skip("the kit applies non_monotonic_extend to extend cases only")
+    run_dense_attention_case(_KitTestCase(), case, device="cpu", dtype=torch.float32,
+                             loc_layout=layout)
+
+
+def test_kit_covers_extend_and_decode():
+    modes = {case.forward_mode for case in DENSE_CASES}
+    assert {ForwardMode.EXTEND, ForwardMode.DECODE} <= modes and len(DENSE_CASES) == 12
+
+
+def test_plugin_entry_point_registers_the_backend():
+    entry_points = importlib.metadata.entry_points(group="sglang.srt.plugins")
+    ours = [ep for ep in entry_points if ep.name == BACKEND_NAME]
+    assert len(ours) == 1 and ours[0].value == "attn_backend.integrations.sglang:register"
+    ours[0].load()()  # what SGLang's load_plugins() does, twice is harmless
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES
+    assert BACKEND_NAME in ATTENTION_BACKENDS
+    assert ATTENTION_BACKEND_CHOICES.count(BACKEND_NAME) == 1
+
+
+def test_launcher_registers_before_running_the_module(monkeypatch, tmp_path):
+    import runpy
+    import sys
+
+    target = tmp_path / "fake_sglang_entry.py"
+    target.write_text("import sys\nfrom sglang.srt.server_args import ATTENTION_BACKEND_CHOICES\n"
+                      "assert 'attn_backend' in ATTENTION_BACKEND_CHOICES\n"
+                      "RESULT = sys.argv[1:]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["attn_backend.launch", "fake_sglang_entry", "--x", "1"])
+    namespace = runpy.run_module("attn_backend.launch", run_name="__main__")
+    assert namespace is not None
