@@ -1,15 +1,21 @@
 """attn_backend as an SGLang `AttentionBackend`: SGLang's batch metadata in, the shared core out.
 
 Forward modes in this version: EXTEND (with and without a cached prefix),
-MIXED, DECODE and IDLE, in eager mode. DECODE runs the `PagedDecode` kernel on
-CUDA; EXTEND and MIXED run the float reference until the prefill kernel lands
-(issue 4); on CPU every mode runs the reference. K/V are written through the
-pool's own `set_kv_buffer`, and skipped when the model passes
+MIXED, DECODE (eager and CUDA graph) and IDLE. DECODE runs the `PagedDecode`
+kernel on CUDA; EXTEND and MIXED run the float reference until the prefill
+kernel lands (issue 4); on CPU every mode runs the reference. K/V are written
+through the pool's own `set_kv_buffer`, and skipped when the model passes
 `save_kv_cache=False`.
 
-Not yet (they raise with the reason, never a wrong result): CUDA-graph capture
-(`init_cuda_graph_state`), TARGET_VERIFY / DRAFT_EXTEND_V2 (speculative
-decoding), MLA, cross-attention and quantised KV caches.
+CUDA graphs: `init_forward_metadata_out_graph` (outside the graph, before
+capture and before every replay) re-plans every decoder from the host
+`seq_lens_cpu` into its fixed buffers; the kernels read SGLang's
+`req_to_token` through the static `req_pool_indices` buffer in place, so the
+graph itself needs no metadata ops.
+
+Not yet (they raise with the reason, never a wrong result): TARGET_VERIFY /
+DRAFT_EXTEND_V2 (speculative decoding), MLA, cross-attention and quantised KV
+caches.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class SGLangAttnBackend(AttentionBackend):
         self.max_batch_size = self.req_to_token_pool.req_to_token.shape[0]
         self.forward_metadata: ForwardMetadata | None = None
         self._decoders: dict[tuple, PagedDecode] = {}
+        self._cuda_graphs = False  # set by init_cuda_graph_state: decoders use fixed grids
         self._check_supported(model_runner)
 
     def _check_supported(self, model_runner) -> None:
@@ -80,7 +87,12 @@ class SGLangAttnBackend(AttentionBackend):
 
     # ---- per-forward metadata -------------------------------------------------------------
 
-    def init_forward_metadata(self, forward_batch) -> None:
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        """Host-side metadata of one forward (eager, graph capture and replay alike).
+
+        `forward_batch` is a ForwardBatch, or at replay SGLang's view of the
+        padded static buffers (decode fields only).
+        """
         mode = forward_batch.forward_mode
         if mode.name not in _SUPPORTED_MODES:
             raise NotImplementedError(f"{BACKEND_NAME}: forward mode {mode.name} is not supported "
@@ -93,7 +105,7 @@ class SGLangAttnBackend(AttentionBackend):
         if mode.is_decode():
             extend_lens = [1] * len(seq_lens)
         else:
-            extend_cpu = forward_batch.extend_seq_lens_cpu
+            extend_cpu = getattr(forward_batch, "extend_seq_lens_cpu", None)
             extend_lens = list(extend_cpu) if extend_cpu is not None else \
                 forward_batch.extend_seq_lens.tolist()
         req_pool_indices = forward_batch.req_pool_indices
@@ -105,10 +117,17 @@ class SGLangAttnBackend(AttentionBackend):
             page_table=PageTable.from_req_to_token(self.req_to_token_pool.req_to_token,
                                                    req_pool_indices, self.page_size),
         )
+        if mode.is_decode() and self.device.type == "cuda":
+            # Before a capture or replay: the graph replays these buffers.
+            for key, decoder in self._decoders.items():
+                decoder.plan(self.forward_metadata.seq_lens, window_left=key[-1])
+                self.forward_metadata.planned_decoders.add(key)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        raise NotImplementedError(f"{BACKEND_NAME}: CUDA-graph capture is not supported yet; "
-                                  "run with --disable-cuda-graph")
+        """Decoders made from now on use grids fixed per batch size, as captured graphs need."""
+        self._cuda_graphs = True
+        self.max_batch_size = max(self.max_batch_size, max_bs)
+        self._decoders.clear()  # eager-mode decoders size their grid from the lengths
 
     def get_cuda_graph_seq_len_fill_value(self):
         return 1  # a padded row reads one token (slot 0 of pool row 0), never an empty range
@@ -168,9 +187,13 @@ class SGLangAttnBackend(AttentionBackend):
                dtype, window_left)
         decoder = self._decoders.get(key)
         if decoder is None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"{BACKEND_NAME}: a decode layer shape first seen inside CUDA "
+                                   "graph capture; its plan must be made before (warm up eagerly)")
             decoder = PagedDecode(num_qo_heads=key[0], num_kv_heads=key[1], head_dim=key[2],
                                   head_dim_vo=key[3], dtype=dtype, device=self.device,
-                                  max_batch_size=self.max_batch_size)
+                                  max_batch_size=self.max_batch_size,
+                                  use_cuda_graph=self._cuda_graphs)
             self._decoders[key] = decoder
         meta = self.forward_metadata
         if key not in meta.planned_decoders:
