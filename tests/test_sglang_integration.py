@@ -72,3 +72,52 @@ def test_launcher_registers_before_running_the_module(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["attn_backend.launch", "fake_sglang_entry", "--x", "1"])
     namespace = runpy.run_module("attn_backend.launch", run_name="__main__")
     assert namespace is not None
+
+
+# ---- what the kit's default run does not cover -----------------------------------------------
+
+from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit  # noqa: E402
+from sglang.test.kits.attention_unittest.attention_methods.dense_attention import (  # noqa: E402
+    DenseAttentionCase,
+    make_swa_no_prefix_input_config_cases,
+    make_swa_prefix_input_config_cases,
+)
+
+
+def _extra_cases():
+    """Sliding windows with pages > 1 (extend and decode, GQA, window edges), mixed batches."""
+    swa = make_swa_no_prefix_input_config_cases(BACKEND_NAME) + \
+        make_swa_prefix_input_config_cases(BACKEND_NAME)
+    return swa + (
+        DenseAttentionCase(name="swa_decode_gqa_page16_window_edges", backend=BACKEND_NAME,
+                           forward_mode=ForwardMode.DECODE, num_heads=8, num_kv_heads=2,
+                           page_size=16, prefix_lens=(3, 4, 5, 17, 40), sliding_window_size=4),
+        DenseAttentionCase(name="swa_extend_gqa_page32_prefix_across_pages", backend=BACKEND_NAME,
+                           forward_mode=ForwardMode.EXTEND, num_heads=8, num_kv_heads=2,
+                           page_size=32, prefix_lens=(40, 7), extend_lens=(3, 30),
+                           sliding_window_size=8),
+        DenseAttentionCase(name="mixed_prefill_and_decode_rows", backend=BACKEND_NAME,
+                           forward_mode=ForwardMode.MIXED, num_heads=4, num_kv_heads=2,
+                           page_size=16, prefix_lens=(0, 30, 17, 5), extend_lens=(20, 1, 1, 4)),
+    )
+
+
+EXTRA_CASES = _extra_cases()
+DEVICES = [pytest.param("cpu", torch.float32, 16, 64, id="cpu"),
+           pytest.param("cuda", torch.float16, 128, None, id="cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture
+def _our_window_rule(monkeypatch):
+    """Our decode window is SGLang's [p - w, p] (w + 1 keys): the kit's "extend window" rule."""
+    monkeypatch.setattr(kit, "_SWA_DECODE_EXTEND_WINDOW",
+                        kit._SWA_DECODE_EXTEND_WINDOW | {BACKEND_NAME})
+
+
+@pytest.mark.parametrize("device, dtype, head_dim, hidden", DEVICES)
+@pytest.mark.parametrize("case", EXTRA_CASES, ids=lambda c: c.name)
+def test_windows_with_pages_and_mixed_batches(case, device, dtype, head_dim, hidden,
+                                              _our_window_rule):
+    hidden = hidden or case.num_heads * head_dim
+    run_dense_attention_case(_KitTestCase(), case, device=device, dtype=dtype, head_dim=head_dim,
+                             hidden_size=hidden)
