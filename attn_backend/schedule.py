@@ -59,17 +59,24 @@ def choose_chunk(lengths: np.ndarray, num_kv_heads: int, cta_slots: int, max_ite
     longest = int(lengths.max(initial=0))
     if longest <= MIN_CHUNK_TOKENS:
         return max(longest, 1)
-    splits = np.arange(1, min(MAX_SPLITS_CONSIDERED, longest // MIN_CHUNK_TOKENS) + 1)
-    chunks = np.unique(-(-(-(-longest // splits)) // TILE_TOKENS) * TILE_TOKENS)[::-1]
+    # A chunk c makes at least total / c items, so more than
+    # longest * max_items / total splits of the longest request cannot fit:
+    # at large batches only a few candidates remain (this runs every step).
+    total = int(lengths.sum())
+    max_splits = min(MAX_SPLITS_CONSIDERED, longest // MIN_CHUNK_TOKENS,
+                     longest * max_items // max(total, 1))
+    splits = np.arange(1, max(max_splits, 1) + 1)
+    chunks = (longest + splits - 1) // splits
+    chunks = np.unique((chunks + TILE_TOKENS - 1) // TILE_TOKENS * TILE_TOKENS)[::-1]
     chunks = chunks[chunks >= MIN_CHUNK_TOKENS]
     if chunks.size == 0 or chunks[0] < longest:
         chunks = np.concatenate([[longest], chunks])
-    items = np.maximum(1, -(-lengths[:, None] // chunks[None, :])).sum(axis=0)
+    items = np.maximum(1, (lengths[:, None] + chunks[None, :] - 1) // chunks[None, :]).sum(axis=0)
     feasible = items <= max_items
     feasible[0] = True  # one item per request always fits
     chunks, items = chunks[feasible], items[feasible]
-    waves = -(-(items * num_kv_heads) // cta_slots)
-    average = lengths.sum() / items
+    waves = (items * num_kv_heads + cta_slots - 1) // cta_slots
+    average = total / items
     estimate = np.maximum(waves * (average + ITEM_OVERHEAD_TOKENS), chunks + ITEM_OVERHEAD_TOKENS)
     return int(chunks[np.argmin(estimate)])  # argmin takes the first (largest) chunk on ties
 

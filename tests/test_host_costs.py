@@ -23,3 +23,34 @@ def test_paged_decode_plan_batch_256_split(benchmark):
     lens = np.random.default_rng().integers(1, 4096, size=256)
     benchmark(decode.plan, lens)
     assert decode._planned.num_work_items == 2 * 256 + 4 * (264 // 8)
+
+
+def test_sglang_per_replay_host_work_batch_256(benchmark):
+    """What SGLang's decode graph replay costs on the host at batch 256: the backend's
+    init_forward_metadata_out_graph (metadata + one decoder's plan)."""
+    import pytest
+
+    pytest.importorskip("sglang")
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    batch, page_size = 256, 16
+    req_to_token = torch.zeros(batch + 1, 4096, dtype=torch.int32)
+    runner = SimpleNamespace(
+        device="cpu", dtype=torch.bfloat16, page_size=page_size, use_mla_backend=False,
+        req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+        token_to_kv_pool=None, model_config=SimpleNamespace())
+    backend = SGLangAttnBackend(runner)
+    key = (32, 8, 128, 128, torch.bfloat16, -1)
+    backend._decoders[key] = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128,
+                                         dtype=torch.bfloat16, device="cpu", max_batch_size=batch,
+                                         use_cuda_graph=True, cta_slots=396)
+    seq_lens = torch.from_numpy(np.random.default_rng().integers(1, 4096, size=batch))
+    replay_view = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens=seq_lens,
+                                  seq_lens_cpu=seq_lens,
+                                  req_pool_indices=torch.arange(1, batch + 1))
+    benchmark(backend.init_forward_metadata_out_graph, replay_view)
+    assert key in backend.forward_metadata.planned_decoders

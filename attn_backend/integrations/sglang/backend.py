@@ -117,8 +117,9 @@ class SGLangAttnBackend(AttentionBackend):
             page_table=PageTable.from_req_to_token(self.req_to_token_pool.req_to_token,
                                                    req_pool_indices, self.page_size),
         )
-        if mode.is_decode() and self.device.type == "cuda":
-            # Before a capture or replay: the graph replays these buffers.
+        if mode.is_decode():
+            # Before a capture or replay: the graph replays these buffers. (Decoders
+            # exist only where the decode kernel runs.)
             for key, decoder in self._decoders.items():
                 decoder.plan(self.forward_metadata.seq_lens, window_left=key[-1])
                 self.forward_metadata.planned_decoders.add(key)
