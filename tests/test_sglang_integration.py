@@ -121,3 +121,48 @@ def test_windows_with_pages_and_mixed_batches(case, device, dtype, head_dim, hid
     hidden = hidden or case.num_heads * head_dim
     run_dense_attention_case(_KitTestCase(), case, device=device, dtype=dtype, head_dim=head_dim,
                              hidden_size=hidden)
+
+
+# ---- what the backend refuses, at construction or per batch --------------------------------
+
+def _runner(device="cuda", **config):
+    from types import SimpleNamespace
+
+    base = dict(head_dim=128, v_head_dim=128, num_attention_heads=32, num_key_value_heads=8)
+    base.update(config)
+    return SimpleNamespace(
+        device=device, dtype=torch.bfloat16, kv_cache_dtype=torch.bfloat16, page_size=16,
+        use_mla_backend=False, token_to_kv_pool=None,
+        req_to_token_pool=SimpleNamespace(req_to_token=torch.zeros(4, 64, dtype=torch.int32)),
+        model_config=SimpleNamespace(**base))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(use_mla_backend=True), "MLA models are not supported"),
+    (dict(kv_cache_dtype=torch.float8_e4m3fn), r"kv cache dtype .* accepted: float16, bfloat16"),
+    (dict(head_dim=96, v_head_dim=96), r"head dims \(qk=96, v=96\) are not compiled"),
+    (dict(num_attention_heads=64, num_key_value_heads=2), "group of 32; supported: 1..16"),
+])
+def test_backend_refuses_unsupported_models_at_construction(change, match):
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    runner = _runner()
+    config_keys = {"head_dim", "v_head_dim", "num_attention_heads", "num_key_value_heads"}
+    for name, value in change.items():
+        setattr(runner.model_config if name in config_keys else runner, name, value)
+    with pytest.raises(ValueError, match=match):
+        SGLangAttnBackend(runner)
+    SGLangAttnBackend(_runner())  # the supported configuration constructs (no GPU touched)
+
+
+@pytest.mark.parametrize("mode", [ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_EXTEND_V2])
+def test_backend_refuses_speculative_modes_per_batch(mode):
+    from types import SimpleNamespace
+
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    backend = SGLangAttnBackend(_runner(device="cpu"))
+    batch = SimpleNamespace(forward_mode=mode, seq_lens=torch.tensor([5]),
+                            seq_lens_cpu=torch.tensor([5]), req_pool_indices=torch.tensor([1]))
+    with pytest.raises(NotImplementedError, match=f"forward mode {mode.name} is not supported"):
+        backend.init_forward_metadata(batch)

@@ -40,7 +40,6 @@ _SUPPORTED_MODES = ("EXTEND", "MIXED", "DECODE", "IDLE")
 class ForwardMetadata:
     """What one forward's layers share: host lengths, the page table, plans made so far."""
 
-    mode_name: str
     seq_lens: list[int]  # KV length of each request, new tokens included
     extend_lens: list[int]  # query rows of each request (1 for decode)
     req_pool_indices: torch.Tensor
@@ -110,7 +109,6 @@ class SGLangAttnBackend(AttentionBackend):
                 forward_batch.extend_seq_lens.tolist()
         req_pool_indices = forward_batch.req_pool_indices
         self.forward_metadata = ForwardMetadata(
-            mode_name=mode.name,
             seq_lens=[int(n) for n in seq_lens],
             extend_lens=[int(n) for n in extend_lens],
             req_pool_indices=req_pool_indices,
