@@ -166,3 +166,27 @@ def test_backend_refuses_speculative_modes_per_batch(mode):
                             seq_lens_cpu=torch.tensor([5]), req_pool_indices=torch.tensor([1]))
     with pytest.raises(NotImplementedError, match=f"forward mode {mode.name} is not supported"):
         backend.init_forward_metadata(batch)
+
+
+@pytest.mark.parametrize("case", [c for c in DENSE_CASES if c.name in (
+    "mha_extend_ragged_page_boundary", "gqa_decode_page_boundary")], ids=lambda c: c.name)
+def test_save_kv_cache_false_leaves_the_pool_to_the_model(case):
+    """Fused rope+store models write K/V themselves and pass save_kv_cache=False: the backend
+    must not write (here it is handed garbage K/V, which would corrupt the pool)."""
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+    fixture = kit.build_dense_attention_fixture(_KitTestCase(), case, head_dim=16, hidden_size=64,
+                                                dtype=torch.float32, device="cpu")
+    module, batch = fixture.actual_module, fixture.forward_batch
+    with torch.no_grad(), forward_context(ForwardContext(attn_backend=fixture.backend)):
+        fixture.backend.init_forward_metadata(batch)
+        q, k, v = module.project_qkv(fixture.input_hidden)
+        layer = module.attn
+        fixture.runner.token_to_kv_pool.set_kv_buffer(  # the model's own store
+            layer, batch.out_cache_loc, k.view(-1, layer.tp_k_head_num, layer.head_dim),
+            v.view(-1, layer.tp_v_head_num, layer.v_head_dim))
+        out = layer(q, torch.randn_like(k) * 100, torch.randn_like(v) * 100, batch,
+                    save_kv_cache=False)
+        actual = module.o_proj(out)
+    torch.testing.assert_close(actual, kit.expected_dense_fixture_output(fixture),
+                               atol=kit.DENSE_ATOL, rtol=kit.DENSE_RTOL)
