@@ -4,6 +4,9 @@
 #   bash scripts/test.sh [pytest args]
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 set +e
+# A SWIG-built dependency of sglang warns at interpreter exit, after pytest's
+# summary; silence exactly that so the summary stays the last line.
+export PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}ignore:builtin type swig:DeprecationWarning"
 "$PY" -m pytest -q tests "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
