@@ -32,7 +32,7 @@ MAX_GROUP_SIZE = 16  # query heads per kv head: the kernel's 16-row MMA tile
 
 @dataclass(frozen=True)
 class _PlannedBatch:
-    kv_lens: list[int]
+    kv_lens: np.ndarray  # int64, host
     window_left: int
     num_work_items: int
 
@@ -115,11 +115,13 @@ class PagedDecode:
         if not schedule.num_items <= num_work_items <= self.capacity:
             raise RuntimeError(f"decode schedule of {schedule.num_items} items does not fit its "
                                f"grid of {num_work_items} (capacity {self.capacity})")
-        self._host_schedule[:] = np.array([[-1], [0], [0], [-1]], dtype=np.int32)
+        self._host_schedule[0] = -1  # unused slots of a graph-sized grid: no request
+        self._host_schedule[1:3] = 0
+        self._host_schedule[3] = -1
         self._host_schedule[:, : schedule.num_items] = schedule.items
         self._schedule.load(torch.from_numpy(self._host_schedule.reshape(-1)))
         self._merge_indptr.load(torch.from_numpy(schedule.merge_indptr))
-        self._planned = _PlannedBatch(lens.tolist(), window_left, num_work_items)
+        self._planned = _PlannedBatch(lens, window_left, num_work_items)
 
     def run(self, q: torch.Tensor, cache: PagedKVCache, page_table: PageTable, *,
             sm_scale: float | None = None, logits_soft_cap: float = 0.0,
@@ -137,7 +139,7 @@ class PagedDecode:
         if sm_scale is None:
             sm_scale = 1.0 / math.sqrt(self.head_dim)
         if debug_checks_enabled() and not capturing_cuda_graph(q.device):
-            pages = page_table.page_ids(batch, planned.kv_lens, cache.page_size)
+            pages = page_table.page_ids(batch, planned.kv_lens.tolist(), cache.page_size)
             if pages:
                 check_in_range("page ids in page_table", torch.cat(pages), 0, cache.num_pages,
                                f"the cache has {cache.num_pages} pages")
@@ -193,7 +195,8 @@ class PagedDecode:
     def _run_reference(self, q, cache, page_table, sm_scale, logits_soft_cap, out, return_lse):
         planned = self._planned
         batch = len(planned.kv_lens)
-        kv_indptr, kv_slots = page_table.token_slots(batch, planned.kv_lens, cache.page_size)
+        kv_indptr, kv_slots = page_table.token_slots(batch, planned.kv_lens.tolist(),
+                                                     cache.page_size)
         result = reference.attention(q, list(range(batch + 1)), cache, kv_indptr, kv_slots,
                                      sm_scale=sm_scale, causal=True,
                                      window_left=planned.window_left,

@@ -136,11 +136,8 @@ def slots_from_block_table(block_table: torch.Tensor, kv_lens: torch.Tensor,
                            page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM addressing → (kv_indptr [B+1], kv_slots): slot = block_table[r, t // bs] * bs + t % bs."""
     lens = kv_lens.tolist()
-    pieces = []
-    for r, n in enumerate(lens):
-        t = torch.arange(n, device=block_table.device)
-        pieces.append(block_table[r, t // page_size].long() * page_size + t % page_size)
-    return _csr(lens, pieces, block_table.device)
+    table = PageTable.from_block_table(block_table.to(torch.int32))  # vLLM's dtype; any int here
+    return table.token_slots(len(lens), lens, page_size)
 
 
 def _csr(lens: list[int], pieces: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import AttentionType
@@ -40,8 +41,8 @@ _SUPPORTED_MODES = ("EXTEND", "MIXED", "DECODE", "IDLE")
 class ForwardMetadata:
     """What one forward's layers share: host lengths, the page table, plans made so far."""
 
-    seq_lens: list[int]  # KV length of each request, new tokens included
-    extend_lens: list[int]  # query rows of each request (1 for decode)
+    seq_lens: np.ndarray  # int64 KV length of each request, new tokens included
+    qo_indptr: np.ndarray  # int64 [batch + 1]: each request's query rows (1 for decode)
     req_pool_indices: torch.Tensor
     page_table: PageTable
     token_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # CSR, for the reference
@@ -100,17 +101,18 @@ class SGLangAttnBackend(AttentionBackend):
             self.forward_metadata = None
             return
         seq_lens_cpu = forward_batch.seq_lens_cpu
-        seq_lens = (seq_lens_cpu if seq_lens_cpu is not None else forward_batch.seq_lens).tolist()
+        seq_lens = (seq_lens_cpu if seq_lens_cpu is not None else forward_batch.seq_lens.cpu())
+        seq_lens = np.asarray(seq_lens, dtype=np.int64)
         if mode.is_decode():
-            extend_lens = [1] * len(seq_lens)
+            extend_lens = np.ones_like(seq_lens)
         else:
             extend_cpu = getattr(forward_batch, "extend_seq_lens_cpu", None)
-            extend_lens = list(extend_cpu) if extend_cpu is not None else \
-                forward_batch.extend_seq_lens.tolist()
+            extend_lens = np.asarray(extend_cpu if extend_cpu is not None else
+                                     forward_batch.extend_seq_lens.cpu(), dtype=np.int64)
         req_pool_indices = forward_batch.req_pool_indices
         self.forward_metadata = ForwardMetadata(
-            seq_lens=[int(n) for n in seq_lens],
-            extend_lens=[int(n) for n in extend_lens],
+            seq_lens=seq_lens,
+            qo_indptr=np.concatenate([[0], np.cumsum(extend_lens)]),
             req_pool_indices=req_pool_indices,
             page_table=PageTable.from_req_to_token(self.req_to_token_pool.req_to_token,
                                                    req_pool_indices, self.page_size),
@@ -206,13 +208,11 @@ class SGLangAttnBackend(AttentionBackend):
         if meta.token_slots is None:
             meta.token_slots = slots_from_req_to_token(
                 self.req_to_token_pool.req_to_token, meta.req_pool_indices,
-                torch.tensor(meta.seq_lens))
+                torch.from_numpy(meta.seq_lens))
         kv_indptr, kv_slots = meta.token_slots
-        qo_indptr = [0]
-        for n in meta.extend_lens:
-            qo_indptr.append(qo_indptr[-1] + n)
         result = reference.attention(
-            q3, qo_indptr, self._cache(layer), kv_indptr, kv_slots, sm_scale=layer.scaling,
+            q3, meta.qo_indptr.tolist(), self._cache(layer), kv_indptr, kv_slots,
+            sm_scale=layer.scaling,
             causal=causal, window_left=self._window_left(layer) if causal else -1,
             logits_soft_cap=max(layer.logit_cap, 0.0))
         return result.out.to(q3.dtype)
