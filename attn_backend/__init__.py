@@ -8,6 +8,7 @@ defines the semantics.
 from ._validation import set_debug_checks
 from .decode import PagedDecode
 from .kv_write import write_kv
+from .prefill import PagedPrefill
 from .paged_kv import PagedKVCache, PageTable, slots_from_block_table, slots_from_req_to_token
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "PageTable",
     "PagedDecode",
     "PagedKVCache",
+    "PagedPrefill",
     "set_debug_checks",
     "slots_from_block_table",
     "slots_from_req_to_token",

@@ -105,3 +105,96 @@ def plan_decode(kv_lens: np.ndarray, *, window_left: int, num_kv_heads: int,
 def graph_grid_size(batch_size: int, num_kv_heads: int, cta_slots: int) -> int:
     """Work-item slots of a CUDA-graph-captured decode: enough for any lengths at this batch."""
     return max_items_per_head(batch_size, num_kv_heads, cta_slots)
+
+
+# ---- prefill / append ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrefillSchedule:
+    """Work items (rows of `items`: request, row_start, kv_start, kv_end, partial, merge_group).
+
+    A tile is `tile_rows` packed query rows of one request (row = token * group
+    + head in group). A tile whose kv range is split into chunks is a merge
+    group: its chunks write partials [merge_indptr[g], merge_indptr[g+1]).
+    """
+
+    items: np.ndarray  # int32 [6, num_items]
+    merge_indptr: np.ndarray  # int32 [num_groups + 1]
+    num_tiles: int
+
+    @property
+    def num_items(self) -> int:
+        return self.items.shape[1]
+
+    @property
+    def num_partials(self) -> int:
+        return int(self.merge_indptr[-1])
+
+
+def max_prefill_partials_per_head(num_kv_heads: int, cta_slots: int) -> int:
+    """Partial slots per kv head: split-KV only fills the GPU, so about two waves' worth."""
+    return 2 * (-(-cta_slots // num_kv_heads))
+
+
+def max_prefill_tiles(num_tokens: int, batch_size: int, group_size: int, tile_rows: int) -> int:
+    """An upper bound on the tiles of any batch of `batch_size` requests and `num_tokens` queries."""
+    return -(-num_tokens * group_size // tile_rows) + batch_size
+
+
+def prefill_grid_size(num_tokens: int, batch_size: int, group_size: int, tile_rows: int,
+                      num_kv_heads: int, cta_slots: int) -> int:
+    """Work-item slots that any schedule of such a batch fits (sizes CUDA-graph grids)."""
+    return max_prefill_tiles(num_tokens, batch_size, group_size, tile_rows) + \
+        max_prefill_partials_per_head(num_kv_heads, cta_slots)
+
+
+def prefill_tile_ranges(q_lens: np.ndarray, kv_lens: np.ndarray, *, group_size: int,
+                        tile_rows: int, causal: bool, window_left: int, has_mask: bool):
+    """Every tile's (request, row_start, kv_start, kv_end): the keys some row of it can see."""
+    q_lens = q_lens.astype(np.int64)
+    kv_lens = kv_lens.astype(np.int64)
+    tiles = -(-q_lens * group_size // tile_rows)
+    request = np.repeat(np.arange(len(q_lens)), tiles)
+    first_tile = np.repeat(np.cumsum(tiles) - tiles, tiles)
+    row_start = (np.arange(len(request)) - first_tile) * tile_rows
+    q_len, kv_len = q_lens[request], kv_lens[request]
+    first_token = row_start // group_size
+    last_token = np.minimum(q_len - 1, (row_start + tile_rows - 1) // group_size)
+    offset = kv_len - q_len  # query i sits at position offset + i
+    kv_end = offset + last_token + 1 if causal and not has_mask else kv_len
+    kv_start = np.maximum(offset + first_token - window_left, 0) if window_left >= 0 \
+        else np.zeros_like(kv_len)
+    return request, row_start, kv_start, np.asarray(kv_end, dtype=np.int64)
+
+
+def plan_prefill(q_lens: np.ndarray, kv_lens: np.ndarray, *, group_size: int, tile_rows: int,
+                 causal: bool, window_left: int, has_mask: bool, num_kv_heads: int,
+                 cta_slots: int) -> PrefillSchedule:
+    """Tiles of packed query rows, longest kv range first; split-KV when they underfill the GPU."""
+    request, row_start, kv_start, kv_end = prefill_tile_ranges(
+        q_lens, kv_lens, group_size=group_size, tile_rows=tile_rows, causal=causal,
+        window_left=window_left, has_mask=has_mask)
+    num_tiles = len(request)
+    lengths = kv_end - kv_start
+    counts = np.ones(num_tiles, dtype=np.int64)
+    chunk = int(lengths.max(initial=0))
+    if 0 < num_tiles and num_tiles * num_kv_heads < cta_slots:
+        # Fewer CTAs than the GPU holds: cut the kv ranges, as decode does.
+        chunk = choose_chunk(lengths, num_kv_heads, cta_slots,
+                             max_prefill_partials_per_head(num_kv_heads, cta_slots))
+        counts = np.maximum(1, -(-lengths // chunk))
+    tile = np.repeat(np.arange(num_tiles), counts)
+    first_item = np.repeat(np.cumsum(counts) - counts, counts)
+    index_in_tile = np.arange(len(tile)) - first_item
+    item_start = kv_start[tile] + index_in_tile * chunk
+    item_end = np.minimum(item_start + chunk, kv_end[tile])
+    split = counts > 1
+    group_of_tile = np.cumsum(split) - 1
+    merge_indptr = np.concatenate([[0], np.cumsum(counts[split])])
+    partial = np.where(split[tile], merge_indptr[group_of_tile[tile]] + index_in_tile, -1)
+    merge_group = np.where(split[tile], group_of_tile[tile], -1)
+    order = np.argsort(-(item_end - item_start), kind="stable")  # longest first
+    items = np.stack([request[tile], row_start[tile], item_start, item_end, partial,
+                      merge_group])[:, order].astype(np.int32)
+    return PrefillSchedule(items, merge_indptr.astype(np.int32), num_tiles)

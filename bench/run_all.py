@@ -1,6 +1,6 @@
 """The benchmark suite: every kernel benchmark on the GPU, results as JSON (+ PNG) and a table.
 
-    python -m bench.run_all [--out DIR] [--only kv_write,decode]
+    python -m bench.run_all [--out DIR] [--only kv_write,decode,prefill]
 """
 
 from __future__ import annotations
@@ -12,10 +12,19 @@ from pathlib import Path
 
 import torch
 
-from . import bench_decode, bench_kv_write
-from .common import RESULTS_DIR, copy_ceiling_tbs, format_table, write_results
+from . import bench_decode, bench_kv_write, bench_prefill
+from .common import (RESULTS_DIR, copy_ceiling_tbs, format_table, gemm_ceiling_tflops,
+                     write_results)
 
-BENCHMARKS = {"decode": bench_decode, "kv_write": bench_kv_write}
+BENCHMARKS = {"decode": bench_decode, "kv_write": bench_kv_write, "prefill": bench_prefill}
+
+
+def measure_ceiling(kind: str) -> dict:
+    """The ceiling a benchmark's ratios are taken against, measured in this run."""
+    if kind == "gemm":
+        return {"name": "bf16 GEMM 8192^3 (torch.matmul)", "unit": "TFLOP/s",
+                "value": round(gemm_ceiling_tflops(), 1)}
+    return {"name": "device-to-device copy", "unit": "TB/s", "value": round(copy_ceiling_tbs(), 3)}
 
 
 def main(argv=None) -> int:
@@ -30,17 +39,21 @@ def main(argv=None) -> int:
     unknown = set(names) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmarks {sorted(unknown)}; choose from {sorted(BENCHMARKS)}")
-    ceiling = {"name": "device-to-device copy", "value": round(copy_ceiling_tbs(), 3)}
+    ceilings: dict[str, dict] = {}
     summaries = []
     for name in names:
         started = time.perf_counter()
         module = BENCHMARKS[name]
+        kind = getattr(module, "CEILING", "copy")
+        if kind not in ceilings:
+            ceilings[kind] = measure_ceiling(kind)
+        ceiling = ceilings[kind]
         unit, rows, notes = module.run()
         path = write_results(name, unit, ceiling, rows, args.out, notes)
         if hasattr(module, "plot"):
             module.plot(rows, ceiling["value"], path.with_suffix(".png"))
         summaries.append(f"== {name} ({time.perf_counter() - started:.0f} s) -> {path}\n"
-                         f"ceiling {ceiling['name']}: {ceiling['value']} TB/s\n"
+                         f"ceiling {ceiling['name']}: {ceiling['value']} {ceiling['unit']}\n"
                          + format_table(rows, unit)
                          + "".join(f"\nnote: {note}" for note in notes))
     print("\n\n".join(summaries))

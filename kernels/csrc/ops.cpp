@@ -16,6 +16,14 @@ void paged_decode_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, 
                        const at::Tensor&, double, double, at::Tensor&,
                        const std::optional<at::Tensor>&) {}
 
+// Writes into `out` (and `lse`) only.
+void paged_prefill_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const std::optional<at::Tensor>&, int64_t, int64_t, const at::Tensor&,
+                        const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
+                        const std::optional<at::Tensor>&, const at::Tensor&, at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, double, double, int64_t, bool,
+                        at::Tensor&, const std::optional<at::Tensor>&) {}
+
 }  // namespace
 
 TORCH_LIBRARY(attn_backend, m) {
@@ -31,11 +39,22 @@ TORCH_LIBRARY(attn_backend, m) {
       "Tensor(b!) partial_out, Tensor(c!) partial_lse, float sm_scale, float logits_soft_cap, "
       "Tensor(d!) out, Tensor(e!)? lse) -> ()");
   m.def("paged_decode_ctas_per_sm(int head_dim_qk, int head_dim_vo) -> int");
+  // Ragged queries over a paged cache with the plan's tile schedule (see
+  // prefill.cuh); split tiles' partial states are merged in the same launch.
+  m.def(
+      "paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
+      "Tensor? row_index, int table_entry_stride, int table_divisor, Tensor request_info, "
+      "Tensor schedule, int num_work_items, Tensor? mask_bits, Tensor? mask_offset, "
+      "Tensor merge_indptr, Tensor(a!) merge_counters, Tensor(b!) partial_out, "
+      "Tensor(c!) partial_lse, float sm_scale, float logits_soft_cap, int window_left, "
+      "bool causal, Tensor(d!) out, Tensor(e!)? lse) -> ()");
+  m.def("paged_prefill_config(int head_dim_qk, int head_dim_vo) -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(attn_backend, Meta, m) {
   m.impl("paged_kv_write", &paged_kv_write_meta);
   m.impl("paged_decode", &paged_decode_meta);
+  m.impl("paged_prefill", &paged_prefill_meta);
 }
 
 // The extension is loaded with torch.ops.load_library; this init only exists

@@ -1,0 +1,324 @@
+"""Ragged prefill / append over a paged KV cache: `plan()` on the host, `run()` on the device.
+
+    prefill = PagedPrefill(num_qo_heads=32, num_kv_heads=8, head_dim=128,
+                           dtype=torch.bfloat16, device="cuda")
+    prefill.plan(qo_indptr, kv_lens)            # host lengths -> schedule in fixed buffers
+    out = prefill.run(q, cache, page_table)     # no host sync; capturable in a CUDA graph
+
+Request r owns query rows `qo_indptr[r]:qo_indptr[r+1]` of `q`, which are the
+last tokens of its `kv_lens[r]` keys (already written to the cache): query i
+sits at position kv_len - q_len + i. The same kernel serves a whole prefill
+(q_len = kv_len), an extend on a cached prefix, mixed batches, and speculative
+verification with a custom mask (SGLang's layout: per request a row-major
+[q_len, kv_len] bool block, blocks concatenated or placed at `mask_indptr`).
+
+Every buffer `run()` reads is allocated once in the constructor, so a graph
+captured once replays correctly after `plan()` with new lengths. With
+`use_cuda_graph=True` the grid depends only on the batch size and the number
+of query tokens. CPU tensors run the float reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _extension, reference
+from ._validation import (KERNEL_DTYPES, capturing_cuda_graph, check_in_range, check_last_dim_contiguous,
+                          check_same_device, check_size, check_tensor, debug_checks_enabled)
+from .cuda_graph import FixedCapacityBuffer
+from .decode import MAX_GROUP_SIZE, SUPPORTED_HEAD_DIMS
+from .paged_kv import PagedKVCache, PageTable
+from .schedule import max_prefill_partials_per_head, plan_prefill, prefill_grid_size
+
+_SCHEDULE_ROWS = 6  # request, row_start, kv_start, kv_end, partial, merge_group
+
+
+@dataclass(frozen=True)
+class _PlannedBatch:
+    qo_indptr: np.ndarray  # int64 [batch + 1], host
+    kv_lens: np.ndarray  # int64 [batch], host
+    causal: bool
+    window_left: int
+    custom_mask: torch.Tensor | None  # flat bool, as given (the reference path reads it)
+    mask_indptr: np.ndarray | None  # int64 [batch + 1] element offsets of each request's block
+    num_work_items: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.qo_indptr[-1])
+
+
+class PagedPrefill:
+    """Ragged queries against their requests' paged KV (causal, window, custom masks, split-KV)."""
+
+    def __init__(self, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                 head_dim_vo: int | None = None, dtype: torch.dtype, device,
+                 max_batch_size: int = 512, max_num_tokens: int = 32768,
+                 max_mask_elements: int = 0, use_cuda_graph: bool = False,
+                 cta_slots: int | None = None):
+        """`max_num_tokens`: query tokens per batch the buffers hold. `max_mask_elements`:
+        custom-mask elements per batch (needed up front with `use_cuda_graph`; otherwise the
+        mask buffer grows on demand). `cta_slots`: prefill CTAs the GPU runs at once, which
+        sizes split-KV (default: measured from the kernel's occupancy on `device`)."""
+        head_dim_vo = head_dim if head_dim_vo is None else head_dim_vo
+        if (head_dim, head_dim_vo) not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head dims (qk={head_dim}, vo={head_dim_vo}) are not compiled; "
+                             f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+        if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of "
+                             f"num_kv_heads={num_kv_heads}")
+        if not 1 <= num_qo_heads // num_kv_heads <= MAX_GROUP_SIZE:
+            raise ValueError(f"group size num_qo_heads/num_kv_heads = "
+                             f"{num_qo_heads // num_kv_heads}; supported: 1..{MAX_GROUP_SIZE}")
+        if dtype not in KERNEL_DTYPES:
+            raise TypeError(f"dtype {dtype}; accepted: float16, bfloat16")
+        if max_batch_size < 1 or max_num_tokens < 1:
+            raise ValueError(f"max_batch_size ({max_batch_size}) and max_num_tokens "
+                             f"({max_num_tokens}) must be >= 1")
+        self.num_qo_heads = num_qo_heads
+        self.num_kv_heads = num_kv_heads
+        self.group_size = num_qo_heads // num_kv_heads
+        self.head_dim = head_dim
+        self.head_dim_vo = head_dim_vo
+        self.dtype = dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.use_cuda_graph = use_cuda_graph
+
+        if self.device.type == "cuda":
+            tile_rows, _, ctas_per_sm = _extension.load_ops().paged_prefill_config(head_dim,
+                                                                                   head_dim_vo)
+            num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.tile_rows = int(tile_rows)
+            self.cta_slots = cta_slots if cta_slots is not None else max(1, ctas_per_sm) * num_sms
+        else:
+            self.tile_rows = 128  # the reference ignores the schedule
+            self.cta_slots = cta_slots if cta_slots is not None else 1
+        self.max_partials = max_prefill_partials_per_head(num_kv_heads, self.cta_slots)
+        self.capacity = prefill_grid_size(max_num_tokens, max_batch_size, self.group_size,
+                                          self.tile_rows, num_kv_heads, self.cta_slots)
+        if self.capacity > 65535:
+            raise ValueError(f"max_num_tokens={max_num_tokens} makes up to {self.capacity} work "
+                             "items; the kernel's grid takes at most 65535 (lower max_num_tokens)")
+        self._request_info = FixedCapacityBuffer("prefill request info", 3 * max_batch_size,
+                                                 torch.int32, self.device)
+        self._schedule = FixedCapacityBuffer("prefill schedule", _SCHEDULE_ROWS * self.capacity,
+                                             torch.int32, self.device)
+        self._merge_indptr = FixedCapacityBuffer("prefill merge_indptr", self.max_partials + 1,
+                                                 torch.int32, self.device)
+        self._mask_offsets = FixedCapacityBuffer("prefill mask offsets", max_batch_size + 1,
+                                                 torch.int64, self.device)
+        self._mask_bits = torch.zeros(-(-max_mask_elements // 8), dtype=torch.uint8,
+                                      device=self.device)
+        self._partial_out = torch.empty(self.max_partials * num_kv_heads * self.tile_rows,
+                                        head_dim_vo, dtype=torch.float32, device=self.device)
+        self._partial_lse = torch.empty(self.max_partials * num_kv_heads * self.tile_rows,
+                                        dtype=torch.float32, device=self.device)
+        # Zeros between launches; the kernel's merging CTA resets what it counted.
+        self._merge_counters = torch.zeros(self.max_partials * num_kv_heads, dtype=torch.int32,
+                                           device=self.device)
+        self._host_info = np.empty((3, max_batch_size), dtype=np.int32)
+        self._host_schedule = np.empty((_SCHEDULE_ROWS, self.capacity), dtype=np.int32)
+        self._planned: _PlannedBatch | None = None
+
+    def plan(self, qo_indptr, kv_lens, *, causal: bool = True, window_left: int = -1,
+             custom_mask: torch.Tensor | None = None, mask_indptr=None) -> None:
+        """Schedule a batch from host `qo_indptr` [batch + 1] and `kv_lens` [batch].
+
+        `window_left` = w: a query at position p sees keys [p - w, ...] only (-1: no window).
+        `custom_mask`: flat bool tensor (any device; packed to bits on the kernel's device),
+        request r's row-major [q_len, kv_len] block at element `mask_indptr[r]` (default:
+        the blocks back to back); it replaces causality, the window still applies.
+        """
+        qo = _host_int64("qo_indptr", qo_indptr)
+        lens = _host_int64("kv_lens", kv_lens)
+        batch = len(lens)
+        if not 1 <= batch <= self.max_batch_size:
+            raise ValueError(f"kv_lens has {batch} requests; accepted: 1..{self.max_batch_size} "
+                             "(max_batch_size of this PagedPrefill)")
+        if len(qo) != batch + 1 or qo[0] != 0 or np.any(np.diff(qo) < 0):
+            raise ValueError(f"qo_indptr must be {batch + 1} non-decreasing offsets from 0 "
+                             f"(one more than kv_lens); got {qo.tolist()[:8]}...")
+        q_lens = np.diff(qo)
+        if qo[-1] > self.max_num_tokens:
+            raise ValueError(f"the batch has {qo[-1]} query tokens; this PagedPrefill holds "
+                             f"max_num_tokens={self.max_num_tokens}")
+        if lens.max() >= 2**31:
+            raise ValueError(f"kv_lens must be < 2**31; got {lens.max()}")
+        short = np.flatnonzero(lens < q_lens)
+        if short.size and (causal or window_left >= 0 or custom_mask is not None):
+            r = int(short[0])
+            raise ValueError(f"request {r}: kv_len {lens[r]} < q_len {q_lens[r]}; with causal, "
+                             "a window or a mask the queries must be the last kv_len tokens")
+        mask, offsets = None, None
+        if custom_mask is not None:
+            mask, offsets = self._check_mask(custom_mask, mask_indptr, q_lens, lens)
+        schedule = plan_prefill(q_lens, lens, group_size=self.group_size,
+                                tile_rows=self.tile_rows, causal=causal, window_left=window_left,
+                                has_mask=mask is not None, num_kv_heads=self.num_kv_heads,
+                                cta_slots=self.cta_slots)
+        num_work_items = prefill_grid_size(int(qo[-1]), batch, self.group_size, self.tile_rows,
+                                           self.num_kv_heads, self.cta_slots) \
+            if self.use_cuda_graph else schedule.num_items
+        if not schedule.num_items <= num_work_items <= self.capacity:
+            raise RuntimeError(f"prefill schedule of {schedule.num_items} items does not fit its "
+                               f"grid of {num_work_items} (capacity {self.capacity})")
+        if schedule.num_partials > self.max_partials:
+            raise RuntimeError(f"prefill schedule needs {schedule.num_partials} partials; "
+                               f"capacity {self.max_partials}")
+        self._host_info[0, :batch] = qo[:-1]
+        self._host_info[1, :batch] = q_lens
+        self._host_info[2, :batch] = lens
+        self._request_info.load(torch.from_numpy(self._host_info.reshape(-1)))
+        self._host_schedule[0] = -1  # unused slots of a graph-sized grid: no request
+        self._host_schedule[1:4] = 0
+        self._host_schedule[4:] = -1
+        self._host_schedule[:, : schedule.num_items] = schedule.items
+        self._schedule.load(torch.from_numpy(self._host_schedule.reshape(-1)))
+        self._merge_indptr.load(torch.from_numpy(schedule.merge_indptr))
+        if mask is not None and self.device.type == "cuda":
+            self._pack_mask(mask)
+            self._mask_offsets.load(torch.from_numpy(offsets[:-1]))
+        self._planned = _PlannedBatch(qo, lens, causal, window_left, mask, offsets,
+                                      num_work_items)
+
+    def _check_mask(self, custom_mask, mask_indptr, q_lens, kv_lens):
+        if not isinstance(custom_mask, torch.Tensor) or custom_mask.dtype not in (torch.bool,
+                                                                                   torch.uint8):
+            raise TypeError("custom_mask must be a bool (or 0/1 uint8) tensor")
+        mask = custom_mask.reshape(-1)
+        sizes = q_lens * kv_lens
+        if mask_indptr is None:
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+        else:
+            offsets = _host_int64("mask_indptr", mask_indptr)
+            if len(offsets) != len(kv_lens) + 1:
+                raise ValueError(f"mask_indptr has {len(offsets)} entries; expected "
+                                 f"{len(kv_lens) + 1} (batch + 1)")
+            if np.any(offsets[:-1] + sizes > offsets[1:]) or offsets[0] < 0:
+                raise ValueError("mask_indptr: request r's block (q_len * kv_len elements) must "
+                                 "fit between mask_indptr[r] and mask_indptr[r + 1]")
+        if mask.numel() < offsets[-1]:
+            raise ValueError(f"custom_mask has {mask.numel()} elements; the lengths need "
+                             f"{int(offsets[-1])} (sum of q_len * kv_len)")
+        if self.device.type == "cuda" and self.use_cuda_graph and \
+                -(-mask.numel() // 8) > self._mask_bits.numel():
+            raise ValueError(f"custom_mask has {mask.numel()} elements; this graph-mode "
+                             f"PagedPrefill holds max_mask_elements={self._mask_bits.numel() * 8}")
+        return mask, offsets
+
+    def _pack_mask(self, mask: torch.Tensor) -> None:
+        """Bit i of the packed mask (byte i // 8, bit i % 8) = element i; runs on the device."""
+        mask = mask.to(device=self.device, dtype=torch.uint8)
+        num_bytes = -(-mask.numel() // 8)
+        if num_bytes > self._mask_bits.numel():  # eager mode only (checked in plan)
+            self._mask_bits = torch.zeros(num_bytes, dtype=torch.uint8, device=self.device)
+        padded = torch.nn.functional.pad(mask, (0, num_bytes * 8 - mask.numel()))
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
+                               device=self.device)
+        torch.sum(padded.view(num_bytes, 8) * weights, dim=1, dtype=torch.uint8,
+                  out=self._mask_bits[:num_bytes])
+
+    def run(self, q: torch.Tensor, cache: PagedKVCache, page_table: PageTable, *,
+            sm_scale: float | None = None, logits_soft_cap: float = 0.0,
+            out: torch.Tensor | None = None, return_lse: bool = False):
+        """Attention of `q` [num_tokens, num_qo_heads, head_dim] over the planned batch's KV.
+
+        Returns `out` [num_tokens, num_qo_heads, head_dim_vo], or (out, lse) with
+        `return_lse` (lse: float32 natural log, [num_tokens, num_qo_heads]).
+        """
+        planned = self._planned
+        if planned is None:
+            raise RuntimeError("PagedPrefill.run() called before plan()")
+        batch = len(planned.kv_lens)
+        self._check_inputs(q, cache, page_table, batch, planned.num_tokens, out, logits_soft_cap)
+        if sm_scale is None:
+            sm_scale = 1.0 / math.sqrt(self.head_dim)
+        if debug_checks_enabled() and not capturing_cuda_graph(q.device):
+            pages = page_table.page_ids(batch, planned.kv_lens.tolist(), cache.page_size)
+            if pages:
+                check_in_range("page ids in page_table", torch.cat(pages), 0, cache.num_pages,
+                               f"the cache has {cache.num_pages} pages")
+        if q.device.type != "cuda":
+            return self._run_reference(q, cache, page_table, sm_scale, logits_soft_cap, out,
+                                       return_lse)
+        if out is None:
+            out = torch.empty(q.shape[0], self.num_qo_heads, self.head_dim_vo, dtype=q.dtype,
+                              device=q.device)
+        lse = torch.empty(q.shape[0], self.num_qo_heads, dtype=torch.float32, device=q.device) \
+            if return_lse else None
+        has_mask = planned.custom_mask is not None
+        _extension.load_ops().paged_prefill(
+            q, cache.k, cache.v, page_table.table, page_table.row_index, page_table.entry_stride,
+            page_table.divisor, self._request_info.tensor.view(3, self.max_batch_size),
+            self._schedule.tensor.view(_SCHEDULE_ROWS, self.capacity), planned.num_work_items,
+            self._mask_bits if has_mask else None,
+            self._mask_offsets.tensor if has_mask else None, self._merge_indptr.tensor,
+            self._merge_counters, self._partial_out, self._partial_lse, float(sm_scale),
+            float(logits_soft_cap), int(planned.window_left), bool(planned.causal), out, lse)
+        return (out, lse) if return_lse else out
+
+    def _check_inputs(self, q, cache, page_table, batch, num_tokens, out, logits_soft_cap):
+        check_tensor("q", q, dims=3)
+        check_size("q", q, 0, num_tokens, "the query tokens given to plan() (qo_indptr[-1])")
+        check_size("q", q, 1, self.num_qo_heads, "num_qo_heads")
+        check_size("q", q, 2, self.head_dim, "head_dim")
+        if cache.num_kv_heads != self.num_kv_heads:
+            raise ValueError(f"cache has {cache.num_kv_heads} kv heads; expected {self.num_kv_heads}")
+        if (cache.head_dim_k, cache.head_dim_v) != (self.head_dim, self.head_dim_vo):
+            raise ValueError(f"cache head dims ({cache.head_dim_k}, {cache.head_dim_v}) differ "
+                             f"from ({self.head_dim}, {self.head_dim_vo})")
+        check_same_device(q=q, cache=cache.k, page_table=page_table.table)
+        if q.device != self.device:
+            raise ValueError(f"q is on {q.device}; this PagedPrefill was built for {self.device}")
+        if logits_soft_cap < 0:
+            raise ValueError(f"logits_soft_cap must be >= 0 (0 = off), got {logits_soft_cap}")
+        rows = page_table.row_index.shape[0] if page_table.row_index is not None \
+            else page_table.table.shape[0]
+        if rows < batch:
+            raise ValueError(f"page_table addresses {rows} requests; the batch has {batch}")
+        if out is not None:
+            check_tensor("out", out, dims=3)
+            if tuple(out.shape) != (num_tokens, self.num_qo_heads, self.head_dim_vo):
+                raise ValueError(f"out has shape {tuple(out.shape)}; expected "
+                                 f"{(num_tokens, self.num_qo_heads, self.head_dim_vo)}")
+            if out.dtype != q.dtype or out.device != q.device:
+                raise ValueError("out must have q's dtype and device")
+        if q.device.type == "cuda":
+            for name, t in (("q", q), ("k_cache", cache.k), ("v_cache", cache.v)):
+                check_tensor(name, t, dtypes=(self.dtype,))
+                check_last_dim_contiguous(name, t)
+            if out is not None:
+                check_last_dim_contiguous("out", out)
+
+    def _run_reference(self, q, cache, page_table, sm_scale, logits_soft_cap, out, return_lse):
+        planned = self._planned
+        batch = len(planned.kv_lens)
+        kv_indptr, kv_slots = page_table.token_slots(batch, planned.kv_lens.tolist(),
+                                                     cache.page_size)
+        result = reference.attention(
+            q, planned.qo_indptr.tolist(), cache, kv_indptr, kv_slots, sm_scale=sm_scale,
+            causal=planned.causal, window_left=planned.window_left,
+            logits_soft_cap=logits_soft_cap, custom_mask=planned.custom_mask,
+            mask_indptr=None if planned.mask_indptr is None else planned.mask_indptr.tolist())
+        computed = result.out.to(q.dtype)
+        if out is not None:
+            out.copy_(computed)
+            computed = out
+        return (computed, result.lse) if return_lse else computed
+
+
+def _host_int64(name: str, values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()  # a device tensor syncs here; callers pass host lengths
+    array = np.asarray(values, dtype=np.int64).reshape(-1)
+    if array.size and array.min() < 0:
+        raise ValueError(f"{name} must be non-negative; got min {array.min()}")
+    return array

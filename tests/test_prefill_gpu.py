@@ -1,0 +1,229 @@
+"""The paged prefill / append kernel against the float reference, on the GPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attn_backend import PagedPrefill, PageTable, reference
+
+from .helpers import PagedProblem, allocate_pages, make_cache
+
+pytestmark = pytest.mark.gpu
+
+TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
+
+
+def build(q_lens, kv_lens, *, page_size, num_kv_heads, group, head_dim, dtype, layout, gen,
+          engine="vllm"):
+    """A random paged problem with its page table (vLLM block table or SGLang req_to_token) and q."""
+    tables, num_pages = allocate_pages(kv_lens, page_size, gen)
+    cache = make_cache(layout, num_pages, page_size, num_kv_heads, head_dim, head_dim, dtype,
+                       "cuda", gen)
+    problem = PagedProblem(cache, tables, list(kv_lens), list(q_lens))
+    batch = len(kv_lens)
+    max_pages = max(len(p) for p in tables) + 1
+    if engine == "vllm":
+        table = torch.zeros(batch, max_pages, dtype=torch.int32)
+        for r, pages in enumerate(tables):
+            table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        page_table = PageTable.from_block_table(table.cuda())
+    else:
+        rows = torch.randperm(batch + 2, generator=gen)[:batch] + 1
+        req_to_token = torch.zeros(batch + 3, max_pages * page_size, dtype=torch.int32)
+        for r in range(batch):
+            req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int()
+        page_table = PageTable.from_req_to_token(req_to_token.cuda(), rows.cuda(), page_size)
+    q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype).cuda()
+    return problem, page_table, q
+
+
+def make_prefill(problem, q, *, num_kv_heads, **kwargs):
+    return PagedPrefill(num_qo_heads=q.shape[1], num_kv_heads=num_kv_heads, head_dim=q.shape[2],
+                        dtype=q.dtype, device="cuda", max_batch_size=len(problem.kv_lens),
+                        max_num_tokens=max(1, q.shape[0]), **kwargs)
+
+
+def check(prefill, problem, page_table, q, *, causal=True, window_left=-1, soft_cap=0.0,
+          custom_mask=None, mask_indptr=None, seed=None):
+    sm_scale = 1 / math.sqrt(q.shape[-1])
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    got, lse = prefill.run(q, problem.cache, page_table, out=out, return_lse=True,
+                           logits_soft_cap=soft_cap)
+    kv_indptr, kv_slots = problem.kv_csr()
+    want = reference.attention(q, problem.qo_indptr(), problem.cache, kv_indptr, kv_slots,
+                               sm_scale=sm_scale, causal=causal, window_left=window_left,
+                               logits_soft_cap=soft_cap, custom_mask=custom_mask,
+                               mask_indptr=mask_indptr)
+    tol = TOLERANCE[q.dtype]
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got.float(), want.out, atol=tol, rtol=tol,
+                               msg=lambda m: f"seed={seed}: {m}")
+    torch.testing.assert_close(lse, want.lse, atol=2e-3, rtol=1e-3,
+                               msg=lambda m: f"seed={seed} (lse): {m}")
+
+
+def planned(q_lens, kv_lens, *, seed, page_size=16, num_kv_heads=2, group=4, head_dim=128,
+            dtype=torch.bfloat16, layout="vllm_nhd", causal=True, window_left=-1,
+            custom_mask=None, mask_indptr=None):
+    gen = torch.Generator().manual_seed(seed)
+    engine = "sglang" if layout == "sglang" else "vllm"
+    problem, table, q = build(q_lens, kv_lens, page_size=page_size, num_kv_heads=num_kv_heads,
+                              group=group, head_dim=head_dim, dtype=dtype, layout=layout,
+                              gen=gen, engine=engine)
+    prefill = make_prefill(problem, q, num_kv_heads=num_kv_heads)
+    prefill.plan([0] + torch.tensor(q_lens).cumsum(0).tolist(), kv_lens, causal=causal,
+                 window_left=window_left, custom_mask=custom_mask, mask_indptr=mask_indptr)
+    return problem, table, q, prefill
+
+
+# Prefills (q = kv), extends on prefixes, single-token rows and partial tiles.
+MIXED = ([1, 5, 17, 200, 1, 64, 333], [1, 300, 17, 2049, 1000, 70, 333])
+
+
+@pytest.mark.parametrize("layout", ["sglang", "vllm_nhd", "vllm_hnd"])
+@pytest.mark.parametrize("page_size", [1, 16, 64, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_page_sizes_layouts_dtypes(layout, page_size, dtype, seed):
+    problem, table, q, prefill = planned(*MIXED, seed=seed, page_size=page_size, dtype=dtype,
+                                         layout=layout)
+    check(prefill, problem, table, q, seed=seed)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group", [1, 4, 8, 16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_head_dims_groups_causality(head_dim, group, causal, seed):
+    num_kv_heads = max(1, 16 // group)
+    problem, table, q, prefill = planned(*MIXED, seed=seed, num_kv_heads=num_kv_heads,
+                                         group=group, head_dim=head_dim, causal=causal)
+    check(prefill, problem, table, q, causal=causal, seed=seed)
+
+
+@pytest.mark.parametrize("q_lens, kv_lens", [([8192], [8192]), ([1], [32768]), ([16], [32768]),
+                                             ([2048], [32768]), ([7, 3000, 1], [30000, 9000, 2])],
+                         ids=["prefill8k", "extend1_on_32k", "extend16_on_32k",
+                              "extend2k_on_32k", "mixed_long"])
+@pytest.mark.parametrize("window_left, soft_cap", [(-1, 0.0), (-1, 30.0), (4095, 0.0), (100, 50.0)])
+def test_prefill_long_contexts_split_kv_window_softcap(q_lens, kv_lens, window_left, soft_cap,
+                                                       seed):
+    problem, table, q, prefill = planned(q_lens, kv_lens, seed=seed, num_kv_heads=8, group=4,
+                                         layout="sglang", window_left=window_left)
+    check(prefill, problem, table, q, window_left=window_left, soft_cap=soft_cap, seed=seed)
+
+
+@pytest.mark.parametrize("batch", [1, 64, 512])
+def test_prefill_batch_sizes(batch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q_lens = torch.randint(1, 9, (batch,), generator=gen)
+    kv_lens = (q_lens + torch.randint(0, {1: 9000, 64: 2000, 512: 400}[batch], (batch,),
+                                      generator=gen)).tolist()
+    problem, table, q, prefill = planned(q_lens.tolist(), kv_lens, seed=seed, num_kv_heads=8)
+    check(prefill, problem, table, q, seed=seed)
+
+
+def tree_mask(q_len: int, kv_len: int, gen: torch.Generator, chain: bool) -> torch.Tensor:
+    """SGLang's verify mask of one request: the prefix is visible, the drafts see their ancestors."""
+    mask = torch.zeros(q_len, kv_len, dtype=torch.bool)
+    prefix = kv_len - q_len
+    mask[:, :prefix] = True
+    for i in range(q_len):
+        parent = i - 1 if chain else (int(torch.randint(0, i, (1,), generator=gen)) if i else -1)
+        mask[i, prefix + i] = True
+        if parent >= 0:
+            mask[i, prefix:] |= mask[parent, prefix:]
+    return mask.flatten()
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("chain", [True, False], ids=["chain", "tree"])
+@pytest.mark.parametrize("window_left", [-1, 200])
+def test_prefill_speculative_tree_masks(page_size, chain, window_left, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q_lens = [1, 4, 8, 16, 5]
+    kv_lens = [n + int(torch.randint(0, 5000, (1,), generator=gen)) for n in q_lens]
+    mask = torch.cat([tree_mask(n, length, gen, chain) for n, length in zip(q_lens, kv_lens)])
+    problem, table, q, prefill = planned(q_lens, kv_lens, seed=seed, page_size=page_size,
+                                         num_kv_heads=8, layout="sglang",
+                                         window_left=window_left, custom_mask=mask.cuda())
+    check(prefill, problem, table, q, window_left=window_left, custom_mask=mask.cuda(),
+          seed=seed)
+
+
+def test_prefill_random_mask_with_gapped_indptr(seed):
+    """Any mask bits, blocks placed at offsets with gaps; rows that see nothing give 0 and -inf."""
+    gen = torch.Generator().manual_seed(seed)
+    q_lens, kv_lens = [3, 40, 1], [50, 700, 9]
+    offsets, blocks = [0], []
+    for n, length in zip(q_lens, kv_lens):
+        gap = int(torch.randint(0, 13, (1,), generator=gen))
+        blocks.append(torch.rand(n * length + gap, generator=gen) < 0.3)
+        offsets.append(offsets[-1] + n * length + gap)
+    mask = torch.cat(blocks)
+    mask[offsets[0]:offsets[0] + kv_lens[0]] = False  # request 0's first query sees nothing
+    problem, table, q, prefill = planned(q_lens, kv_lens, seed=seed, custom_mask=mask,
+                                         mask_indptr=offsets)
+    check(prefill, problem, table, q, custom_mask=mask, mask_indptr=offsets, seed=seed)
+    out, lse = prefill.run(q, problem.cache, table, return_lse=True)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+
+
+def test_prefill_graph_replays_with_new_lengths_and_masks(seed):
+    """A verify-shaped graph (4 requests x 8 drafts, tree masks) replayed with new lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, drafts, page_size, max_len = 4, 8, 16, 20000
+    num_pages = batch * (max_len // page_size + 1) + 4
+    cache = make_cache("sglang", num_pages, page_size, 8, 128, 128, torch.bfloat16, "cuda", gen)
+    rows = torch.arange(1, batch + 1)
+    req_to_token = torch.zeros(batch + 1, max_len + page_size, dtype=torch.int32, device="cuda")
+    table = PageTable.from_req_to_token(req_to_token, rows.cuda(), page_size)
+    prefill = PagedPrefill(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                           device="cuda", max_batch_size=batch, max_num_tokens=batch * drafts,
+                           max_mask_elements=batch * drafts * max_len, use_cuda_graph=True)
+    q = torch.empty(batch * drafts, 32, 128, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+    qo_indptr = [drafts * r for r in range(batch + 1)]
+
+    def refresh(kv_lens):
+        pages, _ = allocate_pages(kv_lens, page_size, gen, spare_pages=num_pages - sum(
+            (n + page_size - 1) // page_size for n in kv_lens))
+        problem = PagedProblem(cache, pages, kv_lens, [drafts] * batch)
+        req_to_token.zero_()
+        for r in range(batch):
+            req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int().cuda()
+        q.copy_(torch.randn(q.shape, generator=gen).to(q.dtype))
+        mask = torch.cat([tree_mask(drafts, n, gen, chain=False) for n in kv_lens]).cuda()
+        prefill.plan(qo_indptr, kv_lens, custom_mask=mask)
+        return problem, mask
+
+    refresh([100] * batch)
+    prefill.run(q, cache, table, out=out)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        prefill.run(q, cache, table, out=out)
+    for kv_lens in ([8, 9, 10, 11], [19000, 8, 300, 4096], [max_len] * batch):
+        problem, mask = refresh(kv_lens)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        kv_indptr, kv_slots = problem.kv_csr()
+        want = reference.attention(q, problem.qo_indptr(), cache, kv_indptr, kv_slots,
+                                   custom_mask=mask)
+        torch.testing.assert_close(out.float(), want.out, atol=1.5e-2, rtol=1.5e-2,
+                                   msg=lambda m: f"seed={seed} lens={kv_lens}: {m}")
+
+
+def test_prefill_rejects_bad_gpu_inputs(seed):
+    problem, table, q, prefill = planned([3, 5], [40, 50], seed=seed)
+    with pytest.raises(TypeError, match="q has dtype float16; accepted: bfloat16"):
+        prefill.run(q.half(), problem.cache, table)
+    with pytest.raises(ValueError, match="q has size 7 in dimension 0; expected 8"):
+        prefill.run(q[:7], problem.cache, table)
+    bad = PageTable.from_block_table(table.table.clone())
+    bad.table[1, 0] = problem.cache.num_pages + 5
+    with pytest.raises(ValueError, match="page ids in page_table holds values"):
+        prefill.run(q, problem.cache, bad)
+    with pytest.raises(ValueError, match="custom_mask has 10 elements; the lengths need 370"):
+        prefill.plan([0, 3, 8], [40, 50], custom_mask=torch.ones(10, dtype=torch.bool))
