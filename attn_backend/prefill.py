@@ -93,8 +93,8 @@ class PagedPrefill:
         self.use_cuda_graph = use_cuda_graph
 
         if self.device.type == "cuda":
-            tile_rows, _, ctas_per_sm = _extension.load_ops().paged_prefill_config(head_dim,
-                                                                                   head_dim_vo)
+            tile_rows, _, ctas_per_sm, _ = _extension.load_ops().paged_prefill_config(
+                head_dim, head_dim_vo)
             num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             self.tile_rows = int(tile_rows)
             self.cta_slots = cta_slots if cta_slots is not None else max(1, ctas_per_sm) * num_sms
@@ -184,7 +184,9 @@ class PagedPrefill:
         self._schedule.load(torch.from_numpy(self._host_schedule.reshape(-1)))
         self._merge_indptr.load(torch.from_numpy(schedule.merge_indptr))
         if mask is not None and self.device.type == "cuda":
-            self._pack_mask(mask)
+            # Only the blocks the lengths use: SGLang's graph runners hand over a
+            # larger static mask buffer.
+            self._pack_mask(mask[: int(offsets[-1])])
             self._mask_offsets.load(torch.from_numpy(offsets[:-1]))
         self._planned = _PlannedBatch(qo, lens, causal, window_left, mask, offsets,
                                       num_work_items)
@@ -241,6 +243,8 @@ class PagedPrefill:
         self._check_inputs(q, cache, page_table, batch, planned.num_tokens, out, logits_soft_cap)
         if sm_scale is None:
             sm_scale = 1.0 / math.sqrt(self.head_dim)
+        if not sm_scale > 0:
+            raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
         if debug_checks_enabled() and not capturing_cuda_graph(q.device):
             pages = page_table.page_ids(batch, planned.kv_lens.tolist(), cache.page_size)
             if pages:

@@ -155,17 +155,64 @@ def test_backend_refuses_unsupported_models_at_construction(change, match):
     SGLangAttnBackend(_runner())  # the supported configuration constructs (no GPU touched)
 
 
-@pytest.mark.parametrize("mode", [ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_EXTEND_V2])
-def test_backend_refuses_speculative_modes_per_batch(mode):
+def test_backend_refuses_draft_extend_per_batch():
     from types import SimpleNamespace
 
     from attn_backend.integrations.sglang.backend import SGLangAttnBackend
 
     backend = SGLangAttnBackend(_runner(device="cpu"))
+    mode = ForwardMode.DRAFT_EXTEND_V2
     batch = SimpleNamespace(forward_mode=mode, seq_lens=torch.tensor([5]),
                             seq_lens_cpu=torch.tensor([5]), req_pool_indices=torch.tensor([1]))
     with pytest.raises(NotImplementedError, match=f"forward mode {mode.name} is not supported"):
         backend.init_forward_metadata(batch)
+
+
+# ---- speculative target verification: the kit's verify runners (eager and CUDA graph) ---------
+
+from sglang.test.kits.attention_unittest.runner_modes.speculative_target_verify_runner import (  # noqa: E402,E501
+    run_dense_spec_verify_case,
+    run_dense_spec_verify_cuda_graph_case,
+)
+
+
+def _verify_cases():
+    """(case, topk): chains (topk 1, causal over the drafts) of several lengths and the kit's
+    3-token trees (topk 2), over page sizes 1/16/32, MHA and GQA, a window, prefixes that end
+    mid-page and at a page boundary."""
+    def case(name, topk, drafts, **kwargs):
+        args = dict(backend=BACKEND_NAME, forward_mode=ForwardMode.TARGET_VERIFY, num_heads=8,
+                    num_kv_heads=2, page_size=16, prefix_lens=(5, 40, 16))
+        args.update(kwargs)
+        return pytest.param(DenseAttentionCase(name=name, extend_lens=(drafts,) *
+                                               len(args["prefix_lens"]), **args), topk, id=name)
+    return [
+        case("verify_chain4_gqa_page16", 1, 4),
+        case("verify_chain1_mha_page1", 1, 1, num_kv_heads=8, page_size=1),
+        case("verify_chain7_gqa_page32", 1, 7, page_size=32, prefix_lens=(31, 50, 3, 32)),
+        case("verify_tree3_gqa_page16", 2, 3),
+        case("verify_tree3_mqa_page1", 2, 3, num_kv_heads=1, page_size=1, prefix_lens=(9, 2)),
+        case("verify_tree3_gqa_page32_window", 2, 3, page_size=32, prefix_lens=(40, 57),
+             sliding_window_size=8),
+    ]
+
+
+VERIFY_CASES = _verify_cases()
+
+
+@pytest.mark.parametrize("device, dtype, head_dim, hidden", DEVICES)
+@pytest.mark.parametrize("case, topk", VERIFY_CASES)
+def test_kit_target_verify_eager(case, topk, device, dtype, head_dim, hidden, _our_window_rule):
+    run_dense_spec_verify_case(_KitTestCase(), case, topk=topk, device=device, dtype=dtype,
+                               head_dim=head_dim, hidden_size=hidden or case.num_heads * head_dim)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case, topk", VERIFY_CASES)
+def test_kit_target_verify_cuda_graph(case, topk, _our_window_rule):
+    run_dense_spec_verify_cuda_graph_case(_KitTestCase(), case, topk=topk, device="cuda",
+                                          dtype=torch.float16, head_dim=128,
+                                          hidden_size=case.num_heads * 128)
 
 
 @pytest.mark.parametrize("case", [c for c in DENSE_CASES if c.name in (

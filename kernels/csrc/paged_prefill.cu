@@ -1,18 +1,17 @@
 // torch binding of kernels/include/attn_backend/prefill.cuh (one launch; split
 // tiles are merged inside it). Readable validation happens in Python
-// (attn_backend/prefill.py); these checks are the last line of defence.
-#include "attn_backend/prefill.cuh"
-#include "torch_utils.h"
+// (attn_backend/prefill.py); prefill_launch.h holds the last line of defence.
+#include "prefill_launch.h"
 
 namespace attn_backend {
 namespace {
 
-// Tile shapes per head dims (4 warps each), chosen from ptxas's register
-// counts on sm_90a. Two 16-row MMA tiles per warp (32 query rows) share every
-// K/V fragment read from shared memory, which halves the shared-memory traffic
-// per MMA against one tile per warp; with 128 fp32 accumulators at d128 that
-// leaves room for 32-key tiles only (64-key tiles spill), 3 stages deep.
-// d256 keeps one 16-row tile per warp and 16-key tiles.
+// Tile shapes per head dims, chosen from ptxas's register counts on sm_90a.
+// Two 16-row MMA tiles per warp (32 query rows) share every K/V fragment read
+// from shared memory, which halves the shared-memory traffic per MMA against
+// one tile per warp; with 128 fp32 accumulators at d128 that leaves room for
+// 32-key tiles only (64-key tiles spill), 3 stages deep. d256 keeps one 16-row
+// tile per warp and 16-key tiles. (bench/sweep_prefill.py times alternatives.)
 template <int kHeadDimQK, int kHeadDimVO>
 struct PrefillConfig;
 template <>
@@ -37,29 +36,6 @@ void dispatch_head_dims(int64_t head_dim_qk, int64_t head_dim_vo, Fn&& fn) {
               ") are not compiled; supported: (64, 64), (128, 128), (256, 256)");
 }
 
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  if (dtype == at::kBFloat16) return fn(__nv_bfloat16{});
-  if (dtype == at::kHalf) return fn(__half{});
-  TORCH_CHECK(false, "paged_prefill supports float16 and bfloat16");
-}
-
-template <typename Traits, typename T, bool kSoftCap>
-auto* prefill_kernel() {
-  return &paged_prefill_kernel<Traits, T, kSoftCap>;
-}
-
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, int bytes) {
-  ATTN_BACKEND_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-}
-
-PagedCacheSide make_side(const at::Tensor& cache) {
-  return {static_cast<const char*>(cache.data_ptr()), cache.stride(0), cache.stride(1),
-          cache.stride(2)};
-}
-
 void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& page_table, const std::optional<at::Tensor>& row_index,
                    int64_t table_entry_stride, int64_t table_divisor,
@@ -70,124 +46,25 @@ void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                    const at::Tensor& partial_lse, double sm_scale, double logits_soft_cap,
                    int64_t window_left, bool causal, at::Tensor& out,
                    const std::optional<at::Tensor>& lse) {
-  TORCH_CHECK(q.dim() == 3 && out.dim() == 3, "q and out must be [tokens, heads, dim]");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "caches must be 4-D page views");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type() &&
-                  q.scalar_type() == out.scalar_type(),
-              "q, caches and out must share one dtype");
-  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1 && k_cache.stride(3) == 1 &&
-                  v_cache.stride(3) == 1,
-              "last dimensions must be contiguous");
-  TORCH_CHECK(page_table.scalar_type() == at::kInt && page_table.dim() == 2 &&
-                  page_table.stride(1) == 1,
-              "page_table must be a row-contiguous int32 matrix");
-  TORCH_CHECK(request_info.scalar_type() == at::kInt && request_info.dim() == 2 &&
-                  request_info.size(0) == 3 && request_info.is_contiguous(),
-              "request_info must be a contiguous int32 [3, capacity] tensor");
-  TORCH_CHECK(schedule.scalar_type() == at::kInt && schedule.dim() == 2 && schedule.size(0) == 6 &&
-                  schedule.is_contiguous(),
-              "schedule must be a contiguous int32 [6, capacity] tensor");
-  TORCH_CHECK(num_work_items <= schedule.size(1), "num_work_items exceeds the schedule capacity");
-  TORCH_CHECK(mask_bits.has_value() == mask_offset.has_value(),
-              "mask_bits and mask_offset come together");
-  if (mask_bits.has_value()) {
-    TORCH_CHECK(mask_bits->scalar_type() == at::kByte && mask_bits->is_contiguous(),
-                "mask_bits must be contiguous uint8");
-    TORCH_CHECK(mask_offset->scalar_type() == at::kLong && mask_offset->is_contiguous(),
-                "mask_offset must be contiguous int64");
-  }
-  TORCH_CHECK(merge_indptr.scalar_type() == at::kInt && merge_counters.scalar_type() == at::kInt &&
-                  merge_counters.is_contiguous(),
-              "merge_indptr and merge_counters must be int32");
-  TORCH_CHECK(partial_out.scalar_type() == at::kFloat && partial_lse.scalar_type() == at::kFloat &&
-                  partial_out.is_contiguous() && partial_lse.is_contiguous(),
-              "partial buffers must be contiguous float32");
-  const int64_t num_qo_heads = q.size(1);
-  const int64_t num_kv_heads = k_cache.size(2);
-  TORCH_CHECK(num_qo_heads % num_kv_heads == 0, "num_qo_heads must be a multiple of num_kv_heads");
-  if (lse.has_value()) {
-    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->is_contiguous() &&
-                    lse->numel() >= q.size(0) * num_qo_heads,
-                "lse must be contiguous float32 [tokens, num_qo_heads]");
-  }
+  const PrefillParams params = make_prefill_params(
+      q, k_cache, v_cache, page_table, row_index, table_entry_stride, table_divisor, request_info,
+      schedule, num_work_items, mask_bits, mask_offset, merge_indptr, merge_counters, partial_out,
+      partial_lse, sm_scale, logits_soft_cap, window_left, causal, out, lse);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  PrefillParams params{};
-  params.q = q.data_ptr();
-  params.q_stride_token = q.stride(0);
-  params.q_stride_head = q.stride(1);
-  params.out = out.data_ptr();
-  params.out_stride_token = out.stride(0);
-  params.out_stride_head = out.stride(1);
-  params.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-  params.k = make_side(k_cache);
-  params.v = make_side(v_cache);
-  params.pages.table = page_table.data_ptr<int32_t>();
-  params.pages.row_stride = page_table.stride(0);
-  params.pages.entry_stride = static_cast<int>(table_entry_stride);
-  params.pages.divisor = static_cast<int>(table_divisor);
-  params.pages.row_index = row_index.has_value() ? row_index->data_ptr() : nullptr;
-  params.pages.row_index_is_int64 = row_index.has_value() && row_index->scalar_type() == at::kLong;
-  params.page_size = static_cast<int>(k_cache.size(1));
-  params.num_pages = static_cast<int>(k_cache.size(0));
-  params.num_qo_heads = static_cast<int>(num_qo_heads);
-  params.group_size = static_cast<int>(num_qo_heads / num_kv_heads);
-  params.sm_scale = static_cast<float>(sm_scale);
-  params.soft_cap = static_cast<float>(logits_soft_cap);
-  params.window_left = static_cast<int>(window_left);
-  params.causal = causal;
-  const int32_t* info = request_info.data_ptr<int32_t>();
-  const int64_t info_capacity = request_info.size(1);
-  params.qo_start = info;
-  params.q_len = info + info_capacity;
-  params.kv_len = info + 2 * info_capacity;
-  params.mask_bits = mask_bits.has_value() ? mask_bits->data_ptr<uint8_t>() : nullptr;
-  params.mask_offset = mask_offset.has_value() ? mask_offset->data_ptr<int64_t>() : nullptr;
-  const int32_t* sched = schedule.data_ptr<int32_t>();
-  const int64_t capacity = schedule.size(1);
-  params.schedule = {sched,
-                     sched + capacity,
-                     sched + 2 * capacity,
-                     sched + 3 * capacity,
-                     sched + 4 * capacity,
-                     sched + 5 * capacity};
-  params.partial_out = partial_out.data_ptr<float>();
-  params.partial_lse = partial_lse.data_ptr<float>();
-  params.merge_indptr = merge_indptr.data_ptr<int32_t>();
-  params.merge_counters = merge_counters.data_ptr<int32_t>();
-
   dispatch_head_dims(q.size(2), v_cache.size(3), [&](auto config) {
-    using Traits = typename decltype(config)::Traits;
-    TORCH_CHECK(partial_out.numel() % (num_kv_heads * Traits::kRows * Traits::kHeadDimVO) == 0,
-                "partial_out must be [partials * num_kv_heads * tile_rows, head_dim_vo]");
-    dispatch_dtype(q.scalar_type(), [&](auto type_tag) {
-      using T = decltype(type_tag);
-      auto* kernel = logits_soft_cap > 0 ? prefill_kernel<Traits, T, true>()
-                                         : prefill_kernel<Traits, T, false>();
-      allow_dynamic_smem(kernel, Traits::kSmemBytes);
-      if (num_work_items > 0) {
-        TORCH_CHECK(num_work_items <= 65535, "paged_prefill: at most 65535 work items");
-        const dim3 grid(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(num_work_items));
-        kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
-        ATTN_BACKEND_CHECK_LAUNCH();
-      }
-    });
+    launch_prefill<typename decltype(config)::Traits>(params, q.scalar_type(), num_work_items,
+                                                      k_cache.size(2), partial_out.numel(),
+                                                      stream);
   });
 }
 
-// [tile rows, kv tile, CTAs per SM]: what the plan needs to cut work into the
-// kernel's tiles and to size split-KV to the GPU.
+// [tile rows, kv tile, CTAs per SM, threads]: what the plan needs to cut work
+// into the kernel's tiles and to size split-KV to the GPU.
 std::vector<int64_t> paged_prefill_config(int64_t head_dim_qk, int64_t head_dim_vo) {
   std::vector<int64_t> result;
   dispatch_head_dims(head_dim_qk, head_dim_vo, [&](auto config) {
-    using Traits = typename decltype(config)::Traits;
-    int ctas = 0;
-    auto* kernel = prefill_kernel<Traits, __nv_bfloat16, false>();
-    allow_dynamic_smem(kernel, Traits::kSmemBytes);
-    ATTN_BACKEND_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &ctas, kernel, Traits::kThreads, Traits::kSmemBytes));
-    result = {Traits::kRows, Traits::kKVTile, ctas};
+    result = prefill_shape_info<typename decltype(config)::Traits>();
   });
   return result;
 }

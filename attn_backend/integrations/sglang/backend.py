@@ -1,20 +1,22 @@
 """attn_backend as an SGLang `AttentionBackend`: SGLang's batch metadata in, the shared core out.
 
-Forward modes in this version: EXTEND (with and without a cached prefix),
-MIXED, DECODE (eager and CUDA graph) and IDLE. DECODE runs the `PagedDecode`
-kernel on CUDA; EXTEND and MIXED run the float reference until the prefill
-kernel lands (issue 4); on CPU every mode runs the reference. K/V are written
-through the pool's own `set_kv_buffer`, and skipped when the model passes
-`save_kv_cache=False`.
+Forward modes: EXTEND (with and without a cached prefix), MIXED, DECODE
+(eager and CUDA graph), TARGET_VERIFY (speculative verification with SGLang's
+chain or tree masks, eager and CUDA graph) and IDLE. On CUDA, DECODE runs the
+`PagedDecode` kernel and the others the `PagedPrefill` kernel; on CPU every
+mode runs the float reference. K/V are written through the pool's own
+`set_kv_buffer`, and skipped when the model passes `save_kv_cache=False`.
 
 CUDA graphs: `init_forward_metadata_out_graph` (outside the graph, before
-capture and before every replay) re-plans every decoder from the host
-`seq_lens_cpu` into its fixed buffers; the kernels read SGLang's
-`req_to_token` through the static `req_pool_indices` buffer in place, so the
-graph itself needs no metadata ops.
+capture and before every replay) re-plans every kernel wrapper from the host
+`seq_lens_cpu` into its fixed buffers (and packs a verify tree mask into its
+fixed bit buffer on the device); the kernels read SGLang's `req_to_token`
+through the static `req_pool_indices` buffer in place, so the graph itself
+needs no metadata ops.
 
-Not yet (they raise with the reason, never a wrong result): TARGET_VERIFY /
-DRAFT_EXTEND_V2 (speculative decoding), MLA, cross-attention and quantised KV
+Not yet (they raise with the reason, never a wrong result): DRAFT_EXTEND_V2
+(the draft model's extend; run drafts on a built-in backend with
+--speculative-draft-attention-backend), MLA, cross-attention and quantised KV
 caches.
 """
 
@@ -32,21 +34,24 @@ from ... import reference
 from ..._validation import KERNEL_DTYPES
 from ...decode import MAX_GROUP_SIZE, SUPPORTED_HEAD_DIMS, PagedDecode
 from ...paged_kv import PagedKVCache, PageTable, slots_from_req_to_token
+from ...prefill import PagedPrefill
 from . import BACKEND_NAME
 
-_SUPPORTED_MODES = ("EXTEND", "MIXED", "DECODE", "IDLE")
+_SUPPORTED_MODES = ("EXTEND", "MIXED", "DECODE", "IDLE", "TARGET_VERIFY")
+_EAGER_MIN_TOKENS = 8192  # eager prefill wrappers start this large and grow by powers of two
 
 
 @dataclass
 class ForwardMetadata:
     """What one forward's layers share: host lengths, the page table, plans made so far."""
 
-    seq_lens: np.ndarray  # int64 KV length of each request, new tokens included
+    kv_lens: np.ndarray  # int64 KV length of each request, its new (or draft) tokens included
     qo_indptr: np.ndarray  # int64 [batch + 1]: each request's query rows (1 for decode)
     req_pool_indices: torch.Tensor
     page_table: PageTable
+    custom_mask: torch.Tensor | None = None  # verify tree mask: flat [n, kv_len] blocks
     token_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # CSR, for the reference
-    planned_decoders: set = field(default_factory=set)
+    planned: set = field(default_factory=set)  # keys of the wrappers planned for this forward
 
 
 class SGLangAttnBackend(AttentionBackend):
@@ -59,7 +64,9 @@ class SGLangAttnBackend(AttentionBackend):
         self.max_batch_size = self.req_to_token_pool.req_to_token.shape[0]
         self.forward_metadata: ForwardMetadata | None = None
         self._decoders: dict[tuple, PagedDecode] = {}
-        self._cuda_graphs = False  # set by init_cuda_graph_state: decoders use fixed grids
+        self._prefills: dict[tuple, PagedPrefill] = {}
+        self._cuda_graphs = False  # set by init_cuda_graph_state: wrappers use fixed grids
+        self._graph_max_tokens = 0
         self._check_supported(model_runner)
 
     def _check_supported(self, model_runner) -> None:
@@ -102,33 +109,53 @@ class SGLangAttnBackend(AttentionBackend):
             return
         seq_lens_cpu = forward_batch.seq_lens_cpu
         seq_lens = (seq_lens_cpu if seq_lens_cpu is not None else forward_batch.seq_lens.cpu())
-        seq_lens = np.asarray(seq_lens, dtype=np.int64)
+        kv_lens = np.asarray(seq_lens, dtype=np.int64)
+        custom_mask = None
         if mode.is_decode():
-            extend_lens = np.ones_like(seq_lens)
+            extend_lens = np.ones_like(kv_lens)
+        elif mode.is_target_verify():
+            # seq_lens is the committed prefix; the n drafts' K/V were just written after it.
+            spec_info = forward_batch.spec_info
+            drafts = getattr(spec_info, "num_tokens_per_req", None) or spec_info.draft_token_num
+            extend_lens = np.full_like(kv_lens, drafts)
+            kv_lens = kv_lens + drafts
+            # A chain (topk 1) is causal over the drafts; a tree needs its mask.
+            if getattr(spec_info, "topk", None) != 1:
+                custom_mask = spec_info.custom_mask
         else:
             extend_cpu = getattr(forward_batch, "extend_seq_lens_cpu", None)
             extend_lens = np.asarray(extend_cpu if extend_cpu is not None else
                                      forward_batch.extend_seq_lens.cpu(), dtype=np.int64)
         req_pool_indices = forward_batch.req_pool_indices
         self.forward_metadata = ForwardMetadata(
-            seq_lens=seq_lens,
+            kv_lens=kv_lens,
             qo_indptr=np.concatenate([[0], np.cumsum(extend_lens)]),
             req_pool_indices=req_pool_indices,
             page_table=PageTable.from_req_to_token(self.req_to_token_pool.req_to_token,
                                                    req_pool_indices, self.page_size),
+            custom_mask=custom_mask,
         )
-        if mode.is_decode():
-            # Before a capture or replay: the graph replays these buffers. (Decoders
-            # exist only where the decode kernel runs.)
-            for key, decoder in self._decoders.items():
-                decoder.plan(self.forward_metadata.seq_lens, window_left=key[-1])
-                self.forward_metadata.planned_decoders.add(key)
+        if mode.is_decode() or mode.is_target_verify():
+            # Before a capture or replay: the graph replays these wrappers' buffers.
+            # (Wrappers exist only where the kernels run.)
+            wrappers = self._decoders if mode.is_decode() else self._prefills
+            for key, wrapper in wrappers.items():
+                self._plan(key, wrapper)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         """Decoders made from now on use grids fixed per batch size, as captured graphs need."""
         self._cuda_graphs = True
         self.max_batch_size = max(self.max_batch_size, max_bs)
-        self._decoders.clear()  # eager-mode decoders size their grid from the lengths
+        self._graph_max_tokens = max(self._graph_max_tokens, max_num_tokens)
+        # Eager-mode wrappers size their grid from the lengths; graph ones from the batch.
+        self._decoders.clear()
+        self._prefills.clear()
+
+    def get_verify_buffers_to_fill_after_draft(self):
+        return [None, None]  # the tree mask is read from spec_info at each plan
+
+    def update_verify_buffers_to_fill_after_draft(self, spec_info, cuda_graph_bs):
+        pass  # nothing is derived from the mask or positions before the next plan
 
     def get_cuda_graph_seq_len_fill_value(self):
         return 1  # a padded row reads one token (slot 0 of pool row 0), never an empty range
@@ -153,7 +180,12 @@ class SGLangAttnBackend(AttentionBackend):
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         causal = layer.attn_type not in (AttentionType.ENCODER_ONLY,
                                          AttentionType.DECODER_BIDIRECTIONAL)
-        out = self._attend_reference(q3, layer, causal=causal)
+        if self.device.type != "cuda":
+            out = self._attend_reference(q3, layer, causal=causal)
+        else:
+            prefill = self._planned_prefill(layer, q3.dtype, causal)
+            out = prefill.run(q3, self._cache(layer), self.forward_metadata.page_table,
+                              sm_scale=layer.scaling, logits_soft_cap=max(layer.logit_cap, 0.0))
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     # ---- helpers --------------------------------------------------------------------------
@@ -181,26 +213,68 @@ class SGLangAttnBackend(AttentionBackend):
         window = getattr(layer, "sliding_window_size", -1)
         return window if window is not None and window >= 0 else -1
 
+    def _layer_key(self, layer, dtype) -> tuple:
+        return (layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim,
+                dtype, self._window_left(layer))
+
+    def _plan(self, key, wrapper) -> None:
+        """Plan `wrapper` for the current forward (once per forward and key)."""
+        meta = self.forward_metadata
+        if isinstance(wrapper, PagedDecode):
+            wrapper.plan(meta.kv_lens, window_left=key[5])
+        else:
+            causal = key[6]
+            wrapper.plan(meta.qo_indptr, meta.kv_lens, causal=causal, window_left=key[5],
+                         custom_mask=meta.custom_mask)
+        meta.planned.add(key)
+
+    def _check_not_capturing(self, what: str) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{BACKEND_NAME}: a {what} layer shape first seen inside CUDA "
+                               "graph capture; its plan must be made before (warm up eagerly)")
+
     def _planned_decoder(self, layer, dtype) -> PagedDecode:
         """The decoder for this layer's shape and window, planned once per forward."""
-        window_left = self._window_left(layer)
-        key = (layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim,
-               dtype, window_left)
+        key = self._layer_key(layer, dtype)
         decoder = self._decoders.get(key)
         if decoder is None:
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(f"{BACKEND_NAME}: a decode layer shape first seen inside CUDA "
-                                   "graph capture; its plan must be made before (warm up eagerly)")
+            self._check_not_capturing("decode")
             decoder = PagedDecode(num_qo_heads=key[0], num_kv_heads=key[1], head_dim=key[2],
                                   head_dim_vo=key[3], dtype=dtype, device=self.device,
                                   max_batch_size=self.max_batch_size,
                                   use_cuda_graph=self._cuda_graphs)
             self._decoders[key] = decoder
-        meta = self.forward_metadata
-        if key not in meta.planned_decoders:
-            decoder.plan(meta.seq_lens, window_left=window_left)
-            meta.planned_decoders.add(key)
+        if key not in self.forward_metadata.planned:
+            self._plan(key, decoder)
         return decoder
+
+    def _planned_prefill(self, layer, dtype, causal: bool) -> PagedPrefill:
+        """The prefill wrapper for this layer's shape, window and causality, planned once per
+        forward. Graph-mode wrappers (verify graphs) are sized for the captured batches;
+        eager ones grow by powers of two when a batch brings more tokens."""
+        key = self._layer_key(layer, dtype)
+        # Bidirectional (encoder-only) layers attend to the whole sequence, window or not.
+        key = key[:5] + (key[5] if causal else -1, causal)
+        meta = self.forward_metadata
+        num_tokens = int(meta.qo_indptr[-1])
+        prefill = self._prefills.get(key)
+        if prefill is None or (not self._cuda_graphs and num_tokens > prefill.max_num_tokens):
+            self._check_not_capturing("prefill")
+            if self._cuda_graphs:
+                max_tokens = max(self._graph_max_tokens, num_tokens)
+                mask_elements = max_tokens * self.req_to_token_pool.req_to_token.shape[1]
+            else:
+                max_tokens = max(_EAGER_MIN_TOKENS, 1 << (num_tokens - 1).bit_length())
+                mask_elements = 0  # grows on demand
+            prefill = PagedPrefill(num_qo_heads=key[0], num_kv_heads=key[1], head_dim=key[2],
+                                   head_dim_vo=key[3], dtype=dtype, device=self.device,
+                                   max_batch_size=self.max_batch_size, max_num_tokens=max_tokens,
+                                   max_mask_elements=mask_elements,
+                                   use_cuda_graph=self._cuda_graphs)
+            self._prefills[key] = prefill
+        if key not in meta.planned:
+            self._plan(key, prefill)
+        return prefill
 
     def _attend_reference(self, q3, layer, *, causal: bool) -> torch.Tensor:
         """The float reference over SGLang's token slots (exact for any slot layout)."""
@@ -208,11 +282,11 @@ class SGLangAttnBackend(AttentionBackend):
         if meta.token_slots is None:
             meta.token_slots = slots_from_req_to_token(
                 self.req_to_token_pool.req_to_token, meta.req_pool_indices,
-                torch.from_numpy(meta.seq_lens))
+                torch.from_numpy(meta.kv_lens))
         kv_indptr, kv_slots = meta.token_slots
         result = reference.attention(
             q3, meta.qo_indptr.tolist(), self._cache(layer), kv_indptr, kv_slots,
             sm_scale=layer.scaling,
             causal=causal, window_left=self._window_left(layer) if causal else -1,
-            logits_soft_cap=max(layer.logit_cap, 0.0))
+            logits_soft_cap=max(layer.logit_cap, 0.0), custom_mask=meta.custom_mask)
         return result.out.to(q3.dtype)

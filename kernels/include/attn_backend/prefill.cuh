@@ -6,7 +6,7 @@
 // tile loaded for a kv head serves its whole group, and a request with a few
 // new tokens (an extend, a speculative verify) still fills the MMA rows.
 //
-// A CTA (4 warps) runs one work item of the plan: a (request, tile of kRows
+// A CTA (kWarps warps) runs one work item of the plan: a (request, tile of kRows
 // packed rows, kv range) triple for one kv head (blockIdx.x). Warp w owns rows
 // [w * 16 * kMTiles, (w + 1) * 16 * kMTiles) of the tile and all kKVTile keys of
 // every K/V tile, so its online softmax needs no cross-warp merge. K and V
@@ -74,14 +74,15 @@ struct PrefillParams {
   int32_t* merge_counters;      // [groups * num_kv_heads], zeros between launches
 };
 
-template <int kHeadDimQK_, int kHeadDimVO_, int kMTiles_, int kKVTile_, int kStages_>
+template <int kHeadDimQK_, int kHeadDimVO_, int kMTiles_, int kKVTile_, int kStages_,
+          int kWarps_ = 4>
 struct PrefillTraits {
   static constexpr int kHeadDimQK = kHeadDimQK_;
   static constexpr int kHeadDimVO = kHeadDimVO_;
   static constexpr int kMTiles = kMTiles_;  // 16-row MMA tiles per warp
   static constexpr int kKVTile = kKVTile_;  // keys per pipeline stage
   static constexpr int kStages = kStages_;
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = 16 * kMTiles;
   static constexpr int kRows = kWarps * kRowsPerWarp;
@@ -306,8 +307,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
     row_max[mt][0] = row_max[mt][1] = kNegInf;
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
-  const float score_scale = kSoftCap ? p.sm_scale / p.soft_cap : p.sm_scale * kLog2e;
+  // Soft-cap: s = cap * log2(e) * tanh(q.k * sm_scale / cap), already in the
+  // log2 domain (exp_scale 1); otherwise s = q.k and exp_scale = sm_scale * log2(e).
+  const float score_scale = p.sm_scale / p.soft_cap;
   const float cap_scale = p.soft_cap * kLog2e;
+  const float exp_scale = kSoftCap ? 1.f : p.sm_scale * kLog2e;
+  float correction_of[kM][2];
 
   ptx::cp_async_wait<kStages - 1>();  // the query tile
   __syncthreads();
@@ -354,45 +359,50 @@ __global__ void __launch_bounds__(Traits::kThreads)
       }
     }
 
-    // Scale (and cap) the scores; mask per element only where some key of
-    // this tile may be hidden from some row of the CTA tile (CTA-uniform test).
+    // Without a soft-cap the scores stay raw q.k here: the max commutes with
+    // the positive scale, which is folded into the exponent's FMA below. Mask
+    // per element only where some key of this tile may be hidden from some row
+    // of the CTA tile (a CTA-uniform test).
     const int first_key = kv_start + tile * kKV;
     const bool needs_mask = has_mask || first_key + kKV > kv_end ||
                             (p.causal && first_key + kKV - 1 > first_position) ||
                             (p.window_left >= 0 && first_key < last_position - p.window_left);
+    if (kSoftCap || needs_mask) {
 #pragma unroll
-    for (int mt = 0; mt < kM; ++mt) {
+      for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
-      for (int n = 0; n < kKVNTiles; ++n) {
+        for (int n = 0; n < kKVNTiles; ++n) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float x = s[mt][n][e];
-          x = kSoftCap ? cap_scale * ptx::fast_tanh(x * score_scale) : x * score_scale;
-          if (needs_mask) {
-            const int key = first_key + n * 8 + (lane % 4) * 2 + (e % 2);
-            const int token = row_token[mt][e / 2];
-            const int position = position_offset + token;
-            bool visible = key < kv_end;
-            if (has_mask) {
-              if (token < q_len) {
-                const int64_t bit = mask_base + static_cast<int64_t>(token) * kv_len + key;
-                visible = visible && ((__ldg(p.mask_bits + (bit >> 3)) >> (bit & 7)) & 1);
+          for (int e = 0; e < 4; ++e) {
+            float x = s[mt][n][e];
+            if (kSoftCap) x = cap_scale * ptx::fast_tanh(x * score_scale);
+            if (needs_mask) {
+              const int key = first_key + n * 8 + (lane % 4) * 2 + (e % 2);
+              const int token = row_token[mt][e / 2];
+              const int position = position_offset + token;
+              bool visible = key < kv_end;
+              if (has_mask) {
+                if (token < q_len) {
+                  const int64_t bit = mask_base + static_cast<int64_t>(token) * kv_len + key;
+                  visible = visible && ((__ldg(p.mask_bits + (bit >> 3)) >> (bit & 7)) & 1);
+                }
+              } else if (p.causal) {
+                visible = visible && key <= position;
               }
-            } else if (p.causal) {
-              visible = visible && key <= position;
+              if (p.window_left >= 0) visible = visible && key >= position - p.window_left;
+              x = visible ? x : kNegInf;
             }
-            if (p.window_left >= 0) visible = visible && key >= position - p.window_left;
-            x = visible ? x : kNegInf;
+            s[mt][n][e] = x;
           }
-          s[mt][n][e] = x;
         }
       }
     }
 
-    // Online softmax per row (log2 domain); a row's 4 quad lanes share it.
+    // Online softmax per row, in the log2 domain: row_max holds max * exp_scale.
+    // A row's 4 quad lanes share it.
+    bool rescale = false;
 #pragma unroll
     for (int mt = 0; mt < kM; ++mt) {
-      float correction[2];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float tile_max = kNegInf;
@@ -402,28 +412,38 @@ __global__ void __launch_bounds__(Traits::kThreads)
         }
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
-        const float new_max = fmaxf(row_max[mt][half], tile_max);
+        const float new_max = fmaxf(row_max[mt][half], tile_max * exp_scale);
+        // With nothing seen yet the max is -inf; subtracting 0 keeps exp2 at 0.
         const float reference = new_max == kNegInf ? 0.f : new_max;
-        correction[half] = ptx::fast_exp2(row_max[mt][half] - reference);
+        const float correction = ptx::fast_exp2(row_max[mt][half] - reference);
+        rescale = rescale || correction != 1.f;
+        correction_of[mt][half] = correction;
         row_max[mt][half] = new_max;
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < kKVNTiles; ++n) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float prob = ptx::fast_exp2(s[mt][n][2 * half + e] - reference);
+            const float prob = ptx::fast_exp2(fmaf(s[mt][n][2 * half + e], exp_scale, -reference));
             s[mt][n][2 * half + e] = prob;
             sum += prob;
           }
         }
-        row_sum[mt][half] = row_sum[mt][half] * correction[half] + sum;
+        row_sum[mt][half] = row_sum[mt][half] * correction + sum;
       }
+    }
+    // Once the running maxima settle most tiles leave them unchanged; then the
+    // output needs no rescaling (a warp-uniform test, so no divergence).
+    if (__any_sync(0xffffffff, rescale)) {
 #pragma unroll
-      for (int n = 0; n < kVONTiles; ++n) {
-        o[mt][n][0] *= correction[0];
-        o[mt][n][1] *= correction[0];
-        o[mt][n][2] *= correction[1];
-        o[mt][n][3] *= correction[1];
+      for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+        for (int n = 0; n < kVONTiles; ++n) {
+          o[mt][n][0] *= correction_of[mt][0];
+          o[mt][n][1] *= correction_of[mt][0];
+          o[mt][n][2] *= correction_of[mt][1];
+          o[mt][n][3] *= correction_of[mt][1];
+        }
       }
     }
 
