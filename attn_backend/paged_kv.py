@@ -149,17 +149,19 @@ def _csr(lens: list[int], pieces: list[torch.Tensor], device) -> tuple[torch.Ten
 
 @dataclass(frozen=True)
 class PageTable:
-    """Which pages each request's tokens are on, read in place from the engine's table.
+    """Where each request's tokens are, read in place from the engine's table.
 
-    Page p of request r is `table[row(r), p * entry_stride] // divisor` where
-    row(r) = `row_index[r]` (or r when `row_index` is None). Build it with
-    `from_block_table` (vLLM) or `from_req_to_token` (SGLang); kernels read the
-    engine's own tensor, so a CUDA graph replay needs no copy.
+    Row `row(r)` = `row_index[r]` (or r when `row_index` is None) of `table`
+    describes request r. A vLLM block table holds page ids: token t is on page
+    `table[row, t // page_size]`. SGLang's `req_to_token` holds token slots
+    (`holds_token_slots`): token t is at slot `table[row, t]`, on page
+    slot // page_size, which is exact for any slot layout. Build it with
+    `from_block_table` or `from_req_to_token`; kernels read the engine's own
+    tensor, so a CUDA graph replay needs no copy.
     """
 
     table: torch.Tensor  # int32 [rows, columns], contiguous rows
-    entry_stride: int = 1
-    divisor: int = 1
+    holds_token_slots: bool = False
     row_index: torch.Tensor | None = None  # int32/int64 [batch]
 
     def __post_init__(self):
@@ -178,29 +180,32 @@ class PageTable:
         return cls(block_table)
 
     @classmethod
-    def from_req_to_token(cls, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
-                          page_size: int) -> "PageTable":
-        """SGLang's token-slot table: a page's id is its first token's slot // page_size."""
-        return cls(req_to_token, entry_stride=page_size, divisor=page_size,
-                   row_index=req_pool_indices)
-
-    def max_pages_per_request(self) -> int:
-        return (self.table.shape[1] + self.entry_stride - 1) // self.entry_stride
+    def from_req_to_token(cls, req_to_token: torch.Tensor,
+                          req_pool_indices: torch.Tensor) -> "PageTable":
+        """SGLang's token-slot table, rows picked by `req_pool_indices`."""
+        return cls(req_to_token, holds_token_slots=True, row_index=req_pool_indices)
 
     def page_ids(self, batch_size: int, kv_lens: list[int], page_size: int) -> list[torch.Tensor]:
-        """Host-side page ids of each request (synchronises; for the reference and debug checks)."""
+        """Host-side page id of each page (vLLM) or token (SGLang) a request reads (synchronises;
+        for debug checks)."""
         rows = self.row_index.tolist() if self.row_index is not None else range(batch_size)
         ids = []
         for row, length in zip(rows, kv_lens):
-            num_pages = (length + page_size - 1) // page_size
-            entries = self.table[row, : num_pages * self.entry_stride: self.entry_stride]
-            ids.append(entries.long() // self.divisor)
+            if self.holds_token_slots:
+                ids.append(self.table[row, :length].long() // page_size)
+            else:
+                ids.append(self.table[row, : (length + page_size - 1) // page_size].long())
         return ids
 
     def token_slots(self, batch_size: int, kv_lens: list[int], page_size: int):
         """CSR (kv_indptr, kv_slots) of the tokens [0, kv_len) of each request."""
+        rows = self.row_index.tolist() if self.row_index is not None else range(batch_size)
         pieces = []
-        for pages, length in zip(self.page_ids(batch_size, kv_lens, page_size), kv_lens):
-            t = torch.arange(length, device=pages.device)
-            pieces.append(pages[t // page_size] * page_size + t % page_size)
+        for row, length in zip(rows, kv_lens):
+            if self.holds_token_slots:
+                pieces.append(self.table[row, :length].long())
+            else:
+                pages = self.table[row, : (length + page_size - 1) // page_size].long()
+                t = torch.arange(length, device=pages.device)
+                pieces.append(pages[t // page_size] * page_size + t % page_size)
         return _csr(list(kv_lens), pieces, self.table.device)

@@ -27,8 +27,8 @@ from .bench_prefill import HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, _shuffle
 from .common import median_ms
 
 # (m-tiles per warp, kv tile, stages, warps)
-VARIANTS = [(2, 32, 3, 4), (2, 64, 2, 4), (1, 64, 2, 4), (1, 64, 3, 4), (2, 32, 2, 4),
-            (1, 64, 2, 8), (1, 32, 3, 8)]
+VARIANTS = [(2, 32, 3, 4), (2, 64, 2, 4), (1, 64, 2, 4), (2, 32, 2, 4), (1, 64, 2, 8),
+            (2, 32, 3, 8), (2, 32, 2, 8), (2, 64, 2, 8)]
 
 _VARIANT_TU = """
 #include "prefill_launch.h"
@@ -53,14 +53,14 @@ namespace attn_backend {{
 namespace {{
 void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache,
                  const at::Tensor& v_cache, const at::Tensor& page_table,
-                 int64_t table_entry_stride, int64_t table_divisor,
+                 bool table_holds_slots,
                  const at::Tensor& request_info, const at::Tensor& schedule,
                  int64_t num_work_items, const at::Tensor& merge_indptr,
                  at::Tensor& merge_counters, const at::Tensor& partial_out,
                  const at::Tensor& partial_lse, double sm_scale, at::Tensor& out) {{
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.size(2) == 128, "variants: bf16 d128 only");
   const PrefillParams params = make_prefill_params(
-      q, k_cache, v_cache, page_table, std::nullopt, table_entry_stride, table_divisor,
+      q, k_cache, v_cache, page_table, std::nullopt, table_holds_slots,
       request_info, schedule, num_work_items, std::nullopt, std::nullopt, merge_indptr,
       merge_counters, partial_out, partial_lse, sm_scale, 0.0, -1, true, out, std::nullopt);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -80,7 +80,7 @@ std::vector<int64_t> variant_info(int64_t variant) {{
 
 TORCH_LIBRARY(attn_backend_variants, m) {{
   m.def("run(int variant, Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
-        "int table_entry_stride, int table_divisor, Tensor request_info, Tensor schedule, "
+        "bool table_holds_slots, Tensor request_info, Tensor schedule, "
         "int num_work_items, Tensor merge_indptr, Tensor(a!) merge_counters, "
         "Tensor(b!) partial_out, Tensor(c!) partial_lse, float sm_scale, Tensor(d!) out) -> ()");
   m.def("info(int variant) -> int[]");
@@ -153,7 +153,7 @@ def run_shape(variants, ops, batch, q_len, kv_len, peers, profile):
         planned = prefill._planned
 
         def call():
-            ops.run(v, q, cache.k, cache.v, table.table, table.entry_stride, table.divisor,
+            ops.run(v, q, cache.k, cache.v, table.table, table.holds_token_slots,
                     prefill._request_info.tensor.view(3, prefill.max_batch_size),
                     prefill._schedule.tensor.view(6, prefill.capacity), planned.num_work_items,
                     prefill._merge_indptr.tensor, prefill._merge_counters, prefill._partial_out,

@@ -21,7 +21,7 @@ def engine_tables(problem: PagedProblem, max_pages: int, gen):
         block_table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
         req_to_token[pool_rows[r], : problem.kv_lens[r]] = problem.slots(r).int()
     return (PageTable.from_block_table(block_table),
-            PageTable.from_req_to_token(req_to_token, pool_rows, page_size))
+            PageTable.from_req_to_token(req_to_token, pool_rows))
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 64])

@@ -34,7 +34,7 @@ def build(kv_lens, *, page_size, num_kv_heads, group, head_dim, dtype, layout, g
         req_to_token = torch.zeros(batch + 3, max_pages * page_size, dtype=torch.int32)
         for r in range(batch):
             req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int()
-        page_table = PageTable.from_req_to_token(req_to_token.cuda(), rows.cuda(), page_size)
+        page_table = PageTable.from_req_to_token(req_to_token.cuda(), rows.cuda())
     q = torch.randn(batch, num_kv_heads * group, head_dim, generator=gen).to(dtype).cuda()
     return problem, page_table, q
 
@@ -119,7 +119,7 @@ def test_decode_graph_replays_with_new_lengths(seed):
     cache = make_cache("sglang", num_pages, page_size, 8, 128, 128, torch.bfloat16, "cuda", gen)
     rows = torch.arange(1, batch + 1)
     req_to_token = torch.zeros(batch + 1, max_len + page_size, dtype=torch.int32, device="cuda")
-    table = PageTable.from_req_to_token(req_to_token, rows.cuda(), page_size)
+    table = PageTable.from_req_to_token(req_to_token, rows.cuda())
     decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
                          device="cuda", max_batch_size=8, use_cuda_graph=True)
     q = torch.empty(batch, 32, 128, dtype=torch.bfloat16, device="cuda")

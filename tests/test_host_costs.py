@@ -53,4 +53,4 @@ def test_sglang_per_replay_host_work_batch_256(benchmark):
                                   seq_lens_cpu=seq_lens,
                                   req_pool_indices=torch.arange(1, batch + 1))
     benchmark(backend.init_forward_metadata_out_graph, replay_view)
-    assert key in backend.forward_metadata.planned_decoders
+    assert key in backend.forward_metadata.planned

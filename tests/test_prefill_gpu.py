@@ -35,7 +35,7 @@ def build(q_lens, kv_lens, *, page_size, num_kv_heads, group, head_dim, dtype, l
         req_to_token = torch.zeros(batch + 3, max_pages * page_size, dtype=torch.int32)
         for r in range(batch):
             req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int()
-        page_table = PageTable.from_req_to_token(req_to_token.cuda(), rows.cuda(), page_size)
+        page_table = PageTable.from_req_to_token(req_to_token.cuda(), rows.cuda())
     q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype).cuda()
     return problem, page_table, q
 
@@ -178,7 +178,7 @@ def test_prefill_graph_replays_with_new_lengths_and_masks(seed):
     cache = make_cache("sglang", num_pages, page_size, 8, 128, 128, torch.bfloat16, "cuda", gen)
     rows = torch.arange(1, batch + 1)
     req_to_token = torch.zeros(batch + 1, max_len + page_size, dtype=torch.int32, device="cuda")
-    table = PageTable.from_req_to_token(req_to_token, rows.cuda(), page_size)
+    table = PageTable.from_req_to_token(req_to_token, rows.cuda())
     prefill = PagedPrefill(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
                            device="cuda", max_batch_size=batch, max_num_tokens=batch * drafts,
                            max_mask_elements=batch * drafts * max_len, use_cuda_graph=True)
@@ -227,3 +227,42 @@ def test_prefill_rejects_bad_gpu_inputs(seed):
         prefill.run(q, problem.cache, bad)
     with pytest.raises(ValueError, match="custom_mask has 10 elements; the lengths need 370"):
         prefill.plan([0, 3, 8], [40, 50], custom_mask=torch.ones(10, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("kernel", ["prefill", "decode"])
+def test_sglang_slots_in_any_order_within_pages(page_size, kernel, seed):
+    """req_to_token may place a request's tokens anywhere, even out of order inside a page
+    (SGLang's kit tests such layouts): the kernels must read each token's own slot."""
+    from attn_backend import PagedDecode
+
+    gen = torch.Generator().manual_seed(seed)
+    kv_lens = [1, 37, 300, 1000]
+    q_lens = [1, 5, 300, 17] if kernel == "prefill" else [1] * 4
+    num_pages = sum(kv_lens) // page_size + 8
+    cache = make_cache("sglang", num_pages, page_size, 2, 128, 128, torch.bfloat16, "cuda", gen)
+    slots = torch.randperm(num_pages * page_size, generator=gen)[: sum(kv_lens)]
+    rows = torch.tensor([3, 0, 2, 5])
+    req_to_token = torch.zeros(6, max(kv_lens), dtype=torch.int32)
+    kv_indptr = [0] + torch.tensor(kv_lens).cumsum(0).tolist()
+    for r, row in enumerate(rows.tolist()):
+        req_to_token[row, : kv_lens[r]] = slots[kv_indptr[r]:kv_indptr[r + 1]].int()
+    table = PageTable.from_req_to_token(req_to_token.cuda(), rows.cuda())
+    q = torch.randn(sum(q_lens), 8, 128, generator=gen).to(torch.bfloat16).cuda()
+    if kernel == "prefill":
+        wrapper = PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=128,
+                               dtype=torch.bfloat16, device="cuda", max_batch_size=4,
+                               max_num_tokens=q.shape[0])
+        qo_indptr = [0] + torch.tensor(q_lens).cumsum(0).tolist()
+        wrapper.plan(qo_indptr, kv_lens)
+        got = wrapper.run(q, cache, table, out=torch.full_like(q, float("nan")))
+    else:
+        wrapper = PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=128,
+                              dtype=torch.bfloat16, device="cuda", max_batch_size=4)
+        qo_indptr = list(range(5))
+        wrapper.plan(kv_lens)
+        got = wrapper.run(q, cache, table, out=torch.full_like(q, float("nan")))
+    want = reference.attention(q, qo_indptr, cache, torch.tensor(kv_indptr).cuda(),
+                               slots.cuda())
+    torch.testing.assert_close(got.float(), want.out, atol=1.5e-2, rtol=1.5e-2,
+                               msg=lambda m: f"seed={seed}: {m}")

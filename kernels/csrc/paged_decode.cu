@@ -51,7 +51,7 @@ PagedCacheSide make_side(const at::Tensor& cache) {
 
 void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& page_table, const std::optional<at::Tensor>& row_index,
-                  int64_t table_entry_stride, int64_t table_divisor, const at::Tensor& schedule,
+                  bool table_holds_slots, const at::Tensor& schedule,
                   const at::Tensor& merge_indptr, at::Tensor& merge_counters, int64_t num_work_items,
                   const at::Tensor& partial_out, const at::Tensor& partial_lse, double sm_scale,
                   double logits_soft_cap, at::Tensor& out, const std::optional<at::Tensor>& lse) {
@@ -105,8 +105,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   params.v = make_side(v_cache);
   params.pages.table = page_table.data_ptr<int32_t>();
   params.pages.row_stride = page_table.stride(0);
-  params.pages.entry_stride = static_cast<int>(table_entry_stride);
-  params.pages.divisor = static_cast<int>(table_divisor);
+  params.pages.holds_token_slots = table_holds_slots;
   params.pages.row_index = row_index.has_value() ? row_index->data_ptr() : nullptr;
   params.pages.row_index_is_int64 = row_index.has_value() && row_index->scalar_type() == at::kLong;
   params.page_size = static_cast<int>(k_cache.size(1));

@@ -132,7 +132,7 @@ class SGLangAttnBackend(AttentionBackend):
             qo_indptr=np.concatenate([[0], np.cumsum(extend_lens)]),
             req_pool_indices=req_pool_indices,
             page_table=PageTable.from_req_to_token(self.req_to_token_pool.req_to_token,
-                                                   req_pool_indices, self.page_size),
+                                                   req_pool_indices),
             custom_mask=custom_mask,
         )
         if mode.is_decode() or mode.is_target_verify():

@@ -238,11 +238,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     PendingRow row{-1, 0};
     const int token = kv_start + tile * kTile + tid;
     if (tid < kTile && tile < num_tiles && token < kv_end) {
-      const int page_in_sequence = token / p.page_size;
-      const int page = p.pages.page_id(table_row, page_in_sequence);
-      // Debug mode reports out-of-range ids before launch; here they are
-      // zero-filled instead of read.
-      if (page >= 0 && page < p.num_pages) row = {page, token - page_in_sequence * p.page_size};
+      const TokenLocation location = p.pages.locate(table_row, token, p.page_size, p.num_pages);
+      row = {location.page, location.slot_in_page};
     }
     return row;
   };

@@ -1,23 +1,30 @@
 // Where token t of request r lives in a paged KV cache, for both engines.
 //
-// A page id is `table[row(r) * row_stride + (t / page_size) * entry_stride] / divisor`:
-// - vLLM's block table [batch, max_blocks]: row(r) = r, entry_stride = 1, divisor = 1;
-// - SGLang's req_to_token [pool_rows, max_context] of token slots:
-//   row(r) = req_pool_indices[r], entry_stride = divisor = page_size (the slot
-//   of a page's first token divided by the page size is the page id).
-// Either table is read in place, so replaying a CUDA graph needs no copy.
+// The engine's table is read in place (a CUDA graph replay needs no copy), at
+// row(r) = row_index[r] (or r itself when there is no row index):
+// - vLLM's block table [batch, max_blocks] holds page ids: token t is on page
+//   table[row, t / page_size] at offset t % page_size.
+// - SGLang's req_to_token [pool_rows, max_context] holds token slots: token t
+//   is at slot s = table[row, t], i.e. page s / page_size, offset s % page_size.
+//   Reading each token's own slot is exact for any slot layout, including
+//   pages whose tokens the allocator did not place in order.
+// Either way one table entry is read per token, so the costs are the same.
 #pragma once
 
 #include <cstdint>
 
 namespace attn_backend {
 
+struct TokenLocation {
+  int page;  // -1: outside the cache (never dereferenced)
+  int slot_in_page;
+};
+
 struct PageTableView {
   const int32_t* table;
-  int64_t row_stride;     // elements between rows of `table`
-  int entry_stride;       // elements between consecutive pages of one row
-  int divisor;            // table value / divisor = page id
-  const void* row_index;  // per-request row of `table`; null = the request index itself
+  int64_t row_stride;      // elements between rows of `table`
+  bool holds_token_slots;  // true: SGLang's per-token slots; false: per-page ids
+  const void* row_index;   // per-request row of `table`; null = the request index itself
   bool row_index_is_int64;
 
   __device__ __forceinline__ int64_t row_of(int request) const {
@@ -26,8 +33,24 @@ struct PageTableView {
                               : static_cast<const int32_t*>(row_index)[request];
   }
 
-  __device__ __forceinline__ int page_id(int64_t row, int64_t page_in_sequence) const {
-    return table[row * row_stride + page_in_sequence * entry_stride] / divisor;
+  // Page and offset of token `token` of table row `row`; ids outside
+  // [0, num_pages) give page -1 (debug mode reports them before launch).
+  __device__ __forceinline__ TokenLocation locate(int64_t row, int token, int page_size,
+                                                  int num_pages) const {
+    const int32_t* entries = table + row * row_stride;
+    int page, slot_in_page;
+    if (holds_token_slots) {
+      const int slot = entries[token];
+      page = slot / page_size;
+      slot_in_page = slot - page * page_size;
+      if (slot < 0) page = -1;
+    } else {
+      const int page_in_sequence = token / page_size;
+      page = entries[page_in_sequence];
+      slot_in_page = token - page_in_sequence * page_size;
+    }
+    if (page < 0 || page >= num_pages) return {-1, 0};
+    return {page, slot_in_page};
   }
 };
 

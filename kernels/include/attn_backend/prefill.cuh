@@ -230,9 +230,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     PendingRow row{-1, 0};
     const int token = kv_start + tile * kKV + tid;
     if (tid < kKV && tile < num_tiles && token < kv_end) {
-      const int page_in_sequence = token / p.page_size;
-      const int page = p.pages.page_id(table_row, page_in_sequence);
-      if (page >= 0 && page < p.num_pages) row = {page, token - page_in_sequence * p.page_size};
+      const TokenLocation location = p.pages.locate(table_row, token, p.page_size, p.num_pages);
+      row = {location.page, location.slot_in_page};
     }
     return row;
   };
