@@ -6,12 +6,13 @@
 namespace attn_backend {
 namespace {
 
-// Tile shapes per head dims, chosen from ptxas's register counts on sm_90a.
-// Two 16-row MMA tiles per warp (32 query rows) share every K/V fragment read
-// from shared memory, which halves the shared-memory traffic per MMA against
-// one tile per warp; with 128 fp32 accumulators at d128 that leaves room for
-// 32-key tiles only (64-key tiles spill), 3 stages deep. d256 keeps one 16-row
-// tile per warp and 16-key tiles. (bench/sweep_prefill.py times alternatives.)
+// Tile shapes per head dims, from ptxas's register counts on sm_90a and the
+// timings of bench/sweep_prefill.py on an H100. Two 16-row MMA tiles per warp
+// (32 query rows) share every K/V fragment read from shared memory, which
+// halves the shared-memory traffic per MMA against one tile per warp. d128:
+// 8 warps (256 rows) share each 32-key tile, so every thread issues half the
+// copies of a 4-warp CTA; 64-key tiles spill at d128 (128 fp32 accumulators
+// per thread). d256 keeps one 16-row tile per warp and 16-key tiles.
 template <int kHeadDimQK, int kHeadDimVO>
 struct PrefillConfig;
 template <>
@@ -20,7 +21,7 @@ struct PrefillConfig<64, 64> {
 };
 template <>
 struct PrefillConfig<128, 128> {
-  using Traits = PrefillTraits<128, 128, 2, 32, 3>;
+  using Traits = PrefillTraits<128, 128, 2, 32, 3, 8>;
 };
 template <>
 struct PrefillConfig<256, 256> {

@@ -179,7 +179,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   extern __shared__ __align__(128) uint8_t smem[];
   T* const q_smem = reinterpret_cast<T*>(smem + Traits::kQOffset);
-  int64_t* const row_offsets = reinterpret_cast<int64_t*>(smem + Traits::kSlotOffset);
+  // [stage][token][K, V]: global address of the token's row for this kv head,
+  // or null for a token outside the range.
+  const T** const row_addresses = reinterpret_cast<const T**>(smem + Traits::kSlotOffset);
 
   const int kv_head = blockIdx.x;
   const int item = blockIdx.y;
@@ -235,38 +237,48 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
     return row;
   };
+  const T* const k_base = reinterpret_cast<const T*>(p.k.base) + kv_head * p.k.stride_head;
+  const T* const v_base = reinterpret_cast<const T*>(p.v.base) + kv_head * p.v.stride_head;
   auto store_row = [&](int tile, const PendingRow& row) {
     if (tid < kKV && tile < num_tiles) {
-      int64_t* dst = row_offsets + ((tile % kStages) * kKV + tid) * 2;
-      dst[0] = row.page < 0 ? -1 : row.page * p.k.stride_page + row.slot_in_page * p.k.stride_slot;
-      dst[1] = row.page < 0 ? -1 : row.page * p.v.stride_page + row.slot_in_page * p.v.stride_slot;
+      const T** dst = row_addresses + ((tile % kStages) * kKV + tid) * 2;
+      const bool valid = row.page >= 0;
+      dst[0] = valid ? k_base + row.page * p.k.stride_page + row.slot_in_page * p.k.stride_slot
+                     : nullptr;
+      dst[1] = valid ? v_base + row.page * p.v.stride_page + row.slot_in_page * p.v.stride_slot
+                     : nullptr;
     }
   };
 
-  const T* const k_base = reinterpret_cast<const T*>(p.k.base) + kv_head * p.k.stride_head;
-  const T* const v_base = reinterpret_cast<const T*>(p.v.base) + kv_head * p.v.stride_head;
-  auto load_side = [&](const T* base, T* tile_smem, int stage, int side, auto chunks_tag) {
+  // Each thread copies one 16-byte chunk column of a tile's rows. A row
+  // outside the range is not copied: its stage keeps earlier (finite) values,
+  // whose scores the mask sets to -inf, so they weigh nothing. The ring starts
+  // zeroed so that even the first tile holds no NaN bit patterns.
+  auto load_side = [&](T* tile_smem, int stage, int side, auto chunks_tag) {
     constexpr int kChunks = decltype(chunks_tag)::value;
     constexpr int kRowsPerPass = kThreads / kChunks;
     const int chunk = tid % kChunks;
     const int first_row = tid / kChunks;
-    const int64_t* offsets = row_offsets + stage * kKV * 2 + side;
+    const T* const* addresses = row_addresses + stage * kKV * 2 + side;
 #pragma unroll
     for (int j = 0; j < (kKV + kRowsPerPass - 1) / kRowsPerPass; ++j) {
       const int row = first_row + j * kRowsPerPass;
       if (kKV % kRowsPerPass == 0 || row < kKV) {
-        const int64_t offset = offsets[row * 2];
-        ptx::cp_async_16(tile_smem + swizzled<kChunks>(row, chunk),
-                         base + (offset < 0 ? 0 : offset + chunk * 8), offset >= 0);
+        const T* src = addresses[row * 2];
+        ptx::cp_async_16_if(tile_smem + swizzled<kChunks>(row, chunk), src + chunk * 8,
+                            src != nullptr);
       }
     }
   };
   auto load_tile = [&](int tile) {
     const int stage = tile % kStages;
-    load_side(k_base, k_tile(stage), stage, 0, std::integral_constant<int, kChunksQK>{});
-    load_side(v_base, v_tile(stage), stage, 1, std::integral_constant<int, kChunksVO>{});
+    load_side(k_tile(stage), stage, 0, std::integral_constant<int, kChunksQK>{});
+    load_side(v_tile(stage), stage, 1, std::integral_constant<int, kChunksVO>{});
   };
 
+  for (int i = tid; i < Traits::kRingBytes / 16; i += kThreads) {
+    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
+  }
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) store_row(s, fetch_row(s));
   __syncthreads();
