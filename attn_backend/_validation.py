@@ -80,3 +80,43 @@ def check_in_range(name: str, values: torch.Tensor, low: int, high: int, what: s
     if lo < low or hi >= high:
         raise ValueError(f"{name} holds values in [{lo}, {hi}]; accepted: [{low}, {high - 1}] "
                          f"({what})")
+
+
+def check_run_inputs(wrapper, q, cache, page_table, *, batch: int, num_rows: int, rows_what: str,
+                     out, logits_soft_cap: float) -> None:
+    """What a kernel wrapper's run() accepts: q [num_rows, heads, dim] and `out` like it, a cache
+    and page table matching the wrapper's shape, dtype and device, and a page table that
+    addresses `batch` requests. `wrapper` has num_qo_heads, num_kv_heads, head_dim,
+    head_dim_vo, dtype and device."""
+    name = type(wrapper).__name__
+    check_tensor("q", q, dims=3)
+    check_size("q", q, 0, num_rows, rows_what)
+    check_size("q", q, 1, wrapper.num_qo_heads, "num_qo_heads")
+    check_size("q", q, 2, wrapper.head_dim, "head_dim")
+    if cache.num_kv_heads != wrapper.num_kv_heads:
+        raise ValueError(f"cache has {cache.num_kv_heads} kv heads; expected {wrapper.num_kv_heads}")
+    if (cache.head_dim_k, cache.head_dim_v) != (wrapper.head_dim, wrapper.head_dim_vo):
+        raise ValueError(f"cache head dims ({cache.head_dim_k}, {cache.head_dim_v}) differ "
+                         f"from ({wrapper.head_dim}, {wrapper.head_dim_vo})")
+    check_same_device(q=q, cache=cache.k, page_table=page_table.table)
+    if q.device != wrapper.device:
+        raise ValueError(f"q is on {q.device}; this {name} was built for {wrapper.device}")
+    if logits_soft_cap < 0:
+        raise ValueError(f"logits_soft_cap must be >= 0 (0 = off), got {logits_soft_cap}")
+    rows = page_table.row_index.shape[0] if page_table.row_index is not None \
+        else page_table.table.shape[0]
+    if rows < batch:
+        raise ValueError(f"page_table addresses {rows} requests; the batch has {batch}")
+    if out is not None:
+        check_tensor("out", out, dims=3)
+        expected = (num_rows, wrapper.num_qo_heads, wrapper.head_dim_vo)
+        if tuple(out.shape) != expected:
+            raise ValueError(f"out has shape {tuple(out.shape)}; expected {expected}")
+        if out.dtype != q.dtype or out.device != q.device:
+            raise ValueError("out must have q's dtype and device")
+    if q.device.type == "cuda":
+        for tensor_name, t in (("q", q), ("k_cache", cache.k), ("v_cache", cache.v)):
+            check_tensor(tensor_name, t, dtypes=(wrapper.dtype,))
+            check_last_dim_contiguous(tensor_name, t)
+        if out is not None:
+            check_last_dim_contiguous("out", out)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from . import _extension, reference
-from ._validation import (KERNEL_DTYPES, capturing_cuda_graph, check_in_range, check_last_dim_contiguous,
-                          check_same_device, check_size, check_tensor, debug_checks_enabled)
+from ._validation import (KERNEL_DTYPES, capturing_cuda_graph, check_in_range, check_run_inputs,
+                          debug_checks_enabled)
 from .cuda_graph import FixedCapacityBuffer
 from .decode import MAX_GROUP_SIZE, SUPPORTED_HEAD_DIMS
 from .paged_kv import PagedKVCache, PageTable
@@ -240,7 +240,9 @@ class PagedPrefill:
         if planned is None:
             raise RuntimeError("PagedPrefill.run() called before plan()")
         batch = len(planned.kv_lens)
-        self._check_inputs(q, cache, page_table, batch, planned.num_tokens, out, logits_soft_cap)
+        check_run_inputs(self, q, cache, page_table, batch=batch, num_rows=planned.num_tokens,
+                         rows_what="the query tokens given to plan() (qo_indptr[-1])", out=out,
+                         logits_soft_cap=logits_soft_cap)
         if sm_scale is None:
             sm_scale = 1.0 / math.sqrt(self.head_dim)
         if not sm_scale > 0:
@@ -268,39 +270,6 @@ class PagedPrefill:
             self._merge_counters, self._partial_out, self._partial_lse, float(sm_scale),
             float(logits_soft_cap), int(planned.window_left), bool(planned.causal), out, lse)
         return (out, lse) if return_lse else out
-
-    def _check_inputs(self, q, cache, page_table, batch, num_tokens, out, logits_soft_cap):
-        check_tensor("q", q, dims=3)
-        check_size("q", q, 0, num_tokens, "the query tokens given to plan() (qo_indptr[-1])")
-        check_size("q", q, 1, self.num_qo_heads, "num_qo_heads")
-        check_size("q", q, 2, self.head_dim, "head_dim")
-        if cache.num_kv_heads != self.num_kv_heads:
-            raise ValueError(f"cache has {cache.num_kv_heads} kv heads; expected {self.num_kv_heads}")
-        if (cache.head_dim_k, cache.head_dim_v) != (self.head_dim, self.head_dim_vo):
-            raise ValueError(f"cache head dims ({cache.head_dim_k}, {cache.head_dim_v}) differ "
-                             f"from ({self.head_dim}, {self.head_dim_vo})")
-        check_same_device(q=q, cache=cache.k, page_table=page_table.table)
-        if q.device != self.device:
-            raise ValueError(f"q is on {q.device}; this PagedPrefill was built for {self.device}")
-        if logits_soft_cap < 0:
-            raise ValueError(f"logits_soft_cap must be >= 0 (0 = off), got {logits_soft_cap}")
-        rows = page_table.row_index.shape[0] if page_table.row_index is not None \
-            else page_table.table.shape[0]
-        if rows < batch:
-            raise ValueError(f"page_table addresses {rows} requests; the batch has {batch}")
-        if out is not None:
-            check_tensor("out", out, dims=3)
-            if tuple(out.shape) != (num_tokens, self.num_qo_heads, self.head_dim_vo):
-                raise ValueError(f"out has shape {tuple(out.shape)}; expected "
-                                 f"{(num_tokens, self.num_qo_heads, self.head_dim_vo)}")
-            if out.dtype != q.dtype or out.device != q.device:
-                raise ValueError("out must have q's dtype and device")
-        if q.device.type == "cuda":
-            for name, t in (("q", q), ("k_cache", cache.k), ("v_cache", cache.v)):
-                check_tensor(name, t, dtypes=(self.dtype,))
-                check_last_dim_contiguous(name, t)
-            if out is not None:
-                check_last_dim_contiguous("out", out)
 
     def _run_reference(self, q, cache, page_table, sm_scale, logits_soft_cap, out, return_lse):
         planned = self._planned

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attn_backend.paged_kv import PagedKVCache
+from attn_backend.paged_kv import PagedKVCache, PageTable
 
 
 @dataclass
@@ -76,3 +76,28 @@ def make_cache(layout: str, num_pages: int, page_size: int, num_kv_heads: int, h
 
 
 LAYOUTS = ("sglang", "vllm_nhd", "vllm_hnd")
+
+
+def build_paged_problem(q_lens, kv_lens, *, page_size, num_kv_heads, group, head_dim, dtype,
+                        layout, gen, engine="vllm", device="cuda"):
+    """A random paged problem, its page table (a vLLM block table, or SGLang's req_to_token
+    with shuffled pool rows) and q [sum(q_lens), num_kv_heads * group, head_dim]."""
+    tables, num_pages = allocate_pages(kv_lens, page_size, gen)
+    cache = make_cache(layout, num_pages, page_size, num_kv_heads, head_dim, head_dim, dtype,
+                       device, gen)
+    problem = PagedProblem(cache, tables, list(kv_lens), list(q_lens))
+    batch = len(kv_lens)
+    max_pages = max(len(p) for p in tables) + 1
+    if engine == "vllm":
+        table = torch.zeros(batch, max_pages, dtype=torch.int32)
+        for r, pages in enumerate(tables):
+            table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        page_table = PageTable.from_block_table(table.to(device))
+    else:
+        rows = torch.randperm(batch + 2, generator=gen)[:batch] + 1
+        req_to_token = torch.zeros(batch + 3, max_pages * page_size, dtype=torch.int32)
+        for r in range(batch):
+            req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int()
+        page_table = PageTable.from_req_to_token(req_to_token.to(device), rows.to(device))
+    q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype).to(device)
+    return problem, page_table, q

@@ -9,35 +9,14 @@ import torch
 
 from attn_backend import PagedPrefill, PageTable, reference
 
-from .helpers import PagedProblem, allocate_pages, make_cache
+from .helpers import PagedProblem, allocate_pages, build_paged_problem, make_cache
 
 pytestmark = pytest.mark.gpu
 
 TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
 
 
-def build(q_lens, kv_lens, *, page_size, num_kv_heads, group, head_dim, dtype, layout, gen,
-          engine="vllm"):
-    """A random paged problem with its page table (vLLM block table or SGLang req_to_token) and q."""
-    tables, num_pages = allocate_pages(kv_lens, page_size, gen)
-    cache = make_cache(layout, num_pages, page_size, num_kv_heads, head_dim, head_dim, dtype,
-                       "cuda", gen)
-    problem = PagedProblem(cache, tables, list(kv_lens), list(q_lens))
-    batch = len(kv_lens)
-    max_pages = max(len(p) for p in tables) + 1
-    if engine == "vllm":
-        table = torch.zeros(batch, max_pages, dtype=torch.int32)
-        for r, pages in enumerate(tables):
-            table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        page_table = PageTable.from_block_table(table.cuda())
-    else:
-        rows = torch.randperm(batch + 2, generator=gen)[:batch] + 1
-        req_to_token = torch.zeros(batch + 3, max_pages * page_size, dtype=torch.int32)
-        for r in range(batch):
-            req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int()
-        page_table = PageTable.from_req_to_token(req_to_token.cuda(), rows.cuda())
-    q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype).cuda()
-    return problem, page_table, q
+build = build_paged_problem
 
 
 def make_prefill(problem, q, *, num_kv_heads, **kwargs):
