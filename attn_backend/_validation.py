@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = ((64, 64), (128, 128), (256, 256))  # (qk, vo) pairs the kernels compile
+MAX_GROUP_SIZE = 16  # query heads per kv head: the kernels' 16-row MMA tile
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 _debug_checks = os.environ.get("ATTN_BACKEND_DEBUG", "0") not in ("", "0")
@@ -120,3 +122,19 @@ def check_run_inputs(wrapper, q, cache, page_table, *, batch: int, num_rows: int
             check_last_dim_contiguous(tensor_name, t)
         if out is not None:
             check_last_dim_contiguous("out", out)
+
+
+def check_kernel_shape(num_qo_heads: int, num_kv_heads: int, head_dim: int, head_dim_vo: int,
+                       dtype: torch.dtype) -> None:
+    """Head dims, GQA group size and dtype that the compiled kernels serve."""
+    if (head_dim, head_dim_vo) not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dims (qk={head_dim}, vo={head_dim_vo}) are not compiled; "
+                         f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+    if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
+        raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of "
+                         f"num_kv_heads={num_kv_heads}")
+    if not 1 <= num_qo_heads // num_kv_heads <= MAX_GROUP_SIZE:
+        raise ValueError(f"group size num_qo_heads/num_kv_heads = "
+                         f"{num_qo_heads // num_kv_heads}; supported: 1..{MAX_GROUP_SIZE}")
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"dtype {dtype}; accepted: float16, bfloat16")

@@ -20,14 +20,12 @@ import numpy as np
 import torch
 
 from . import _extension, reference
-from ._validation import (KERNEL_DTYPES, capturing_cuda_graph, check_in_range, check_run_inputs,
-                          debug_checks_enabled)
+from ._validation import (capturing_cuda_graph, check_in_range, check_kernel_shape,
+                          check_run_inputs, debug_checks_enabled)
 from .cuda_graph import FixedCapacityBuffer
 from .paged_kv import PagedKVCache, PageTable
 from .schedule import graph_grid_size, max_items_per_head, plan_decode
 
-SUPPORTED_HEAD_DIMS = ((64, 64), (128, 128), (256, 256))
-MAX_GROUP_SIZE = 16  # query heads per kv head: the kernel's 16-row MMA tile
 
 
 @dataclass(frozen=True)
@@ -47,17 +45,7 @@ class PagedDecode:
         """`cta_slots`: decode CTAs the GPU runs at once, which sizes split-KV (default:
         measured from the kernel's occupancy on `device`)."""
         head_dim_vo = head_dim if head_dim_vo is None else head_dim_vo
-        if (head_dim, head_dim_vo) not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"head dims (qk={head_dim}, vo={head_dim_vo}) are not compiled; "
-                             f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
-        if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
-            raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of "
-                             f"num_kv_heads={num_kv_heads}")
-        if not 1 <= num_qo_heads // num_kv_heads <= MAX_GROUP_SIZE:
-            raise ValueError(f"group size num_qo_heads/num_kv_heads = "
-                             f"{num_qo_heads // num_kv_heads}; supported: 1..{MAX_GROUP_SIZE}")
-        if dtype not in KERNEL_DTYPES:
-            raise TypeError(f"dtype {dtype}; accepted: float16, bfloat16")
+        check_kernel_shape(num_qo_heads, num_kv_heads, head_dim, head_dim_vo, dtype)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.num_qo_heads = num_qo_heads

@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from . import _extension, reference
-from ._validation import (KERNEL_DTYPES, capturing_cuda_graph, check_in_range, check_run_inputs,
-                          debug_checks_enabled)
+from ._validation import (capturing_cuda_graph, check_in_range, check_kernel_shape,
+                          check_run_inputs, debug_checks_enabled)
 from .cuda_graph import FixedCapacityBuffer
-from .decode import MAX_GROUP_SIZE, SUPPORTED_HEAD_DIMS
 from .paged_kv import PagedKVCache, PageTable
 from .schedule import max_prefill_partials_per_head, plan_prefill, prefill_grid_size
 
@@ -65,17 +64,7 @@ class PagedPrefill:
         mask buffer grows on demand). `cta_slots`: prefill CTAs the GPU runs at once, which
         sizes split-KV (default: measured from the kernel's occupancy on `device`)."""
         head_dim_vo = head_dim if head_dim_vo is None else head_dim_vo
-        if (head_dim, head_dim_vo) not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"head dims (qk={head_dim}, vo={head_dim_vo}) are not compiled; "
-                             f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
-        if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
-            raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of "
-                             f"num_kv_heads={num_kv_heads}")
-        if not 1 <= num_qo_heads // num_kv_heads <= MAX_GROUP_SIZE:
-            raise ValueError(f"group size num_qo_heads/num_kv_heads = "
-                             f"{num_qo_heads // num_kv_heads}; supported: 1..{MAX_GROUP_SIZE}")
-        if dtype not in KERNEL_DTYPES:
-            raise TypeError(f"dtype {dtype}; accepted: float16, bfloat16")
+        check_kernel_shape(num_qo_heads, num_kv_heads, head_dim, head_dim_vo, dtype)
         if max_batch_size < 1 or max_num_tokens < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}) and max_num_tokens "
                              f"({max_num_tokens}) must be >= 1")
@@ -117,6 +106,8 @@ class PagedPrefill:
                                                  torch.int64, self.device)
         self._mask_bits = torch.zeros(-(-max_mask_elements // 8), dtype=torch.uint8,
                                       device=self.device)
+        self._mask_bit_weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
+                                              device=self.device)
         self._partial_out = torch.empty(self.max_partials * num_kv_heads * self.tile_rows,
                                         head_dim_vo, dtype=torch.float32, device=self.device)
         self._partial_lse = torch.empty(self.max_partials * num_kv_heads * self.tile_rows,
@@ -223,9 +214,7 @@ class PagedPrefill:
         if num_bytes > self._mask_bits.numel():  # eager mode only (checked in plan)
             self._mask_bits = torch.zeros(num_bytes, dtype=torch.uint8, device=self.device)
         padded = torch.nn.functional.pad(mask, (0, num_bytes * 8 - mask.numel()))
-        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
-                               device=self.device)
-        torch.sum(padded.view(num_bytes, 8) * weights, dim=1, dtype=torch.uint8,
+        torch.sum(padded.view(num_bytes, 8) * self._mask_bit_weights, dim=1, dtype=torch.uint8,
                   out=self._mask_bits[:num_bytes])
 
     def run(self, q: torch.Tensor, cache: PagedKVCache, page_table: PageTable, *,

@@ -24,13 +24,11 @@ ITEM_OVERHEAD_TOKENS = 64  # a CTA's fixed cost (pipeline fill, epilogue), in to
 MAX_SPLITS_CONSIDERED = 128
 
 
-@dataclass(frozen=True)
-class DecodeSchedule:
-    """Work items (rows of `items`: request, kv_start, kv_end, partial) and the merge ranges."""
+class _WorkList:
+    """A schedule's work items (the columns of `items`) and its merge ranges (`merge_indptr`)."""
 
-    items: np.ndarray  # int32 [4, num_items]
-    merge_indptr: np.ndarray  # int32 [batch + 1]; request r merges partials [indptr[r], indptr[r+1])
-    chunk_tokens: int
+    items: np.ndarray
+    merge_indptr: np.ndarray
 
     @property
     def num_items(self) -> int:
@@ -39,6 +37,15 @@ class DecodeSchedule:
     @property
     def num_partials(self) -> int:
         return int(self.merge_indptr[-1])
+
+
+@dataclass(frozen=True)
+class DecodeSchedule(_WorkList):
+    """Work items (rows of `items`: request, kv_start, kv_end, partial) and the merge ranges."""
+
+    items: np.ndarray  # int32 [4, num_items]
+    merge_indptr: np.ndarray  # int32 [batch + 1]; request r merges partials [indptr[r], indptr[r+1])
+    chunk_tokens: int
 
 
 def kv_ranges(kv_lens: np.ndarray, window_left: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +118,7 @@ def graph_grid_size(batch_size: int, num_kv_heads: int, cta_slots: int) -> int:
 
 
 @dataclass(frozen=True)
-class PrefillSchedule:
+class PrefillSchedule(_WorkList):
     """Work items (rows of `items`: request, row_start, kv_start, kv_end, partial, merge_group).
 
     A tile is `tile_rows` packed query rows of one request (row = token * group
@@ -122,14 +129,6 @@ class PrefillSchedule:
     items: np.ndarray  # int32 [6, num_items]
     merge_indptr: np.ndarray  # int32 [num_groups + 1]
     num_tiles: int
-
-    @property
-    def num_items(self) -> int:
-        return self.items.shape[1]
-
-    @property
-    def num_partials(self) -> int:
-        return int(self.merge_indptr[-1])
 
 
 def max_prefill_partials_per_head(num_kv_heads: int, cta_slots: int) -> int:

@@ -10,7 +10,6 @@ table. The SDPA and flex peers get the same K/V gathered into contiguous
 
 from __future__ import annotations
 
-import math
 import time
 import traceback
 
@@ -19,7 +18,7 @@ import torch
 import attn_backend
 from attn_backend import PagedDecode, PagedKVCache, PageTable
 
-from .common import median_ms
+from .common import OptionalPeers, contiguous_kv, median_ms, shuffled_pages
 
 NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -35,18 +34,12 @@ def case_name(batch, kv_len, page_size):
     return f"b{batch}_kv{kv_len}_h{NUM_QO_HEADS}-{NUM_KV_HEADS}_d{HEAD_DIM}_bf16_p{page_size}"
 
 
-def _shuffled_pages(batch, kv_len, page_size, num_pages, gen):
-    pages_per_request = math.ceil(kv_len / page_size)
-    order = torch.randperm(num_pages, generator=gen)[: batch * pages_per_request]
-    return order.view(batch, pages_per_request).to(torch.int32)
-
-
 def make_problem(batch, kv_len, page_size, gen):
     """Random K/V for `batch` requests of `kv_len` tokens on shuffled pages, and a query."""
     k_buffer = torch.randn(batch * kv_len + 1024, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE,
                            device="cuda")
     cache = PagedKVCache.from_sglang(k_buffer, torch.randn_like(k_buffer), page_size)
-    pages = _shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
+    pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
     q = torch.randn(batch, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     return cache, pages, q
 
@@ -60,29 +53,8 @@ def kv_bytes(batch, kv_len):
     return 2 * batch * kv_len * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
 
 
-class Peers:
-    """Optional peers; each one that cannot run says why once."""
-
-    def __init__(self):
-        self.notes: list[str] = []
-        self.flashinfer = None
-        try:
-            import flashinfer
-            self.flashinfer = flashinfer
-            self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
-        except Exception as error:  # noqa: BLE001 - reported in the results
-            self.notes.append(f"flashinfer not run: {type(error).__name__}: {error}")
-        self.flex = None
-        self.flex_seconds = 0.0
-        try:
-            from torch.nn.attention.flex_attention import flex_attention
-            self.flex = torch.compile(flex_attention, dynamic=False)
-        except Exception as error:  # noqa: BLE001
-            self.notes.append(f"flex_attention not run: {type(error).__name__}: {error}")
-
-    def note_once(self, text):
-        if text not in self.notes:
-            self.notes.append(text)
+class Peers(OptionalPeers):
+    """The optional peers, and how each runs this benchmark's case."""
 
     def flashinfer_decode(self, use_tensor_cores, cache, pages, kv_len, q):
         batch, pages_per_request = pages.shape
@@ -97,16 +69,6 @@ class Peers:
         out = torch.empty_like(q)
         kv = (cache.k, cache.v)
         return lambda: wrapper.run(q, kv, out=out)
-
-
-def _contiguous_kv(cache, pages, kv_len):
-    """[batch, kv_heads, kv_len, dim] copies of each request's K and V."""
-    page_size = cache.page_size
-    t = torch.arange(kv_len, device="cuda")
-    slots = pages.cuda().long()[:, t // page_size] * page_size + t % page_size  # [batch, kv_len]
-    k = cache.k.reshape(-1, NUM_KV_HEADS, HEAD_DIM)[slots].transpose(1, 2).contiguous()
-    v = cache.v.reshape(-1, NUM_KV_HEADS, HEAD_DIM)[slots].transpose(1, 2).contiguous()
-    return k, v
 
 
 def run() -> tuple[str, list[dict], list[str]]:
@@ -126,7 +88,7 @@ def run() -> tuple[str, list[dict], list[str]]:
             contiguous = None
             for page_size in PAGE_SIZES:
                 cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size)
-                pages = _shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
+                pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
                 table = PageTable.from_block_table(pages.cuda())
                 decode.plan([kv_len] * batch)
                 out = torch.empty_like(q)
@@ -159,7 +121,7 @@ def _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters) -> dict[str,
 
     timings = {}
     try:
-        k, v = _contiguous_kv(cache, pages, kv_len)
+        k, v = contiguous_kv(cache, pages, kv_len)
     except torch.OutOfMemoryError:
         peers.note_once(f"SDPA/flex peers skipped where the contiguous copy did not fit "
                         f"(first: b{batch} kv{kv_len})")

@@ -10,7 +10,6 @@ causal mask aligned to the bottom right (the queries are the last tokens) as our
 
 from __future__ import annotations
 
-import math
 import time
 import traceback
 
@@ -19,7 +18,7 @@ import torch
 import attn_backend
 from attn_backend import PagedKVCache, PagedPrefill, PageTable
 
-from .common import median_ms
+from .common import OptionalPeers, contiguous_kv, median_ms, shuffled_pages
 
 CEILING = "gemm"
 NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -47,36 +46,8 @@ def flops(batch, q_len, kv_len):
     return 2 * (HEAD_DIM + HEAD_DIM) * NUM_QO_HEADS * visible_pairs(batch, q_len, kv_len)
 
 
-def _shuffled_pages(batch, kv_len, page_size, num_pages, gen):
-    pages_per_request = math.ceil(kv_len / page_size)
-    order = torch.randperm(num_pages, generator=gen)[: batch * pages_per_request]
-    return order.view(batch, pages_per_request).to(torch.int32)
-
-
-class Peers:
-    """Optional peers; each one that cannot run says why once."""
-
-    def __init__(self):
-        self.notes: list[str] = []
-        self.flashinfer = None
-        try:
-            import flashinfer
-            self.flashinfer = flashinfer
-            self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
-        except Exception as error:  # noqa: BLE001 - reported in the results
-            self.notes.append(f"flashinfer not run: {type(error).__name__}: {error}")
-        self.flex = None
-        self.flex_seconds = 0.0
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-            self.flex = torch.compile(flex_attention, dynamic=False)
-            self.create_block_mask = create_block_mask
-        except Exception as error:  # noqa: BLE001
-            self.notes.append(f"flex_attention not run: {type(error).__name__}: {error}")
-
-    def note_once(self, text):
-        if text not in self.notes:
-            self.notes.append(text)
+class Peers(OptionalPeers):
+    """The optional peers, and how each runs this benchmark's case."""
 
     def flashinfer_prefill(self, backend, cache, pages, q_len, kv_len, q):
         batch, pages_per_request = pages.shape
@@ -95,22 +66,12 @@ class Peers:
         return lambda: wrapper.run(q, kv, out=out), out
 
 
-def _contiguous_kv(cache, pages, kv_len):
-    """[batch, kv_heads, kv_len, dim] copies of each request's K and V."""
-    page_size = cache.page_size
-    t = torch.arange(kv_len, device="cuda")
-    slots = pages.cuda().long()[:, t // page_size] * page_size + t % page_size
-    k = cache.k.reshape(-1, NUM_KV_HEADS, HEAD_DIM)[slots].transpose(1, 2).contiguous()
-    v = cache.v.reshape(-1, NUM_KV_HEADS, HEAD_DIM)[slots].transpose(1, 2).contiguous()
-    return k, v
-
-
 def _contiguous_peers(peers, batch, q_len, kv_len, cache, pages, q, iters) -> dict[str, float]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
     timings = {}
-    k, v = _contiguous_kv(cache, pages, kv_len)
+    k, v = contiguous_kv(cache, pages, kv_len)
     q4 = q.view(batch, q_len, NUM_QO_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
     # Equal lengths: plain is_causal (top-left = bottom-right); an extend needs the bottom right.
     causal = dict(is_causal=True) if q_len == kv_len else \
@@ -164,7 +125,7 @@ def run() -> tuple[str, list[dict], list[str]]:
         contiguous = None
         for page_size in PAGE_SIZES:
             cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size)
-            pages = _shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
+            pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
             table = PageTable.from_block_table(pages.cuda())
             prefill.plan([q_len * r for r in range(batch + 1)], [kv_len] * batch)
             out = torch.empty_like(q)

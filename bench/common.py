@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -105,3 +106,48 @@ def format_table(result_rows: list[dict], unit: str) -> str:
         cells += [f"{row['peers'][p]:.3f}" if p in row.get("peers", {}) else "-" for p in peers]
         lines.append(" | ".join(cells))
     return f"({unit})\n" + "\n".join(lines)
+
+
+def shuffled_pages(batch: int, kv_len: int, page_size: int, num_pages: int,
+                   gen: torch.Generator) -> torch.Tensor:
+    """int32 [batch, pages per request]: disjoint pages of the cache in random order."""
+    pages_per_request = math.ceil(kv_len / page_size)
+    order = torch.randperm(num_pages, generator=gen)[: batch * pages_per_request]
+    return order.view(batch, pages_per_request).to(torch.int32)
+
+
+def contiguous_kv(cache, pages: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, kv_heads, kv_len, dim] copies of each request's K and V (for unpaged peers)."""
+    page_size = cache.page_size
+    t = torch.arange(kv_len, device="cuda")
+    slots = pages.cuda().long()[:, t // page_size] * page_size + t % page_size  # [batch, kv_len]
+    k = cache.k.reshape(-1, cache.num_kv_heads, cache.head_dim_k)[slots]
+    v = cache.v.reshape(-1, cache.num_kv_heads, cache.head_dim_v)[slots]
+    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+
+
+class OptionalPeers:
+    """Peers that may be missing (FlashInfer, flex_attention); each one that cannot run says why
+    once, in `notes`."""
+
+    def __init__(self):
+        self.notes: list[str] = []
+        self.flashinfer = None
+        try:
+            import flashinfer
+            self.flashinfer = flashinfer
+            self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+        except Exception as error:  # noqa: BLE001 - reported in the results
+            self.notes.append(f"flashinfer not run: {type(error).__name__}: {error}")
+        self.flex = None
+        self.flex_seconds = 0.0
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            self.flex = torch.compile(flex_attention, dynamic=False)
+            self.create_block_mask = create_block_mask
+        except Exception as error:  # noqa: BLE001
+            self.notes.append(f"flex_attention not run: {type(error).__name__}: {error}")
+
+    def note_once(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)

@@ -23,8 +23,8 @@ import torch
 import attn_backend
 from attn_backend import PagedKVCache, PagedPrefill, PageTable, _sources
 
-from .bench_prefill import HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, _shuffled_pages, flops
-from .common import median_ms
+from .bench_prefill import HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, flops
+from .common import median_ms, shuffled_pages
 
 # (m-tiles per warp, kv tile, stages, warps)
 VARIANTS = [(2, 32, 3, 4), (2, 32, 2, 4), (2, 32, 3, 8), (2, 32, 2, 8), (2, 64, 2, 8),
@@ -128,7 +128,7 @@ def run_shape(variants, ops, batch, q_len, kv_len, peers, profile):
     k_buffer = torch.randn(batch * kv_len + 1024, NUM_KV_HEADS, HEAD_DIM, dtype=torch.bfloat16,
                            device="cuda")
     cache = PagedKVCache.from_sglang(k_buffer, torch.randn_like(k_buffer), 16)
-    pages = _shuffled_pages(batch, kv_len, 16, cache.num_pages, gen)
+    pages = shuffled_pages(batch, kv_len, 16, cache.num_pages, gen)
     table = PageTable.from_block_table(pages.cuda())
     q = torch.randn(batch * q_len, NUM_QO_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     qo_indptr = [q_len * r for r in range(batch + 1)]

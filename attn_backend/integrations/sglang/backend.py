@@ -31,8 +31,8 @@ from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ... import reference
-from ..._validation import KERNEL_DTYPES
-from ...decode import MAX_GROUP_SIZE, SUPPORTED_HEAD_DIMS, PagedDecode
+from ..._validation import KERNEL_DTYPES, MAX_GROUP_SIZE, SUPPORTED_HEAD_DIMS
+from ...decode import PagedDecode
 from ...paged_kv import PagedKVCache, PageTable, slots_from_req_to_token
 from ...prefill import PagedPrefill
 from . import BACKEND_NAME
