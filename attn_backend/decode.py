@@ -154,12 +154,20 @@ class PagedDecode:
         batch = len(planned.kv_lens)
         kv_indptr, kv_slots = page_table.token_slots(batch, planned.kv_lens.tolist(),
                                                      cache.page_size)
-        result = reference.attention(q, list(range(batch + 1)), cache, kv_indptr, kv_slots,
+        # A request without keys (a padding row) has no query in the reference's terms: its
+        # row stays 0 with lse -inf, as the kernel writes it.
+        qo_indptr = np.concatenate([[0], np.cumsum(planned.kv_lens > 0)]).tolist()
+        has_keys = torch.from_numpy(planned.kv_lens > 0).to(q.device)
+        result = reference.attention(q[has_keys], qo_indptr, cache, kv_indptr, kv_slots,
                                      sm_scale=sm_scale, causal=True,
                                      window_left=planned.window_left,
                                      logits_soft_cap=logits_soft_cap)
-        decoded = result.out.to(q.dtype)
+        decoded = q.new_zeros(batch, self.num_qo_heads, self.head_dim_vo)
+        decoded[has_keys] = result.out.to(q.dtype)
+        lse = torch.full((batch, self.num_qo_heads), float("-inf"), dtype=result.lse.dtype,
+                         device=q.device)
+        lse[has_keys] = result.lse
         if out is not None:
             out.copy_(decoded)
             decoded = out
-        return (decoded, result.lse) if return_lse else decoded
+        return (decoded, lse) if return_lse else decoded

@@ -120,13 +120,17 @@ class PagedPrefill:
         self._planned: _PlannedBatch | None = None
 
     def plan(self, qo_indptr, kv_lens, *, causal: bool = True, window_left: int = -1,
-             custom_mask: torch.Tensor | None = None, mask_indptr=None) -> None:
+             custom_mask: torch.Tensor | None = None, mask_indptr=None,
+             graph_num_tokens: int | None = None) -> None:
         """Schedule a batch from host `qo_indptr` [batch + 1] and `kv_lens` [batch].
 
         `window_left` = w: a query at position p sees keys [p - w, ...] only (-1: no window).
         `custom_mask`: flat bool tensor (any device; packed to bits on the kernel's device),
         request r's row-major [q_len, kv_len] block at element `mask_indptr[r]` (default:
         the blocks back to back); it replaces causality, the window still applies.
+        `graph_num_tokens` (with `use_cuda_graph`): the query tokens the graph's grid is sized
+        for, when a captured batch carries more tokens than its requests use (vLLM pads a
+        graph's batch with empty requests and spare tokens); default: qo_indptr[-1].
         """
         qo = _host_int64("qo_indptr", qo_indptr)
         lens = _host_int64("kv_lens", kv_lens)
@@ -155,7 +159,11 @@ class PagedPrefill:
                                 tile_rows=self.tile_rows, causal=causal, window_left=window_left,
                                 has_mask=mask is not None, num_kv_heads=self.num_kv_heads,
                                 cta_slots=self.cta_slots)
-        num_work_items = prefill_grid_size(int(qo[-1]), batch, self.group_size, self.tile_rows,
+        grid_tokens = int(qo[-1]) if graph_num_tokens is None else graph_num_tokens
+        if not qo[-1] <= grid_tokens <= self.max_num_tokens:
+            raise ValueError(f"graph_num_tokens={graph_num_tokens}; accepted: from the batch's "
+                             f"{qo[-1]} tokens to max_num_tokens={self.max_num_tokens}")
+        num_work_items = prefill_grid_size(grid_tokens, batch, self.group_size, self.tile_rows,
                                            self.num_kv_heads, self.cta_slots) \
             if self.use_cuda_graph else schedule.num_items
         if not schedule.num_items <= num_work_items <= self.capacity:

@@ -40,7 +40,7 @@ quiet_pip install ninja pytest hypothesis pytest-benchmark numpy matplotlib
 # run on the float reference). Pinned to the release whose torch pin is ours.
 SGLANG_FOR_TORCH_2_14="sglang==0.5.23"
 SGLANG_CPU_DEPS=("transformers==5.19.0" "tokenizers==0.23.2" "torchvision==0.29.1"
-  "apache-tvm-ffi==0.1.11" "compressed-tensors==0.18.0" "openai==2.8.0" "sentencepiece==0.2.1"
+  "apache-tvm-ffi==0.1.11" "compressed-tensors==0.18.0" "openai==2.25.0" "sentencepiece==0.2.1"
   pillow pyzmq msgspec pydantic orjson psutil pybase64 requests packaging starlette tqdm IPython
   aiohttp dill gguf partial_json_parser fastapi uvicorn einops)
 if ! "$PY" -c "import sglang" 2>/dev/null; then
@@ -56,6 +56,28 @@ if ! "$PY" -c "import sglang" 2>/dev/null; then
       /tmp/attn_backend_sglang_deps.log 2>/dev/null || true
   else
     echo "env.sh: no sglang release pinned for this torch; the SGLang integration tests will skip" >&2
+  fi
+fi
+
+# vLLM without its CUDA dependencies, for the integration tests (on CPU they run on the
+# float reference): its Python classes (configs, KV specs, metadata, registry) are what
+# the tests drive. vllm 0.33.0 pins torch 2.14.0; its Python code runs on 2.14.1. The
+# list below is what importing vllm.config and vllm.v1.attention needs; openai 2.25 (for
+# vLLM's tool parsers) also serves sglang.
+VLLM_FOR_TORCH_2_14="vllm==0.33.0"
+VLLM_CPU_DEPS=(regex cachetools blake3 py-cpuinfo cbor2 ijson cloudpickle python-json-logger
+  prometheus_client pyyaml safetensors protobuf jsonschema oss-harmony uvloop "xgrammar==0.2.8"
+  "openai==2.25.0" llguidance)
+if ! "$PY" -c "import vllm" 2>/dev/null; then
+  if "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.14.') else 1)"; then
+    if ! { quiet_pip install --no-deps "$VLLM_FOR_TORCH_2_14" \
+           && quiet_pip install "${VLLM_CPU_DEPS[@]}" > /tmp/attn_backend_vllm_deps.log 2>&1; }; then
+      cat /tmp/attn_backend_vllm_deps.log >&2
+      echo "env.sh: installing $VLLM_FOR_TORCH_2_14 failed; the vLLM integration tests will skip" >&2
+      [ "${CI:-}" = "true" ] && exit 1
+    fi
+  else
+    echo "env.sh: no vllm release pinned for this torch; the vLLM integration tests will skip" >&2
   fi
 fi
 

@@ -45,6 +45,26 @@ def test_cpu_decode_matches_reference_through_both_tables(page_size, seed):
         torch.testing.assert_close(lse, want.lse)
 
 
+def test_cpu_decode_request_without_keys_gives_zero_and_minus_inf(seed):
+    """vLLM pads captured batches with requests of no keys; their rows must be 0, not NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_lens = [0, 40, 0]
+    tables, num_pages = allocate_pages(kv_lens, 16, gen)
+    cache = make_cache("vllm_nhd", num_pages + 1, 16, 2, 64, 64, torch.float32, "cpu", gen)
+    problem = PagedProblem(cache, tables, kv_lens, [1] * len(kv_lens))
+    q = torch.randn(len(kv_lens), 8, 64, generator=gen)
+    decode = PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
+                         device="cpu", max_batch_size=4)
+    decode.plan(kv_lens)
+    block_table, _ = engine_tables(problem, 4, gen)
+    out, lse = decode.run(q, cache, block_table, return_lse=True)
+    assert torch.all(out[[0, 2]] == 0) and torch.all(lse[[0, 2]] == float("-inf"))
+    kv_indptr, kv_slots = problem.kv_csr()
+    want = reference.attention(q[1:2], [0, 1], cache, kv_indptr[1:3] - kv_indptr[1],
+                               kv_slots, window_left=-1)
+    torch.testing.assert_close(out[1:2], want.out)
+
+
 def test_decode_rejects_unsupported_configurations():
     with pytest.raises(ValueError, match=r"head dims \(qk=96, vo=96\) are not compiled"):
         PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=96, dtype=torch.bfloat16, device="cpu")

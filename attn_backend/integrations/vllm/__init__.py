@@ -1,0 +1,31 @@
+"""vLLM integration: `--attention-backend CUSTOM` (or `ATTN_BACKEND`).
+
+`register()` is the `vllm.general_plugins` entry point (see pyproject.toml):
+vLLM calls it in every process (front end, engine core, workers) before it
+resolves `--attention-backend`. It registers class paths only, so it imports
+neither the backend module nor any CUDA code.
+
+Two names select the same backend: vLLM's static `CUSTOM` member, which
+survives any process start method, and `ATTN_BACKEND`, an enum member added at
+registration (safe where the CLI loads plugins before parsing, as `vllm serve`
+and `vllm bench` do). vLLM looks a backend up by its `get_name()`, so each name
+has its own class.
+"""
+
+from __future__ import annotations
+
+BACKEND_NAME = "ATTN_BACKEND"
+SUPPORTED_VLLM = ">=0.32,<0.34"  # the V1 backend API of the contract (K||V-packed caches)
+
+_MODULE = "attn_backend.integrations.vllm.backend"
+CUSTOM_CLASS_PATH = f"{_MODULE}.AttnBackendAsCustom"
+NAMED_CLASS_PATH = f"{_MODULE}.AttnBackend"
+
+
+def register() -> None:
+    """Make the backend selectable in this vLLM process (idempotent)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, CUSTOM_CLASS_PATH)
+    if BACKEND_NAME not in AttentionBackendEnum.__members__:
+        register_backend(BACKEND_NAME, NAMED_CLASS_PATH)

@@ -1,0 +1,297 @@
+"""End-to-end SGLang throughput: attn_backend against SGLang's built-in backends, on one GPU.
+
+Runs SGLang's own `sglang.benchmark.one_batch` (a real engine: scheduler, KV pool,
+CUDA-graph decode) through attn_backend's launcher, one process per backend and
+shape, on a Llama-3-8B-shaped model with 4 layers and random weights
+(`--load-format dummy`; the model directory, a config and a word-level tokenizer,
+is written locally, so no hub access is needed):
+
+    python -m bench.e2e_sglang [--backends attn_backend flashinfer triton]
+        [--shapes 1x8192 16x8192 64x4096 256x1024] [--output-len 32]
+        [--page16 attn_backend flashinfer] [--skip-agreement]
+    python -m bench.e2e_sglang --plot-only bench/results/e2e_sglang-DATE-GPU.json
+
+Each engine run leaves its result in --log-dir; with --resume a later call reuses them (so
+the runs can be spread over several calls of a time-limited machine).
+
+Writes `bench/results/e2e_sglang-<date>-<gpu>.json` (+ .png): unit tokens/s, each
+shape twice, `<case>_prefill` (prefill tokens/s of the whole batch) and
+`<case>_decode` (median decode tokens/s), `ours` = attn_backend, peers by SGLang
+backend name. Then a sanity check of the outputs: greedy generations of random
+prompts by attn_backend and flashinfer (and triton against flashinfer as the
+baseline) on the same random weights, reported as the share of requests whose
+first generated tokens agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import RESULTS_DIR
+
+OURS = "attn_backend"
+DEFAULT_SHAPES = ["1x8192", "16x8192", "64x4096", "256x1024"]
+ONE_BATCH = "sglang.benchmark.one_batch"
+
+
+def write_model_dir(path: Path, *, layers: int = 4, vocab: int = 32000) -> Path:
+    """Llama-3-8B attention and MLP shapes with `layers` layers, and a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    if (path / "config.json").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    words = {f"w{i}": i for i in range(vocab)}
+    unk, bos, eos = vocab, vocab + 1, vocab + 2
+    words.update({"<unk>": unk, "<s>": bos, "</s>": eos})
+    tokenizer = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(path)
+    LlamaConfig(vocab_size=vocab + 3, hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=500000.0,
+                torch_dtype="bfloat16", bos_token_id=bos, eos_token_id=eos,
+                architectures=["LlamaForCausalLM"]).save_pretrained(path)
+    return path
+
+
+def one_batch_command(model: Path, backend: str, *, page_size: int, extra: list[str]) -> list[str]:
+    # The launcher registers attn_backend first: one_batch parses its arguments before
+    # SGLang loads plugins. It changes nothing for the built-in backends.
+    return [sys.executable, "-m", "attn_backend.launch", ONE_BATCH, "--model-path", str(model),
+            "--load-format", "dummy", "--attention-backend", backend,
+            "--page-size", str(page_size), "--mem-fraction-static", "0.6", *extra]
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_logged(command: list[str], log: Path, timeout: int) -> int:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    with open(log, "w") as handle:
+        handle.write(" ".join(command) + "\n")
+        handle.flush()
+        try:
+            return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
+                                  timeout=timeout, env=env).returncode
+        except subprocess.TimeoutExpired:
+            handle.write(f"\n[timed out after {timeout} s]\n")
+            return 124
+
+
+def throughput_run(model: Path, backend: str, batch: int, input_len: int, output_len: int,
+                   page_size: int, log_dir: Path, timeout: int, resume: bool) -> dict | None:
+    """Prefill and median decode tokens/s of one shape, or None (the log says why)."""
+    name = f"{backend}_b{batch}_in{input_len}_p{page_size}"
+    result_file = log_dir / f"{name}.jsonl"
+    if resume and result_file.exists():
+        print(f"  {name}: measured by an earlier call", flush=True)
+    else:
+        result_file.unlink(missing_ok=True)
+        _measure(model, backend, batch, input_len, output_len, page_size, log_dir, timeout,
+                 name, result_file)
+    if not result_file.exists():
+        return None
+    result = json.loads(result_file.read_text().strip().splitlines()[-1])
+    return {"prefill": result["prefill_throughput"],
+            "decode": result["median_decode_throughput"]}
+
+
+def _measure(model, backend, batch, input_len, output_len, page_size, log_dir, timeout, name,
+             result_file) -> None:
+    command = one_batch_command(model, backend, page_size=page_size, extra=[
+        "--batch-size", str(batch), "--input-len", str(input_len), "--output-len",
+        str(output_len), "--cuda-graph-bs", str(batch), "--result-filename", str(result_file),
+        "--run-name", name])
+    started = time.perf_counter()
+    code = run_logged(command, log_dir / f"{name}.log", timeout)
+    print(f"  {name}: exit {code} in {time.perf_counter() - started:.0f} s", flush=True)
+    if code != 0:
+        result_file.unlink(missing_ok=True)
+
+
+def generations(model: Path, backend: str, prompts_file: Path, num_prompts: int, tokens: int,
+                log_dir: Path, timeout: int) -> list[list[str]] | None:
+    """Greedy generations (words after each prompt) from one_batch's correctness test."""
+    log = log_dir / f"agreement_{backend}.log"
+    # The first 4 prompt tokens are a prefill, the rest an extend over them (cut-len 4),
+    # then decodes in a CUDA graph: the serving paths.
+    command = one_batch_command(model, backend, page_size=1, extra=[
+        "--correctness-test", "--prompt-filename", str(prompts_file), "--batch-size",
+        str(num_prompts), "--output-len", str(tokens), "--cuda-graph-bs", str(num_prompts)])
+    if run_logged(command, log, timeout) != 0:
+        return None
+    texts = re.split(r"=+ Prompt \d+ =+\n", log.read_text())[1:]
+    prompts = prompts_file.read_text().splitlines()
+    outputs = []
+    for prompt, text in zip(prompts, texts):
+        words = text.split()
+        if words and words[0] == "<s>":
+            words = words[1:]
+        outputs.append(words[len(prompt.split()):][:tokens])
+    return outputs if len(outputs) == num_prompts else None
+
+
+def agreement(a: list[list[str]], b: list[list[str]], first: int) -> float:
+    """Share of requests whose first `first` generated tokens are identical."""
+    same = sum(x[:first] == y[:first] for x, y in zip(a, b))
+    return same / max(1, len(a))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", nargs="+", default=[OURS, "flashinfer", "triton"])
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BATCHxINPUT")
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--page16", nargs="*", default=[OURS, "flashinfer"],
+                        help="backends also run with page size 16")
+    parser.add_argument("--skip-agreement", action="store_true")
+    parser.add_argument("--agreement-prompts", type=int, default=32)
+    parser.add_argument("--agreement-tokens", type=int, default=8)
+    parser.add_argument("--model", type=Path, default=Path(tempfile.gettempdir()) / "e2e_llama")
+    parser.add_argument("--log-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "attn_backend_e2e")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the results an earlier call left in --log-dir")
+    parser.add_argument("--no-results", action="store_true",
+                        help="measure only (a later --resume call writes the JSON)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per engine run")
+    parser.add_argument("--plot-only", type=Path, help="redraw the PNG of a results JSON")
+    args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.plot_only.read_text())["rows"], args.plot_only.with_suffix(".png"))
+        return 0
+
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    model = write_model_dir(args.model)
+    runs = [(backend, shape, 1) for shape in args.shapes for backend in args.backends]
+    runs += [(backend, shape, 16) for shape in args.shapes for backend in args.page16]
+    measured: dict[tuple[str, str, int], dict] = {}
+    notes = [f"{ONE_BATCH} via `python -m attn_backend.launch`, Llama-3-8B shapes with 4 layers "
+             "and random weights (--load-format dummy), bf16, --mem-fraction-static 0.6, "
+             f"output {args.output_len} tokens, CUDA-graph decode; one run per row",
+             "rows <case>_prefill: prefill tokens/s of the whole batch; <case>_decode: median "
+             "decode tokens/s (both from one_batch's result file)"]
+    for backend, shape, page in runs:
+        batch, input_len = (int(x) for x in shape.split("x"))
+        result = throughput_run(model, backend, batch, input_len, args.output_len, page,
+                                args.log_dir, args.timeout, args.resume)
+        if result is None:
+            notes.append(f"{backend} {shape} page {page}: the engine run failed "
+                         f"(log {backend}_b{batch}_in{input_len}_p{page}.log)")
+        else:
+            measured[(backend, shape, page)] = result
+
+    rows = []
+    for shape in args.shapes:
+        batch, input_len = shape.split("x")
+        for page in (1, 16):
+            for phase in ("prefill", "decode"):
+                values = {b: measured[(b, shape, page)][phase] for b in args.backends
+                          if (b, shape, page) in measured}
+                if OURS not in values:
+                    continue
+                case = f"b{batch}_in{input_len}_out{args.output_len}_p{page}_{phase}"
+                rows.append({"case": case, "ours": round(values.pop(OURS), 1),
+                             "peers": {b: round(v, 1) for b, v in values.items()}})
+
+    if args.no_results:
+        return 0
+    if not args.skip_agreement:
+        notes += check_agreement(model, args)
+    if not rows:
+        print("no attn_backend run succeeded; logs in", args.log_dir, file=sys.stderr)
+        return 1
+    path = write_results(rows, notes, args.out)
+    plot(rows, path.with_suffix(".png"))
+    print(f"-> {path}")
+    print(format_rows(rows))
+    for note in notes:
+        print("note:", note)
+    return 0
+
+
+def check_agreement(model: Path, args) -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    prompts_file = args.log_dir / "agreement_prompts.txt"
+    prompts_file.write_text("\n".join(" ".join(f"w{rng.randrange(32000)}" for _ in range(
+        rng.randrange(16, 200))) for _ in range(args.agreement_prompts)) + "\n")
+    outputs = {}
+    for backend in (OURS, "flashinfer", "triton"):
+        outputs[backend] = generations(model, backend, prompts_file, args.agreement_prompts,
+                                       args.agreement_tokens, args.log_dir, args.timeout)
+    notes = []
+    for a, b in ((OURS, "flashinfer"), ("triton", "flashinfer"), (OURS, "triton")):
+        if outputs[a] is None or outputs[b] is None:
+            notes.append(f"agreement {a} vs {b}: a run failed (logs agreement_*.log)")
+            continue
+        for first in (1, args.agreement_tokens):
+            share = agreement(outputs[a], outputs[b], first)
+            notes.append(f"agreement {a} vs {b}: first {first} greedy tokens identical in "
+                         f"{share:.0%} of {args.agreement_prompts} random prompts")
+    return notes
+
+
+def write_results(rows: list[dict], notes: list[str], out_dir: Path) -> Path:
+    from .common import write_results as write
+
+    return write("e2e_sglang", "tokens/s", {"name": "none (end to end)", "value": None},
+                 rows, out_dir, notes)
+
+
+def format_rows(rows: list[dict]) -> str:
+    peers = sorted({p for row in rows for p in row["peers"]})
+    lines = [" | ".join(["case", "ours"] + peers + [f"ours/{p}" for p in peers])]
+    for row in rows:
+        cells = [row["case"], f"{row['ours']:.0f}"]
+        cells += [f"{row['peers'][p]:.0f}" if p in row["peers"] else "-" for p in peers]
+        cells += [f"{row['ours'] / row['peers'][p]:.3f}" if p in row["peers"] else "-"
+                  for p in peers]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = sorted({p for row in rows for p in row["peers"]})
+    names = [OURS] + peers
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        selected = [row for row in rows if row["case"].endswith(f"_{phase}")]
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            values = [row["ours"] if name == OURS else row["peers"].get(name, 0)
+                      for row in selected]
+            ax.bar([x + i * width for x in range(len(selected))], values, width, label=name)
+        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(selected))])
+        ax.set_xticklabels([row["case"].removesuffix(f"_{phase}") for row in selected],
+                           rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"SGLang end to end, {phase}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
