@@ -40,6 +40,9 @@ from .common import RESULTS_DIR
 OURS = "attn_backend"
 DEFAULT_SHAPES = ["1x8192", "16x8192", "64x4096", "256x1024"]
 ONE_BATCH = "sglang.benchmark.one_batch"
+# The KV pool and weights need < 20 GB here; one_batch prefills the whole batch at once, so
+# the rest stays free for activations (262k-token prefills need ~30 GB).
+MEM_FRACTION = 0.25
 
 
 def write_model_dir(path: Path, *, layers: int = 4, vocab: int = 32000) -> Path:
@@ -70,7 +73,7 @@ def one_batch_command(model: Path, backend: str, *, page_size: int, extra: list[
     # SGLang loads plugins. It changes nothing for the built-in backends.
     return [sys.executable, "-m", "attn_backend.launch", ONE_BATCH, "--model-path", str(model),
             "--load-format", "dummy", "--attention-backend", backend,
-            "--page-size", str(page_size), "--mem-fraction-static", "0.6", *extra]
+            "--page-size", str(page_size), "--mem-fraction-static", str(MEM_FRACTION), *extra]
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -122,9 +125,13 @@ def _measure(model, backend, batch, input_len, output_len, page_size, log_dir, t
 
 
 def generations(model: Path, backend: str, prompts_file: Path, num_prompts: int, tokens: int,
-                log_dir: Path, timeout: int) -> list[list[str]] | None:
+                log_dir: Path, timeout: int, resume: bool) -> list[list[str]] | None:
     """Greedy generations (words after each prompt) from one_batch's correctness test."""
     log = log_dir / f"agreement_{backend}.log"
+    if resume and log.exists():
+        earlier = parse_generations(log, prompts_file, num_prompts, tokens)
+        if earlier is not None:
+            return earlier
     # The first 4 prompt tokens are a prefill, the rest an extend over them (cut-len 4),
     # then decodes in a CUDA graph: the serving paths.
     command = one_batch_command(model, backend, page_size=1, extra=[
@@ -132,6 +139,11 @@ def generations(model: Path, backend: str, prompts_file: Path, num_prompts: int,
         str(num_prompts), "--output-len", str(tokens), "--cuda-graph-bs", str(num_prompts)])
     if run_logged(command, log, timeout) != 0:
         return None
+    return parse_generations(log, prompts_file, num_prompts, tokens)
+
+
+def parse_generations(log: Path, prompts_file: Path, num_prompts: int,
+                      tokens: int) -> list[list[str]] | None:
     texts = re.split(r"=+ Prompt \d+ =+\n", log.read_text())[1:]
     prompts = prompts_file.read_text().splitlines()
     outputs = []
@@ -181,7 +193,7 @@ def main(argv=None) -> int:
     runs += [(backend, shape, 16) for shape in args.shapes for backend in args.page16]
     measured: dict[tuple[str, str, int], dict] = {}
     notes = [f"{ONE_BATCH} via `python -m attn_backend.launch`, Llama-3-8B shapes with 4 layers "
-             "and random weights (--load-format dummy), bf16, --mem-fraction-static 0.6, "
+             f"and random weights (--load-format dummy), bf16, --mem-fraction-static {MEM_FRACTION}, "
              f"output {args.output_len} tokens, CUDA-graph decode; one run per row",
              "rows <case>_prefill: prefill tokens/s of the whole batch; <case>_decode: median "
              "decode tokens/s (both from one_batch's result file)"]
@@ -216,7 +228,10 @@ def main(argv=None) -> int:
         print("no attn_backend run succeeded; logs in", args.log_dir, file=sys.stderr)
         return 1
     path = write_results(rows, notes, args.out)
-    plot(rows, path.with_suffix(".png"))
+    try:
+        plot(rows, path.with_suffix(".png"))
+    except ImportError as error:  # the JSON is the result; --plot-only redraws elsewhere
+        print(f"no plot ({error}); redraw with --plot-only {path}", file=sys.stderr)
     print(f"-> {path}")
     print(format_rows(rows))
     for note in notes:
@@ -229,12 +244,15 @@ def check_agreement(model: Path, args) -> list[str]:
 
     rng = random.Random(0)
     prompts_file = args.log_dir / "agreement_prompts.txt"
-    prompts_file.write_text("\n".join(" ".join(f"w{rng.randrange(32000)}" for _ in range(
-        rng.randrange(16, 200))) for _ in range(args.agreement_prompts)) + "\n")
+    # Seeded: every call writes the same prompts, so outputs of earlier calls compare.
+    prompts = [" ".join(f"w{rng.randrange(32000)}" for _ in range(rng.randrange(16, 200)))
+               for _ in range(args.agreement_prompts)]
+    prompts_file.write_text("\n".join(prompts) + "\n")
     outputs = {}
     for backend in (OURS, "flashinfer", "triton"):
         outputs[backend] = generations(model, backend, prompts_file, args.agreement_prompts,
-                                       args.agreement_tokens, args.log_dir, args.timeout)
+                                       args.agreement_tokens, args.log_dir, args.timeout,
+                                       args.resume)
     notes = []
     for a, b in ((OURS, "flashinfer"), ("triton", "flashinfer"), (OURS, "triton")):
         if outputs[a] is None or outputs[b] is None:

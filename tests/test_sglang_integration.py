@@ -168,6 +168,34 @@ def test_backend_refuses_draft_extend_per_batch():
         backend.init_forward_metadata(batch)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_extends_after_graph_setup_grow_their_wrapper(device):
+    """With CUDA graphs on, extends still run eagerly (between the pieces of piecewise and
+    breakable graphs too), so a later, larger extend must get a larger wrapper. (Seen in
+    one_batch's correctness test: a 128-token extend, then one of 3664 tokens.)"""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from attn_backend.integrations.sglang.backend import ForwardMetadata, SGLangAttnBackend
+    from attn_backend.paged_kv import PageTable
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    backend = SGLangAttnBackend(_runner(device=device))
+    backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+    layer = SimpleNamespace(tp_q_head_num=32, tp_k_head_num=8, qk_head_dim=128, v_head_dim=128,
+                            sliding_window_size=-1)
+    table = PageTable.from_req_to_token(torch.zeros(4, 20000, dtype=torch.int32, device=device),
+                                        torch.tensor([1], device=device))
+    for tokens in (100, 16000):
+        backend.forward_metadata = ForwardMetadata(
+            kv_lens=np.array([tokens]), qo_indptr=np.array([0, tokens]),
+            req_pool_indices=table.row_index, page_table=table)
+        prefill = backend._planned_prefill(layer, torch.bfloat16, causal=True)
+        assert prefill.max_num_tokens >= tokens and not prefill.use_cuda_graph
+
+
 # ---- speculative target verification: the kit's verify runners (eager and CUDA graph) ---------
 
 from sglang.test.kits.attention_unittest.runner_modes.speculative_target_verify_runner import (  # noqa: E402,E501

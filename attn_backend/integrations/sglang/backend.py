@@ -50,6 +50,7 @@ class ForwardMetadata:
     req_pool_indices: torch.Tensor
     page_table: PageTable
     custom_mask: torch.Tensor | None = None  # verify tree mask: flat [n, kv_len] blocks
+    is_target_verify: bool = False
     token_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # CSR, for the reference
     planned: set = field(default_factory=set)  # keys of the wrappers planned for this forward
 
@@ -134,11 +135,13 @@ class SGLangAttnBackend(AttentionBackend):
             page_table=PageTable.from_req_to_token(self.req_to_token_pool.req_to_token,
                                                    req_pool_indices),
             custom_mask=custom_mask,
+            is_target_verify=mode.is_target_verify(),
         )
         if mode.is_decode() or mode.is_target_verify():
             # Before a capture or replay: the graph replays these wrappers' buffers.
-            # (Wrappers exist only where the kernels run.)
-            wrappers = self._decoders if mode.is_decode() else self._prefills
+            # (Wrappers exist only where the kernels run; extend wrappers are planned lazily.)
+            wrappers = self._decoders if mode.is_decode() else \
+                {key: w for key, w in self._prefills.items() if w.use_cuda_graph}
             for key, wrapper in wrappers.items():
                 self._plan(key, wrapper)
 
@@ -229,7 +232,7 @@ class SGLangAttnBackend(AttentionBackend):
         meta.planned.add(key)
 
     def _check_not_capturing(self, what: str) -> None:
-        if torch.cuda.is_current_stream_capturing():
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"{BACKEND_NAME}: a {what} layer shape first seen inside CUDA "
                                "graph capture; its plan must be made before (warm up eagerly)")
 
@@ -252,15 +255,18 @@ class SGLangAttnBackend(AttentionBackend):
         """The prefill wrapper for this layer's shape, window and causality, planned once per
         forward. Graph-mode wrappers (verify graphs) are sized for the captured batches;
         eager ones grow by powers of two when a batch brings more tokens."""
+        meta = self.forward_metadata
+        # Only verify batches replay in captured graphs; extends run eagerly (also between
+        # the pieces of SGLang's piecewise and breakable graphs), so their wrappers grow.
+        graph_sized = self._cuda_graphs and meta.is_target_verify
         key = self._layer_key(layer, dtype)
         # Bidirectional (encoder-only) layers attend to the whole sequence, window or not.
-        key = key[:5] + (key[5] if causal else -1, causal)
-        meta = self.forward_metadata
+        key = key[:5] + (key[5] if causal else -1, causal, graph_sized)
         num_tokens = int(meta.qo_indptr[-1])
         prefill = self._prefills.get(key)
-        if prefill is None or (not self._cuda_graphs and num_tokens > prefill.max_num_tokens):
+        if prefill is None or (not graph_sized and num_tokens > prefill.max_num_tokens):
             self._check_not_capturing("prefill")
-            if self._cuda_graphs:
+            if graph_sized:
                 max_tokens = max(self._graph_max_tokens, num_tokens)
                 mask_elements = max_tokens * self.req_to_token_pool.req_to_token.shape[1]
             else:
@@ -270,7 +276,7 @@ class SGLangAttnBackend(AttentionBackend):
                                    head_dim_vo=key[3], dtype=dtype, device=self.device,
                                    max_batch_size=self.max_batch_size, max_num_tokens=max_tokens,
                                    max_mask_elements=mask_elements,
-                                   use_cuda_graph=self._cuda_graphs)
+                                   use_cuda_graph=graph_sized)
             self._prefills[key] = prefill
         if key not in meta.planned:
             self._plan(key, prefill)
