@@ -304,6 +304,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xticklabels([row["case"].removesuffix(f"_{phase}") for row in selected],
                            rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("tokens/s")
+        if phase == "decode":
+            ax.set_yscale("log")  # batch 1 and batch 256 differ by 100x
         ax.set_title(f"SGLang end to end, {phase}")
         ax.legend(fontsize=8)
     fig.tight_layout()
