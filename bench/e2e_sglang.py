@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,8 @@ def run_logged(command: list[str], log: Path, timeout: int) -> int:
 
 
 def throughput_run(model: Path, backend: str, batch: int, input_len: int, output_len: int,
-                   page_size: int, log_dir: Path, timeout: int, resume: bool) -> dict | None:
+                   page_size: int, log_dir: Path, timeout: int, resume: bool,
+                   repeats: int) -> dict | None:
     """Prefill and median decode tokens/s of one shape, or None (the log says why)."""
     name = f"{backend}_b{batch}_in{input_len}_p{page_size}"
     result_file = log_dir / f"{name}.jsonl"
@@ -103,18 +105,21 @@ def throughput_run(model: Path, backend: str, batch: int, input_len: int, output
     else:
         result_file.unlink(missing_ok=True)
         _measure(model, backend, batch, input_len, output_len, page_size, log_dir, timeout,
-                 name, result_file)
+                 name, result_file, repeats)
     if not result_file.exists():
         return None
-    result = json.loads(result_file.read_text().strip().splitlines()[-1])
-    return {"prefill": result["prefill_throughput"],
-            "decode": result["median_decode_throughput"]}
+    results = [json.loads(line) for line in result_file.read_text().strip().splitlines()]
+    return {"prefill": statistics.median(r["prefill_throughput"] for r in results),
+            "decode": statistics.median(r["median_decode_throughput"] for r in results),
+            "measurements": len(results)}
 
 
 def _measure(model, backend, batch, input_len, output_len, page_size, log_dir, timeout, name,
-             result_file) -> None:
+             result_file, repeats) -> None:
+    # The same batch several times in one engine: one_batch measures each (one warm-up for
+    # all), and the median damps the step-to-step noise of a single measurement.
     command = one_batch_command(model, backend, page_size=page_size, extra=[
-        "--batch-size", str(batch), "--input-len", str(input_len), "--output-len",
+        "--batch-size", *[str(batch)] * repeats, "--input-len", str(input_len), "--output-len",
         str(output_len), "--cuda-graph-bs", str(batch), "--result-filename", str(result_file),
         "--run-name", name])
     started = time.perf_counter()
@@ -167,6 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", nargs="+", default=[OURS, "flashinfer", "triton"])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BATCHxINPUT")
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measurements per engine run; rows report their medians")
     parser.add_argument("--page16", nargs="*", default=[OURS, "flashinfer"],
                         help="backends also run with page size 16")
     parser.add_argument("--skip-agreement", action="store_true")
@@ -194,13 +201,14 @@ def main(argv=None) -> int:
     measured: dict[tuple[str, str, int], dict] = {}
     notes = [f"{ONE_BATCH} via `python -m attn_backend.launch`, Llama-3-8B shapes with 4 layers "
              f"and random weights (--load-format dummy), bf16, --mem-fraction-static {MEM_FRACTION}, "
-             f"output {args.output_len} tokens, CUDA-graph decode; one run per row",
+             f"output {args.output_len} tokens, CUDA-graph decode; one engine per row",
              "rows <case>_prefill: prefill tokens/s of the whole batch; <case>_decode: median "
-             "decode tokens/s (both from one_batch's result file)"]
+             f"decode tokens/s (one_batch's result file), each the median of {args.repeats} "
+             "measurements in that engine"]
     for backend, shape, page in runs:
         batch, input_len = (int(x) for x in shape.split("x"))
         result = throughput_run(model, backend, batch, input_len, args.output_len, page,
-                                args.log_dir, args.timeout, args.resume)
+                                args.log_dir, args.timeout, args.resume, args.repeats)
         if result is None:
             notes.append(f"{backend} {shape} page {page}: the engine run failed "
                          f"(log {backend}_b{batch}_in{input_len}_p{page}.log)")

@@ -36,50 +36,37 @@ else
   "$PY" -c "import torch" 2>/dev/null || quiet_pip install "torch==2.14.1"
 fi
 quiet_pip install ninja pytest hypothesis pytest-benchmark numpy matplotlib
-# SGLang without its GPU-only dependencies, for the integration tests (on CPU they
-# run on the float reference). Pinned to the release whose torch pin is ours.
-SGLANG_FOR_TORCH_2_14="sglang==0.5.23"
-SGLANG_CPU_DEPS=("transformers==5.19.0" "tokenizers==0.23.2" "torchvision==0.29.1"
-  "apache-tvm-ffi==0.1.11" "compressed-tensors==0.18.0" "openai==2.25.0" "sentencepiece==0.2.1"
-  pillow pyzmq msgspec pydantic orjson psutil pybase64 requests packaging starlette tqdm IPython
-  aiohttp dill gguf partial_json_parser fastapi uvicorn einops)
-if ! "$PY" -c "import sglang" 2>/dev/null; then
-  if "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.14.') else 1)"; then
-    # pip lists sglang's GPU-only requirements as missing: expected, so not shown.
-    if ! { quiet_pip install --no-deps "$SGLANG_FOR_TORCH_2_14" \
-           && quiet_pip install "${SGLANG_CPU_DEPS[@]}" > /tmp/attn_backend_sglang_deps.log 2>&1; }; then
-      cat /tmp/attn_backend_sglang_deps.log >&2
-      echo "env.sh: installing $SGLANG_FOR_TORCH_2_14 failed; the SGLang integration tests will skip" >&2
-      [ "${CI:-}" = "true" ] && exit 1
-    fi
-    grep -v -E "^(sglang [0-9.]+ requires|ERROR: pip's dependency resolver)" \
-      /tmp/attn_backend_sglang_deps.log 2>/dev/null || true
-  else
-    echo "env.sh: no sglang release pinned for this torch; the SGLang integration tests will skip" >&2
+# An engine package without its GPU-only dependencies, for the integration tests (on CPU
+# they run on the float reference): the release pinned for our torch is installed with
+# --no-deps, then the pure-Python (or CPU) packages its imports need.
+#   install_engine MODULE "PACKAGE==VERSION" DEPENDENCY...
+install_engine() {
+  local module=$1 pinned=$2 log=/tmp/attn_backend_${1}_deps.log
+  shift 2
+  "$PY" -c "import $module" 2>/dev/null && return 0
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.14.') else 1)"; then
+    echo "env.sh: no $module release pinned for this torch; its integration tests will skip" >&2
+    return 0
   fi
-fi
-
-# vLLM without its CUDA dependencies, for the integration tests (on CPU they run on the
-# float reference): its Python classes (configs, KV specs, metadata, registry) are what
-# the tests drive. vllm 0.33.0 pins torch 2.14.0; its Python code runs on 2.14.1. The
-# list below is what importing vllm.config and vllm.v1.attention needs; openai 2.25 (for
-# vLLM's tool parsers) also serves sglang.
-VLLM_FOR_TORCH_2_14="vllm==0.33.0"
-VLLM_CPU_DEPS=(regex cachetools blake3 py-cpuinfo cbor2 ijson cloudpickle python-json-logger
-  prometheus_client pyyaml safetensors protobuf jsonschema oss-harmony uvloop "xgrammar==0.2.8"
-  "openai==2.25.0" llguidance)
-if ! "$PY" -c "import vllm" 2>/dev/null; then
-  if "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.14.') else 1)"; then
-    if ! { quiet_pip install --no-deps "$VLLM_FOR_TORCH_2_14" \
-           && quiet_pip install "${VLLM_CPU_DEPS[@]}" > /tmp/attn_backend_vllm_deps.log 2>&1; }; then
-      cat /tmp/attn_backend_vllm_deps.log >&2
-      echo "env.sh: installing $VLLM_FOR_TORCH_2_14 failed; the vLLM integration tests will skip" >&2
-      [ "${CI:-}" = "true" ] && exit 1
-    fi
-  else
-    echo "env.sh: no vllm release pinned for this torch; the vLLM integration tests will skip" >&2
+  if ! { quiet_pip install --no-deps "$pinned" && quiet_pip install "$@" > "$log" 2>&1; }; then
+    cat "$log" >&2
+    echo "env.sh: installing $pinned failed; its integration tests will skip" >&2
+    [ "${CI:-}" = "true" ] && exit 1
   fi
-fi
+  # pip lists the engine's GPU-only requirements as missing: expected, so not shown.
+  grep -v -E "^([a-z-]+ [0-9.a-z]+ requires|ERROR: pip's dependency resolver)" "$log" || true
+}
+# SGLang 0.5.23 pins torch 2.14.
+install_engine sglang "sglang==0.5.23" "transformers==5.19.0" "tokenizers==0.23.2" \
+  "torchvision==0.29.1" "apache-tvm-ffi==0.1.11" "compressed-tensors==0.18.0" "openai==2.25.0" \
+  "sentencepiece==0.2.1" pillow pyzmq msgspec pydantic orjson psutil pybase64 requests \
+  packaging starlette tqdm IPython aiohttp dill gguf partial_json_parser fastapi uvicorn einops
+# vLLM 0.33.0 pins torch 2.14.0; its Python code (configs, KV specs, metadata, registry:
+# what the tests drive) runs on 2.14.1. These are what importing vllm.config and
+# vllm.v1.attention needs; openai 2.25 (vLLM's tool parsers) also serves sglang.
+install_engine vllm "vllm==0.33.0" regex cachetools blake3 py-cpuinfo cbor2 ijson cloudpickle \
+  python-json-logger prometheus_client pyyaml safetensors protobuf jsonschema oss-harmony uvloop \
+  "xgrammar==0.2.8" "openai==2.25.0" llguidance
 
 started=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
