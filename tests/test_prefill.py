@@ -156,3 +156,19 @@ def test_run_rejects_queries_that_do_not_match_the_plan(seed):
         prefill.run(q[:4], problem.cache, table)
     with pytest.raises(ValueError, match="logits_soft_cap must be >= 0"):
         prefill.run(q, problem.cache, table, logits_soft_cap=-1.0)
+
+
+def test_graph_grid_is_sized_by_the_captured_token_count():
+    """vLLM pads a captured batch with empty requests and spare tokens: the grid must be the
+    one the capture had, so it is sized by the padded token count, not the requests' sum."""
+    prefill = PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16,
+                           device="cpu", max_batch_size=8, max_num_tokens=64,
+                           use_cuda_graph=True, cta_slots=64)
+    qo, kv = [0, 4, 8, 12, 12, 12], [30, 9, 100, 0, 0]  # 3 requests of 4 tokens, 2 padding
+    prefill.plan(qo, kv, graph_num_tokens=20)  # the capture's 5 x 4 tokens
+    assert prefill._planned.num_work_items == prefill_grid_size(20, 5, 4, prefill.tile_rows, 2,
+                                                                64)
+    with pytest.raises(ValueError, match="graph_num_tokens=11; accepted: from the batch's 12"):
+        prefill.plan(qo, kv, graph_num_tokens=11)
+    with pytest.raises(ValueError, match="graph_num_tokens=65; .* max_num_tokens=64"):
+        prefill.plan(qo, kv, graph_num_tokens=65)

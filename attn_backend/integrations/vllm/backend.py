@@ -111,6 +111,16 @@ class AttnBackendMetadata:
     num_decodes: int  # the leading requests with at most one query token (decode kernel)
     build_id: int
     builder: "AttnBackendMetadataBuilder" = field(repr=False)
+    # The block-table rows of the decodes and of the rest, made once for all layers.
+    decode_pages: PageTable | None = field(default=None, repr=False)
+    prefill_pages: PageTable | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        nd, reqs = self.num_decodes, self.num_reqs
+        if nd:
+            self.decode_pages = PageTable.from_block_table(self.block_table[:nd])
+        if nd < reqs:
+            self.prefill_pages = PageTable.from_block_table(self.block_table[nd:reqs])
 
     @property
     def num_reqs(self) -> int:
@@ -151,7 +161,6 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
             self.window_lefts = {window_left_of(getattr(kv_cache_spec, "sliding_window", None))}
         self._plans: dict[int, _Plans] = {}
         self._build_count = 0
-        self._last_metadata: AttnBackendMetadata | None = None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> AttnBackendMetadata:
@@ -175,7 +184,6 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
             num_actual_tokens=cm.num_actual_tokens, slot_mapping=cm.slot_mapping,
             block_table=cm.block_table_tensor, query_start_loc=query_start_loc, kv_lens=kv_lens,
             num_decodes=num_decodes, build_id=self._build_count, builder=self)
-        self._last_metadata = metadata
         for window_left in self.window_lefts:
             self.plans_for(metadata, window_left)
         return metadata
@@ -289,14 +297,12 @@ class AttnBackendImpl(AttentionImpl[AttnBackendMetadata]):
         nd = meta.num_decodes
         soft_cap = self.logits_soft_cap
         if nd:
-            plans.decode.run(query[:nd], cache, PageTable.from_block_table(meta.block_table[:nd]),
-                             sm_scale=self.scale, logits_soft_cap=soft_cap, out=out[:nd])
+            plans.decode.run(query[:nd], cache, meta.decode_pages, sm_scale=self.scale,
+                             logits_soft_cap=soft_cap, out=out[:nd])
         if nd < meta.num_reqs:
             first, last = int(starts[nd]), int(starts[-1])
-            plans.prefill.run(query[first:last], cache,
-                              PageTable.from_block_table(meta.block_table[nd:meta.num_reqs]),
-                              sm_scale=self.scale, logits_soft_cap=soft_cap,
-                              out=out[first:last])
+            plans.prefill.run(query[first:last], cache, meta.prefill_pages, sm_scale=self.scale,
+                              logits_soft_cap=soft_cap, out=out[first:last])
         return output
 
     def _cache(self, kv_cache: torch.Tensor) -> PagedKVCache:
