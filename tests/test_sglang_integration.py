@@ -155,6 +155,23 @@ def test_backend_refuses_unsupported_models_at_construction(change, match):
     SGLangAttnBackend(_runner())  # the supported configuration constructs (no GPU touched)
 
 
+def test_backend_refuses_hybrid_swa_pools_at_construction():
+    """SGLang's hybrid pools keep window layers in a second pool behind a slot mapping; until
+    that is applied the backend must refuse them (SWAKVPool asserts on an untranslated
+    write, mid-serving) and say how to run."""
+    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    runner = _runner(device="cpu")
+    runner.token_to_kv_pool = SWAKVPool(
+        size=64, size_swa=32, page_size=1, dtype=torch.float32, head_num=2, head_dim=16,
+        swa_attention_layer_ids=[0], full_attention_layer_ids=[1], device="cpu")
+    with pytest.raises(ValueError, match="hybrid sliding-window KV pools .* "
+                                         "--disable-hybrid-swa-memory"):
+        SGLangAttnBackend(runner)
+
+
 def test_backend_refuses_draft_extend_per_batch():
     from types import SimpleNamespace
 

@@ -16,7 +16,8 @@ needs no metadata ops.
 
 Not yet (they raise with the reason, never a wrong result): DRAFT_EXTEND_V2
 (the draft model's extend; run drafts on a built-in backend with
---speculative-draft-attention-backend), MLA, cross-attention and quantised KV
+--speculative-draft-attention-backend), hybrid sliding-window KV pools (run
+with --disable-hybrid-swa-memory), MLA, cross-attention and quantised KV
 caches.
 """
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import AttentionType
+from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ... import reference
@@ -75,6 +77,12 @@ class SGLangAttnBackend(AttentionBackend):
         if getattr(model_runner, "use_mla_backend", False):
             raise ValueError(f"{BACKEND_NAME}: MLA models are not supported yet; use "
                              "--attention-backend flashinfer or triton for this model")
+        if isinstance(model_runner.token_to_kv_pool, BaseSWAKVPool):
+            # Its window layers live in a second pool addressed through a full-to-SWA slot
+            # mapping, which this version does not apply (reads or writes).
+            raise ValueError(f"{BACKEND_NAME}: hybrid sliding-window KV pools are not supported "
+                             "yet; start SGLang with --disable-hybrid-swa-memory (one pool for "
+                             "every layer; windowed layers are served) or use another backend")
         kv_dtype = getattr(model_runner, "kv_cache_dtype", model_runner.dtype)
         if self.device.type != "cuda":
             return  # the float reference serves any head size and dtype
