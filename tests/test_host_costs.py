@@ -54,3 +54,37 @@ def test_sglang_per_replay_host_work_batch_256(benchmark):
                                   req_pool_indices=torch.arange(1, batch + 1))
     benchmark(backend.init_forward_metadata_out_graph, replay_view)
     assert key in backend.forward_metadata.planned
+
+
+def test_sglang_per_replay_host_work_verify_batch_64(benchmark):
+    """The same for a speculative-verify graph replay: batch 64, 4-token chains (causal, no
+    mask), the backend's init_forward_metadata_out_graph with one graph-sized prefill plan."""
+    import pytest
+
+    pytest.importorskip("sglang")
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from attn_backend import PagedPrefill
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    batch, drafts = 64, 4
+    req_to_token = torch.zeros(batch + 1, 4096, dtype=torch.int32)
+    runner = SimpleNamespace(
+        device="cpu", dtype=torch.bfloat16, page_size=16, use_mla_backend=False,
+        req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+        token_to_kv_pool=None, model_config=SimpleNamespace())
+    backend = SGLangAttnBackend(runner)
+    key = (32, 8, 128, 128, torch.bfloat16, -1, True, True)
+    backend._prefills[key] = PagedPrefill(num_qo_heads=32, num_kv_heads=8, head_dim=128,
+                                          dtype=torch.bfloat16, device="cpu",
+                                          max_batch_size=batch, max_num_tokens=batch * drafts,
+                                          use_cuda_graph=True, cta_slots=264)
+    seq_lens = torch.from_numpy(np.random.default_rng().integers(1, 4000, size=batch))
+    replay_view = SimpleNamespace(
+        forward_mode=ForwardMode.TARGET_VERIFY, seq_lens=seq_lens, seq_lens_cpu=seq_lens,
+        req_pool_indices=torch.arange(1, batch + 1),
+        spec_info=SimpleNamespace(draft_token_num=drafts, topk=1, custom_mask=None))
+    benchmark(backend.init_forward_metadata_out_graph, replay_view)
+    assert key in backend.forward_metadata.planned
