@@ -8,6 +8,7 @@ or ATTN_BACKEND_DEBUG=1. Tests turn it on.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 
@@ -84,13 +85,22 @@ def check_in_range(name: str, values: torch.Tensor, low: int, high: int, what: s
                          f"({what})")
 
 
-def check_run_inputs(wrapper, q, cache, page_table, *, batch: int, num_rows: int, rows_what: str,
-                     out, logits_soft_cap: float) -> None:
-    """What a kernel wrapper's run() accepts: q [num_rows, heads, dim] and `out` like it, a cache
-    and page table matching the wrapper's shape, dtype and device, and a page table that
-    addresses `batch` requests. `wrapper` has num_qo_heads, num_kv_heads, head_dim,
-    head_dim_vo, dtype and device."""
+def check_run_call(wrapper, q, cache, page_table, *, num_rows: int, rows_what: str, out,
+                   sm_scale: float | None, logits_soft_cap: float) -> float:
+    """What a kernel wrapper's run() checks before it launches; returns the softmax scale
+    (default 1/sqrt(head_dim)).
+
+    The wrapper must be planned (`wrapper._planned` holds the host `kv_lens`). Accepted:
+    q [num_rows, heads, dim] and `out` like it, a cache and page table matching the
+    wrapper's shape, dtype and device, a page table that addresses every planned request,
+    and sm_scale > 0. With debug checks on (outside graph capture) the page ids the batch
+    reads must be pages of the cache (this synchronises).
+    """
     name = type(wrapper).__name__
+    planned = wrapper._planned
+    if planned is None:
+        raise RuntimeError(f"{name}.run() called before plan()")
+    batch = len(planned.kv_lens)
     check_tensor("q", q, dims=3)
     check_size("q", q, 0, num_rows, rows_what)
     check_size("q", q, 1, wrapper.num_qo_heads, "num_qo_heads")
@@ -122,6 +132,16 @@ def check_run_inputs(wrapper, q, cache, page_table, *, batch: int, num_rows: int
             check_last_dim_contiguous(tensor_name, t)
         if out is not None:
             check_last_dim_contiguous("out", out)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(wrapper.head_dim)
+    if not sm_scale > 0:
+        raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
+    if debug_checks_enabled() and not capturing_cuda_graph(q.device):
+        pages = page_table.page_ids(batch, planned.kv_lens.tolist(), cache.page_size)
+        if pages:
+            check_in_range("page ids in page_table", torch.cat(pages), 0, cache.num_pages,
+                           f"the cache has {cache.num_pages} pages")
+    return float(sm_scale)
 
 
 def check_kernel_shape(num_qo_heads: int, num_kv_heads: int, head_dim: int, head_dim_vo: int,

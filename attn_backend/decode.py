@@ -13,15 +13,13 @@ CPU tensors run the float reference.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import _extension, reference
-from ._validation import (capturing_cuda_graph, check_in_range, check_kernel_shape,
-                          check_run_inputs, debug_checks_enabled)
+from ._validation import check_kernel_shape, check_run_call
 from .cuda_graph import FixedCapacityBuffer
 from .paged_kv import PagedKVCache, PageTable
 from .schedule import graph_grid_size, max_items_per_head, plan_decode
@@ -120,19 +118,10 @@ class PagedDecode:
         `return_lse` (lse: float32 natural log, [batch, num_qo_heads]).
         """
         planned = self._planned
-        if planned is None:
-            raise RuntimeError("PagedDecode.run() called before plan()")
-        batch = len(planned.kv_lens)
-        check_run_inputs(self, q, cache, page_table, batch=batch, num_rows=batch,
-                         rows_what="the batch size given to plan()", out=out,
-                         logits_soft_cap=logits_soft_cap)
-        if sm_scale is None:
-            sm_scale = 1.0 / math.sqrt(self.head_dim)
-        if debug_checks_enabled() and not capturing_cuda_graph(q.device):
-            pages = page_table.page_ids(batch, planned.kv_lens.tolist(), cache.page_size)
-            if pages:
-                check_in_range("page ids in page_table", torch.cat(pages), 0, cache.num_pages,
-                               f"the cache has {cache.num_pages} pages")
+        batch = len(planned.kv_lens) if planned is not None else 0
+        sm_scale = check_run_call(self, q, cache, page_table, num_rows=batch,
+                                  rows_what="the batch size given to plan()", out=out,
+                                  sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)
         if q.device.type != "cuda":
             return self._run_reference(q, cache, page_table, sm_scale, logits_soft_cap, out,
                                        return_lse)

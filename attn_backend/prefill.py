@@ -20,15 +20,13 @@ of query tokens. CPU tensors run the float reference.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import _extension, reference
-from ._validation import (capturing_cuda_graph, check_in_range, check_kernel_shape,
-                          check_run_inputs, debug_checks_enabled)
+from ._validation import check_kernel_shape, check_run_call
 from .cuda_graph import FixedCapacityBuffer
 from .paged_kv import PagedKVCache, PageTable
 from .schedule import max_prefill_partials_per_head, plan_prefill, prefill_grid_size
@@ -234,21 +232,10 @@ class PagedPrefill:
         `return_lse` (lse: float32 natural log, [num_tokens, num_qo_heads]).
         """
         planned = self._planned
-        if planned is None:
-            raise RuntimeError("PagedPrefill.run() called before plan()")
-        batch = len(planned.kv_lens)
-        check_run_inputs(self, q, cache, page_table, batch=batch, num_rows=planned.num_tokens,
-                         rows_what="the query tokens given to plan() (qo_indptr[-1])", out=out,
-                         logits_soft_cap=logits_soft_cap)
-        if sm_scale is None:
-            sm_scale = 1.0 / math.sqrt(self.head_dim)
-        if not sm_scale > 0:
-            raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
-        if debug_checks_enabled() and not capturing_cuda_graph(q.device):
-            pages = page_table.page_ids(batch, planned.kv_lens.tolist(), cache.page_size)
-            if pages:
-                check_in_range("page ids in page_table", torch.cat(pages), 0, cache.num_pages,
-                               f"the cache has {cache.num_pages} pages")
+        sm_scale = check_run_call(
+            self, q, cache, page_table, num_rows=planned.num_tokens if planned else 0,
+            rows_what="the query tokens given to plan() (qo_indptr[-1])", out=out,
+            sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)
         if q.device.type != "cuda":
             return self._run_reference(q, cache, page_table, sm_scale, logits_soft_cap, out,
                                        return_lse)
