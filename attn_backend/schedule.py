@@ -88,6 +88,19 @@ def choose_chunk(lengths: np.ndarray, num_kv_heads: int, cta_slots: int, max_ite
     return int(chunks[np.argmin(estimate)])  # argmin takes the first (largest) chunk on ties
 
 
+def cut_ranges(starts: np.ndarray, ends: np.ndarray, chunk: int):
+    """Ranges [start, end) cut into work items of at most `chunk` keys; an empty range still
+    gets one item. Returns per item (its range, start, end, index within its range), and the
+    items per range."""
+    counts = np.maximum(1, -(-(ends - starts) // chunk))
+    owner = np.repeat(np.arange(len(starts)), counts)
+    first_item = np.repeat(np.cumsum(counts) - counts, counts)
+    index_in_range = np.arange(len(owner)) - first_item
+    item_start = starts[owner] + index_in_range * chunk
+    item_end = np.minimum(item_start + chunk, ends[owner])
+    return owner, item_start, item_end, index_in_range, counts
+
+
 def plan_decode(kv_lens: np.ndarray, *, window_left: int, num_kv_heads: int,
                 cta_slots: int) -> DecodeSchedule:
     batch = len(kv_lens)
@@ -95,12 +108,7 @@ def plan_decode(kv_lens: np.ndarray, *, window_left: int, num_kv_heads: int,
     lengths = ends - starts
     chunk = choose_chunk(lengths, num_kv_heads, cta_slots,
                          max_items_per_head(batch, num_kv_heads, cta_slots))
-    counts = np.maximum(1, -(-lengths // chunk))  # an empty request still gets one item
-    request = np.repeat(np.arange(batch), counts)
-    first_item = np.repeat(np.cumsum(counts) - counts, counts)
-    index_in_request = np.arange(len(request)) - first_item
-    item_start = starts[request] + index_in_request * chunk
-    item_end = np.minimum(item_start + chunk, ends[request])
+    request, item_start, item_end, index_in_request, counts = cut_ranges(starts, ends, chunk)
     split = counts > 1
     merge_indptr = np.concatenate([[0], np.cumsum(np.where(split, counts, 0))])
     partial = np.where(split[request], merge_indptr[request] + index_in_request, -1)
@@ -176,18 +184,12 @@ def plan_prefill(q_lens: np.ndarray, kv_lens: np.ndarray, *, group_size: int, ti
         window_left=window_left, has_mask=has_mask)
     num_tiles = len(request)
     lengths = kv_end - kv_start
-    counts = np.ones(num_tiles, dtype=np.int64)
-    chunk = int(lengths.max(initial=0))
+    chunk = max(1, int(lengths.max(initial=0)))  # one item per tile
     if 0 < num_tiles and num_tiles * num_kv_heads < cta_slots:
         # Fewer CTAs than the GPU holds: cut the kv ranges, as decode does.
         chunk = choose_chunk(lengths, num_kv_heads, cta_slots,
                              max_prefill_partials_per_head(num_kv_heads, cta_slots))
-        counts = np.maximum(1, -(-lengths // chunk))
-    tile = np.repeat(np.arange(num_tiles), counts)
-    first_item = np.repeat(np.cumsum(counts) - counts, counts)
-    index_in_tile = np.arange(len(tile)) - first_item
-    item_start = kv_start[tile] + index_in_tile * chunk
-    item_end = np.minimum(item_start + chunk, kv_end[tile])
+    tile, item_start, item_end, index_in_tile, counts = cut_ranges(kv_start, kv_end, chunk)
     split = counts > 1
     group_of_tile = np.cumsum(split) - 1
     merge_indptr = np.concatenate([[0], np.cumsum(counts[split])])
