@@ -6,7 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from attn_backend import reference
 from attn_backend.paged_kv import PagedKVCache, PageTable
+
+# Kernel vs float reference, by dtype (bf16 keeps 8 mantissa bits).
+TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
 
 
 @dataclass
@@ -101,3 +105,22 @@ def build_paged_problem(q_lens, kv_lens, *, page_size, num_kv_heads, group, head
         page_table = PageTable.from_req_to_token(req_to_token.to(device), rows.to(device))
     q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype).to(device)
     return problem, page_table, q
+
+
+def check_against_reference(wrapper, problem: "PagedProblem", page_table, q, *, seed=None,
+                            soft_cap: float = 0.0, **reference_kwargs) -> None:
+    """Run a planned PagedDecode/PagedPrefill into a NaN-poisoned output and compare output and
+    lse with the float reference (`reference_kwargs`: causal, window_left, masks)."""
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    got, lse = wrapper.run(q, problem.cache, page_table, out=out, return_lse=True,
+                           logits_soft_cap=soft_cap)
+    kv_indptr, kv_slots = problem.kv_csr()
+    want = reference.attention(q, problem.qo_indptr(), problem.cache, kv_indptr, kv_slots,
+                               sm_scale=q.shape[-1] ** -0.5, logits_soft_cap=soft_cap,
+                               **reference_kwargs)
+    tol = TOLERANCE[q.dtype]
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got.float(), want.out, atol=tol, rtol=tol,
+                               msg=lambda m: f"seed={seed}: {m}")
+    torch.testing.assert_close(lse, want.lse, atol=2e-3, rtol=1e-3,
+                               msg=lambda m: f"seed={seed} (lse): {m}")

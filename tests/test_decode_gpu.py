@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from attn_backend import PagedDecode, PageTable, reference
 
-from .helpers import PagedProblem, allocate_pages, build_paged_problem, make_cache
+from .helpers import (PagedProblem, allocate_pages, build_paged_problem,
+                      check_against_reference, make_cache)
 
 pytestmark = pytest.mark.gpu
 
-TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
 
 
 def build(kv_lens, **kwargs):
@@ -22,20 +20,8 @@ def build(kv_lens, **kwargs):
 
 
 def check(decode, problem, page_table, q, *, window_left=-1, soft_cap=0.0, seed=None):
-    sm_scale = 1 / math.sqrt(q.shape[-1])
-    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    got, lse = decode.run(q, problem.cache, page_table, out=out, return_lse=True,
-                          logits_soft_cap=soft_cap)
-    kv_indptr, kv_slots = problem.kv_csr()
-    want = reference.attention(q, problem.qo_indptr(), problem.cache, kv_indptr, kv_slots,
-                               sm_scale=sm_scale, window_left=window_left,
-                               logits_soft_cap=soft_cap)
-    tol = TOLERANCE[q.dtype]
-    assert got.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(got.float(), want.out, atol=tol, rtol=tol,
-                               msg=lambda m: f"seed={seed}: {m}")
-    torch.testing.assert_close(lse, want.lse, atol=2e-3, rtol=1e-3,
-                               msg=lambda m: f"seed={seed} (lse): {m}")
+    check_against_reference(decode, problem, page_table, q, seed=seed, soft_cap=soft_cap,
+                            window_left=window_left)
 
 
 @pytest.mark.parametrize("layout", ["sglang", "vllm_nhd", "vllm_hnd"])

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from attn_backend import PagedPrefill, PageTable, reference
 
-from .helpers import PagedProblem, allocate_pages, build_paged_problem, make_cache
+from .helpers import (PagedProblem, allocate_pages, build_paged_problem,
+                      check_against_reference, make_cache)
 
 pytestmark = pytest.mark.gpu
 
-TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
 
 
 build = build_paged_problem
@@ -27,21 +25,9 @@ def make_prefill(problem, q, *, num_kv_heads, **kwargs):
 
 def check(prefill, problem, page_table, q, *, causal=True, window_left=-1, soft_cap=0.0,
           custom_mask=None, mask_indptr=None, seed=None):
-    sm_scale = 1 / math.sqrt(q.shape[-1])
-    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    got, lse = prefill.run(q, problem.cache, page_table, out=out, return_lse=True,
-                           logits_soft_cap=soft_cap)
-    kv_indptr, kv_slots = problem.kv_csr()
-    want = reference.attention(q, problem.qo_indptr(), problem.cache, kv_indptr, kv_slots,
-                               sm_scale=sm_scale, causal=causal, window_left=window_left,
-                               logits_soft_cap=soft_cap, custom_mask=custom_mask,
-                               mask_indptr=mask_indptr)
-    tol = TOLERANCE[q.dtype]
-    assert got.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(got.float(), want.out, atol=tol, rtol=tol,
-                               msg=lambda m: f"seed={seed}: {m}")
-    torch.testing.assert_close(lse, want.lse, atol=2e-3, rtol=1e-3,
-                               msg=lambda m: f"seed={seed} (lse): {m}")
+    check_against_reference(prefill, problem, page_table, q, seed=seed, soft_cap=soft_cap,
+                            causal=causal, window_left=window_left, custom_mask=custom_mask,
+                            mask_indptr=mask_indptr)
 
 
 def planned(q_lens, kv_lens, *, seed, page_size=16, num_kv_heads=2, group=4, head_dim=128,
