@@ -371,6 +371,13 @@ def test_unsupported_settings_raise_with_the_reason(configs):
     metadata.causal = False
     with pytest.raises(NotImplementedError, match="non-causal"):
         builder.build(0, metadata)
+    vllm_config = configs("cpu")
+    vllm_config.parallel_config.enable_dbo = True
+    try:
+        with pytest.raises(NotImplementedError, match="micro-batching"):
+            AttnBackend.get_builder_cls()(_spec(16), ["x"], vllm_config, torch.device("cpu"))
+    finally:
+        vllm_config.parallel_config.enable_dbo = False
 
 
 # ---- CUDA graphs ----------------------------------------------------------------------------

@@ -137,6 +137,11 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if getattr(vllm_config.parallel_config, "use_ubatching", False):
+            # Micro-batches are built together and run interleaved, possibly on two streams;
+            # the plans live in one set of buffers per attention group.
+            raise NotImplementedError(f"{BACKEND_NAME}: micro-batching (--enable-dbo, "
+                                      "ubatch_size > 1) is not supported")
         # Speculative verification (1 + k tokens) is sorted to the front with the decodes,
         # so uniform verify batches are whole and capturable.
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
