@@ -85,13 +85,14 @@ def check_in_range(name: str, values: torch.Tensor, low: int, high: int, what: s
                          f"({what})")
 
 
-def check_run_call(wrapper, q, cache, page_table, *, num_rows: int, rows_what: str, out,
+def check_run_call(wrapper, q, cache, page_table, *, rows_what: str, out,
                    sm_scale: float | None, logits_soft_cap: float) -> float:
     """What a kernel wrapper's run() checks before it launches; returns the softmax scale
     (default 1/sqrt(head_dim)).
 
-    The wrapper must be planned (`wrapper._planned` holds the host `kv_lens`). Accepted:
-    q [num_rows, heads, dim] and `out` like it, a cache and page table matching the
+    The wrapper must be planned (`wrapper._planned` holds the host `kv_lens` and the
+    `num_rows` of q it takes, described by `rows_what`). Accepted: q [num_rows, heads, dim]
+    and `out` like it, a cache and page table matching the
     wrapper's shape, dtype and device, a page table that addresses every planned request,
     and sm_scale > 0. With debug checks on (outside graph capture) the page ids the batch
     reads must be pages of the cache (this synchronises).
@@ -101,6 +102,7 @@ def check_run_call(wrapper, q, cache, page_table, *, num_rows: int, rows_what: s
     if planned is None:
         raise RuntimeError(f"{name}.run() called before plan()")
     batch = len(planned.kv_lens)
+    num_rows = planned.num_rows
     check_tensor("q", q, dims=3)
     check_size("q", q, 0, num_rows, rows_what)
     check_size("q", q, 1, wrapper.num_qo_heads, "num_qo_heads")

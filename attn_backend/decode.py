@@ -32,6 +32,11 @@ class _PlannedBatch:
     window_left: int
     num_work_items: int
 
+    @property
+    def num_rows(self) -> int:
+        """Query rows run() takes: one per request."""
+        return len(self.kv_lens)
+
 
 class PagedDecode:
     """One query token per request against its paged KV (GQA/MQA/MHA, split-KV)."""
@@ -117,11 +122,11 @@ class PagedDecode:
         Returns `out` [batch, num_qo_heads, head_dim_vo], or (out, lse) with
         `return_lse` (lse: float32 natural log, [batch, num_qo_heads]).
         """
-        planned = self._planned
-        batch = len(planned.kv_lens) if planned is not None else 0
-        sm_scale = check_run_call(self, q, cache, page_table, num_rows=batch,
+        sm_scale = check_run_call(self, q, cache, page_table,
                                   rows_what="the batch size given to plan()", out=out,
                                   sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)
+        planned = self._planned
+        batch = planned.num_rows
         if q.device.type != "cuda":
             return self._run_reference(q, cache, page_table, sm_scale, logits_soft_cap, out,
                                        return_lse)
@@ -145,8 +150,9 @@ class PagedDecode:
                                                      cache.page_size)
         # A request without keys (a padding row) has no query in the reference's terms: its
         # row stays 0 with lse -inf, as the kernel writes it.
-        qo_indptr = np.concatenate([[0], np.cumsum(planned.kv_lens > 0)]).tolist()
-        has_keys = torch.from_numpy(planned.kv_lens > 0).to(q.device)
+        has_keys_host = planned.kv_lens > 0
+        qo_indptr = np.concatenate([[0], np.cumsum(has_keys_host)]).tolist()
+        has_keys = torch.from_numpy(has_keys_host).to(q.device)
         result = reference.attention(q[has_keys], qo_indptr, cache, kv_indptr, kv_slots,
                                      sm_scale=sm_scale, causal=True,
                                      window_left=planned.window_left,

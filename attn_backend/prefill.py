@@ -48,6 +48,11 @@ class _PlannedBatch:
     def num_tokens(self) -> int:
         return int(self.qo_indptr[-1])
 
+    @property
+    def num_rows(self) -> int:
+        """Query rows run() takes: every query token."""
+        return self.num_tokens
+
 
 class PagedPrefill:
     """Ragged queries against their requests' paged KV (causal, window, custom masks, split-KV)."""
@@ -231,11 +236,10 @@ class PagedPrefill:
         Returns `out` [num_tokens, num_qo_heads, head_dim_vo], or (out, lse) with
         `return_lse` (lse: float32 natural log, [num_tokens, num_qo_heads]).
         """
+        sm_scale = check_run_call(self, q, cache, page_table,
+                                  rows_what="the query tokens given to plan() (qo_indptr[-1])",
+                                  out=out, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)
         planned = self._planned
-        sm_scale = check_run_call(
-            self, q, cache, page_table, num_rows=planned.num_tokens if planned else 0,
-            rows_what="the query tokens given to plan() (qo_indptr[-1])", out=out,
-            sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)
         if q.device.type != "cuda":
             return self._run_reference(q, cache, page_table, sm_scale, logits_soft_cap, out,
                                        return_lse)

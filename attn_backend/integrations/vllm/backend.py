@@ -104,7 +104,7 @@ class _Plans:
 @dataclass
 class AttnBackendMetadata:
     num_actual_tokens: int  # tokens of the step, padding included
-    slot_mapping: torch.Tensor
+    slot_mapping: torch.Tensor  # for vLLM parts that read it (KV connectors); writes get theirs
     block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
     query_start_loc: np.ndarray  # int64 [num_reqs + 1], host
     kv_lens: np.ndarray  # int64 [num_reqs], host: each request's KV, its new tokens included
