@@ -27,8 +27,7 @@ from .bench_prefill import HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, flops
 from .common import median_ms, shuffled_pages
 
 # (m-tiles per warp, kv tile, stages, warps)
-VARIANTS = [(2, 32, 3, 4), (2, 32, 2, 4), (2, 32, 3, 8), (2, 32, 2, 8), (2, 64, 2, 8),
-            (1, 64, 2, 8)]
+VARIANTS = [(2, 64, 2, 8), (2, 64, 3, 8), (2, 64, 2, 4), (2, 32, 3, 8), (1, 64, 2, 8)]
 
 _VARIANT_TU = """
 #include "prefill_launch.h"
@@ -36,7 +35,7 @@ namespace attn_backend {{
 using VariantTraits{i} = PrefillTraits<128, 128, {m}, {kv}, {stages}, {warps}>;
 void run_variant_{i}(const PrefillParams& params, int64_t items, int64_t kv_heads,
                      cudaStream_t stream) {{
-  auto* kernel = &paged_prefill_kernel<VariantTraits{i}, __nv_bfloat16, false>;
+  auto* kernel = &paged_prefill_kernel<VariantTraits{i}, __nv_bfloat16, false, false>;
   allow_prefill_smem(kernel, VariantTraits{i}::kSmemBytes);
   const dim3 grid(static_cast<unsigned>(kv_heads), static_cast<unsigned>(items));
   kernel<<<grid, VariantTraits{i}::kThreads, VariantTraits{i}::kSmemBytes, stream>>>(params);

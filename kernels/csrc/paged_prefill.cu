@@ -10,9 +10,8 @@ namespace {
 // timings of bench/sweep_prefill.py on an H100. Two 16-row MMA tiles per warp
 // (32 query rows) share every K/V fragment read from shared memory, which
 // halves the shared-memory traffic per MMA against one tile per warp. d128:
-// 8 warps (256 rows) share each 32-key tile, so every thread issues half the
-// copies of a 4-warp CTA; 64-key tiles spill at d128 (128 fp32 accumulators
-// per thread). d256 keeps one 16-row tile per warp and 16-key tiles.
+// 8 warps (256 rows) share each K/V tile, so every thread issues half the
+// copies of a 4-warp CTA. d256 keeps one 16-row tile per warp and 16-key tiles.
 template <int kHeadDimQK, int kHeadDimVO>
 struct PrefillConfig;
 template <>
@@ -21,7 +20,10 @@ struct PrefillConfig<64, 64> {
 };
 template <>
 struct PrefillConfig<128, 128> {
-  using Traits = PrefillTraits<128, 128, 2, 32, 3, 8>;
+  // 64-key tiles: half the barriers, copy rounds and softmax steps per key of 32-key
+  // ones. ptxas spills about 50 B here (a few loads per tile, from L1); the sweep
+  // (bench/sweep_prefill.py) timed this faster than 32-key tiles or 32-key compute steps.
+  using Traits = PrefillTraits<128, 128, 2, 64, 2, 8>;
 };
 template <>
 struct PrefillConfig<256, 256> {

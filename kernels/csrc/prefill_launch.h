@@ -123,8 +123,13 @@ void launch_prefill(const PrefillParams& params, at::ScalarType dtype, int64_t n
               "partial_out must be [partials * num_kv_heads * tile_rows, head_dim_vo]");
   auto launch = [&](auto type_tag) {
     using T = decltype(type_tag);
-    auto* kernel = params.soft_cap > 0 ? &paged_prefill_kernel<Traits, T, true>
-                                       : &paged_prefill_kernel<Traits, T, false>;
+    // Soft-cap and custom masks are compiled in only where used: each costs registers.
+    const bool soft_cap = params.soft_cap > 0;
+    const bool custom_mask = params.mask_bits != nullptr;
+    auto* kernel = soft_cap ? (custom_mask ? &paged_prefill_kernel<Traits, T, true, true>
+                                           : &paged_prefill_kernel<Traits, T, true, false>)
+                            : (custom_mask ? &paged_prefill_kernel<Traits, T, false, true>
+                                           : &paged_prefill_kernel<Traits, T, false, false>);
     allow_prefill_smem(kernel, Traits::kSmemBytes);
     if (num_work_items == 0) return;
     TORCH_CHECK(num_work_items <= 65535, "paged_prefill: at most 65535 work items");
@@ -141,7 +146,7 @@ void launch_prefill(const PrefillParams& params, at::ScalarType dtype, int64_t n
 template <typename Traits>
 std::vector<int64_t> prefill_shape_info() {
   int ctas = 0;
-  auto* kernel = &paged_prefill_kernel<Traits, __nv_bfloat16, false>;
+  auto* kernel = &paged_prefill_kernel<Traits, __nv_bfloat16, false, false>;
   allow_prefill_smem(kernel, Traits::kSmemBytes);
   ATTN_BACKEND_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &ctas, kernel, Traits::kThreads, Traits::kSmemBytes));

@@ -163,7 +163,7 @@ __device__ __forceinline__ void merge_prefill_partials(const PrefillParams& p, i
   }
 }
 
-template <typename Traits, typename T, bool kSoftCap>
+template <typename Traits, typename T, bool kSoftCap, bool kCustomMask>
 __global__ void __launch_bounds__(Traits::kThreads)
     paged_prefill_kernel(const __grid_constant__ PrefillParams p) {
   constexpr int kStages = Traits::kStages;
@@ -250,10 +250,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   };
 
-  // Each thread copies one 16-byte chunk column of a tile's rows. A row
-  // outside the range is not copied: its stage keeps earlier (finite) values,
-  // whose scores the mask sets to -inf, so they weigh nothing. The ring starts
-  // zeroed so that even the first tile holds no NaN bit patterns.
+  // Each thread copies one 16-byte chunk column of a tile's rows. A row outside
+  // the range is zero-filled (not read), so a stage never holds stale or NaN bit
+  // patterns; the mask sets those scores to -inf.
   auto load_side = [&](T* tile_smem, int stage, int side, auto chunks_tag) {
     constexpr int kChunks = decltype(chunks_tag)::value;
     constexpr int kRowsPerPass = kThreads / kChunks;
@@ -265,8 +264,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
       const int row = first_row + j * kRowsPerPass;
       if (kKV % kRowsPerPass == 0 || row < kKV) {
         const T* src = addresses[row * 2];
-        ptx::cp_async_16_if(tile_smem + swizzled<kChunks>(row, chunk), src + chunk * 8,
-                            src != nullptr);
+        const bool valid = src != nullptr;
+        ptx::cp_async_16(tile_smem + swizzled<kChunks>(row, chunk),
+                         (valid ? src : k_base) + chunk * 8, valid);
       }
     }
   };
@@ -276,9 +276,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
     load_side(v_tile(stage), stage, 1, std::integral_constant<int, kChunksVO>{});
   };
 
-  for (int i = tid; i < Traits::kRingBytes / 16; i += kThreads) {
-    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
-  }
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) store_row(s, fetch_row(s));
   __syncthreads();
@@ -289,21 +286,17 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   PendingRow pending = fetch_row(kStages - 1);
 
-  // Positions of this thread's rows (mma rows lane/4 and lane/4 + 8 of each
-  // m-tile), and the tile's extreme positions, which decide where masking is needed.
+  // This thread's rows are mma rows lane/4 and lane/4 + 8 of each m-tile; their bounds
+  // are derived where a tile needs masking (registers are scarce in the main loop).
   const int warp_row0 = warp * Traits::kRowsPerWarp;
-  int row_token[kM][2];
-#pragma unroll
-  for (int mt = 0; mt < kM; ++mt) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      row_token[mt][half] = (row_start + warp_row0 + mt * 16 + lane / 4 + 8 * half) / group;
-    }
-  }
+  // Whether a K/V tile needs per-element masking is CTA-uniform: it does when it reaches
+  // below the window of the tile's last row, or past the first row's causal end (or the
+  // item's end).
   const int first_position = position_offset + row_start / group;
   const int last_position = position_offset + (row_start + num_rows - 1) / group;
-  const bool has_mask = p.mask_bits != nullptr;
-  const int64_t mask_base = has_mask ? p.mask_offset[request] : 0;
+  const int unmasked_from = p.window_left >= 0 ? last_position - p.window_left : 0;
+  const int unmasked_to = p.causal && !kCustomMask ? min(first_position + 1, kv_end) : kv_end;
+  const int64_t mask_base = kCustomMask ? p.mask_offset[request] : 0;
 
   float o[kM][kVONTiles][4];
 #pragma unroll
@@ -323,7 +316,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const float score_scale = p.sm_scale / p.soft_cap;
   const float cap_scale = p.soft_cap * kLog2e;
   const float exp_scale = kSoftCap ? 1.f : p.sm_scale * kLog2e;
-  float correction_of[kM][2];
 
   ptx::cp_async_wait<kStages - 1>();  // the query tile
   __syncthreads();
@@ -375,9 +367,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     // per element only where some key of this tile may be hidden from some row
     // of the CTA tile (a CTA-uniform test).
     const int first_key = kv_start + tile * kKV;
-    const bool needs_mask = has_mask || first_key + kKV > kv_end ||
-                            (p.causal && first_key + kKV - 1 > first_position) ||
-                            (p.window_left >= 0 && first_key < last_position - p.window_left);
+    const bool needs_mask = kCustomMask || first_key < unmasked_from ||
+                            first_key + kKV > unmasked_to;
     if (kSoftCap || needs_mask) {
 #pragma unroll
       for (int mt = 0; mt < kM; ++mt) {
@@ -388,19 +379,19 @@ __global__ void __launch_bounds__(Traits::kThreads)
             float x = s[mt][n][e];
             if (kSoftCap) x = cap_scale * ptx::fast_tanh(x * score_scale);
             if (needs_mask) {
+              // Without a custom mask the row sees the keys [window start, causal end).
               const int key = first_key + n * 8 + (lane % 4) * 2 + (e % 2);
-              const int token = row_token[mt][e / 2];
+              const int token = (row_start + warp_row0 + mt * 16 + lane / 4 + 8 * (e / 2)) / group;
               const int position = position_offset + token;
-              bool visible = key < kv_end;
-              if (has_mask) {
-                if (token < q_len) {
+              bool visible = key < kv_end && (p.window_left < 0 || key >= position - p.window_left);
+              if (kCustomMask) {
+                if (visible && token < q_len) {
                   const int64_t bit = mask_base + static_cast<int64_t>(token) * kv_len + key;
-                  visible = visible && ((__ldg(p.mask_bits + (bit >> 3)) >> (bit & 7)) & 1);
+                  visible = (__ldg(p.mask_bits + (bit >> 3)) >> (bit & 7)) & 1;
                 }
               } else if (p.causal) {
                 visible = visible && key <= position;
               }
-              if (p.window_left >= 0) visible = visible && key >= position - p.window_left;
               x = visible ? x : kNegInf;
             }
             s[mt][n][e] = x;
@@ -411,7 +402,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     // Online softmax per row, in the log2 domain: row_max holds max * exp_scale.
     // A row's 4 quad lanes share it.
-    bool rescale = false;
 #pragma unroll
     for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
@@ -427,9 +417,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
         // With nothing seen yet the max is -inf; subtracting 0 keeps exp2 at 0.
         const float reference = new_max == kNegInf ? 0.f : new_max;
         const float correction = ptx::fast_exp2(row_max[mt][half] - reference);
-        rescale = rescale || correction != 1.f;
-        correction_of[mt][half] = correction;
         row_max[mt][half] = new_max;
+        // Once the running maxima settle most tiles leave them unchanged; then these
+        // rows' outputs need no rescaling (a warp-uniform test, so no divergence).
+        if (__any_sync(0xffffffff, correction != 1.f)) {
+#pragma unroll
+          for (int n = 0; n < kVONTiles; ++n) {
+            o[mt][n][2 * half] *= correction;
+            o[mt][n][2 * half + 1] *= correction;
+          }
+        }
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < kKVNTiles; ++n) {
@@ -441,20 +438,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
           }
         }
         row_sum[mt][half] = row_sum[mt][half] * correction + sum;
-      }
-    }
-    // Once the running maxima settle most tiles leave them unchanged; then the
-    // output needs no rescaling (a warp-uniform test, so no divergence).
-    if (__any_sync(0xffffffff, rescale)) {
-#pragma unroll
-      for (int mt = 0; mt < kM; ++mt) {
-#pragma unroll
-        for (int n = 0; n < kVONTiles; ++n) {
-          o[mt][n][0] *= correction_of[mt][0];
-          o[mt][n][1] *= correction_of[mt][0];
-          o[mt][n][2] *= correction_of[mt][1];
-          o[mt][n][3] *= correction_of[mt][1];
-        }
       }
     }
 
