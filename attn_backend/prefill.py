@@ -43,6 +43,7 @@ class _PlannedBatch:
     custom_mask: torch.Tensor | None  # flat bool, as given (the reference path reads it)
     mask_indptr: np.ndarray | None  # int64 [batch + 1] element offsets of each request's block
     num_work_items: int
+    tile_rows: int  # the kernel tile shape the schedule was cut for
 
     @property
     def num_tokens(self) -> int:
@@ -84,18 +85,29 @@ class PagedPrefill:
         self.max_num_tokens = max_num_tokens
         self.use_cuda_graph = use_cuda_graph
 
+        # Two tile shapes: `tile_rows` for long queries and `short_tile_rows` for batches
+        # whose requests have few query rows (see _tile_shape); buffers fit either.
         if self.device.type == "cuda":
-            tile_rows, _, ctas_per_sm, _ = _extension.load_ops().paged_prefill_config(
-                head_dim, head_dim_vo)
+            ops = _extension.load_ops()
             num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            self.tile_rows = int(tile_rows)
-            self.cta_slots = cta_slots if cta_slots is not None else max(1, ctas_per_sm) * num_sms
-        else:
-            self.tile_rows = 128  # the reference ignores the schedule
-            self.cta_slots = cta_slots if cta_slots is not None else 1
-        self.max_partials = max_prefill_partials_per_head(num_kv_heads, self.cta_slots)
-        self.capacity = prefill_grid_size(max_num_tokens, max_batch_size, self.group_size,
-                                          self.tile_rows, num_kv_heads, self.cta_slots)
+            shapes = []
+            for short_queries in (False, True):
+                rows, _, ctas_per_sm, _ = ops.paged_prefill_config(head_dim, head_dim_vo,
+                                                                   short_queries)
+                slots = cta_slots if cta_slots is not None else max(1, ctas_per_sm) * num_sms
+                shapes.append((int(rows), slots))
+            (self.tile_rows, self.cta_slots), (self.short_tile_rows, self.short_cta_slots) = \
+                shapes
+        else:  # the reference ignores the schedule; plan() still makes one
+            self.tile_rows, self.short_tile_rows = 128, 64
+            self.cta_slots = self.short_cta_slots = cta_slots if cta_slots is not None else 1
+        shapes = ((self.tile_rows, self.cta_slots), (self.short_tile_rows, self.short_cta_slots))
+        self.max_partials = max(max_prefill_partials_per_head(num_kv_heads, slots)
+                                for _, slots in shapes)
+        self.capacity = max(prefill_grid_size(max_num_tokens, max_batch_size, self.group_size,
+                                              rows, num_kv_heads, slots) for rows, slots in shapes)
+        partial_rows = self.max_partials * num_kv_heads * max(self.tile_rows,
+                                                              self.short_tile_rows)
         if self.capacity > 65535:
             raise ValueError(f"max_num_tokens={max_num_tokens} makes up to {self.capacity} work "
                              "items; the kernel's grid takes at most 65535 (lower max_num_tokens)")
@@ -111,10 +123,9 @@ class PagedPrefill:
                                       device=self.device)
         self._mask_bit_weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
                                               device=self.device)
-        self._partial_out = torch.empty(self.max_partials * num_kv_heads * self.tile_rows,
-                                        head_dim_vo, dtype=torch.float32, device=self.device)
-        self._partial_lse = torch.empty(self.max_partials * num_kv_heads * self.tile_rows,
-                                        dtype=torch.float32, device=self.device)
+        self._partial_out = torch.empty(partial_rows, head_dim_vo, dtype=torch.float32,
+                                        device=self.device)
+        self._partial_lse = torch.empty(partial_rows, dtype=torch.float32, device=self.device)
         # Zeros between launches; the kernel's merging CTA resets what it counted.
         self._merge_counters = torch.zeros(self.max_partials * num_kv_heads, dtype=torch.int32,
                                            device=self.device)
@@ -158,16 +169,17 @@ class PagedPrefill:
         mask, offsets = None, None
         if custom_mask is not None:
             mask, offsets = self._check_mask(custom_mask, mask_indptr, q_lens, lens)
-        schedule = plan_prefill(q_lens, lens, group_size=self.group_size,
-                                tile_rows=self.tile_rows, causal=causal, window_left=window_left,
-                                has_mask=mask is not None, num_kv_heads=self.num_kv_heads,
-                                cta_slots=self.cta_slots)
         grid_tokens = int(qo[-1]) if graph_num_tokens is None else graph_num_tokens
         if not qo[-1] <= grid_tokens <= self.max_num_tokens:
             raise ValueError(f"graph_num_tokens={graph_num_tokens}; accepted: from the batch's "
                              f"{qo[-1]} tokens to max_num_tokens={self.max_num_tokens}")
-        num_work_items = prefill_grid_size(grid_tokens, batch, self.group_size, self.tile_rows,
-                                           self.num_kv_heads, self.cta_slots) \
+        tile_rows, cta_slots = self._tile_shape(q_lens, grid_tokens)
+        schedule = plan_prefill(q_lens, lens, group_size=self.group_size,
+                                tile_rows=tile_rows, causal=causal, window_left=window_left,
+                                has_mask=mask is not None, num_kv_heads=self.num_kv_heads,
+                                cta_slots=cta_slots)
+        num_work_items = prefill_grid_size(grid_tokens, batch, self.group_size, tile_rows,
+                                           self.num_kv_heads, cta_slots) \
             if self.use_cuda_graph else schedule.num_items
         if not schedule.num_items <= num_work_items <= self.capacity:
             raise RuntimeError(f"prefill schedule of {schedule.num_items} items does not fit its "
@@ -191,7 +203,23 @@ class PagedPrefill:
             self._pack_mask(mask[: int(offsets[-1])])
             self._mask_offsets.load(torch.from_numpy(offsets[:-1]))
         self._planned = _PlannedBatch(qo, lens, causal, window_left, mask, offsets,
-                                      num_work_items)
+                                      num_work_items, tile_rows)
+
+    def _tile_shape(self, q_lens: np.ndarray, grid_tokens: int) -> tuple[int, int]:
+        """(tile rows, CTA slots) for a batch. A tile never spans requests, so requests of at
+        most `short_tile_rows` query rows (speculative verification, short extends) take the
+        short tiles; longer ones the large tiles, which read each K/V tile for more rows.
+
+        With `use_cuda_graph` a captured launch keeps the kernel it was captured with, so the
+        choice depends only on what is fixed per graph (its tokens and batch size): the mean
+        query length. Either shape computes any batch correctly."""
+        if self.use_cuda_graph:
+            rows_per_request = -(-grid_tokens // len(q_lens)) * self.group_size
+        else:
+            rows_per_request = int(q_lens.max(initial=0)) * self.group_size
+        if rows_per_request <= self.short_tile_rows:
+            return self.short_tile_rows, self.short_cta_slots
+        return self.tile_rows, self.cta_slots
 
     def _check_mask(self, custom_mask, mask_indptr, q_lens, kv_lens):
         if not isinstance(custom_mask, torch.Tensor) or custom_mask.dtype not in (torch.bool,
@@ -253,7 +281,7 @@ class PagedPrefill:
             q, cache.k, cache.v, page_table.table, page_table.row_index,
             page_table.holds_token_slots, self._request_info.tensor.view(3, self.max_batch_size),
             self._schedule.tensor.view(_SCHEDULE_ROWS, self.capacity), planned.num_work_items,
-            self._mask_bits if has_mask else None,
+            planned.tile_rows, self._mask_bits if has_mask else None,
             self._mask_offsets.tensor if has_mask else None, self._merge_indptr.tensor,
             self._merge_counters, self._partial_out, self._partial_lse, float(sm_scale),
             float(logits_soft_cap), int(planned.window_left), bool(planned.causal), out, lse)

@@ -146,7 +146,8 @@ def run_shape(variants, ops, batch, q_len, kv_len, peers, profile):
                                head_dim=HEAD_DIM, dtype=torch.bfloat16, device="cuda",
                                max_batch_size=batch, max_num_tokens=4 * batch * q_len,
                                cta_slots=max(1, ctas) * num_sms)
-        prefill.tile_rows = rows  # plan this variant's tiles (buffers are sized for 128 rows)
+        # Plan this variant's tiles whatever the queries' lengths (buffers fit any tile).
+        prefill.tile_rows = prefill.short_tile_rows = rows
         prefill.plan(qo_indptr, [kv_len] * batch)
         out = torch.full_like(q, float("nan"))
         planned = prefill._planned

@@ -166,9 +166,30 @@ def test_graph_grid_is_sized_by_the_captured_token_count():
                            use_cuda_graph=True, cta_slots=64)
     qo, kv = [0, 4, 8, 12, 12, 12], [30, 9, 100, 0, 0]  # 3 requests of 4 tokens, 2 padding
     prefill.plan(qo, kv, graph_num_tokens=20)  # the capture's 5 x 4 tokens
-    assert prefill._planned.num_work_items == prefill_grid_size(20, 5, 4, prefill.tile_rows, 2,
-                                                                64)
+    assert prefill._planned.tile_rows == prefill.short_tile_rows  # 4 tokens x group 4 rows
+    assert prefill._planned.num_work_items == prefill_grid_size(20, 5, 4, prefill.short_tile_rows,
+                                                                2, 64)
     with pytest.raises(ValueError, match="graph_num_tokens=11; accepted: from the batch's 12"):
         prefill.plan(qo, kv, graph_num_tokens=11)
     with pytest.raises(ValueError, match="graph_num_tokens=65; .* max_num_tokens=64"):
         prefill.plan(qo, kv, graph_num_tokens=65)
+
+
+def test_short_queries_take_the_short_tiles_and_graphs_keep_their_shape():
+    """Eager plans pick the tile shape from the longest request; a graph-mode plan from what
+    is fixed per captured graph (tokens per request), so a replay launches the captured kernel."""
+    shape = dict(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16,
+                 device="cpu", max_batch_size=8, max_num_tokens=256, cta_slots=64)
+    eager = PagedPrefill(**shape)
+    eager.plan([0, 4, 8], [100, 200])  # 16 rows per request
+    assert eager._planned.tile_rows == eager.short_tile_rows
+    eager.plan([0, 4, 24], [100, 200])  # 80 rows in the second request
+    assert eager._planned.tile_rows == eager.tile_rows
+    graph = PagedPrefill(**shape, use_cuda_graph=True)
+    graph.plan([0, 16, 32], [100, 200], graph_num_tokens=32)  # 64 rows per request
+    assert graph._planned.tile_rows == graph.short_tile_rows
+    # A replay of that graph whose second request has 124 rows keeps the short tiles.
+    graph.plan([0, 1, 32], [100, 200], graph_num_tokens=32)
+    assert graph._planned.tile_rows == graph.short_tile_rows
+    assert graph._planned.num_work_items == prefill_grid_size(32, 2, 4, graph.short_tile_rows,
+                                                              2, 64)

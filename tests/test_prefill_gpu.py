@@ -46,6 +46,8 @@ def planned(q_lens, kv_lens, *, seed, page_size=16, num_kv_heads=2, group=4, hea
 
 # Prefills (q = kv), extends on prefixes, single-token rows and partial tiles.
 MIXED = ([1, 5, 17, 200, 1, 64, 333], [1, 300, 17, 2049, 1000, 70, 333])
+# At most 4 queries per request (<= 64 rows up to group 16): the short tile shape.
+SHORT = ([1, 4, 3, 2], [900, 40, 3000, 7])
 
 
 @pytest.mark.parametrize("layout", ["sglang", "vllm_nhd", "vllm_hnd"])
@@ -60,10 +62,13 @@ def test_prefill_page_sizes_layouts_dtypes(layout, page_size, dtype, seed):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("group", [1, 4, 8, 16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_prefill_head_dims_groups_causality(head_dim, group, causal, seed):
+@pytest.mark.parametrize("lengths", [MIXED, SHORT], ids=["mixed", "short"])
+def test_prefill_head_dims_groups_causality(head_dim, group, causal, lengths, seed):
     num_kv_heads = max(1, 16 // group)
-    problem, table, q, prefill = planned(*MIXED, seed=seed, num_kv_heads=num_kv_heads,
+    problem, table, q, prefill = planned(*lengths, seed=seed, num_kv_heads=num_kv_heads,
                                          group=group, head_dim=head_dim, causal=causal)
+    want_rows = prefill.short_tile_rows if lengths is SHORT else prefill.tile_rows
+    assert prefill._planned.tile_rows == want_rows
     check(prefill, problem, table, q, causal=causal, seed=seed)
 
 

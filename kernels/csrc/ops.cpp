@@ -19,7 +19,7 @@ void paged_decode_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, 
 // Writes into `out` (and `lse`) only.
 void paged_prefill_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const std::optional<at::Tensor>&, bool, const at::Tensor&,
-                        const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
+                        const at::Tensor&, int64_t, int64_t, const std::optional<at::Tensor>&,
                         const std::optional<at::Tensor>&, const at::Tensor&, at::Tensor&,
                         const at::Tensor&, const at::Tensor&, double, double, int64_t, bool,
                         at::Tensor&, const std::optional<at::Tensor>&) {}
@@ -44,11 +44,13 @@ TORCH_LIBRARY(attn_backend, m) {
   m.def(
       "paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
       "Tensor? row_index, bool table_holds_slots, Tensor request_info, "
-      "Tensor schedule, int num_work_items, Tensor? mask_bits, Tensor? mask_offset, "
+      "Tensor schedule, int num_work_items, int tile_rows, Tensor? mask_bits, "
+      "Tensor? mask_offset, "
       "Tensor merge_indptr, Tensor(a!) merge_counters, Tensor(b!) partial_out, "
       "Tensor(c!) partial_lse, float sm_scale, float logits_soft_cap, int window_left, "
       "bool causal, Tensor(d!) out, Tensor(e!)? lse) -> ()");
-  m.def("paged_prefill_config(int head_dim_qk, int head_dim_vo) -> int[]");
+  // [tile rows, kv tile, CTAs per SM, threads] of the tile shape for long or short queries.
+  m.def("paged_prefill_config(int head_dim_qk, int head_dim_vo, bool short_queries) -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(attn_backend, Meta, m) {

@@ -12,11 +12,17 @@ namespace {
 // halves the shared-memory traffic per MMA against one tile per warp. d128:
 // 8 warps (256 rows) share each K/V tile, so every thread issues half the
 // copies of a 4-warp CTA. d256 keeps one 16-row tile per warp and 16-key tiles.
+//
+// `ShortTraits` serve batches whose requests have few query rows (speculative
+// verification, decode-like extends: q_len * group <= 64): a tile never spans
+// requests, so a 256-row tile would mostly compute padding there, turning a
+// memory-bound batch into a compute-bound one. 64 rows keep it memory-bound.
 template <int kHeadDimQK, int kHeadDimVO>
 struct PrefillConfig;
 template <>
 struct PrefillConfig<64, 64> {
   using Traits = PrefillTraits<64, 64, 2, 64, 2>;
+  using ShortTraits = PrefillTraits<64, 64, 1, 64, 2>;
 };
 template <>
 struct PrefillConfig<128, 128> {
@@ -24,10 +30,12 @@ struct PrefillConfig<128, 128> {
   // ones. ptxas spills about 50 B here (a few loads per tile, from L1); the sweep
   // (bench/sweep_prefill.py) timed this faster than 32-key tiles or 32-key compute steps.
   using Traits = PrefillTraits<128, 128, 2, 64, 2, 8>;
+  using ShortTraits = PrefillTraits<128, 128, 1, 64, 2>;
 };
 template <>
 struct PrefillConfig<256, 256> {
   using Traits = PrefillTraits<256, 256, 1, 16, 2>;
+  using ShortTraits = Traits;  // already 64 rows
 };
 
 template <typename Fn>
@@ -43,7 +51,8 @@ void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                    const at::Tensor& page_table, const std::optional<at::Tensor>& row_index,
                    bool table_holds_slots,
                    const at::Tensor& request_info, const at::Tensor& schedule,
-                   int64_t num_work_items, const std::optional<at::Tensor>& mask_bits,
+                   int64_t num_work_items, int64_t tile_rows,
+                   const std::optional<at::Tensor>& mask_bits,
                    const std::optional<at::Tensor>& mask_offset, const at::Tensor& merge_indptr,
                    at::Tensor& merge_counters, const at::Tensor& partial_out,
                    const at::Tensor& partial_lse, double sm_scale, double logits_soft_cap,
@@ -56,18 +65,30 @@ void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_head_dims(q.size(2), v_cache.size(3), [&](auto config) {
-    launch_prefill<typename decltype(config)::Traits>(params, q.scalar_type(), num_work_items,
-                                                      k_cache.size(2), partial_out.numel(),
-                                                      stream);
+    using Long = typename decltype(config)::Traits;
+    using Short = typename decltype(config)::ShortTraits;
+    // The plan cut the batch into tiles of `tile_rows`; the launch must use that shape.
+    TORCH_CHECK(tile_rows == Long::kRows || tile_rows == Short::kRows, "paged_prefill: tile_rows ",
+                tile_rows, " is not a compiled tile shape (", Long::kRows, " or ", Short::kRows,
+                ")");
+    if (tile_rows == Long::kRows) {
+      launch_prefill<Long>(params, q.scalar_type(), num_work_items, k_cache.size(2),
+                           partial_out.numel(), stream);
+    } else {
+      launch_prefill<Short>(params, q.scalar_type(), num_work_items, k_cache.size(2),
+                            partial_out.numel(), stream);
+    }
   });
 }
 
 // [tile rows, kv tile, CTAs per SM, threads]: what the plan needs to cut work
 // into the kernel's tiles and to size split-KV to the GPU.
-std::vector<int64_t> paged_prefill_config(int64_t head_dim_qk, int64_t head_dim_vo) {
+std::vector<int64_t> paged_prefill_config(int64_t head_dim_qk, int64_t head_dim_vo,
+                                          bool short_queries) {
   std::vector<int64_t> result;
   dispatch_head_dims(head_dim_qk, head_dim_vo, [&](auto config) {
-    result = prefill_shape_info<typename decltype(config)::Traits>();
+    result = short_queries ? prefill_shape_info<typename decltype(config)::ShortTraits>()
+                           : prefill_shape_info<typename decltype(config)::Traits>();
   });
   return result;
 }
