@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,11 +22,20 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _HOST_AHEAD_CYCLES = 200_000
 
 
+# Warm-up lasts at least this long as well: after the host has kept the GPU idle (building
+# inputs, compiling a peer) its clocks take tens of milliseconds to come back, and a case
+# timed first after such a pause measured up to 2.5x slow in short-kernel cases.
+_WARMUP_SECONDS = 0.1
+
+
 def median_ms(fn, *, warmup: int = 10, iters: int = 50) -> float:
     """Median device time over `iters` runs of `fn`, each timed with its own pair of CUDA events."""
-    for _ in range(warmup):
+    deadline = time.perf_counter() + _WARMUP_SECONDS
+    done = 0
+    while done < warmup or time.perf_counter() < deadline:
         fn()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        done += 1
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for start, end in zip(starts, ends):
