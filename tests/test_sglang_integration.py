@@ -172,19 +172,6 @@ def test_backend_refuses_hybrid_swa_pools_at_construction():
         SGLangAttnBackend(runner)
 
 
-def test_backend_refuses_draft_extend_per_batch():
-    from types import SimpleNamespace
-
-    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
-
-    backend = SGLangAttnBackend(_runner(device="cpu"))
-    mode = ForwardMode.DRAFT_EXTEND_V2
-    batch = SimpleNamespace(forward_mode=mode, seq_lens=torch.tensor([5]),
-                            seq_lens_cpu=torch.tensor([5]), req_pool_indices=torch.tensor([1]))
-    with pytest.raises(NotImplementedError, match=f"forward mode {mode.name} is not supported"):
-        backend.init_forward_metadata(batch)
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_extends_after_graph_setup_grow_their_wrapper(device):
     """With CUDA graphs on, extends still run eagerly (between the pieces of piecewise and
@@ -303,3 +290,88 @@ def test_save_kv_cache_false_leaves_the_pool_to_the_model(case):
         actual = module.o_proj(out)
     torch.testing.assert_close(actual, kit.expected_dense_fixture_output(fixture),
                                atol=kit.DENSE_ATOL, rtol=kit.DENSE_RTOL)
+
+
+# ---- the draft model's extend (DRAFT_EXTEND_V2): the kit's dense and draft-extend graph runners --
+
+from sglang.test.kits.attention_unittest.runner_modes.speculative_draft_extend_runner import (  # noqa: E402,E501
+    run_dense_draft_extend_v2_cuda_graph_case,
+)
+
+
+def _draft_extend_cases():
+    """Accepted-token extends over prefixes ending mid-page and at a page boundary, pages
+    1/16/32, MHA/GQA/MQA, a window; the graph runner needs one width for every request."""
+    def case(name, extend, **kwargs):
+        args = dict(backend=BACKEND_NAME, forward_mode=ForwardMode.DRAFT_EXTEND_V2, num_heads=8,
+                    num_kv_heads=2, page_size=16, prefix_lens=(5, 40, 16))
+        args.update(kwargs)
+        return DenseAttentionCase(name=name, extend_lens=(extend,) * len(args["prefix_lens"]),
+                                  **args)
+    return (
+        case("draft_extend4_gqa_page16", 4),
+        case("draft_extend1_mha_page1", 1, num_kv_heads=8, page_size=1),
+        case("draft_extend3_mqa_page32", 3, num_kv_heads=1, page_size=32,
+             prefix_lens=(31, 50, 3, 32)),
+        case("draft_extend4_gqa_page16_window", 4, sliding_window_size=8, prefix_lens=(40, 57)),
+    )
+
+
+DRAFT_EXTEND_CASES = _draft_extend_cases()
+
+
+@pytest.mark.parametrize("device, dtype, head_dim, hidden", DEVICES)
+@pytest.mark.parametrize("case", DRAFT_EXTEND_CASES + (
+    DenseAttentionCase(name="draft_extend_ragged_eager", backend=BACKEND_NAME,
+                       forward_mode=ForwardMode.DRAFT_EXTEND_V2, num_heads=8, num_kv_heads=2,
+                       page_size=16, prefix_lens=(5, 40, 16), extend_lens=(1, 4, 2)),),
+    ids=lambda c: c.name)
+def test_kit_draft_extend_eager(case, device, dtype, head_dim, hidden, _our_window_rule):
+    run_dense_attention_case(_KitTestCase(), case, device=device, dtype=dtype, head_dim=head_dim,
+                             hidden_size=hidden or case.num_heads * head_dim)
+
+
+@pytest.fixture
+def _draft_extend_prefix_at_the_batch_slots(monkeypatch, _prefix_at_the_batch_slots):
+    """The draft-extend graph runner has the verify runner's prefix-placement bug too."""
+    from sglang.test.kits.attention_unittest.runner_modes import (
+        speculative_draft_extend_runner,
+        speculative_target_verify_runner,
+    )
+
+    monkeypatch.setattr(speculative_draft_extend_runner, "prepare_dense_runner_inputs",
+                        speculative_target_verify_runner.prepare_dense_runner_inputs)
+
+
+@pytest.mark.parametrize("device, dtype, head_dim, hidden", DEVICES)
+@pytest.mark.parametrize("case", DRAFT_EXTEND_CASES, ids=lambda c: c.name)
+def test_kit_draft_extend_cuda_graph(case, device, dtype, head_dim, hidden, _our_window_rule,
+                                     _draft_extend_prefix_at_the_batch_slots):
+    """Capture at batch 4, replay with the case's batch and padded rows (fill-value lengths)."""
+    run_dense_draft_extend_v2_cuda_graph_case(_KitTestCase(), case, device=device, dtype=dtype,
+                                              head_dim=head_dim,
+                                              hidden_size=hidden or case.num_heads * head_dim)
+
+
+def test_draft_extend_graph_replay_lengths():
+    """At a draft-extend graph replay SGLang hands a view without extend lengths: every request
+    has the captured width of query rows, spec_info keeps the real extends, padded rows carry
+    the fill value. Query i sits at (seq_len - extend) + i, as in SGLang's triton backend."""
+    from types import SimpleNamespace
+
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    backend = SGLangAttnBackend(_runner(device="cpu"))
+    fill = backend.get_cuda_graph_seq_len_fill_value()
+    view = SimpleNamespace(
+        forward_mode=ForwardMode.DRAFT_EXTEND_V2, batch_size=4,
+        seq_lens=torch.tensor([44, 20, fill, fill]), seq_lens_cpu=torch.tensor([44, 20, fill, fill]),
+        req_pool_indices=torch.tensor([1, 2, 0, 0]),
+        spec_info=SimpleNamespace(num_tokens_per_req=4, extend_seq_lens_cpu=[2, 4, 4, 4]))
+    backend.init_forward_metadata_out_graph(view)
+    meta = backend.forward_metadata
+    assert meta.qo_indptr.tolist() == [0, 4, 8, 12, 16]
+    # 42 + 4 keys for the first (its 4 rows start at 44 - 2), 20 for the second; the padded
+    # rows read their own 4 rows' worth of pool row 0, never an empty or negative range.
+    assert meta.kv_lens.tolist() == [46, 20, 4, 4]
+    assert meta.graph_mode

@@ -2,7 +2,8 @@
 
 Forward modes: EXTEND (with and without a cached prefix), MIXED, DECODE
 (eager and CUDA graph), TARGET_VERIFY (speculative verification with SGLang's
-chain or tree masks, eager and CUDA graph) and IDLE. On CUDA, DECODE runs the
+chain or tree masks, eager and CUDA graph), DRAFT_EXTEND_V2 (the draft model's
+extend over the accepted tokens, eager and CUDA graph) and IDLE. On CUDA, DECODE runs the
 `PagedDecode` kernel and the others the `PagedPrefill` kernel; on CPU every
 mode runs the float reference. K/V are written through the pool's own
 `set_kv_buffer`, and skipped when the model passes `save_kv_cache=False`.
@@ -14,11 +15,12 @@ fixed bit buffer on the device); the kernels read SGLang's `req_to_token`
 through the static `req_pool_indices` buffer in place, so the graph itself
 needs no metadata ops.
 
-Not yet (they raise with the reason, never a wrong result): DRAFT_EXTEND_V2
-(the draft model's extend; run drafts on a built-in backend with
---speculative-draft-attention-backend), hybrid sliding-window KV pools (run
-with --disable-hybrid-swa-memory), MLA, cross-attention and quantised KV
-caches.
+Not yet (they raise with the reason, never a wrong result): hybrid
+sliding-window KV pools (run with --disable-hybrid-swa-memory), MLA,
+cross-attention and quantised KV caches. SGLang picks draft-model backends
+from its own list (--speculative-draft-attention-backend), so DRAFT_EXTEND_V2
+reaches this backend where a harness builds it for the draft model (SGLang's
+attention kit does).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ...paged_kv import PagedKVCache, PageTable, slots_from_req_to_token
 from ...prefill import PagedPrefill
 from . import BACKEND_NAME
 
-_SUPPORTED_MODES = ("EXTEND", "MIXED", "DECODE", "IDLE", "TARGET_VERIFY")
+_SUPPORTED_MODES = ("EXTEND", "MIXED", "DECODE", "IDLE", "TARGET_VERIFY", "DRAFT_EXTEND_V2")
 _EAGER_MIN_TOKENS = 8192  # eager prefill wrappers start this large and grow by powers of two
 
 
@@ -52,7 +54,7 @@ class ForwardMetadata:
     req_pool_indices: torch.Tensor
     page_table: PageTable
     custom_mask: torch.Tensor | None = None  # verify tree mask: flat [n, kv_len] blocks
-    is_target_verify: bool = False
+    graph_mode: bool = False  # a mode SGLang captures in graphs beside decode (verify, draft extend)
     token_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # CSR, for the reference
     planned: set = field(default_factory=set)  # keys of the wrappers planned for this forward
 
@@ -131,10 +133,10 @@ class SGLangAttnBackend(AttentionBackend):
             # A chain (topk 1) is causal over the drafts; a tree needs its mask.
             if getattr(spec_info, "topk", None) != 1:
                 custom_mask = spec_info.custom_mask
+        elif mode.is_draft_extend_v2():
+            extend_lens, kv_lens = self._draft_extend_lengths(forward_batch, kv_lens)
         else:
-            extend_cpu = getattr(forward_batch, "extend_seq_lens_cpu", None)
-            extend_lens = np.asarray(extend_cpu if extend_cpu is not None else
-                                     forward_batch.extend_seq_lens.cpu(), dtype=np.int64)
+            extend_lens = self._extend_lens(forward_batch)
         req_pool_indices = forward_batch.req_pool_indices
         self.forward_metadata = ForwardMetadata(
             kv_lens=kv_lens,
@@ -143,15 +145,40 @@ class SGLangAttnBackend(AttentionBackend):
             page_table=PageTable.from_req_to_token(self.req_to_token_pool.req_to_token,
                                                    req_pool_indices),
             custom_mask=custom_mask,
-            is_target_verify=mode.is_target_verify(),
+            graph_mode=mode.is_target_verify() or mode.is_draft_extend_v2(),
         )
-        if mode.is_decode() or mode.is_target_verify():
+        if mode.is_decode() or mode.is_target_verify() or mode.is_draft_extend_v2():
             # Before a capture or replay: the graph replays these wrappers' buffers.
             # (Wrappers exist only where the kernels run; extend wrappers are planned lazily.)
             wrappers = self._decoders if mode.is_decode() else \
                 {key: w for key, w in self._prefills.items() if w.use_cuda_graph}
             for key, wrapper in wrappers.items():
                 self._plan(key, wrapper)
+
+    @staticmethod
+    def _extend_lens(forward_batch) -> np.ndarray:
+        extend_cpu = getattr(forward_batch, "extend_seq_lens_cpu", None)
+        return np.asarray(extend_cpu if extend_cpu is not None else
+                          forward_batch.extend_seq_lens.cpu(), dtype=np.int64)
+
+    def _draft_extend_lengths(self, forward_batch, seq_lens: np.ndarray):
+        """(query rows, kv lengths) of a draft extend. seq_lens already counts the extend's
+        tokens. Eagerly each request has its extend's rows; in SGLang's draft-extend graphs
+        every request has the captured width (spec_info.num_tokens_per_req) while
+        spec_info.extend_seq_lens_cpu keeps the real extends: as in SGLang's triton backend,
+        query i then sits at (seq_len - extend) + i. Padded graph rows (seq_len = the fill
+        value) get kv_len = their width, so they never read outside their pool row (the graph's
+        req_to_token rows are as long as any context)."""
+        if getattr(forward_batch, "extend_seq_lens_cpu", None) is not None or \
+                getattr(forward_batch, "extend_seq_lens", None) is not None:
+            rows = self._extend_lens(forward_batch)
+            return rows, np.maximum(seq_lens, rows)  # a graph capture's rows hold fill values
+        spec_info = forward_batch.spec_info
+        rows = np.full_like(seq_lens, spec_info.num_tokens_per_req)
+        extend_cpu = getattr(spec_info, "extend_seq_lens_cpu", None)
+        extend = np.asarray(extend_cpu, dtype=np.int64)[: len(seq_lens)] \
+            if extend_cpu is not None else rows
+        return rows, np.maximum(seq_lens - extend + rows, rows)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         """Decoders made from now on use grids fixed per batch size, as captured graphs need."""
@@ -264,9 +291,10 @@ class SGLangAttnBackend(AttentionBackend):
         forward. Graph-mode wrappers (verify graphs) are sized for the captured batches;
         eager ones grow by powers of two when a batch brings more tokens."""
         meta = self.forward_metadata
-        # Only verify batches replay in captured graphs; extends run eagerly (also between
-        # the pieces of SGLang's piecewise and breakable graphs), so their wrappers grow.
-        graph_sized = self._cuda_graphs and meta.is_target_verify
+        # Only verify and draft-extend batches replay in captured graphs; extends run eagerly
+        # (also between the pieces of SGLang's piecewise and breakable graphs), so their
+        # wrappers grow.
+        graph_sized = self._cuda_graphs and meta.graph_mode
         key = self._layer_key(layer, dtype)
         # Bidirectional (encoder-only) layers attend to the whole sequence, window or not.
         key = key[:5] + (key[5] if causal else -1, causal, graph_sized)
