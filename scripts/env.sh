@@ -60,7 +60,8 @@ install_engine() {
 install_engine sglang "sglang==0.5.23" "transformers==5.19.0" "tokenizers==0.23.2" \
   "torchvision==0.29.1" "apache-tvm-ffi==0.1.11" "compressed-tensors==0.18.0" "openai==2.25.0" \
   "sentencepiece==0.2.1" pillow pyzmq msgspec pydantic orjson psutil pybase64 requests \
-  packaging starlette tqdm IPython aiohttp dill gguf partial_json_parser fastapi uvicorn einops
+  packaging starlette tqdm IPython aiohttp dill gguf partial_json_parser fastapi uvicorn einops \
+  setproctitle
 # vLLM 0.33.0 pins torch 2.14.0; its Python code (configs, KV specs, metadata, registry:
 # what the tests drive) runs on 2.14.1. These are what importing vllm.config and
 # vllm.v1.attention needs; openai 2.25 (vLLM's tool parsers) also serves sglang.
