@@ -90,18 +90,18 @@ class PagedPrefill:
         if self.device.type == "cuda":
             ops = _extension.load_ops()
             num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            shapes = []
-            for short_queries in (False, True):
+
+            def tile_shape(short_queries: bool) -> tuple[int, int]:
                 rows, _, ctas_per_sm, _ = ops.paged_prefill_config(head_dim, head_dim_vo,
                                                                    short_queries)
-                slots = cta_slots if cta_slots is not None else max(1, ctas_per_sm) * num_sms
-                shapes.append((int(rows), slots))
-            (self.tile_rows, self.cta_slots), (self.short_tile_rows, self.short_cta_slots) = \
-                shapes
+                return int(rows), (cta_slots if cta_slots is not None else
+                                   max(1, ctas_per_sm) * num_sms)
+
+            shapes = (tile_shape(False), tile_shape(True))
         else:  # the reference ignores the schedule; plan() still makes one
-            self.tile_rows, self.short_tile_rows = 128, 64
-            self.cta_slots = self.short_cta_slots = cta_slots if cta_slots is not None else 1
-        shapes = ((self.tile_rows, self.cta_slots), (self.short_tile_rows, self.short_cta_slots))
+            slots = cta_slots if cta_slots is not None else 1
+            shapes = ((128, slots), (64, slots))
+        (self.tile_rows, self.cta_slots), (self.short_tile_rows, self.short_cta_slots) = shapes
         self.max_partials = max(max_prefill_partials_per_head(num_kv_heads, slots)
                                 for _, slots in shapes)
         self.capacity = max(prefill_grid_size(max_num_tokens, max_batch_size, self.group_size,

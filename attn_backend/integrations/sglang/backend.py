@@ -288,7 +288,8 @@ class SGLangAttnBackend(AttentionBackend):
 
     def _planned_prefill(self, layer, dtype, causal: bool) -> PagedPrefill:
         """The prefill wrapper for this layer's shape, window and causality, planned once per
-        forward. Graph-mode wrappers (verify graphs) are sized for the captured batches;
+        forward. Graph-mode wrappers (verify and draft-extend graphs) are sized for the captured
+        batches;
         eager ones grow by powers of two when a batch brings more tokens."""
         meta = self.forward_metadata
         # Only verify and draft-extend batches replay in captured graphs; extends run eagerly

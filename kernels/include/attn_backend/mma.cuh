@@ -22,15 +22,6 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* src, boo
                "l"(src), "r"(src_bytes));
 }
 
-// 16-byte async copy issued only when `predicate` holds (nothing is read or
-// written otherwise): the destination keeps its previous contents.
-__device__ __forceinline__ void cp_async_16_if(void* smem_dst, const void* src, bool predicate) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
-      " @p cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(smem_address(smem_dst)),
-      "l"(src), "r"(static_cast<int>(predicate)));
-}
-
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int kPending>
