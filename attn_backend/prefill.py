@@ -34,6 +34,14 @@ from .schedule import max_prefill_partials_per_head, plan_prefill, prefill_grid_
 _SCHEDULE_ROWS = 6  # request, row_start, kv_start, kv_end, partial, merge_group
 
 
+def allow_hopper_tiles(allowed: bool) -> None:
+    """Whether `PagedPrefill` objects built from now on run long queries with the
+    warpgroup-MMA (wgmma) kernel on sm_90 GPUs (the default) or with the mma.sync
+    kernel that other GPUs run. For tests and benchmarks that compare the two; an
+    object planned before a change fails its next run() with a tile-shape error."""
+    _extension.load_ops().prefill_allow_wgmma(bool(allowed))
+
+
 @dataclass(frozen=True)
 class _PlannedBatch:
     qo_indptr: np.ndarray  # int64 [batch + 1], host

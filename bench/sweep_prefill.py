@@ -26,13 +26,14 @@ from attn_backend import PagedKVCache, PagedPrefill, PageTable, _sources
 from .bench_prefill import HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, flops
 from .common import median_ms, shuffled_pages
 
-# (m-tiles per warp, kv tile, stages, warps)
-VARIANTS = [(2, 64, 2, 8), (2, 64, 3, 8), (2, 64, 2, 4), (2, 32, 3, 8), (1, 64, 2, 8)]
+# (m-tiles per warp, kv tile, stages, warps, wgmma); wgmma shapes need an sm_90 GPU.
+VARIANTS = [(1, 128, 2, 12, True), (1, 128, 2, 8, True), (1, 64, 3, 12, True),
+            (2, 64, 2, 8, False)]
 
 _VARIANT_TU = """
 #include "prefill_launch.h"
 namespace attn_backend {{
-using VariantTraits{i} = PrefillTraits<128, 128, {m}, {kv}, {stages}, {warps}>;
+using VariantTraits{i} = PrefillTraits<128, 128, {m}, {kv}, {stages}, {warps}, {wgmma}>;
 void run_variant_{i}(const PrefillParams& params, int64_t items, int64_t kv_heads,
                      cudaStream_t stream) {{
   auto* kernel = &paged_prefill_kernel<VariantTraits{i}, __nv_bfloat16, false, false>;
@@ -100,9 +101,10 @@ def build_variants():
     build_dir = Path(tempfile.gettempdir()) / f"attn_backend_variants_{key}"  # reused while warm
     build_dir.mkdir(exist_ok=True)
     sources = []
-    for i, (m, kv, stages, warps) in enumerate(VARIANTS):
+    for i, (m, kv, stages, warps, wgmma) in enumerate(VARIANTS):
         path = build_dir / f"variant_{i}.cu"
-        path.write_text(_VARIANT_TU.format(i=i, m=m, kv=kv, stages=stages, warps=warps))
+        path.write_text(_VARIANT_TU.format(i=i, m=m, kv=kv, stages=stages, warps=warps,
+                                           wgmma="true" if wgmma else "false"))
         sources.append(str(path))
     declarations = "\n".join(
         f"void run_variant_{i}(const PrefillParams&, int64_t, int64_t, cudaStream_t);\n"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attn_backend import PagedPrefill, PageTable, reference
+from attn_backend.prefill import allow_hopper_tiles
 
 from .helpers import (PagedProblem, allocate_pages, build_paged_problem,
                       check_against_reference, make_cache)
@@ -44,6 +45,23 @@ def planned(q_lens, kv_lens, *, seed, page_size=16, num_kv_heads=2, group=4, hea
     return problem, table, q, prefill
 
 
+@pytest.fixture(params=["wgmma", "mma_sync"])
+def long_tiles(request):
+    """Runs a test with each kernel for long queries: wgmma (sm_90 GPUs) and mma.sync."""
+    if request.param == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel runs on sm_90 GPUs")
+    allow_hopper_tiles(request.param == "wgmma")
+    yield request.param
+    allow_hopper_tiles(True)
+
+
+def long_tile_rows(kernel: str, head_dim: int) -> int:
+    """Rows of the long-query tile each kernel is compiled with (paged_prefill.cu)."""
+    if kernel == "wgmma" and head_dim in (64, 128):
+        return 192
+    return {64: 128, 128: 256, 256: 64}[head_dim]
+
+
 # Prefills (q = kv), extends on prefixes, single-token rows and partial tiles.
 MIXED = ([1, 5, 17, 200, 1, 64, 333], [1, 300, 17, 2049, 1000, 70, 333])
 # At most 4 queries per request (<= 64 rows up to group 16): the short tile shape.
@@ -63,10 +81,12 @@ def test_prefill_page_sizes_layouts_dtypes(layout, page_size, dtype, seed):
 @pytest.mark.parametrize("group", [1, 4, 8, 16])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lengths", [MIXED, SHORT], ids=["mixed", "short"])
-def test_prefill_head_dims_groups_causality(head_dim, group, causal, lengths, seed):
+def test_prefill_head_dims_groups_causality(head_dim, group, causal, lengths, long_tiles,
+                                            seed):
     num_kv_heads = max(1, 16 // group)
     problem, table, q, prefill = planned(*lengths, seed=seed, num_kv_heads=num_kv_heads,
                                          group=group, head_dim=head_dim, causal=causal)
+    assert prefill.tile_rows == long_tile_rows(long_tiles, head_dim)
     want_rows = prefill.short_tile_rows if lengths is SHORT else prefill.tile_rows
     assert prefill._planned.tile_rows == want_rows
     check(prefill, problem, table, q, causal=causal, seed=seed)
@@ -78,7 +98,7 @@ def test_prefill_head_dims_groups_causality(head_dim, group, causal, lengths, se
                               "extend2k_on_32k", "mixed_long"])
 @pytest.mark.parametrize("window_left, soft_cap", [(-1, 0.0), (-1, 30.0), (4095, 0.0), (100, 50.0)])
 def test_prefill_long_contexts_split_kv_window_softcap(q_lens, kv_lens, window_left, soft_cap,
-                                                       seed):
+                                                       long_tiles, seed):
     problem, table, q, prefill = planned(q_lens, kv_lens, seed=seed, num_kv_heads=8, group=4,
                                          layout="sglang", window_left=window_left)
     check(prefill, problem, table, q, window_left=window_left, soft_cap=soft_cap, seed=seed)
@@ -122,7 +142,7 @@ def test_prefill_speculative_tree_masks(page_size, chain, window_left, seed):
           seed=seed)
 
 
-def test_prefill_random_mask_with_gapped_indptr(seed):
+def test_prefill_random_mask_with_gapped_indptr(long_tiles, seed):
     """Any mask bits, blocks placed at offsets with gaps; rows that see nothing give 0 and -inf."""
     gen = torch.Generator().manual_seed(seed)
     q_lens, kv_lens = [3, 40, 1], [50, 700, 9]

@@ -51,6 +51,8 @@ TORCH_LIBRARY(attn_backend, m) {
       "bool causal, Tensor(d!) out, Tensor(e!)? lse) -> ()");
   // [tile rows, kv tile, CTAs per SM, threads] of the tile shape for long or short queries.
   m.def("paged_prefill_config(int head_dim_qk, int head_dim_vo, bool short_queries) -> int[]");
+  // Whether long queries may use the wgmma tile shape on sm_90 GPUs (default: yes).
+  m.def("prefill_allow_wgmma(bool allowed) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(attn_backend, Meta, m) {

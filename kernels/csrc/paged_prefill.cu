@@ -1,6 +1,8 @@
 // torch binding of kernels/include/attn_backend/prefill.cuh (one launch; split
 // tiles are merged inside it). Readable validation happens in Python
 // (attn_backend/prefill.py); prefill_launch.h holds the last line of defence.
+#include <atomic>
+
 #include "prefill_launch.h"
 
 namespace attn_backend {
@@ -13,6 +15,12 @@ namespace {
 // 8 warps (256 rows) share each K/V tile, so every thread issues half the
 // copies of a 4-warp CTA. d256 keeps one 16-row tile per warp and 16-key tiles.
 //
+// `HopperTraits` replace `Traits` on sm_90 GPUs (when the build holds sm_90a
+// code): warpgroup MMAs (wgmma), 3 warpgroups x 64 rows, 128-key tiles, 2
+// stages. The sweep on an H100 (1 x 8k causal d128): 425 TFLOP/s against 388
+// with 2 warpgroups, 387 with 64-key tiles in 3 stages, 318 for the mma.sync
+// shape; the third warpgroup's softmax overlaps the other two's MMAs.
+//
 // `ShortTraits` serve batches whose requests have few query rows (speculative
 // verification, decode-like extends: q_len * group <= 64): a tile never spans
 // requests, so a 256-row tile would mostly compute padding there, turning a
@@ -22,6 +30,7 @@ struct PrefillConfig;
 template <>
 struct PrefillConfig<64, 64> {
   using Traits = PrefillTraits<64, 64, 2, 64, 2>;
+  using HopperTraits = PrefillTraits<64, 64, 1, 128, 2, 12, true>;
   using ShortTraits = PrefillTraits<64, 64, 1, 64, 2>;
 };
 template <>
@@ -30,13 +39,55 @@ struct PrefillConfig<128, 128> {
   // ones. ptxas spills about 50 B here (a few loads per tile, from L1); the sweep
   // (bench/sweep_prefill.py) timed this faster than 32-key tiles or 32-key compute steps.
   using Traits = PrefillTraits<128, 128, 2, 64, 2, 8>;
+  using HopperTraits = PrefillTraits<128, 128, 1, 128, 2, 12, true>;
   using ShortTraits = PrefillTraits<128, 128, 1, 64, 2>;
 };
 template <>
 struct PrefillConfig<256, 256> {
   using Traits = PrefillTraits<256, 256, 1, 16, 2>;
-  using ShortTraits = Traits;  // already 64 rows
+  using HopperTraits = Traits;  // a 64 x 256 accumulator per warpgroup would not fit
+  using ShortTraits = Traits;   // already 64 rows
 };
+
+// Whether `kernel` (a wgmma tile shape) runs on the current device: an sm_90 GPU
+// and sm_90a code in this build (a build for other targets falls back to mma.sync).
+// Cached per device: a launch must not pay for the driver queries.
+inline bool wgmma_kernel_runs_here(const void* kernel) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int8_t> cached[kMaxDevices] = {};  // 0: unknown, 1: yes, 2: no
+  int device = 0;
+  ATTN_BACKEND_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < kMaxDevices && cached[device].load() != 0) return cached[device].load() == 1;
+  int major = 0;
+  ATTN_BACKEND_CUDA_CHECK(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  bool runs = false;
+  if (major == 9) {
+    cudaFuncAttributes attributes{};
+    ATTN_BACKEND_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    runs = attributes.binaryVersion == 90;
+  }
+  if (device < kMaxDevices) cached[device].store(runs ? 1 : 2);
+  return runs;
+}
+
+// Off: long queries run the mma.sync shape on sm_90 too (tests and benchmarks
+// compare the two; plans made before a change keep failing loudly on tile_rows).
+std::atomic<bool> wgmma_allowed{true};
+
+void prefill_allow_wgmma(bool allowed) { wgmma_allowed.store(allowed); }
+
+// Calls fn(LongTraits{}) with the long-query tile shape of `Config` on this device.
+template <typename Config, typename Fn>
+void with_long_tiles(Fn&& fn) {
+  using Hopper = typename Config::HopperTraits;
+  if constexpr (Hopper::kWgmma) {
+    const void* kernel =
+        reinterpret_cast<const void*>(&paged_prefill_kernel<Hopper, __nv_bfloat16, false, false>);
+    if (wgmma_allowed.load() && wgmma_kernel_runs_here(kernel)) return fn(Hopper{});
+  }
+  return fn(typename Config::Traits{});
+}
 
 template <typename Fn>
 void dispatch_head_dims(int64_t head_dim_qk, int64_t head_dim_vo, Fn&& fn) {
@@ -65,19 +116,22 @@ void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_head_dims(q.size(2), v_cache.size(3), [&](auto config) {
-    using Long = typename decltype(config)::Traits;
-    using Short = typename decltype(config)::ShortTraits;
-    // The plan cut the batch into tiles of `tile_rows`; the launch must use that shape.
-    TORCH_CHECK(tile_rows == Long::kRows || tile_rows == Short::kRows, "paged_prefill: tile_rows ",
-                tile_rows, " is not a compiled tile shape (", Long::kRows, " or ", Short::kRows,
-                ")");
-    if (tile_rows == Long::kRows) {
-      launch_prefill<Long>(params, q.scalar_type(), num_work_items, k_cache.size(2),
-                           partial_out.numel(), stream);
-    } else {
-      launch_prefill<Short>(params, q.scalar_type(), num_work_items, k_cache.size(2),
-                            partial_out.numel(), stream);
-    }
+    using Config = decltype(config);
+    using Short = typename Config::ShortTraits;
+    with_long_tiles<Config>([&](auto long_traits) {
+      using Long = decltype(long_traits);
+      // The plan cut the batch into tiles of `tile_rows`; the launch must use that shape.
+      TORCH_CHECK(tile_rows == Long::kRows || tile_rows == Short::kRows,
+                  "paged_prefill: tile_rows ", tile_rows, " is not a tile shape of this device (",
+                  Long::kRows, " or ", Short::kRows, ")");
+      if (tile_rows == Short::kRows) {
+        launch_prefill<Short>(params, q.scalar_type(), num_work_items, k_cache.size(2),
+                              partial_out.numel(), stream);
+      } else {
+        launch_prefill<Long>(params, q.scalar_type(), num_work_items, k_cache.size(2),
+                             partial_out.numel(), stream);
+      }
+    });
   });
 }
 
@@ -87,8 +141,13 @@ std::vector<int64_t> paged_prefill_config(int64_t head_dim_qk, int64_t head_dim_
                                           bool short_queries) {
   std::vector<int64_t> result;
   dispatch_head_dims(head_dim_qk, head_dim_vo, [&](auto config) {
-    result = short_queries ? prefill_shape_info<typename decltype(config)::ShortTraits>()
-                           : prefill_shape_info<typename decltype(config)::Traits>();
+    using Config = decltype(config);
+    if (short_queries) {
+      result = prefill_shape_info<typename Config::ShortTraits>();
+    } else {
+      with_long_tiles<Config>(
+          [&](auto long_traits) { result = prefill_shape_info<decltype(long_traits)>(); });
+    }
   });
   return result;
 }
@@ -100,4 +159,5 @@ TORCH_LIBRARY_IMPL(attn_backend, CUDA, m) { m.impl("paged_prefill", &attn_backen
 
 TORCH_LIBRARY_IMPL(attn_backend, CompositeExplicitAutograd, m) {
   m.impl("paged_prefill_config", &attn_backend::paged_prefill_config);
+  m.impl("prefill_allow_wgmma", &attn_backend::prefill_allow_wgmma);
 }

@@ -27,6 +27,7 @@
 #include "attn_backend/decode.cuh"  // swizzled(), kLog2e, kLn2
 #include "attn_backend/mma.cuh"
 #include "attn_backend/paged_addressing.cuh"
+#include "attn_backend/wgmma.cuh"
 
 namespace attn_backend {
 
@@ -74,8 +75,12 @@ struct PrefillParams {
   int32_t* merge_counters;      // [groups * num_kv_heads], zeros between launches
 };
 
+// kWgmma: the MMAs are Hopper warpgroup MMAs (sm_90a): each warpgroup's 64 rows
+// run S = Q K^T from shared memory and O += P V with P from registers, so no K/V
+// fragment passes through registers and the tensor cores run at Hopper's rate.
+// The rest of the kernel (loads, masks, softmax, epilogue, merge) is the same.
 template <int kHeadDimQK_, int kHeadDimVO_, int kMTiles_, int kKVTile_, int kStages_,
-          int kWarps_ = 4>
+          int kWarps_ = 4, bool kWgmma_ = false>
 struct PrefillTraits {
   static constexpr int kHeadDimQK = kHeadDimQK_;
   static constexpr int kHeadDimVO = kHeadDimVO_;
@@ -96,12 +101,29 @@ struct PrefillTraits {
   static constexpr int kSlotBytes = kStages * kKVTile * 2 * 8;
   static constexpr int kQOffset = kRingBytes;
   static constexpr int kSlotOffset = kQOffset + kQBytes;
-  static constexpr int kSmemBytes = kSlotOffset + kSlotBytes;
+  static constexpr bool kWgmma = kWgmma_;
+  // wgmma operands start 1024-byte aligned; the kernel aligns the dynamic base itself.
+  static constexpr int kAlignPad = kWgmma ? 1024 : 0;
+  static constexpr int kSmemBytes = kSlotOffset + kSlotBytes + kAlignPad;
+  static_assert(!kWgmma || (kMTiles == 1 && kWarps % 4 == 0 && (kKVTile == 64 || kKVTile == 128) &&
+                            (kHeadDimVO == 64 || kHeadDimVO == 128)),
+                "wgmma tiles: one 16-row tile per warp, whole warpgroups, N of 64 or 128");
   // The merge's per-row scalars reuse the ring after the main loop.
   static_assert(kRingBytes >= 2 * kRows * 4, "ring too small for the merge scalars");
   static_assert(kChunksQK % 8 == 0 && kChunksVO % 8 == 0, "head dims must be multiples of 64");
   static_assert(kKVTile % 16 == 0 && kKVTile <= kThreads, "kv tile: multiple of 16, <= threads");
 };
+
+// Element offset of chunk `chunk` (8 elements) of row `row` of a shared-memory
+// tile of kTileRows rows and kChunks chunks per row, in the layout the MMAs read.
+template <typename Traits, int kChunks, int kTileRows>
+__device__ __forceinline__ int prefill_smem_offset(int row, int chunk) {
+  if constexpr (Traits::kWgmma) {
+    return wgmma::swizzled_128b<kTileRows>(row, chunk);
+  } else {
+    return swizzled<kChunks>(row, chunk);
+  }
+}
 
 // Merges the partials of split tile `group` into the output for one kv head's rows.
 template <typename Traits, typename T>
@@ -177,7 +199,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kVONTiles = Traits::kHeadDimVO / 8;
   constexpr float kNegInf = -__builtin_huge_valf();
 
-  extern __shared__ __align__(128) uint8_t smem[];
+  extern __shared__ __align__(128) uint8_t smem_base[];
+  uint8_t* const smem =
+      Traits::kWgmma ? smem_base + ((1024 - (ptx::smem_address(smem_base) & 1023)) & 1023)
+                     : smem_base;
   T* const q_smem = reinterpret_cast<T*>(smem + Traits::kQOffset);
   // [stage][token][K, V]: global address of the token's row for this kv head,
   // or null for a token outside the range.
@@ -217,7 +242,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const T* src = static_cast<const T*>(p.q) +
                    static_cast<int64_t>(qo_start + packed / group) * p.q_stride_token +
                    (first_qo_head + packed % group) * p.q_stride_head + chunk * 8;
-    ptx::cp_async_16(q_smem + swizzled<kChunksQK>(row, chunk), src, valid);
+    ptx::cp_async_16(q_smem + prefill_smem_offset<Traits, kChunksQK, kRows>(row, chunk), src,
+                     valid);
   }
   ptx::cp_async_commit();
 
@@ -265,7 +291,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       if (kKV % kRowsPerPass == 0 || row < kKV) {
         const T* src = addresses[row * 2];
         const bool valid = src != nullptr;
-        ptx::cp_async_16(tile_smem + swizzled<kChunks>(row, chunk),
+        ptx::cp_async_16(tile_smem + prefill_smem_offset<Traits, kChunks, kKV>(row, chunk),
                          (valid ? src : k_base) + chunk * 8, valid);
       }
     }
@@ -318,6 +344,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const float exp_scale = kSoftCap ? 1.f : p.sm_scale * kLog2e;
 
   ptx::cp_async_wait<kStages - 1>();  // the query tile
+  if constexpr (Traits::kWgmma) wgmma::fence_generic_to_async_smem();
   __syncthreads();
 
   for (int tile = 0; tile < num_tiles; ++tile) {
@@ -325,6 +352,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const int next = tile + kStages - 1;
     store_row(next, pending);
     ptx::cp_async_wait<kStages - 2>();
+    if constexpr (Traits::kWgmma) wgmma::fence_generic_to_async_smem();
     __syncthreads();
     if (next < num_tiles) load_tile(next);
     ptx::cp_async_commit();
@@ -333,12 +361,28 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const T* k_smem = k_tile(stage);
     const T* v_smem = v_tile(stage);
     float s[kM][kKVNTiles][4];
+    if constexpr (Traits::kWgmma) {
+      // This warpgroup's 64 query rows times the tile's keys; the first k-step overwrites s.
+      const uint64_t q_desc =
+          wgmma::descriptor(q_smem + (warp / 4) * 64 * 64, /*leading (unused)=*/16, 1024);
+      const uint64_t k_desc = wgmma::descriptor(k_smem, 16, 1024);
+      wgmma::fence();
 #pragma unroll
-    for (int mt = 0; mt < kM; ++mt) {
+      for (int kk = 0; kk < Traits::kHeadDimQK / 16; ++kk) {
+        const int q_bytes = (kk / 4) * kRows * 128 + (kk % 4) * 32;
+        const int k_bytes = (kk / 4) * kKV * 128 + (kk % 4) * 32;
+        wgmma::Wgmma<kKV, T>::template ss<0>(s[0], q_desc + (q_bytes >> 4),
+                                             k_desc + (k_bytes >> 4), kk > 0);
+      }
+      wgmma::commit_group();
+      wgmma::wait_group<0>();
+      wgmma::pin(s[0]);
+    } else {
 #pragma unroll
-      for (int n = 0; n < kKVNTiles; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
-    }
-    {
+      for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+        for (int n = 0; n < kKVNTiles; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+      }
       const int matrix = lane / 8;
 #pragma unroll
       for (int kk = 0; kk < Traits::kHeadDimQK / 16; ++kk) {
@@ -442,7 +486,30 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
 
     // O += P V: the probabilities, in registers, are the A operand.
-    {
+    if constexpr (Traits::kWgmma) {
+      // V is MN-major (keys x contiguous dims): 16 keys per step are 16 rows of 128 bytes;
+      // the leading byte offset reaches the next 64 dims.
+      // All of P is packed before the fence: registers an issued wgmma reads must not be
+      // written after the fence that precedes it.
+      uint32_t p_fragments[kKV / 16][4];
+#pragma unroll
+      for (int kt = 0; kt < kKV / 16; ++kt) {
+        p_fragments[kt][0] = ptx::pack2<T>(s[0][2 * kt][0], s[0][2 * kt][1]);
+        p_fragments[kt][1] = ptx::pack2<T>(s[0][2 * kt][2], s[0][2 * kt][3]);
+        p_fragments[kt][2] = ptx::pack2<T>(s[0][2 * kt + 1][0], s[0][2 * kt + 1][1]);
+        p_fragments[kt][3] = ptx::pack2<T>(s[0][2 * kt + 1][2], s[0][2 * kt + 1][3]);
+      }
+      const uint64_t v_desc = wgmma::descriptor(v_smem, kKV * 128, 1024);
+      wgmma::fence();
+#pragma unroll
+      for (int kt = 0; kt < kKV / 16; ++kt) {
+        wgmma::Wgmma<Traits::kHeadDimVO, T>::template rs<1>(o[0], p_fragments[kt],
+                                                            v_desc + ((kt * 16 * 128) >> 4));
+      }
+      wgmma::commit_group();
+      wgmma::wait_group<0>();
+      wgmma::pin(o[0]);
+    } else {
       const int matrix = lane / 8;
 #pragma unroll
       for (int kt = 0; kt < kKV / 16; ++kt) {
