@@ -83,6 +83,11 @@ class PagedDecode:
         self._merge_counters = torch.zeros(max_batch_size * num_kv_heads, dtype=torch.int32,
                                            device=self.device)
         self._host_schedule = np.empty((4, self.capacity), dtype=np.int32)
+        self._host_merge_indptr = np.empty(max_batch_size + 1, dtype=np.int32)
+        # On the GPU the schedule is computed by the extension's C++ planner (a graph replay
+        # replans every step); it matches plan_decode(), which the CPU path runs.
+        self._native_planner = _extension.load_ops().plan_decode_schedule \
+            if self.device.type == "cuda" else None
         self._planned: _PlannedBatch | None = None
 
     def plan(self, kv_lens, *, window_left: int = -1) -> None:
@@ -91,27 +96,39 @@ class PagedDecode:
         `window_left` = w limits each query to the keys [kv_len - 1 - w, kv_len - 1]
         (-1: no window); the schedule skips the keys outside it.
         """
-        lens = np.asarray(kv_lens.tolist() if isinstance(kv_lens, torch.Tensor) else kv_lens,
-                          dtype=np.int64).reshape(-1)
+        if isinstance(kv_lens, torch.Tensor):
+            kv_lens = kv_lens.detach().to("cpu", torch.int64).numpy()
+        lens = np.ascontiguousarray(kv_lens, dtype=np.int64).reshape(-1)
         batch = len(lens)
         if not 1 <= batch <= self.max_batch_size:
             raise ValueError(f"kv_lens has {batch} requests; accepted: 1..{self.max_batch_size} "
                              "(max_batch_size of this PagedDecode)")
         if lens.min() < 0 or lens.max() >= 2**31:
             raise ValueError(f"kv_lens must be in [0, 2**31); got [{lens.min()}, {lens.max()}]")
-        schedule = plan_decode(lens, window_left=window_left, num_kv_heads=self.num_kv_heads,
-                               cta_slots=self.cta_slots)
-        num_work_items = graph_grid_size(batch, self.num_kv_heads, self.cta_slots) \
-            if self.use_cuda_graph else schedule.num_items
-        if not schedule.num_items <= num_work_items <= self.capacity:
-            raise RuntimeError(f"decode schedule of {schedule.num_items} items does not fit its "
-                               f"grid of {num_work_items} (capacity {self.capacity})")
-        self._host_schedule[0] = -1  # unused slots of a graph-sized grid: no request
-        self._host_schedule[1:3] = 0
-        self._host_schedule[3] = -1
-        self._host_schedule[:, : schedule.num_items] = schedule.items
+        grid = graph_grid_size(batch, self.num_kv_heads, self.cta_slots) \
+            if self.use_cuda_graph else -1
+        merge_indptr = self._host_merge_indptr[: batch + 1]
+        if self._native_planner is not None:
+            num_items, _ = self._native_planner(
+                torch.from_numpy(lens), window_left, self.num_kv_heads, self.cta_slots,
+                max_items_per_head(batch, self.num_kv_heads, self.cta_slots), grid,
+                torch.from_numpy(self._host_schedule), torch.from_numpy(merge_indptr))
+        else:
+            schedule = plan_decode(lens, window_left=window_left,
+                                   num_kv_heads=self.num_kv_heads, cta_slots=self.cta_slots)
+            num_items = schedule.num_items
+            grid_items = grid if grid >= 0 else num_items
+            if not num_items <= grid_items <= self.capacity:
+                raise RuntimeError(f"decode schedule of {num_items} items does not fit its "
+                                   f"grid of {grid_items} (capacity {self.capacity})")
+            self._host_schedule[0] = -1  # unused slots of a graph-sized grid: no request
+            self._host_schedule[1:3] = 0
+            self._host_schedule[3] = -1
+            self._host_schedule[:, :num_items] = schedule.items
+            merge_indptr[:] = schedule.merge_indptr
+        num_work_items = grid if self.use_cuda_graph else num_items
         self._schedule.load(torch.from_numpy(self._host_schedule.reshape(-1)))
-        self._merge_indptr.load(torch.from_numpy(schedule.merge_indptr))
+        self._merge_indptr.load(torch.from_numpy(merge_indptr))
         self._planned = _PlannedBatch(lens, window_left, num_work_items)
 
     def run(self, q: torch.Tensor, cache: PagedKVCache, page_table: PageTable, *,

@@ -88,3 +88,22 @@ def test_sglang_per_replay_host_work_verify_batch_64(benchmark):
         spec_info=SimpleNamespace(draft_token_num=drafts, topk=1, custom_mask=None))
     benchmark(backend.init_forward_metadata_out_graph, replay_view)
     assert key in backend.forward_metadata.planned
+
+
+def test_native_decode_planner_batch_256(benchmark):
+    """The C++ planner that PagedDecode.plan() runs on the GPU path (same schedule as above)."""
+    import pytest
+
+    from attn_backend import _extension, _sources
+    from attn_backend.schedule import graph_grid_size, max_items_per_head
+
+    if _extension._prebuilt_library(_sources.sources_hash()) is None:
+        pytest.skip("no setup.py build matching this torch and these sources")
+    planner = _extension.load_ops().plan_decode_schedule
+    lens = torch.from_numpy(np.random.default_rng().integers(1, 32768, size=256))
+    capacity = max_items_per_head(256, 8, 264)
+    schedule = torch.empty(4, capacity, dtype=torch.int32)
+    merge_indptr = torch.empty(257, dtype=torch.int32)
+    num_items, _ = benchmark(planner, lens, -1, 8, 264, capacity, graph_grid_size(256, 8, 264),
+                             schedule, merge_indptr)
+    assert num_items >= 256

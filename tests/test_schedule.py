@@ -53,3 +53,58 @@ def test_chunks_make_near_whole_waves():
     # When whole requests already make whole waves, nothing is split.
     even = plan_decode(np.full(99, 4096), window_left=-1, num_kv_heads=4, cta_slots=396)
     assert even.num_items == 99 and even.num_partials == 0
+
+
+def _native_planner():
+    """The extension's C++ decode planner, where a build of the extension loads on this machine."""
+    import pytest
+
+    from attn_backend import _extension, _sources
+
+    if _extension._prebuilt_library(_sources.sources_hash()) is None:
+        pytest.skip("no setup.py build matching this torch and these sources")
+    return _extension.load_ops().plan_decode_schedule
+
+
+@settings(max_examples=300, deadline=None)
+@given(kv_lens=st.lists(st.integers(0, 40000), min_size=1, max_size=300),
+       num_kv_heads=st.sampled_from([1, 2, 8, 32]),
+       cta_slots=st.sampled_from([132, 264, 396]),
+       window_left=st.sampled_from([-1, 0, 100, 4095]),
+       graph=st.booleans())
+def test_native_decode_planner_matches_plan_decode(kv_lens, num_kv_heads, cta_slots, window_left,
+                                                   graph):
+    """The C++ planner the GPU path runs gives plan_decode()'s schedule, item for item."""
+    import torch
+
+    from attn_backend.schedule import max_items_per_head
+
+    planner = _native_planner()
+    lens = np.array(kv_lens, dtype=np.int64)
+    want = plan_decode(lens, window_left=window_left, num_kv_heads=num_kv_heads,
+                       cta_slots=cta_slots)
+    capacity = max_items_per_head(len(lens), num_kv_heads, cta_slots)
+    grid = graph_grid_size(len(lens), num_kv_heads, cta_slots) if graph else -1
+    schedule = torch.full((4, capacity), 12345, dtype=torch.int32)
+    merge_indptr = torch.full((len(lens) + 3,), 12345, dtype=torch.int32)
+    num_items, chunk = planner(torch.from_numpy(lens), window_left, num_kv_heads, cta_slots,
+                               max_items_per_head(len(lens), num_kv_heads, cta_slots), grid,
+                               schedule, merge_indptr)
+    assert (num_items, chunk) == (want.num_items, want.chunk_tokens)
+    np.testing.assert_array_equal(schedule[:, :num_items].numpy(), want.items)
+    np.testing.assert_array_equal(merge_indptr[: len(lens) + 1].numpy(), want.merge_indptr)
+    if graph:  # the rest of the graph's grid: unused slots
+        np.testing.assert_array_equal(schedule[:, num_items:grid].numpy().T,
+                                      np.tile([-1, 0, 0, -1], (grid - num_items, 1)))
+
+
+def test_native_decode_planner_rejects_a_grid_too_small():
+    import pytest
+    import torch
+
+    planner = _native_planner()
+    lens = torch.tensor([40000, 3], dtype=torch.int64)
+    schedule = torch.zeros(4, 64, dtype=torch.int32)
+    merge_indptr = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="does not fit its grid of 2"):
+        planner(lens, -1, 8, 264, 100, 2, schedule, merge_indptr)

@@ -39,6 +39,11 @@ TORCH_LIBRARY(attn_backend, m) {
       "Tensor(b!) partial_out, Tensor(c!) partial_lse, float sm_scale, float logits_soft_cap, "
       "Tensor(d!) out, Tensor(e!)? lse) -> ()");
   m.def("paged_decode_ctas_per_sm(int head_dim_qk, int head_dim_vo) -> int");
+  // The decode schedule (attn_backend/schedule.py's plan_decode) computed on the host in
+  // C++, written into host buffers; returns [items, chunk tokens].
+  m.def(
+      "plan_decode_schedule(Tensor kv_lens, int window_left, int num_kv_heads, int cta_slots, "
+      "int max_items, int grid_items, Tensor(a!) schedule, Tensor(b!) merge_indptr) -> int[]");
   // Ragged queries over a paged cache with the plan's tile schedule (see
   // prefill.cuh); split tiles' partial states are merged in the same launch.
   m.def(
