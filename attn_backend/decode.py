@@ -98,7 +98,8 @@ class PagedDecode:
         """
         if isinstance(kv_lens, torch.Tensor):
             kv_lens = kv_lens.detach().to("cpu", torch.int64).numpy()
-        lens = np.ascontiguousarray(kv_lens, dtype=np.int64).reshape(-1)
+        # A copy: the plan keeps the lengths, and engines reuse their host length buffers.
+        lens = np.array(kv_lens, dtype=np.int64).reshape(-1)
         batch = len(lens)
         if not 1 <= batch <= self.max_batch_size:
             raise ValueError(f"kv_lens has {batch} requests; accepted: 1..{self.max_batch_size} "

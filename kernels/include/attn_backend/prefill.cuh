@@ -15,6 +15,10 @@
 // bit-packed custom mask) is evaluated per element only on the K/V tiles that
 // can hide a key from some row of the tile; the others run unmasked.
 //
+// MMAs: mma.sync m16n8k16 (sm80+), or with Traits::kWgmma Hopper's warpgroup
+// MMAs (sm_90a; wgmma.cuh), which read K, V and Q from 128-byte-swizzled shared
+// memory; everything else in the kernel is shared by the two.
+//
 // Split-KV: when the tiles alone do not fill the GPU (a short extend on a long
 // prefix), the plan cuts a tile's kv range into chunks; each chunk writes a
 // float partial (output, lse) and the last chunk to finish merges them into
