@@ -1,39 +1,197 @@
-"""Ours only, a few decode shapes, one line each: for quick A/B runs of kernel variants.
+"""Time alternative shapes of the decode kernel (d128, bf16, GQA 32/8) on a few batches.
 
-    python3 -m bench.sweep_decode
+    python -m bench.sweep_decode [--shapes 64x4096x16,1x32768x16] [--profile VARIANT]
+
+Each (stages, warps) in VARIANTS is compiled (one translation unit per shape,
+built in parallel) into a side extension whose op runs the same launch path as
+`attn_backend.paged_decode` (kernels/csrc/decode_launch.h). Each variant gets
+its own plan, sized for the CTAs of its shape that fit on an SM; every run is
+checked against the shipped op's output, and FlashInfer's tensor-core decode
+is timed on the same paged data when it is installed. `--profile V` runs only
+variant V (and FlashInfer) a few times, for `ncu`.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
 import torch
 
 import attn_backend
-from attn_backend import PageTable
+from attn_backend import PageTable, _sources
 
-from .bench_decode import kv_bytes, make_decode, make_problem
+from .bench_decode import (DTYPE, HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, kv_bytes,
+                           make_decode, make_problem)
 from .common import copy_ceiling_tbs, median_ms
 
-SHAPES = [(64, 4096, 16), (64, 4096, 1), (256, 4096, 16), (16, 32768, 16), (1, 32768, 16),
-          (64, 512, 16), (256, 512, 16)]
+# (stages, warps): the ring depth and the warps of a CTA (16 tokens of a tile each).
+VARIANTS = [(2, 4), (3, 4), (3, 3), (4, 3), (3, 2), (2, 3)]
+
+_VARIANT_TU = """
+#include "decode_launch.h"
+namespace attn_backend {{
+using VariantTraits{i} = DecodeTraits<128, 128, {stages}, {warps}>;
+void run_variant_{i}(const DecodeParams& params, int64_t kv_heads, int64_t items,
+                     cudaStream_t stream) {{
+  launch_decode<VariantTraits{i}, __nv_bfloat16>(params, kv_heads, items, stream);
+}}
+std::vector<int64_t> info_variant_{i}() {{
+  return {{VariantTraits{i}::kTileTokens, decode_ctas_per_sm<VariantTraits{i}>()}};
+}}
+}}  // namespace attn_backend
+"""
+
+_OPS_TU = """
+#include "decode_launch.h"
+namespace attn_backend {{
+{declarations}
+namespace {{
+void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const at::Tensor& page_table, bool table_holds_slots,
+                 const at::Tensor& schedule, const at::Tensor& merge_indptr,
+                 at::Tensor& merge_counters, int64_t num_work_items, const at::Tensor& partial_out,
+                 const at::Tensor& partial_lse, double sm_scale, at::Tensor& out) {{
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.size(2) == 128, "variants: bf16 d128 only");
+  const DecodeParams params = make_decode_params(
+      q, k_cache, v_cache, page_table, std::nullopt, table_holds_slots, schedule, merge_indptr,
+      merge_counters, num_work_items, partial_out, partial_lse, sm_scale, 0.0, out, std::nullopt);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (variant) {{
+{run_cases}
+    default: TORCH_CHECK(false, "no variant ", variant);
+  }}
+}}
+std::vector<int64_t> variant_info(int64_t variant) {{
+  switch (variant) {{
+{info_cases}
+    default: TORCH_CHECK(false, "no variant ", variant);
+  }}
+}}
+}}  // namespace
+}}  // namespace attn_backend
+
+TORCH_LIBRARY(attn_backend_decode_variants, m) {{
+  m.def("run(int variant, Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
+        "bool table_holds_slots, Tensor schedule, Tensor merge_indptr, Tensor(a!) merge_counters, "
+        "int num_work_items, Tensor partial_out, Tensor partial_lse, float sm_scale, "
+        "Tensor(b!) out) -> ()");
+  m.def("info(int variant) -> int[]");
+}}
+TORCH_LIBRARY_IMPL(attn_backend_decode_variants, CUDA, m) {{ m.impl("run", &attn_backend::run_variant); }}
+TORCH_LIBRARY_IMPL(attn_backend_decode_variants, CompositeExplicitAutograd, m) {{
+  m.impl("info", &attn_backend::variant_info);
+}}
+"""
+
+
+def build_variants():
+    from torch.utils.cpp_extension import load
+
+    kernels = _sources.kernels_dir()
+    key = hashlib.sha256((repr(VARIANTS) + _VARIANT_TU + _OPS_TU +
+                          _sources.sources_hash(kernels)).encode()).hexdigest()[:16]
+    build_dir = Path(tempfile.gettempdir()) / f"attn_backend_decode_variants_{key}"
+    build_dir.mkdir(exist_ok=True)
+    sources = []
+    for i, (stages, warps) in enumerate(VARIANTS):
+        path = build_dir / f"variant_{i}.cu"
+        path.write_text(_VARIANT_TU.format(i=i, stages=stages, warps=warps))
+        sources.append(str(path))
+    declarations = "\n".join(
+        f"void run_variant_{i}(const DecodeParams&, int64_t, int64_t, cudaStream_t);\n"
+        f"std::vector<int64_t> info_variant_{i}();" for i in range(len(VARIANTS)))
+    run_cases = "\n".join(
+        f"    case {i}: return run_variant_{i}(params, k_cache.size(2), num_work_items, stream);"
+        for i in range(len(VARIANTS)))
+    info_cases = "\n".join(f"    case {i}: return info_variant_{i}();" for i in range(len(VARIANTS)))
+    ops = build_dir / "ops.cu"
+    ops.write_text(_OPS_TU.format(declarations=declarations, run_cases=run_cases,
+                                  info_cases=info_cases))
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    load(name="attn_backend_decode_variants", sources=[str(ops)] + sources,
+         extra_include_paths=[str(kernels / "include"), str(kernels / "csrc")],
+         extra_cuda_cflags=_sources.NVCC_FLAGS, extra_cflags=_sources.CXX_FLAGS,
+         build_directory=str(build_dir), is_python_module=False, verbose=False)
+    return torch.ops.attn_backend_decode_variants
+
+
+def run_shape(variants, ops, batch, kv_len, page_size, peers, ceiling, profile):
+    gen = torch.Generator().manual_seed(0)
+    cache, pages, q = make_problem(batch, kv_len, page_size, gen)
+    table = PageTable.from_block_table(pages.cuda())
+    shipped = make_decode(batch)
+    shipped.plan([kv_len] * batch)
+    want = shipped.run(q, cache, table)
+    results = {}
+    if not profile:
+        results["shipped"] = median_ms(lambda: shipped.run(q, cache, table, out=want))
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for v in variants:
+        tile, ctas = ops.info(v)
+        decode = attn_backend.PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS,
+                                          head_dim=HEAD_DIM, dtype=DTYPE, device="cuda",
+                                          max_batch_size=batch, cta_slots=max(1, ctas) * num_sms)
+        decode.plan([kv_len] * batch)
+        out = torch.full_like(q, float("nan"))
+        items = decode._planned.num_work_items
+
+        def call():
+            ops.run(v, q, cache.k, cache.v, table.table, table.holds_token_slots,
+                    decode._schedule.tensor.view(4, decode.capacity), decode._merge_indptr.tensor,
+                    decode._merge_counters, items, decode._partial_out, decode._partial_lse,
+                    1 / HEAD_DIM ** 0.5, out)
+
+        call()
+        diff = (out.float() - want.float()).abs().max().item()
+        if profile:
+            for _ in range(3):
+                call()
+            continue
+        name = f"v{v} stages={VARIANTS[v][0]} warps={VARIANTS[v][1]} ctas/SM={ctas} items={items}"
+        results[f"{name} diff={diff:.2g}"] = median_ms(call)
+    if peers.flashinfer is not None:
+        fn = peers.flashinfer_decode(True, cache, pages, kv_len, q)
+        if profile:
+            for _ in range(3):
+                fn()
+        else:
+            results["flashinfer (tensor cores)"] = median_ms(fn)
+    torch.cuda.synchronize()
+    for name, ms in results.items():
+        tbs = kv_bytes(batch, kv_len) / (ms * 1e-3) / 1e12
+        print(f"  b{batch} kv{kv_len} p{page_size}  {name:64s} {ms * 1e3:8.1f} us "
+              f"{tbs:.3f} TB/s {tbs / ceiling:.2f} of copy")
+    del cache
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="64x4096x16,256x4096x16,1x32768x16,16x32768x16,"
+                                            "1x512x16,16x4096x16,"
+                                            "64x512x16")
+    parser.add_argument("--variants", default=None, help="comma-separated indices (default all)")
+    parser.add_argument("--profile", type=int, default=None)
+    args = parser.parse_args()
     attn_backend.set_debug_checks(False)
-    gen = torch.Generator().manual_seed(0)
+    ops = build_variants()
+    peers = Peers()
     ceiling = copy_ceiling_tbs()
-    for batch, kv_len, page_size in SHAPES:
-        cache, pages, q = make_problem(batch, kv_len, page_size, gen)
-        decode = make_decode(batch)
-        decode.plan([kv_len] * batch)
-        table = PageTable.from_block_table(pages.cuda())
-        out = torch.empty_like(q)
-        ms = median_ms(lambda: decode.run(q, cache, table, out=out))
-        tbs = kv_bytes(batch, kv_len) / (ms * 1e-3) / 1e12
-        print(f"b{batch} kv{kv_len} p{page_size}: {ms * 1e3:8.1f} us {tbs:.3f} TB/s "
-              f"({tbs / ceiling:.2f} of copy {ceiling:.2f}), {decode._planned.num_work_items} "
-              f"items x {decode.num_kv_heads} heads on {decode.cta_slots} CTA slots", flush=True)
-        del cache
-        torch.cuda.empty_cache()
+    print(f"copy ceiling {ceiling:.3f} TB/s")
+    if args.profile is not None:
+        variants = [args.profile]
+    elif args.variants:
+        variants = [int(v) for v in args.variants.split(",")]
+    else:
+        variants = list(range(len(VARIANTS)))
+    for shape in args.shapes.split(","):
+        batch, kv_len, page_size = map(int, shape.split("x"))
+        run_shape(variants, ops, batch, kv_len, page_size, peers, ceiling,
+                  args.profile is not None)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ using VariantTraits{i} = PrefillTraits<128, 128, {m}, {kv}, {stages}, {warps}, {
 void run_variant_{i}(const PrefillParams& params, int64_t items, int64_t kv_heads,
                      cudaStream_t stream) {{
   auto* kernel = &paged_prefill_kernel<VariantTraits{i}, __nv_bfloat16, false, false>;
-  allow_prefill_smem(kernel, VariantTraits{i}::kSmemBytes);
+  allow_dynamic_smem(kernel, VariantTraits{i}::kSmemBytes);
   const dim3 grid(static_cast<unsigned>(kv_heads), static_cast<unsigned>(items));
   kernel<<<grid, VariantTraits{i}::kThreads, VariantTraits{i}::kSmemBytes, stream>>>(params);
   ATTN_BACKEND_CHECK_LAUNCH();

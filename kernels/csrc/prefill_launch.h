@@ -8,11 +8,6 @@
 
 namespace attn_backend {
 
-inline PagedCacheSide prefill_cache_side(const at::Tensor& cache) {
-  return {static_cast<const char*>(cache.data_ptr()), cache.stride(0), cache.stride(1),
-          cache.stride(2)};
-}
-
 // The binding's last line of defence (readable validation is in Python), then the params.
 inline PrefillParams make_prefill_params(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -31,9 +26,6 @@ inline PrefillParams make_prefill_params(
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1 && k_cache.stride(3) == 1 &&
                   v_cache.stride(3) == 1,
               "last dimensions must be contiguous");
-  TORCH_CHECK(page_table.scalar_type() == at::kInt && page_table.dim() == 2 &&
-                  page_table.stride(1) == 1,
-              "page_table must be a row-contiguous int32 matrix");
   TORCH_CHECK(request_info.scalar_type() == at::kInt && request_info.dim() == 2 &&
                   request_info.size(0) == 3 && request_info.is_contiguous(),
               "request_info must be a contiguous int32 [3, capacity] tensor");
@@ -72,13 +64,9 @@ inline PrefillParams make_prefill_params(
   params.out_stride_token = out.stride(0);
   params.out_stride_head = out.stride(1);
   params.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-  params.k = prefill_cache_side(k_cache);
-  params.v = prefill_cache_side(v_cache);
-  params.pages.table = page_table.data_ptr<int32_t>();
-  params.pages.row_stride = page_table.stride(0);
-  params.pages.holds_token_slots = table_holds_slots;
-  params.pages.row_index = row_index.has_value() ? row_index->data_ptr() : nullptr;
-  params.pages.row_index_is_int64 = row_index.has_value() && row_index->scalar_type() == at::kLong;
+  params.k = paged_cache_side(k_cache);
+  params.v = paged_cache_side(v_cache);
+  params.pages = page_table_view(page_table, row_index, table_holds_slots);
   params.page_size = static_cast<int>(k_cache.size(1));
   params.num_pages = static_cast<int>(k_cache.size(0));
   params.num_qo_heads = static_cast<int>(num_qo_heads);
@@ -109,12 +97,6 @@ inline PrefillParams make_prefill_params(
   return params;
 }
 
-template <typename Kernel>
-void allow_prefill_smem(Kernel kernel, int bytes) {
-  ATTN_BACKEND_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-}
-
 // One launch of tile shape `Traits` for the dtype of q (grid: kv heads x work items).
 template <typename Traits>
 void launch_prefill(const PrefillParams& params, at::ScalarType dtype, int64_t num_work_items,
@@ -130,7 +112,7 @@ void launch_prefill(const PrefillParams& params, at::ScalarType dtype, int64_t n
                                            : &paged_prefill_kernel<Traits, T, true, false>)
                             : (custom_mask ? &paged_prefill_kernel<Traits, T, false, true>
                                            : &paged_prefill_kernel<Traits, T, false, false>);
-    allow_prefill_smem(kernel, Traits::kSmemBytes);
+    allow_dynamic_smem(kernel, Traits::kSmemBytes);
     if (num_work_items == 0) return;
     TORCH_CHECK(num_work_items <= 65535, "paged_prefill: at most 65535 work items");
     const dim3 grid(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(num_work_items));
@@ -147,7 +129,7 @@ template <typename Traits>
 std::vector<int64_t> prefill_shape_info() {
   int ctas = 0;
   auto* kernel = &paged_prefill_kernel<Traits, __nv_bfloat16, false, false>;
-  allow_prefill_smem(kernel, Traits::kSmemBytes);
+  allow_dynamic_smem(kernel, Traits::kSmemBytes);
   ATTN_BACKEND_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &ctas, kernel, Traits::kThreads, Traits::kSmemBytes));
   return {Traits::kRows, Traits::kKVTile, ctas, Traits::kThreads};

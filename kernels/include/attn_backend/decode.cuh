@@ -1,12 +1,12 @@
 // Paged-KV batch decode on tensor cores: one query token per request.
 //
-// A CTA (4 warps) runs one work item of the plan: a (request, kv head, kv
-// range) triple. The query heads of the kv head's GQA group (at most 16) are
-// the 16 rows of an mma.sync m16n8k16 tile, so each K/V token is loaded once
-// for the whole group. K and V stream through a `kStages`-deep cp.async ring
-// of 64-token tiles in XOR-swizzled shared memory; warp w computes tokens
+// A CTA (kWarps warps) runs one work item of the plan: a (request, kv head,
+// kv range) triple. The query heads of the kv head's GQA group (at most 16)
+// are the 16 rows of an mma.sync m16n8k16 tile, so each K/V token is loaded
+// once for the whole group. K and V stream through a `kStages`-deep cp.async
+// ring of 16 * kWarps-token tiles in XOR-swizzled shared memory; warp w computes tokens
 // [16w, 16w + 16) of every tile with its own online-softmax state, and the
-// four states are merged at the end. A work item that covers a whole request
+// warps' states are merged at the end. A work item that covers a whole request
 // writes the output; one that covers part of a split request writes a float
 // partial (output, lse), and the last of the request's chunks to finish (per
 // kv head) merges the partials into the output, so no second launch is needed.
@@ -57,12 +57,12 @@ struct DecodeParams {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <int kHeadDimQK_, int kHeadDimVO_, int kStages_>
+template <int kHeadDimQK_, int kHeadDimVO_, int kStages_, int kWarps_ = 4>
 struct DecodeTraits {
   static constexpr int kHeadDimQK = kHeadDimQK_;
   static constexpr int kHeadDimVO = kHeadDimVO_;
   static constexpr int kStages = kStages_;
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = 16;                    // mma M: the group's query heads
   static constexpr int kTokensPerWarp = 16;           // mma K of the P·V product
@@ -76,10 +76,15 @@ struct DecodeTraits {
   // After the main loop the ring holds the warps' states for the final merge.
   static constexpr int kMergeBytes = kWarps * kRows * (kHeadDimVO + 2) * 4;
   static constexpr int kQBytes = kRows * kHeadDimQK * 2;
+  // The query group lands in the ring's last stage, which the prologue leaves
+  // empty and the first iteration fills only after the query is in registers:
+  // the 4 KB saved is what lets a third CTA onto an SM in some shapes.
+  static constexpr int kQOffset = (kStages - 1) * kStageBytes;
   // Per stage and token row: element offsets of the row in the K and V caches.
   static constexpr int kSlotBytes = kStages * kTileTokens * 2 * 8;
-  static constexpr int kQOffset = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
-  static constexpr int kSmemBytes = kQOffset + kQBytes + kSlotBytes;
+  static constexpr int kSlotOffset = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
+  static constexpr int kSmemBytes = kSlotOffset + kSlotBytes;
+  static_assert(kStages >= 2 && kQBytes <= kStageBytes, "the query must fit one stage");
   static_assert(kChunksQK % 8 == 0 && kChunksVO % 8 == 0, "head dims must be multiples of 64");
 };
 
@@ -192,7 +197,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   T* const q_smem = reinterpret_cast<T*>(smem + Traits::kQOffset);
   // [stage][token][K, V]: element offset of the token's row for this kv head,
   // or -1 for a token outside the range.
-  int64_t* const row_offsets = reinterpret_cast<int64_t*>(smem + Traits::kQOffset + Traits::kQBytes);
+  int64_t* const row_offsets = reinterpret_cast<int64_t*>(smem + Traits::kSlotOffset);
 
   const int kv_head = blockIdx.x;
   const int item = blockIdx.y;
@@ -400,7 +405,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   }
 
-  // Merge the four warps' states through shared memory (the ring is free now).
+  // Merge the warps' states through shared memory (the ring is free now).
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     row_sum[half] += __shfl_xor_sync(0xffffffff, row_sum[half], 1);
