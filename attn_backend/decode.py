@@ -71,10 +71,13 @@ class PagedDecode:
         else:
             self.cta_slots = 1  # the reference ignores the schedule
         self.capacity = max_items_per_head(max_batch_size, num_kv_heads, self.cta_slots)
-        self._schedule = FixedCapacityBuffer("decode schedule", 4 * self.capacity, torch.int32,
-                                             self.device)
-        self._merge_indptr = FixedCapacityBuffer("decode merge_indptr", max_batch_size + 1,
-                                                 torch.int32, self.device)
+        # The schedule [4, capacity] and merge_indptr [max_batch_size + 1] share one buffer,
+        # so a plan is one host-to-device copy (a graph replay plans every step).
+        plan_size = 4 * self.capacity + max_batch_size + 1
+        self._plan_buffer = FixedCapacityBuffer("decode plan", plan_size, torch.int32,
+                                                self.device)
+        self._schedule = self._plan_buffer.tensor[: 4 * self.capacity].view(4, self.capacity)
+        self._merge_indptr = self._plan_buffer.tensor[4 * self.capacity:]
         self._partial_out = torch.empty(self.capacity, num_qo_heads, head_dim_vo,
                                         dtype=torch.float32, device=self.device)
         self._partial_lse = torch.empty(self.capacity, num_qo_heads, dtype=torch.float32,
@@ -82,8 +85,9 @@ class PagedDecode:
         # Zeros between launches; the kernel's merging CTA resets what it counted.
         self._merge_counters = torch.zeros(max_batch_size * num_kv_heads, dtype=torch.int32,
                                            device=self.device)
-        self._host_schedule = np.empty((4, self.capacity), dtype=np.int32)
-        self._host_merge_indptr = np.empty(max_batch_size + 1, dtype=np.int32)
+        self._host_plan = np.empty(plan_size, dtype=np.int32)
+        self._host_schedule = self._host_plan[: 4 * self.capacity].reshape(4, self.capacity)
+        self._host_merge_indptr = self._host_plan[4 * self.capacity:]
         # On the GPU the schedule is computed by the extension's C++ planner (a graph replay
         # replans every step); it matches plan_decode(), which the CPU path runs.
         self._native_planner = _extension.load_ops().plan_decode_schedule \
@@ -128,8 +132,7 @@ class PagedDecode:
             self._host_schedule[:, :num_items] = schedule.items
             merge_indptr[:] = schedule.merge_indptr
         num_work_items = grid if self.use_cuda_graph else num_items
-        self._schedule.load(torch.from_numpy(self._host_schedule.reshape(-1)))
-        self._merge_indptr.load(torch.from_numpy(merge_indptr))
+        self._plan_buffer.load(torch.from_numpy(self._host_plan[: 4 * self.capacity + batch + 1]))
         self._planned = _PlannedBatch(lens, window_left, num_work_items)
 
     def run(self, q: torch.Tensor, cache: PagedKVCache, page_table: PageTable, *,
@@ -155,8 +158,8 @@ class PagedDecode:
             if return_lse else None
         _extension.load_ops().paged_decode(
             q, cache.k, cache.v, page_table.table, page_table.row_index,
-            page_table.holds_token_slots, self._schedule.tensor.view(4, self.capacity),
-            self._merge_indptr.tensor, self._merge_counters, planned.num_work_items,
+            page_table.holds_token_slots, self._schedule, self._merge_indptr,
+            self._merge_counters, planned.num_work_items,
             self._partial_out, self._partial_lse, float(sm_scale), float(logits_soft_cap), out,
             lse)
         return (out, lse) if return_lse else out

@@ -141,8 +141,7 @@ def run_shape(variants, ops, batch, kv_len, page_size, peers, ceiling, profile):
 
         def call():
             ops.run(v, q, cache.k, cache.v, table.table, table.holds_token_slots,
-                    decode._schedule.tensor.view(4, decode.capacity), decode._merge_indptr.tensor,
-                    decode._merge_counters, items, decode._partial_out, decode._partial_lse,
+                    decode._schedule, decode._merge_indptr, decode._merge_counters, items, decode._partial_out, decode._partial_lse,
                     1 / HEAD_DIM ** 0.5, out)
 
         call()
