@@ -157,7 +157,7 @@ class PagedDecode:
         lse = torch.empty(batch, self.num_qo_heads, dtype=torch.float32, device=q.device) \
             if return_lse else None
         _extension.load_ops().paged_decode(
-            q, cache.k, cache.v, page_table.table, page_table.row_index,
+            q, cache.k, cache.v, page_table.table, page_table.row_index, page_table.slot_map,
             page_table.holds_token_slots, self._schedule, self._merge_indptr,
             self._merge_counters, planned.num_work_items,
             self._partial_out, self._partial_lse, float(sm_scale), float(logits_soft_cap), out,

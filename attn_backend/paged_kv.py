@@ -157,12 +157,16 @@ class PageTable:
     (`holds_token_slots`): token t is at slot `table[row, t]`, on page
     slot // page_size, which is exact for any slot layout. Build it with
     `from_block_table` or `from_req_to_token`; kernels read the engine's own
-    tensor, so a CUDA graph replay needs no copy.
+    tensor, so a CUDA graph replay needs no copy. `slot_map` (token slots
+    only) redirects each slot read from the table to `slot_map[slot]`: SGLang's
+    hybrid sliding-window pools keep window layers in a second pool addressed
+    through such a full-to-window map.
     """
 
     table: torch.Tensor  # int32 [rows, columns], contiguous rows
     holds_token_slots: bool = False
     row_index: torch.Tensor | None = None  # int32/int64 [batch]
+    slot_map: torch.Tensor | None = None  # int64 [slots of the table]
 
     def __post_init__(self):
         check_tensor("page_table", self.table, dims=2, dtypes=(torch.int32,))
@@ -173,6 +177,12 @@ class PageTable:
                          dtypes=(torch.int32, torch.int64))
             if self.row_index.device != self.table.device:
                 raise ValueError("req_pool_indices must be on the page table's device")
+        if self.slot_map is not None:
+            if not self.holds_token_slots:
+                raise ValueError("slot_map applies to a table of token slots (from_req_to_token)")
+            check_tensor("slot_map", self.slot_map, dims=1, dtypes=(torch.int64,))
+            if self.slot_map.device != self.table.device or not self.slot_map.is_contiguous():
+                raise ValueError("slot_map must be contiguous and on the page table's device")
 
     @classmethod
     def from_block_table(cls, block_table: torch.Tensor) -> "PageTable":
@@ -180,10 +190,16 @@ class PageTable:
         return cls(block_table)
 
     @classmethod
-    def from_req_to_token(cls, req_to_token: torch.Tensor,
-                          req_pool_indices: torch.Tensor) -> "PageTable":
-        """SGLang's token-slot table, rows picked by `req_pool_indices`."""
-        return cls(req_to_token, holds_token_slots=True, row_index=req_pool_indices)
+    def from_req_to_token(cls, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                          slot_map: torch.Tensor | None = None) -> "PageTable":
+        """SGLang's token-slot table, rows picked by `req_pool_indices`; `slot_map`: the
+        full-to-window slot map of a hybrid sliding-window pool, for its window layers."""
+        return cls(req_to_token, holds_token_slots=True, row_index=req_pool_indices,
+                   slot_map=slot_map)
+
+    def _slots(self, row: int, length: int) -> torch.Tensor:
+        slots = self.table[row, :length].long()
+        return slots if self.slot_map is None else self.slot_map[slots]
 
     def page_ids(self, batch_size: int, kv_lens: list[int], page_size: int) -> list[torch.Tensor]:
         """Host-side page id of each page (vLLM) or token (SGLang) a request reads (synchronises;
@@ -192,7 +208,7 @@ class PageTable:
         ids = []
         for row, length in zip(rows, kv_lens):
             if self.holds_token_slots:
-                ids.append(self.table[row, :length].long() // page_size)
+                ids.append(self._slots(row, length) // page_size)
             else:
                 ids.append(self.table[row, : (length + page_size - 1) // page_size].long())
         return ids
@@ -203,7 +219,7 @@ class PageTable:
         pieces = []
         for row, length in zip(rows, kv_lens):
             if self.holds_token_slots:
-                pieces.append(self.table[row, :length].long())
+                pieces.append(self._slots(row, length))
             else:
                 pages = self.table[row, : (length + page_size - 1) // page_size].long()
                 t = torch.arange(length, device=pages.device)

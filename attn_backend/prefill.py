@@ -286,7 +286,7 @@ class PagedPrefill:
             if return_lse else None
         has_mask = planned.custom_mask is not None
         _extension.load_ops().paged_prefill(
-            q, cache.k, cache.v, page_table.table, page_table.row_index,
+            q, cache.k, cache.v, page_table.table, page_table.row_index, page_table.slot_map,
             page_table.holds_token_slots, self._request_info.tensor.view(3, self.max_batch_size),
             self._schedule.tensor.view(_SCHEDULE_ROWS, self.capacity), planned.num_work_items,
             planned.tile_rows, self._mask_bits if has_mask else None,

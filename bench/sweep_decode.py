@@ -57,7 +57,8 @@ void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache
                  const at::Tensor& partial_lse, double sm_scale, at::Tensor& out) {{
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.size(2) == 128, "variants: bf16 d128 only");
   const DecodeParams params = make_decode_params(
-      q, k_cache, v_cache, page_table, std::nullopt, table_holds_slots, schedule, merge_indptr,
+      q, k_cache, v_cache, page_table, std::nullopt, std::nullopt, table_holds_slots, schedule,
+      merge_indptr,
       merge_counters, num_work_items, partial_out, partial_lse, sm_scale, 0.0, out, std::nullopt);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (variant) {{

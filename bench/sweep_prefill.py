@@ -60,7 +60,7 @@ void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache
                  const at::Tensor& partial_lse, double sm_scale, at::Tensor& out) {{
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.size(2) == 128, "variants: bf16 d128 only");
   const PrefillParams params = make_prefill_params(
-      q, k_cache, v_cache, page_table, std::nullopt, table_holds_slots,
+      q, k_cache, v_cache, page_table, std::nullopt, std::nullopt, table_holds_slots,
       request_info, schedule, num_work_items, std::nullopt, std::nullopt, merge_indptr,
       merge_counters, partial_out, partial_lse, sm_scale, 0.0, -1, true, out, std::nullopt);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -124,3 +124,16 @@ def check_against_reference(wrapper, problem: "PagedProblem", page_table, q, *, 
                                msg=lambda m: f"seed={seed}: {m}")
     torch.testing.assert_close(lse, want.lse, atol=2e-3, rtol=1e-3,
                                msg=lambda m: f"seed={seed} (lse): {m}")
+
+
+def behind_slot_map(page_table: PageTable, gen: torch.Generator) -> PageTable:
+    """The same token slots reached through a slot map, as SGLang's hybrid pools address their
+    window layers: the table holds shuffled stand-in slots s' and slot_map[s'] is the real slot."""
+    table = page_table.table.long().cpu()
+    size = int(table.max()) + 1
+    stand_in = torch.randperm(4 * size, generator=gen)[:size]  # real slot -> its stand-in
+    slot_map = torch.full((4 * size,), -1, dtype=torch.int64)
+    slot_map[stand_in] = torch.arange(size)
+    device = page_table.table.device
+    return PageTable.from_req_to_token(stand_in[table].int().to(device), page_table.row_index,
+                                       slot_map=slot_map.to(device))

@@ -7,7 +7,7 @@ import torch
 
 from attn_backend import PagedDecode, PageTable, reference
 
-from .helpers import (PagedProblem, allocate_pages, build_paged_problem,
+from .helpers import (PagedProblem, allocate_pages, behind_slot_map, build_paged_problem,
                       check_against_reference, make_cache)
 
 pytestmark = pytest.mark.gpu
@@ -37,6 +37,21 @@ def test_decode_page_sizes_layouts_dtypes(layout, page_size, dtype, seed):
                          device="cuda", max_batch_size=16)
     decode.plan(kv_lens)
     check(decode, problem, table, q, seed=seed)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("window_left", [-1, 100])
+def test_decode_through_a_slot_map(page_size, window_left, seed):
+    """SGLang's hybrid pools: the table's slots reach the cache through slot_map."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_lens = [1, 17, 300, 2049, 9000]
+    problem, table, q = build(kv_lens, page_size=page_size, num_kv_heads=2, group=4,
+                              head_dim=128, dtype=torch.bfloat16, layout="sglang", gen=gen,
+                              engine="sglang")
+    decode = PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16,
+                         device="cuda", max_batch_size=8)
+    decode.plan(kv_lens, window_left=window_left)
+    check(decode, problem, behind_slot_map(table, gen), q, window_left=window_left, seed=seed)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])

@@ -8,7 +8,7 @@ import torch
 from attn_backend import PagedPrefill, PageTable, reference
 from attn_backend.prefill import allow_hopper_tiles
 
-from .helpers import (PagedProblem, allocate_pages, build_paged_problem,
+from .helpers import (PagedProblem, allocate_pages, behind_slot_map, build_paged_problem,
                       check_against_reference, make_cache)
 
 pytestmark = pytest.mark.gpu
@@ -75,6 +75,16 @@ def test_prefill_page_sizes_layouts_dtypes(layout, page_size, dtype, seed):
     problem, table, q, prefill = planned(*MIXED, seed=seed, page_size=page_size, dtype=dtype,
                                          layout=layout)
     check(prefill, problem, table, q, seed=seed)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("window_left", [-1, 100])
+def test_prefill_through_a_slot_map(page_size, window_left, long_tiles, seed):
+    """SGLang's hybrid pools: the table's slots reach the cache through slot_map."""
+    problem, table, q, prefill = planned(*MIXED, seed=seed, page_size=page_size, layout="sglang",
+                                         window_left=window_left)
+    mapped = behind_slot_map(table, torch.Generator().manual_seed(seed))
+    check(prefill, problem, mapped, q, window_left=window_left, seed=seed)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])

@@ -155,23 +155,6 @@ def test_backend_refuses_unsupported_models_at_construction(change, match):
     SGLangAttnBackend(_runner())  # the supported configuration constructs (no GPU touched)
 
 
-def test_backend_refuses_hybrid_swa_pools_at_construction():
-    """SGLang's hybrid pools keep window layers in a second pool behind a slot mapping; until
-    that is applied the backend must refuse them (SWAKVPool asserts on an untranslated
-    write, mid-serving) and say how to run."""
-    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
-
-    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
-
-    runner = _runner(device="cpu")
-    runner.token_to_kv_pool = SWAKVPool(
-        size=64, size_swa=32, page_size=1, dtype=torch.float32, head_num=2, head_dim=16,
-        swa_attention_layer_ids=[0], full_attention_layer_ids=[1], device="cpu")
-    with pytest.raises(ValueError, match="hybrid sliding-window KV pools .* "
-                                         "--disable-hybrid-swa-memory"):
-        SGLangAttnBackend(runner)
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_extends_after_graph_setup_grow_their_wrapper(device):
     """With CUDA graphs on, extends still run eagerly (between the pieces of piecewise and
@@ -375,3 +358,129 @@ def test_draft_extend_graph_replay_lengths():
     # rows read their own 4 rows' worth of pool row 0, never an empty or negative range.
     assert meta.kv_lens.tolist() == [46, 20, 4, 4]
     assert meta.graph_mode
+
+
+# ---- hybrid sliding-window pools (SWAKVPool): window layers behind a full-to-SWA slot map ------
+
+def _hybrid_pool_pair(device, dtype, page_size, num_slots, head_num, head_dim, gen):
+    """A plain pool and an SWAKVPool (layer 0 windowed, layer 1 full) with a random full-to-SWA
+    slot map (each full slot its own SWA slot, in shuffled order; slot 0 stays the padding
+    slot), as SGLang's SWA allocator keeps it."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+
+    plain = MHATokenToKVPool(size=num_slots, page_size=page_size, dtype=dtype, head_num=head_num,
+                             head_dim=head_dim, layer_num=2, device=device,
+                             enable_memory_saver=False)
+    hybrid = SWAKVPool(size=num_slots, size_swa=2 * num_slots, page_size=page_size, dtype=dtype,
+                       head_num=head_num, head_dim=head_dim, swa_attention_layer_ids=[0],
+                       full_attention_layer_ids=[1], device=device)
+    mapping = torch.zeros(num_slots + page_size + 1, dtype=torch.int64)
+    mapping[-1] = -1
+    mapping[page_size:num_slots] = torch.randperm(2 * num_slots - page_size,
+                                                  generator=gen)[: num_slots - page_size] + page_size
+    hybrid.register_mapping(mapping.to(device))
+    return plain, hybrid
+
+
+def _hybrid_runner(device, dtype, page_size, pool, req_to_token, head_num, head_dim):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        device=device, dtype=dtype, kv_cache_dtype=dtype, page_size=page_size,
+        use_mla_backend=False, token_to_kv_pool=pool,
+        req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+        model_config=SimpleNamespace(head_dim=head_dim, v_head_dim=head_dim,
+                                     num_attention_heads=2 * head_num,
+                                     num_key_value_heads=head_num))
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("device, dtype, head_dim", [
+    pytest.param("cpu", torch.float32, 16, id="cpu"),
+    pytest.param("cuda", torch.bfloat16, 128, id="cuda", marks=pytest.mark.gpu)])
+def test_hybrid_swa_pool_matches_one_pool(page_size, device, dtype, head_dim):
+    """Extend then decode through a hybrid pool gives what one plain pool gives, for the
+    window layer and the full layer: K/V written at the mapped SWA slots, read back through
+    the map (a missing translation on either side reads other tokens' K/V)."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator().manual_seed(page_size)
+    head_num, window = 2, 9
+    prompt_lens, num_slots = [37, 5, 20], 512
+    plain, hybrid = _hybrid_pool_pair(device, dtype, page_size, num_slots, head_num, head_dim, gen)
+    # Requests on shuffled pages (rows 1..3 of the pool table; row 0 is SGLang's padding row).
+    req_to_token = torch.zeros(4, 64, dtype=torch.int32)
+    pages = (torch.randperm(num_slots // page_size - 1, generator=gen) + 1).tolist()
+    for row, length in enumerate(prompt_lens, start=1):
+        for t in range(length + 1):  # the prompt and one decoded token
+            if t % page_size == 0:
+                page = pages.pop()
+            req_to_token[row, t] = page * page_size + t % page_size
+    req_to_token = req_to_token.to(device)
+    backends = {name: SGLangAttnBackend(_hybrid_runner(device, dtype, page_size, pool,
+                                                       req_to_token, head_num, head_dim))
+                for name, pool in (("plain", plain), ("hybrid", hybrid))}
+    layers = [SimpleNamespace(layer_id=i, tp_q_head_num=2 * head_num, tp_k_head_num=head_num,
+                              tp_v_head_num=head_num, qk_head_dim=head_dim, head_dim=head_dim,
+                              v_head_dim=head_dim, scaling=head_dim ** -0.5, logit_cap=0.0,
+                              sliding_window_size=window if i == 0 else -1,
+                              is_cross_attention=False, attn_type=AttentionType.DECODER)
+              for i in range(2)]
+    rows = torch.arange(1, len(prompt_lens) + 1, device=device)
+
+    def batch(mode, seq_lens, new_lens):
+        starts = [s - n for s, n in zip(seq_lens, new_lens)]
+        loc = torch.cat([req_to_token[r, s:s + n].long()
+                         for r, s, n in zip(rows.tolist(), starts, new_lens)])
+        return SimpleNamespace(forward_mode=mode, seq_lens=torch.tensor(seq_lens, device=device),
+                               seq_lens_cpu=torch.tensor(seq_lens), req_pool_indices=rows,
+                               out_cache_loc=loc, extend_seq_lens_cpu=list(new_lens),
+                               extend_prefix_lens_cpu=starts, spec_info=None)
+
+    steps = [(ForwardMode.EXTEND, prompt_lens, prompt_lens),
+             (ForwardMode.DECODE, [n + 1 for n in prompt_lens], [1] * len(prompt_lens))]
+    for mode, seq_lens, new_lens in steps:
+        forward_batch = batch(mode, seq_lens, new_lens)
+        tokens = sum(new_lens)
+        for layer in layers:
+            q = torch.randn(tokens, 2 * head_num * head_dim, generator=gen).to(device, dtype)
+            k = torch.randn(tokens, head_num, head_dim, generator=gen).to(device, dtype)
+            v = torch.randn(tokens, head_num, head_dim, generator=gen).to(device, dtype)
+            outs = {}
+            for name, backend in backends.items():
+                backend.init_forward_metadata(forward_batch)
+                run = backend.forward_decode if mode.is_decode() else backend.forward_extend
+                outs[name] = run(q, k, v, layer, forward_batch)
+            torch.testing.assert_close(outs["hybrid"], outs["plain"], atol=0, rtol=0)
+        # The window layer's K/V are in the SWA sub-pool at the mapped slots.
+        loc = forward_batch.out_cache_loc
+        swa_loc = hybrid.full_to_swa_index_mapping[loc]
+        torch.testing.assert_close(hybrid.swa_kv_pool.get_key_buffer(0)[swa_loc],
+                                   plain.get_key_buffer(0)[loc], atol=0, rtol=0)
+        assert hybrid.swa_kv_pool.get_key_buffer(0)[loc].ne(
+            plain.get_key_buffer(0)[loc]).any()  # the map is not the identity here
+
+
+def test_backend_refuses_other_hybrid_pools_at_construction():
+    """Hybrid pools other than SWAKVPool over MHA sub-pools address window layers another way:
+    refused at construction, naming the pool and what is supported."""
+    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    class OtherHybridPool(SWAKVPool):
+        pass
+
+    runner = _runner(device="cpu")
+    runner.token_to_kv_pool = OtherHybridPool(
+        size=64, size_swa=32, page_size=1, dtype=torch.float32, head_num=2, head_dim=16,
+        swa_attention_layer_ids=[0], full_attention_layer_ids=[1], device="cpu")
+    with pytest.raises(ValueError, match="hybrid KV pool OtherHybridPool is not supported"):
+        SGLangAttnBackend(runner)

@@ -71,3 +71,20 @@ def test_fixed_capacity_buffer_keeps_its_address():
     assert buffer.tensor.data_ptr() == address and buffer.tensor[2].item() == 3
     with pytest.raises(ValueError, match="kv_indptr: 9 values exceed its capacity of 8"):
         buffer.load(range(9))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda t, r, m: attn_backend.PageTable(t, slot_map=m), "applies to a table of token slots"),
+    (lambda t, r, m: attn_backend.PageTable.from_req_to_token(t, r, slot_map=m.int()),
+     "slot_map has dtype int32; accepted: int64"),
+    (lambda t, r, m: attn_backend.PageTable.from_req_to_token(t, r, slot_map=m.view(2, -1)),
+     "slot_map"),
+])
+def test_page_table_rejects_bad_slot_maps(make, match):
+    table = torch.zeros(2, 8, dtype=torch.int32)
+    rows = torch.tensor([0, 1])
+    slot_map = torch.arange(16, dtype=torch.int64)
+    with pytest.raises((ValueError, TypeError), match=match):
+        make(table, rows, slot_map)
+    mapped = attn_backend.PageTable.from_req_to_token(table, rows, slot_map=slot_map)
+    assert mapped.slot_map is slot_map

@@ -12,7 +12,7 @@ namespace attn_backend {
 inline DecodeParams make_decode_params(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& page_table, const std::optional<at::Tensor>& row_index,
-    bool table_holds_slots, const at::Tensor& schedule, const at::Tensor& merge_indptr,
+    const std::optional<at::Tensor>& slot_map, bool table_holds_slots, const at::Tensor& schedule, const at::Tensor& merge_indptr,
     at::Tensor& merge_counters, int64_t num_work_items, const at::Tensor& partial_out,
     const at::Tensor& partial_lse, double sm_scale, double logits_soft_cap, at::Tensor& out,
     const std::optional<at::Tensor>& lse) {
@@ -59,7 +59,7 @@ inline DecodeParams make_decode_params(
   params.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
   params.k = paged_cache_side(k_cache);
   params.v = paged_cache_side(v_cache);
-  params.pages = page_table_view(page_table, row_index, table_holds_slots);
+  params.pages = page_table_view(page_table, row_index, slot_map, table_holds_slots);
   params.page_size = static_cast<int>(k_cache.size(1));
   params.num_pages = static_cast<int>(k_cache.size(0));
   params.num_qo_heads = static_cast<int>(num_qo_heads);

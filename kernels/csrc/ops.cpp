@@ -11,14 +11,14 @@ void paged_kv_write_meta(const at::Tensor&, const at::Tensor&, at::Tensor&, at::
 
 // Writes into `out` (and `lse`) only.
 void paged_decode_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       const std::optional<at::Tensor>&, bool, const at::Tensor&,
+                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, const at::Tensor&,
                        const at::Tensor&, at::Tensor&, int64_t, const at::Tensor&,
                        const at::Tensor&, double, double, at::Tensor&,
                        const std::optional<at::Tensor>&) {}
 
 // Writes into `out` (and `lse`) only.
 void paged_prefill_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const std::optional<at::Tensor>&, bool, const at::Tensor&,
+                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, const at::Tensor&,
                         const at::Tensor&, int64_t, int64_t, const std::optional<at::Tensor>&,
                         const std::optional<at::Tensor>&, const at::Tensor&, at::Tensor&,
                         const at::Tensor&, const at::Tensor&, double, double, int64_t, bool,
@@ -34,7 +34,7 @@ TORCH_LIBRARY(attn_backend, m) {
   // split requests' partial states are merged in the same launch.
   m.def(
       "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
-      "Tensor? row_index, bool table_holds_slots, Tensor schedule, "
+      "Tensor? row_index, Tensor? slot_map, bool table_holds_slots, Tensor schedule, "
       "Tensor merge_indptr, Tensor(a!) merge_counters, int num_work_items, "
       "Tensor(b!) partial_out, Tensor(c!) partial_lse, float sm_scale, float logits_soft_cap, "
       "Tensor(d!) out, Tensor(e!)? lse) -> ()");
@@ -48,7 +48,7 @@ TORCH_LIBRARY(attn_backend, m) {
   // prefill.cuh); split tiles' partial states are merged in the same launch.
   m.def(
       "paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
-      "Tensor? row_index, bool table_holds_slots, Tensor request_info, "
+      "Tensor? row_index, Tensor? slot_map, bool table_holds_slots, Tensor request_info, "
       "Tensor schedule, int num_work_items, int tile_rows, Tensor? mask_bits, "
       "Tensor? mask_offset, "
       "Tensor merge_indptr, Tensor(a!) merge_counters, Tensor(b!) partial_out, "

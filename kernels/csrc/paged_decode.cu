@@ -28,12 +28,13 @@ void dispatch_head_dims(int64_t head_dim_qk, int64_t head_dim_vo, Fn&& fn) {
 
 void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& page_table, const std::optional<at::Tensor>& row_index,
+                  const std::optional<at::Tensor>& slot_map,
                   bool table_holds_slots, const at::Tensor& schedule,
                   const at::Tensor& merge_indptr, at::Tensor& merge_counters, int64_t num_work_items,
                   const at::Tensor& partial_out, const at::Tensor& partial_lse, double sm_scale,
                   double logits_soft_cap, at::Tensor& out, const std::optional<at::Tensor>& lse) {
   const DecodeParams params = make_decode_params(
-      q, k_cache, v_cache, page_table, row_index, table_holds_slots, schedule, merge_indptr,
+      q, k_cache, v_cache, page_table, row_index, slot_map, table_holds_slots, schedule, merge_indptr,
       merge_counters, num_work_items, partial_out, partial_lse, sm_scale, logits_soft_cap, out, lse);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -100,6 +100,7 @@ void dispatch_head_dims(int64_t head_dim_qk, int64_t head_dim_vo, Fn&& fn) {
 
 void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& page_table, const std::optional<at::Tensor>& row_index,
+                   const std::optional<at::Tensor>& slot_map,
                    bool table_holds_slots,
                    const at::Tensor& request_info, const at::Tensor& schedule,
                    int64_t num_work_items, int64_t tile_rows,
@@ -110,7 +111,7 @@ void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                    int64_t window_left, bool causal, at::Tensor& out,
                    const std::optional<at::Tensor>& lse) {
   const PrefillParams params = make_prefill_params(
-      q, k_cache, v_cache, page_table, row_index, table_holds_slots, request_info,
+      q, k_cache, v_cache, page_table, row_index, slot_map, table_holds_slots, request_info,
       schedule, num_work_items, mask_bits, mask_offset, merge_indptr, merge_counters, partial_out,
       partial_lse, sm_scale, logits_soft_cap, window_left, causal, out, lse);
   const c10::cuda::CUDAGuard device_guard(q.device());

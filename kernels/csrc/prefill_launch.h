@@ -12,7 +12,8 @@ namespace attn_backend {
 inline PrefillParams make_prefill_params(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& page_table, const std::optional<at::Tensor>& row_index,
-    bool table_holds_slots, const at::Tensor& request_info,
+    const std::optional<at::Tensor>& slot_map, bool table_holds_slots,
+    const at::Tensor& request_info,
     const at::Tensor& schedule, int64_t num_work_items, const std::optional<at::Tensor>& mask_bits,
     const std::optional<at::Tensor>& mask_offset, const at::Tensor& merge_indptr,
     at::Tensor& merge_counters, const at::Tensor& partial_out, const at::Tensor& partial_lse,
@@ -66,7 +67,7 @@ inline PrefillParams make_prefill_params(
   params.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
   params.k = paged_cache_side(k_cache);
   params.v = paged_cache_side(v_cache);
-  params.pages = page_table_view(page_table, row_index, table_holds_slots);
+  params.pages = page_table_view(page_table, row_index, slot_map, table_holds_slots);
   params.page_size = static_cast<int>(k_cache.size(1));
   params.num_pages = static_cast<int>(k_cache.size(0));
   params.num_qo_heads = static_cast<int>(num_qo_heads);

@@ -35,16 +35,21 @@ inline PagedCacheSide paged_cache_side(const at::Tensor& cache) {
 // The engine's table, read in place by the kernels.
 inline PageTableView page_table_view(const at::Tensor& page_table,
                                      const std::optional<at::Tensor>& row_index,
+                                     const std::optional<at::Tensor>& slot_map,
                                      bool table_holds_slots) {
   TORCH_CHECK(page_table.scalar_type() == at::kInt && page_table.dim() == 2 &&
                   page_table.stride(1) == 1,
               "page_table must be a row-contiguous int32 matrix");
+  TORCH_CHECK(!slot_map.has_value() || (table_holds_slots && slot_map->scalar_type() == at::kLong &&
+                                        slot_map->dim() == 1 && slot_map->is_contiguous()),
+              "slot_map must be a contiguous int64 vector over a table of token slots");
   PageTableView view{};
   view.table = page_table.data_ptr<int32_t>();
   view.row_stride = page_table.stride(0);
   view.holds_token_slots = table_holds_slots;
   view.row_index = row_index.has_value() ? row_index->data_ptr() : nullptr;
   view.row_index_is_int64 = row_index.has_value() && row_index->scalar_type() == at::kLong;
+  view.slot_map = slot_map.has_value() ? slot_map->data_ptr<int64_t>() : nullptr;
   return view;
 }
 

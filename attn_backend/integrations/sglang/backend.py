@@ -15,9 +15,13 @@ fixed bit buffer on the device); the kernels read SGLang's `req_to_token`
 through the static `req_pool_indices` buffer in place, so the graph itself
 needs no metadata ops.
 
-Not yet (they raise with the reason, never a wrong result): hybrid
-sliding-window KV pools (run with --disable-hybrid-swa-memory), MLA,
-cross-attention and quantised KV caches. SGLang picks draft-model backends
+Hybrid sliding-window pools (SGLang's `SWAKVPool`, the default for models
+with window layers): window layers read their K/V in the window pool through
+the pool's full-to-window slot map (applied per token by the kernels, so the
+graph reads the live map) and write through `KVWriteLoc.swa_loc`.
+
+Not yet (they raise with the reason, never a wrong result): other hybrid pool
+kinds, MLA, cross-attention and quantised KV caches. SGLang picks draft-model backends
 from its own list (--speculative-draft-attention-backend), so DRAFT_EXTEND_V2
 reaches this backend where a harness builds it for the draft model (SGLang's
 attention kit does).
@@ -56,6 +60,7 @@ class ForwardMetadata:
     custom_mask: torch.Tensor | None = None  # verify tree mask: flat [n, kv_len] blocks
     graph_mode: bool = False  # a mode SGLang captures in graphs beside decode (verify, draft extend)
     token_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # CSR, for the reference
+    window_page_table: PageTable | None = None  # window layers of a hybrid pool: slots mapped
     planned: set = field(default_factory=set)  # keys of the wrappers planned for this forward
 
 
@@ -73,18 +78,22 @@ class SGLangAttnBackend(AttentionBackend):
         self._cuda_graphs = False  # set by init_cuda_graph_state: wrappers use fixed grids
         self._graph_max_tokens = 0
         self._check_supported(model_runner)
+        # A hybrid pool keeps window layers in a second pool (SWAKVPool, checked above).
+        self._hybrid_pool = self.token_to_kv_pool \
+            if isinstance(self.token_to_kv_pool, BaseSWAKVPool) else None
 
     def _check_supported(self, model_runner) -> None:
         """Reject at construction what this version cannot serve, naming the setting."""
         if getattr(model_runner, "use_mla_backend", False):
             raise ValueError(f"{BACKEND_NAME}: MLA models are not supported yet; use "
                              "--attention-backend flashinfer or triton for this model")
-        if isinstance(model_runner.token_to_kv_pool, BaseSWAKVPool):
-            # Its window layers live in a second pool addressed through a full-to-SWA slot
-            # mapping, which this version does not apply (reads or writes).
-            raise ValueError(f"{BACKEND_NAME}: hybrid sliding-window KV pools are not supported "
-                             "yet; start SGLang with --disable-hybrid-swa-memory (one pool for "
-                             "every layer; windowed layers are served) or use another backend")
+        pool = model_runner.token_to_kv_pool
+        if isinstance(pool, BaseSWAKVPool) and not _is_plain_swa_pool(pool):
+            # Other hybrid kinds (request windows, unified or draft pools) address their
+            # window layers differently; reading them through the slot map would be wrong.
+            raise ValueError(f"{BACKEND_NAME}: hybrid KV pool {type(pool).__name__} is not "
+                             "supported; supported: SWAKVPool with a full-to-SWA slot map over "
+                             "MHA sub-pools (or --disable-hybrid-swa-memory)")
         kv_dtype = getattr(model_runner, "kv_cache_dtype", model_runner.dtype)
         if self.device.type != "cuda":
             return  # the float reference serves any head size and dtype
@@ -208,7 +217,7 @@ class SGLangAttnBackend(AttentionBackend):
             out = self._attend_reference(q3, layer, causal=True)
         else:
             decoder = self._planned_decoder(layer, q3.dtype)
-            out = decoder.run(q3, self._cache(layer), self.forward_metadata.page_table,
+            out = decoder.run(q3, self._cache(layer), self._page_table(layer),
                               sm_scale=layer.scaling, logits_soft_cap=max(layer.logit_cap, 0.0))
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -222,7 +231,7 @@ class SGLangAttnBackend(AttentionBackend):
             out = self._attend_reference(q3, layer, causal=causal)
         else:
             prefill = self._planned_prefill(layer, q3.dtype, causal)
-            out = prefill.run(q3, self._cache(layer), self.forward_metadata.page_table,
+            out = prefill.run(q3, self._cache(layer), self._page_table(layer),
                               sm_scale=layer.scaling, logits_soft_cap=max(layer.logit_cap, 0.0))
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -239,8 +248,36 @@ class SGLangAttnBackend(AttentionBackend):
 
     def _save_kv(self, layer, forward_batch, k, v, save_kv_cache) -> None:
         if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc),
-                                                k, v)
+            loc = forward_batch.out_cache_loc
+            # Translated at every call, never cached: inside a CUDA graph the gather must be
+            # one of the graph's own ops so that each replay translates its new locations.
+            swa_loc = self._hybrid_pool.translate_loc_from_full_to_swa(loc) \
+                if self._is_window_layer(layer) else None
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(loc, swa_loc=swa_loc), k, v)
+
+    def _is_window_layer(self, layer) -> bool:
+        """Whether `layer` lives in the window pool of a hybrid pool."""
+        return self._hybrid_pool is not None and \
+            self._hybrid_pool.layers_mapping[layer.layer_id][1]
+
+    def _slot_map(self) -> torch.Tensor:
+        mapping = self._hybrid_pool.full_to_swa_index_mapping
+        if mapping is None:
+            raise RuntimeError(f"{BACKEND_NAME}: the hybrid pool has no full-to-SWA slot map "
+                               "registered (its allocator registers it at startup)")
+        return mapping
+
+    def _page_table(self, layer) -> PageTable:
+        """This forward's page table for `layer`: window layers of a hybrid pool read their
+        slots through the pool's full-to-window map."""
+        meta = self.forward_metadata
+        if not self._is_window_layer(layer):
+            return meta.page_table
+        if meta.window_page_table is None:
+            meta.window_page_table = PageTable.from_req_to_token(
+                self.req_to_token_pool.req_to_token, meta.req_pool_indices,
+                slot_map=self._slot_map())
+        return meta.window_page_table
 
     def _cache(self, layer) -> PagedKVCache:
         pool = self.token_to_kv_pool
@@ -327,9 +364,23 @@ class SGLangAttnBackend(AttentionBackend):
                 self.req_to_token_pool.req_to_token, meta.req_pool_indices,
                 torch.from_numpy(meta.kv_lens))
         kv_indptr, kv_slots = meta.token_slots
+        if self._is_window_layer(layer):
+            kv_slots = self._slot_map()[kv_slots]
         result = reference.attention(
             q3, meta.qo_indptr.tolist(), self._cache(layer), kv_indptr, kv_slots,
             sm_scale=layer.scaling,
             causal=causal, window_left=self._window_left(layer) if causal else -1,
             logits_soft_cap=max(layer.logit_cap, 0.0), custom_mask=meta.custom_mask)
         return result.out.to(q3.dtype)
+
+
+def _is_plain_swa_pool(pool) -> bool:
+    """SGLang's SWAKVPool over MHA sub-pools, addressed through a full-to-SWA slot map."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    return (type(pool).__name__ == "SWAKVPool" and hasattr(pool, "layers_mapping")
+            and hasattr(pool, "full_to_swa_index_mapping")
+            and isinstance(getattr(pool, "full_kv_pool", None), MHATokenToKVPool)
+            and isinstance(getattr(pool, "swa_kv_pool", None), MHATokenToKVPool)
+            and getattr(pool, "request_window", None) is None
+            and not getattr(pool, "swa_uses_full_indices", False))

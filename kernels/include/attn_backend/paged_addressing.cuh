@@ -7,7 +7,9 @@
 // - SGLang's req_to_token [pool_rows, max_context] holds token slots: token t
 //   is at slot s = table[row, t], i.e. page s / page_size, offset s % page_size.
 //   Reading each token's own slot is exact for any slot layout, including
-//   pages whose tokens the allocator did not place in order.
+//   pages whose tokens the allocator did not place in order. With a slot map
+//   (SGLang's hybrid sliding-window pools: full-pool slot -> window-pool
+//   slot), the slot read is map[table[row, t]].
 // Either way one table entry is read per token, so the costs are the same.
 #pragma once
 
@@ -26,6 +28,7 @@ struct PageTableView {
   bool holds_token_slots;  // true: SGLang's per-token slots; false: per-page ids
   const void* row_index;   // per-request row of `table`; null = the request index itself
   bool row_index_is_int64;
+  const int64_t* slot_map;  // token slots only: slot -> slot in the cache read; null = identity
 
   __device__ __forceinline__ int64_t row_of(int request) const {
     if (row_index == nullptr) return request;
@@ -40,7 +43,8 @@ struct PageTableView {
     const int32_t* entries = table + row * row_stride;
     int page, slot_in_page;
     if (holds_token_slots) {
-      const int slot = entries[token];
+      int slot = entries[token];
+      if (slot_map != nullptr && slot >= 0) slot = static_cast<int>(slot_map[slot]);
       page = slot / page_size;
       slot_in_page = slot - page * page_size;
       if (slot < 0) page = -1;
