@@ -199,7 +199,12 @@ class PageTable:
 
     def _slots(self, row: int, length: int) -> torch.Tensor:
         slots = self.table[row, :length].long()
-        return slots if self.slot_map is None else self.slot_map[slots]
+        if self.slot_map is None:
+            return slots
+        if length and int(slots.max()) >= self.slot_map.numel():
+            raise ValueError(f"page_table row {row} holds slot {int(slots.max())}, past the "
+                             f"{self.slot_map.numel()} entries of slot_map")
+        return self.slot_map[slots]
 
     def page_ids(self, batch_size: int, kv_lens: list[int], page_size: int) -> list[torch.Tensor]:
         """Host-side page id of each page (vLLM) or token (SGLang) a request reads (synchronises;

@@ -29,6 +29,7 @@ struct PageTableView {
   const void* row_index;   // per-request row of `table`; null = the request index itself
   bool row_index_is_int64;
   const int64_t* slot_map;  // token slots only: slot -> slot in the cache read; null = identity
+  int64_t slot_map_size;    // slots at or past it map to nothing (page -1)
 
   __device__ __forceinline__ int64_t row_of(int request) const {
     if (row_index == nullptr) return request;
@@ -44,7 +45,9 @@ struct PageTableView {
     int page, slot_in_page;
     if (holds_token_slots) {
       int slot = entries[token];
-      if (slot_map != nullptr && slot >= 0) slot = static_cast<int>(slot_map[slot]);
+      if (slot_map != nullptr && slot >= 0) {
+        slot = slot < slot_map_size ? static_cast<int>(slot_map[slot]) : -1;
+      }
       page = slot / page_size;
       slot_in_page = slot - page * page_size;
       if (slot < 0) page = -1;
