@@ -50,7 +50,6 @@ inline PageTableView page_table_view(const at::Tensor& page_table,
   view.row_index = row_index.has_value() ? row_index->data_ptr() : nullptr;
   view.row_index_is_int64 = row_index.has_value() && row_index->scalar_type() == at::kLong;
   view.slot_map = slot_map.has_value() ? slot_map->data_ptr<int64_t>() : nullptr;
-  view.slot_map_size = slot_map.has_value() ? slot_map->numel() : 0;
   return view;
 }
 

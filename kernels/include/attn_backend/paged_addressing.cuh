@@ -28,8 +28,10 @@ struct PageTableView {
   bool holds_token_slots;  // true: SGLang's per-token slots; false: per-page ids
   const void* row_index;   // per-request row of `table`; null = the request index itself
   bool row_index_is_int64;
-  const int64_t* slot_map;  // token slots only: slot -> slot in the cache read; null = identity
-  int64_t slot_map_size;    // slots at or past it map to nothing (page -1)
+  // Token slots only: slot -> slot in the cache read; null = identity. The map
+  // must cover every slot the table holds (SGLang's full-to-SWA map covers the
+  // whole full pool); debug mode checks this on the host before launch.
+  const int64_t* slot_map;
 
   __device__ __forceinline__ int64_t row_of(int request) const {
     if (row_index == nullptr) return request;
@@ -45,9 +47,7 @@ struct PageTableView {
     int page, slot_in_page;
     if (holds_token_slots) {
       int slot = entries[token];
-      if (slot_map != nullptr && slot >= 0) {
-        slot = slot < slot_map_size ? static_cast<int>(slot_map[slot]) : -1;
-      }
+      if (slot_map != nullptr && slot >= 0) slot = static_cast<int>(slot_map[slot]);
       page = slot / page_size;
       slot_in_page = slot - page * page_size;
       if (slot < 0) page = -1;
