@@ -14,18 +14,15 @@ variant V (and FlashInfer) a few times, for `ncu`.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 
 import attn_backend
-from attn_backend import PageTable, _sources
+from attn_backend import PageTable
 
 from .bench_decode import (DTYPE, HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, kv_bytes,
                            make_decode, make_problem)
+from .variants import build_variant_extension
 from .common import copy_ceiling_tbs, median_ms
 
 # (stages, warps): the ring depth and the warps of a CTA (16 tokens of a tile each).
@@ -58,9 +55,10 @@ void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.size(2) == 128, "variants: bf16 d128 only");
   const DecodeParams params = make_decode_params(
       q, k_cache, v_cache, page_table, std::nullopt, std::nullopt, table_holds_slots, schedule,
-      merge_indptr,
-      merge_counters, num_work_items, partial_out, partial_lse, sm_scale, 0.0, out, std::nullopt);
+      merge_indptr, merge_counters, num_work_items, partial_out, partial_lse, sm_scale, 0.0, out,
+      std::nullopt);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t kv_heads = k_cache.size(2), items = num_work_items;
   switch (variant) {{
 {run_cases}
     default: TORCH_CHECK(false, "no variant ", variant);
@@ -90,33 +88,9 @@ TORCH_LIBRARY_IMPL(attn_backend_decode_variants, CompositeExplicitAutograd, m) {
 
 
 def build_variants():
-    from torch.utils.cpp_extension import load
-
-    kernels = _sources.kernels_dir()
-    key = hashlib.sha256((repr(VARIANTS) + _VARIANT_TU + _OPS_TU +
-                          _sources.sources_hash(kernels)).encode()).hexdigest()[:16]
-    build_dir = Path(tempfile.gettempdir()) / f"attn_backend_decode_variants_{key}"
-    build_dir.mkdir(exist_ok=True)
-    sources = []
-    for i, (stages, warps) in enumerate(VARIANTS):
-        path = build_dir / f"variant_{i}.cu"
-        path.write_text(_VARIANT_TU.format(i=i, stages=stages, warps=warps))
-        sources.append(str(path))
-    declarations = "\n".join(
-        f"void run_variant_{i}(const DecodeParams&, int64_t, int64_t, cudaStream_t);\n"
-        f"std::vector<int64_t> info_variant_{i}();" for i in range(len(VARIANTS)))
-    run_cases = "\n".join(
-        f"    case {i}: return run_variant_{i}(params, k_cache.size(2), num_work_items, stream);"
-        for i in range(len(VARIANTS)))
-    info_cases = "\n".join(f"    case {i}: return info_variant_{i}();" for i in range(len(VARIANTS)))
-    ops = build_dir / "ops.cu"
-    ops.write_text(_OPS_TU.format(declarations=declarations, run_cases=run_cases,
-                                  info_cases=info_cases))
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-    load(name="attn_backend_decode_variants", sources=[str(ops)] + sources,
-         extra_include_paths=[str(kernels / "include"), str(kernels / "csrc")],
-         extra_cuda_cflags=_sources.NVCC_FLAGS, extra_cflags=_sources.CXX_FLAGS,
-         build_directory=str(build_dir), is_python_module=False, verbose=False)
+    units = [_VARIANT_TU.format(i=i, stages=stages, warps=warps)
+             for i, (stages, warps) in enumerate(VARIANTS)]
+    build_variant_extension("attn_backend_decode_variants", "DecodeParams", units, _OPS_TU)
     return torch.ops.attn_backend_decode_variants
 
 

@@ -13,17 +13,14 @@ FlashInfer fa2) a few times, for `ncu`.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 
 import attn_backend
-from attn_backend import PagedKVCache, PagedPrefill, PageTable, _sources
+from attn_backend import PagedKVCache, PagedPrefill, PageTable
 
 from .bench_prefill import HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, flops
+from .variants import build_variant_extension
 from .common import median_ms, shuffled_pages
 
 # (m-tiles per warp, kv tile, stages, warps, wgmma); wgmma shapes need an sm_90 GPU.
@@ -34,7 +31,7 @@ _VARIANT_TU = """
 #include "prefill_launch.h"
 namespace attn_backend {{
 using VariantTraits{i} = PrefillTraits<128, 128, {m}, {kv}, {stages}, {warps}, {wgmma}>;
-void run_variant_{i}(const PrefillParams& params, int64_t items, int64_t kv_heads,
+void run_variant_{i}(const PrefillParams& params, int64_t kv_heads, int64_t items,
                      cudaStream_t stream) {{
   auto* kernel = &paged_prefill_kernel<VariantTraits{i}, __nv_bfloat16, false, false>;
   allow_dynamic_smem(kernel, VariantTraits{i}::kSmemBytes);
@@ -64,6 +61,7 @@ void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache
       request_info, schedule, num_work_items, std::nullopt, std::nullopt, merge_indptr,
       merge_counters, partial_out, partial_lse, sm_scale, 0.0, -1, true, out, std::nullopt);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t kv_heads = k_cache.size(2), items = num_work_items;
   switch (variant) {{
 {run_cases}
     default: TORCH_CHECK(false, "no variant ", variant);
@@ -93,34 +91,10 @@ TORCH_LIBRARY_IMPL(attn_backend_variants, CompositeExplicitAutograd, m) {{
 
 
 def build_variants():
-    from torch.utils.cpp_extension import load
-
-    kernels = _sources.kernels_dir()
-    key = hashlib.sha256((repr(VARIANTS) + _VARIANT_TU + _OPS_TU +
-                          _sources.sources_hash(kernels)).encode()).hexdigest()[:16]
-    build_dir = Path(tempfile.gettempdir()) / f"attn_backend_variants_{key}"  # reused while warm
-    build_dir.mkdir(exist_ok=True)
-    sources = []
-    for i, (m, kv, stages, warps, wgmma) in enumerate(VARIANTS):
-        path = build_dir / f"variant_{i}.cu"
-        path.write_text(_VARIANT_TU.format(i=i, m=m, kv=kv, stages=stages, warps=warps,
-                                           wgmma="true" if wgmma else "false"))
-        sources.append(str(path))
-    declarations = "\n".join(
-        f"void run_variant_{i}(const PrefillParams&, int64_t, int64_t, cudaStream_t);\n"
-        f"std::vector<int64_t> info_variant_{i}();" for i in range(len(VARIANTS)))
-    run_cases = "\n".join(
-        f"    case {i}: return run_variant_{i}(params, num_work_items, k_cache.size(2), stream);"
-        for i in range(len(VARIANTS)))
-    info_cases = "\n".join(f"    case {i}: return info_variant_{i}();" for i in range(len(VARIANTS)))
-    ops = build_dir / "ops.cu"
-    ops.write_text(_OPS_TU.format(declarations=declarations, run_cases=run_cases,
-                                  info_cases=info_cases))
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-    load(name="attn_backend_prefill_variants", sources=[str(ops)] + sources,
-         extra_include_paths=[str(kernels / "include"), str(kernels / "csrc")],
-         extra_cuda_cflags=_sources.NVCC_FLAGS, extra_cflags=_sources.CXX_FLAGS,
-         build_directory=str(build_dir), is_python_module=False, verbose=False)
+    units = [_VARIANT_TU.format(i=i, m=m, kv=kv, stages=stages, warps=warps,
+                                wgmma="true" if wgmma else "false")
+             for i, (m, kv, stages, warps, wgmma) in enumerate(VARIANTS)]
+    build_variant_extension("attn_backend_prefill_variants", "PrefillParams", units, _OPS_TU)
     return torch.ops.attn_backend_variants
 
 
