@@ -116,8 +116,8 @@ def run_shape(variants, ops, batch, kv_len, page_size, peers, ceiling, profile):
 
         def call():
             ops.run(v, q, cache.k, cache.v, table.table, table.holds_token_slots,
-                    decode._schedule, decode._merge_indptr, decode._merge_counters, items, decode._partial_out, decode._partial_lse,
-                    1 / HEAD_DIM ** 0.5, out)
+                    decode._schedule, decode._merge_indptr, decode._merge_counters, items,
+                    decode._partial_out, decode._partial_lse, 1 / HEAD_DIM ** 0.5, out)
 
         call()
         diff = (out.float() - want.float()).abs().max().item()
@@ -139,8 +139,6 @@ def run_shape(variants, ops, batch, kv_len, page_size, peers, ceiling, profile):
         tbs = kv_bytes(batch, kv_len) / (ms * 1e-3) / 1e12
         print(f"  b{batch} kv{kv_len} p{page_size}  {name:64s} {ms * 1e3:8.1f} us "
               f"{tbs:.3f} TB/s {tbs / ceiling:.2f} of copy")
-    del cache
-    torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -166,6 +164,7 @@ def main() -> None:
         batch, kv_len, page_size = map(int, shape.split("x"))
         run_shape(variants, ops, batch, kv_len, page_size, peers, ceiling,
                   args.profile is not None)
+        torch.cuda.empty_cache()  # the shape's cache is gone with run_shape's frame
 
 
 if __name__ == "__main__":
