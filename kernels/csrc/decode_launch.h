@@ -50,29 +50,12 @@ inline DecodeParams make_decode_params(
   }
 
   DecodeParams params{};
-  params.q = q.data_ptr();
-  params.q_stride_token = q.stride(0);
-  params.q_stride_head = q.stride(1);
-  params.out = out.data_ptr();
-  params.out_stride_token = out.stride(0);
-  params.out_stride_head = out.stride(1);
-  params.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-  params.k = paged_cache_side(k_cache);
-  params.v = paged_cache_side(v_cache);
-  params.pages = page_table_view(page_table, row_index, slot_map, table_holds_slots);
-  params.page_size = static_cast<int>(k_cache.size(1));
-  params.num_pages = static_cast<int>(k_cache.size(0));
-  params.num_qo_heads = static_cast<int>(num_qo_heads);
-  params.group_size = static_cast<int>(num_qo_heads / num_kv_heads);
-  params.sm_scale = static_cast<float>(sm_scale);
-  params.soft_cap = static_cast<float>(logits_soft_cap);
+  fill_shared_params(params, q, k_cache, v_cache, page_table, row_index, slot_map,
+                     table_holds_slots, merge_indptr, merge_counters, partial_out, partial_lse,
+                     sm_scale, logits_soft_cap, out, lse);
   const int32_t* sched = schedule.data_ptr<int32_t>();
   const int64_t capacity = schedule.size(1);
   params.schedule = {sched, sched + capacity, sched + 2 * capacity, sched + 3 * capacity};
-  params.partial_out = partial_out.data_ptr<float>();
-  params.partial_lse = partial_lse.data_ptr<float>();
-  params.merge_indptr = merge_indptr.data_ptr<int32_t>();
-  params.merge_counters = merge_counters.data_ptr<int32_t>();
   return params;
 }
 

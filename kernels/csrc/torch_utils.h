@@ -53,6 +53,41 @@ inline PageTableView page_table_view(const at::Tensor& page_table,
   return view;
 }
 
+// The fields DecodeParams and PrefillParams share: query, output, the paged
+// cache and its table, head counts, scales and the split-KV merge buffers.
+template <typename Params>
+void fill_shared_params(Params& params, const at::Tensor& q, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& page_table,
+                        const std::optional<at::Tensor>& row_index,
+                        const std::optional<at::Tensor>& slot_map, bool table_holds_slots,
+                        const at::Tensor& merge_indptr, at::Tensor& merge_counters,
+                        const at::Tensor& partial_out, const at::Tensor& partial_lse,
+                        double sm_scale, double logits_soft_cap, at::Tensor& out,
+                        const std::optional<at::Tensor>& lse) {
+  const int64_t num_qo_heads = q.size(1);
+  const int64_t num_kv_heads = k_cache.size(2);
+  params.q = q.data_ptr();
+  params.q_stride_token = q.stride(0);
+  params.q_stride_head = q.stride(1);
+  params.out = out.data_ptr();
+  params.out_stride_token = out.stride(0);
+  params.out_stride_head = out.stride(1);
+  params.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
+  params.k = paged_cache_side(k_cache);
+  params.v = paged_cache_side(v_cache);
+  params.pages = page_table_view(page_table, row_index, slot_map, table_holds_slots);
+  params.page_size = static_cast<int>(k_cache.size(1));
+  params.num_pages = static_cast<int>(k_cache.size(0));
+  params.num_qo_heads = static_cast<int>(num_qo_heads);
+  params.group_size = static_cast<int>(num_qo_heads / num_kv_heads);
+  params.sm_scale = static_cast<float>(sm_scale);
+  params.soft_cap = static_cast<float>(logits_soft_cap);
+  params.partial_out = partial_out.data_ptr<float>();
+  params.partial_lse = partial_lse.data_ptr<float>();
+  params.merge_indptr = merge_indptr.data_ptr<int32_t>();
+  params.merge_counters = merge_counters.data_ptr<int32_t>();
+}
+
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, int bytes) {
   ATTN_BACKEND_CUDA_CHECK(
