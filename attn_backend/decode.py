@@ -31,6 +31,7 @@ class _PlannedBatch:
     kv_lens: np.ndarray  # int64, host
     window_left: int
     num_work_items: int
+    full_batch: bool  # the kernel's CTA shape for whole requests that fill the GPU
 
     @property
     def num_rows(self) -> int:
@@ -46,7 +47,8 @@ class PagedDecode:
                  max_batch_size: int = 512, use_cuda_graph: bool = False,
                  cta_slots: int | None = None):
         """`cta_slots`: decode CTAs the GPU runs at once, which sizes split-KV (default:
-        measured from the kernel's occupancy on `device`)."""
+        measured from the kernel's occupancy on `device`, for each of its two CTA shapes;
+        given, it is used for both)."""
         head_dim_vo = head_dim if head_dim_vo is None else head_dim_vo
         check_kernel_shape(num_qo_heads, num_kv_heads, head_dim, head_dim_vo, dtype)
         if max_batch_size < 1:
@@ -62,15 +64,21 @@ class PagedDecode:
         self.max_batch_size = max_batch_size
         self.use_cuda_graph = use_cuda_graph
 
+        # Two CTA shapes (kernels/csrc/paged_decode.cu): the deep one for small batches and
+        # split-KV, `cta_slots` of them at once; the full-batch one once the batch's whole
+        # requests fill those slots, `full_batch_cta_slots` at once.
         if cta_slots is not None:
-            self.cta_slots = cta_slots
+            self.cta_slots = self.full_batch_cta_slots = cta_slots
         elif self.device.type == "cuda":
-            ctas_per_sm = _extension.load_ops().paged_decode_ctas_per_sm(head_dim, head_dim_vo)
+            ops = _extension.load_ops()
             num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            self.cta_slots = max(1, ctas_per_sm) * num_sms
+            self.cta_slots, self.full_batch_cta_slots = (
+                max(1, ops.paged_decode_ctas_per_sm(head_dim, head_dim_vo, full_batch)) * num_sms
+                for full_batch in (False, True))
         else:
-            self.cta_slots = 1  # the reference ignores the schedule
-        self.capacity = max_items_per_head(max_batch_size, num_kv_heads, self.cta_slots)
+            self.cta_slots = self.full_batch_cta_slots = 1  # the reference ignores the schedule
+        self.capacity = max(max_items_per_head(max_batch_size, num_kv_heads, slots)
+                            for slots in (self.cta_slots, self.full_batch_cta_slots))
         # The schedule [4, capacity] and merge_indptr [max_batch_size + 1] share one buffer,
         # so a plan is one host-to-device copy (a graph replay plans every step).
         plan_size = 4 * self.capacity + max_batch_size + 1
@@ -110,17 +118,21 @@ class PagedDecode:
                              "(max_batch_size of this PagedDecode)")
         if lens.min() < 0 or lens.max() >= 2**31:
             raise ValueError(f"kv_lens must be in [0, 2**31); got [{lens.min()}, {lens.max()}]")
-        grid = graph_grid_size(batch, self.num_kv_heads, self.cta_slots) \
+        # The shape depends on the batch size alone, so a graph captured for a batch size
+        # keeps a kernel that its replays plan for.
+        full_batch = batch * self.num_kv_heads >= self.cta_slots
+        cta_slots = self.full_batch_cta_slots if full_batch else self.cta_slots
+        grid = graph_grid_size(batch, self.num_kv_heads, cta_slots) \
             if self.use_cuda_graph else -1
         merge_indptr = self._host_merge_indptr[: batch + 1]
         if self._native_planner is not None:
             num_items, _ = self._native_planner(
-                torch.from_numpy(lens), window_left, self.num_kv_heads, self.cta_slots,
-                max_items_per_head(batch, self.num_kv_heads, self.cta_slots), grid,
+                torch.from_numpy(lens), window_left, self.num_kv_heads, cta_slots,
+                max_items_per_head(batch, self.num_kv_heads, cta_slots), grid,
                 torch.from_numpy(self._host_schedule), torch.from_numpy(merge_indptr))
         else:
             schedule = plan_decode(lens, window_left=window_left,
-                                   num_kv_heads=self.num_kv_heads, cta_slots=self.cta_slots)
+                                   num_kv_heads=self.num_kv_heads, cta_slots=cta_slots)
             num_items = schedule.num_items
             grid_items = grid if grid >= 0 else num_items
             if not num_items <= grid_items <= self.capacity:
@@ -133,7 +145,7 @@ class PagedDecode:
             merge_indptr[:] = schedule.merge_indptr
         num_work_items = grid if self.use_cuda_graph else num_items
         self._plan_buffer.load(torch.from_numpy(self._host_plan[: 4 * self.capacity + batch + 1]))
-        self._planned = _PlannedBatch(lens, window_left, num_work_items)
+        self._planned = _PlannedBatch(lens, window_left, num_work_items, full_batch)
 
     def run(self, q: torch.Tensor, cache: PagedKVCache, page_table: PageTable, *,
             sm_scale: float | None = None, logits_soft_cap: float = 0.0,
@@ -160,8 +172,8 @@ class PagedDecode:
             q, cache.k, cache.v, page_table.table, page_table.row_index, page_table.slot_map,
             page_table.holds_token_slots, self._schedule, self._merge_indptr,
             self._merge_counters, planned.num_work_items,
-            self._partial_out, self._partial_lse, float(sm_scale), float(logits_soft_cap), out,
-            lse)
+            self._partial_out, self._partial_lse, float(sm_scale), float(logits_soft_cap),
+            planned.full_batch, out, lse)
         return (out, lse) if return_lse else out
 
     def _run_reference(self, q, cache, page_table, sm_scale, logits_soft_cap, out, return_lse):

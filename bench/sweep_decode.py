@@ -1,6 +1,7 @@
 """Time alternative shapes of the decode kernel (d128, bf16, GQA 32/8) on a few batches.
 
-    python -m bench.sweep_decode [--shapes 64x4096x16,1x32768x16] [--profile VARIANT]
+    python -m bench.sweep_decode [--shapes 64x4096x16,1x32768x16,64x4096x1o] [--profile VARIANT]
+        [--plans shipped,balanced] [--trace]
 
 Each (stages, warps) in VARIANTS is compiled (one translation unit per shape,
 built in parallel) into a side extension whose op runs the same launch path as
@@ -8,22 +9,90 @@ built in parallel) into a side extension whose op runs the same launch path as
 its own plan, sized for the CTAs of its shape that fit on an SM; every run is
 checked against the shipped op's output, and FlashInfer's tensor-core decode
 is timed on the same paged data when it is installed. `--profile V` runs only
-variant V (and FlashInfer) a few times, for `ncu`.
+variant V (and FlashInfer) a few times, for `ncu`. A shape ending in "o" keeps each
+request's pages in address order instead of shuffled. `--plans` times each variant
+under other schedules (attn_backend/schedule.py). `--trace` also runs the shipped
+shape built with ATTN_BACKEND_DECODE_TRACE under each plan and prints its CTA
+timeline: how long CTAs wait for their first tile, how many stream at once, the tail.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
+import numpy as np
 import torch
 
 import attn_backend
 from attn_backend import PageTable
+from attn_backend.schedule import (ITEM_OVERHEAD_TOKENS, MIN_CHUNK_TOKENS, TILE_TOKENS,
+                                   DecodeSchedule, kv_ranges, plan_decode)
 
 from .bench_decode import (DTYPE, HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, kv_bytes,
                            make_decode, make_problem)
-from .variants import build_variant_extension
 from .common import copy_ceiling_tbs, median_ms
+from .variants import build_variant_extension
+
+
+def plan_decode_balanced(kv_lens: np.ndarray, *, window_left: int, num_kv_heads: int,
+                         cta_slots: int) -> DecodeSchedule:
+    """Tried against plan_decode (session 7, H100): no faster at 64 x 4k (365 vs 364 us),
+    16 x 8k and 1 x 32k, 0.5% faster at 256 x 4k, 4% slower at 64 x 512. Kept to retry.
+
+    A stream-K style schedule: the keys of all requests, laid end to end, are dealt to
+    `lanes` = cta_slots // num_kv_heads equal shares (tokens plus a per-item overhead);
+    a request crossing a share boundary is split there (whole tiles). Items are ordered by
+    the time their lane would start them, so the hardware's in-order dispatch hands each
+    free CTA slot the next piece: every slot does about the same work, and CTAs start and
+    finish at staggered times instead of all together."""
+    batch = len(kv_lens)
+    starts, ends = kv_ranges(kv_lens, window_left)
+    lengths = ends - starts
+    lanes = max(1, cta_slots // num_kv_heads)
+    cost_total = int(lengths.sum()) + (batch + lanes) * ITEM_OVERHEAD_TOKENS
+    share = max(MIN_CHUNK_TOKENS + ITEM_OVERHEAD_TOKENS, -(-cost_total // lanes))
+    # `dealt` runs over all lanes' costs laid end to end: lane k's share is
+    # [k * share, (k + 1) * share), so rounding a cut to whole tiles never accumulates.
+    request, item_start, item_end, item_lane, item_time = [], [], [], [], []
+    lane, dealt = 0, 0
+    for r in range(batch):
+        position, end = int(starts[r]), int(ends[r])
+        while True:
+            room = (lane + 1) * share - dealt - ITEM_OVERHEAD_TOKENS
+            if room < MIN_CHUNK_TOKENS // 2 and lane < lanes - 1 and position < end:
+                lane += 1
+                continue
+            remaining = end - position
+            take = remaining
+            if lane < lanes - 1 and remaining > room:
+                take = max(TILE_TOKENS, (room + TILE_TOKENS // 2) // TILE_TOKENS * TILE_TOKENS)
+                if remaining - take < MIN_CHUNK_TOKENS // 2:
+                    take = remaining  # no sliver left behind
+            request.append(r)
+            item_start.append(position)
+            item_end.append(position + take)
+            item_lane.append(lane)
+            item_time.append(max(0, dealt - lane * share))
+            dealt += take + ITEM_OVERHEAD_TOKENS
+            position += take
+            if position >= end:
+                break
+    request = np.array(request, dtype=np.int64)
+    counts = np.bincount(request, minlength=batch)
+    split = counts > 1
+    merge_indptr = np.concatenate([[0], np.cumsum(np.where(split, counts, 0))])
+    first_item = np.cumsum(counts) - counts
+    index_in_request = np.arange(len(request)) - first_item[request]
+    partial = np.where(split[request], merge_indptr[request] + index_in_request, -1)
+    order = np.lexsort((np.array(item_lane), np.array(item_time)))  # by start time, then lane
+    items = np.stack([request, np.array(item_start), np.array(item_end),
+                      partial])[:, order].astype(np.int32)
+    return DecodeSchedule(items, merge_indptr.astype(np.int32), share)
+
+
+
+PLANS = {"shipped": plan_decode, "balanced": plan_decode_balanced}
 
 # (stages, warps): the ring depth and the warps of a CTA (16 tokens of a tile each).
 VARIANTS = [(2, 4), (3, 4), (3, 3), (4, 3), (3, 2), (2, 3)]
@@ -87,6 +156,57 @@ TORCH_LIBRARY_IMPL(attn_backend_decode_variants, CompositeExplicitAutograd, m) {
 """
 
 
+# The shipped shape with the CTA timeline compiled in (decode.cuh, DecodeParams::trace).
+_TRACE_OPS_TU = """
+#define ATTN_BACKEND_DECODE_TRACE
+#include "decode_launch.h"
+namespace attn_backend {{
+{declarations}
+namespace {{
+void run_traced(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const at::Tensor& page_table, bool table_holds_slots, const at::Tensor& schedule,
+                const at::Tensor& merge_indptr, at::Tensor& merge_counters,
+                int64_t num_work_items, const at::Tensor& partial_out,
+                const at::Tensor& partial_lse, double sm_scale, at::Tensor& out,
+                at::Tensor& trace) {{
+  TORCH_CHECK(trace.scalar_type() == at::kLong && trace.is_contiguous() &&
+                  trace.numel() >= k_cache.size(2) * num_work_items * 5,
+              "trace must hold int64 [kv_heads * items, 5]");
+  DecodeParams params = make_decode_params(
+      q, k_cache, v_cache, page_table, std::nullopt, std::nullopt, table_holds_slots, schedule,
+      merge_indptr, merge_counters, num_work_items, partial_out, partial_lse, sm_scale, 0.0, out,
+      std::nullopt);
+  params.trace = reinterpret_cast<unsigned long long*>(trace.data_ptr<int64_t>());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t kv_heads = k_cache.size(2), items = num_work_items;
+  switch (0) {{
+{run_cases}
+  }}
+}}
+std::vector<int64_t> traced_info(int64_t variant) {{
+  switch (variant) {{
+{info_cases}
+    default: TORCH_CHECK(false, "no variant ", variant);
+  }}
+}}
+}}  // namespace
+}}  // namespace attn_backend
+
+TORCH_LIBRARY(attn_backend_decode_trace, m) {{
+  m.def("run(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
+        "bool table_holds_slots, Tensor schedule, Tensor merge_indptr, Tensor(a!) merge_counters, "
+        "int num_work_items, Tensor partial_out, Tensor partial_lse, float sm_scale, "
+        "Tensor(b!) out, Tensor(c!) trace) -> ()");
+  m.def("info(int variant) -> int[]");
+}}
+TORCH_LIBRARY_IMPL(attn_backend_decode_trace, CUDA, m) {{ m.impl("run", &attn_backend::run_traced); }}
+TORCH_LIBRARY_IMPL(attn_backend_decode_trace, CompositeExplicitAutograd, m) {{
+  m.impl("info", &attn_backend::traced_info);
+}}
+"""
+SHIPPED_SHAPE = (3, 4)  # kernels/csrc/paged_decode.cu's DecodeTraitsFor<128, 128>
+
+
 def build_variants():
     units = [_VARIANT_TU.format(i=i, stages=stages, warps=warps)
              for i, (stages, warps) in enumerate(VARIANTS)]
@@ -94,9 +214,56 @@ def build_variants():
     return torch.ops.attn_backend_decode_variants
 
 
-def run_shape(variants, ops, batch, kv_len, page_size, peers, ceiling, profile):
+def build_traced():
+    unit = "#define ATTN_BACKEND_DECODE_TRACE\n" + _VARIANT_TU.format(
+        i=0, stages=SHIPPED_SHAPE[0], warps=SHIPPED_SHAPE[1])
+    build_variant_extension("attn_backend_decode_trace", "DecodeParams", [unit], _TRACE_OPS_TU)
+    return torch.ops.attn_backend_decode_trace
+
+
+def planned_decode(batch, kv_len, cta_slots, plan_name):
+    """A PagedDecode whose buffers hold `plan_name`'s schedule of `batch` x `kv_len`."""
+    decode = attn_backend.PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS,
+                                      head_dim=HEAD_DIM, dtype=DTYPE, device="cuda",
+                                      max_batch_size=batch, cta_slots=cta_slots)
+    decode.plan([kv_len] * batch)
+    if plan_name != "shipped":
+        schedule = PLANS[plan_name](np.full(batch, kv_len), window_left=-1,
+                                    num_kv_heads=NUM_KV_HEADS, cta_slots=cta_slots)
+        assert schedule.num_items <= decode.capacity
+        decode._host_schedule[:, :schedule.num_items] = schedule.items
+        decode._host_merge_indptr[:batch + 1] = schedule.merge_indptr
+        decode._plan_buffer.load(torch.from_numpy(decode._host_plan))
+        decode._planned = dataclasses.replace(decode._planned, num_work_items=schedule.num_items)
+    return decode
+
+
+def trace_summary(trace: np.ndarray, slots: int) -> str:
+    """One line on a traced launch: span, waits for the first tile, epilogues, streaming CTAs."""
+    start, first_tile, loop_end, end = (trace[:, i].astype(np.float64) for i in range(4))
+    origin = start.min()
+    span = end.max() - origin
+    grid = np.linspace(origin, end.max(), 2000)
+    resident = ((start[None, :] <= grid[:, None]) & (grid[:, None] < end[None, :])).sum(1)
+    streaming = ((first_tile[None, :] <= grid[:, None]) &
+                 (grid[:, None] < loop_end[None, :])).sum(1)
+    full = np.flatnonzero(resident >= 0.9 * slots)
+    fill = (grid[full[0]] - origin) if full.size else span
+    tail = (end.max() - grid[full[-1]]) if full.size else span
+    return (f"span {span / 1e3:7.1f} us | first tile after {np.median(first_tile - start) / 1e3:.2f} "
+            f"us (median) | epilogue {np.median(end - loop_end) / 1e3:.2f} us | CTA "
+            f"{np.median(end - start) / 1e3:.1f} us | resident {resident.mean() / slots:.2f} "
+            f"streaming {streaming.mean() / slots:.2f} of slots | fill {fill / 1e3:.1f} us "
+            f"tail {tail / 1e3:.1f} us")
+
+
+def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, profile, plans,
+              traced):
     gen = torch.Generator().manual_seed(0)
     cache, pages, q = make_problem(batch, kv_len, page_size, gen)
+    if ordered:  # each request's pages in address order: no random access between pages
+        pages = torch.arange(pages.numel(), dtype=torch.int32).view_as(pages)
+    page_size = f"{page_size}{'o' if ordered else ''}"
     table = PageTable.from_block_table(pages.cuda())
     shipped = make_decode(batch)
     shipped.plan([kv_len] * batch)
@@ -105,28 +272,28 @@ def run_shape(variants, ops, batch, kv_len, page_size, peers, ceiling, profile):
     if not profile:
         results["shipped"] = median_ms(lambda: shipped.run(q, cache, table, out=want))
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sm_scale = 1 / HEAD_DIM ** 0.5
     for v in variants:
         tile, ctas = ops.info(v)
-        decode = attn_backend.PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS,
-                                          head_dim=HEAD_DIM, dtype=DTYPE, device="cuda",
-                                          max_batch_size=batch, cta_slots=max(1, ctas) * num_sms)
-        decode.plan([kv_len] * batch)
-        out = torch.full_like(q, float("nan"))
-        items = decode._planned.num_work_items
+        for plan_name in plans:
+            decode = planned_decode(batch, kv_len, max(1, ctas) * num_sms, plan_name)
+            out = torch.full_like(q, float("nan"))
+            items = decode._planned.num_work_items
 
-        def call():
-            ops.run(v, q, cache.k, cache.v, table.table, table.holds_token_slots,
-                    decode._schedule, decode._merge_indptr, decode._merge_counters, items,
-                    decode._partial_out, decode._partial_lse, 1 / HEAD_DIM ** 0.5, out)
+            def call():
+                ops.run(v, q, cache.k, cache.v, table.table, table.holds_token_slots,
+                        decode._schedule, decode._merge_indptr, decode._merge_counters, items,
+                        decode._partial_out, decode._partial_lse, sm_scale, out)
 
-        call()
-        diff = (out.float() - want.float()).abs().max().item()
-        if profile:
-            for _ in range(3):
-                call()
-            continue
-        name = f"v{v} stages={VARIANTS[v][0]} warps={VARIANTS[v][1]} ctas/SM={ctas} items={items}"
-        results[f"{name} diff={diff:.2g}"] = median_ms(call)
+            call()
+            diff = (out.float() - want.float()).abs().max().item()
+            if profile:
+                for _ in range(3):
+                    call()
+                continue
+            name = (f"v{v} stages={VARIANTS[v][0]} warps={VARIANTS[v][1]} ctas/SM={ctas} "
+                    f"{plan_name} items={items}")
+            results[f"{name} diff={diff:.2g}"] = median_ms(call)
     if peers.flashinfer is not None:
         fn = peers.flashinfer_decode(True, cache, pages, kv_len, q)
         if profile:
@@ -137,8 +304,24 @@ def run_shape(variants, ops, batch, kv_len, page_size, peers, ceiling, profile):
     torch.cuda.synchronize()
     for name, ms in results.items():
         tbs = kv_bytes(batch, kv_len) / (ms * 1e-3) / 1e12
-        print(f"  b{batch} kv{kv_len} p{page_size}  {name:64s} {ms * 1e3:8.1f} us "
+        print(f"  b{batch} kv{kv_len} p{page_size}  {name:76s} {ms * 1e3:8.1f} us "
               f"{tbs:.3f} TB/s {tbs / ceiling:.2f} of copy")
+    if traced is not None:
+        _, ctas = traced.info(0)
+        for plan_name in plans:
+            decode = planned_decode(batch, kv_len, max(1, ctas) * num_sms, plan_name)
+            items = decode._planned.num_work_items
+            out = torch.empty_like(q)
+            lines = []
+            for _ in range(3):  # the first launch is a warm-up
+                trace = torch.zeros(NUM_KV_HEADS * items, 5, dtype=torch.int64, device="cuda")
+                traced.run(q, cache.k, cache.v, table.table, table.holds_token_slots,
+                           decode._schedule, decode._merge_indptr, decode._merge_counters,
+                           items, decode._partial_out, decode._partial_lse, sm_scale, out, trace)
+                torch.cuda.synchronize()
+                lines.append(trace_summary(trace.cpu().numpy(), max(1, ctas) * num_sms))
+            for line in lines[1:]:
+                print(f"  b{batch} kv{kv_len} p{page_size}  trace {plan_name:9s} {line}")
 
 
 def main() -> None:
@@ -148,9 +331,13 @@ def main() -> None:
                                             "64x512x16")
     parser.add_argument("--variants", default=None, help="comma-separated indices (default all)")
     parser.add_argument("--profile", type=int, default=None)
+    parser.add_argument("--plans", default="shipped", help=f"comma-separated, of {list(PLANS)}")
+    parser.add_argument("--trace", action="store_true")
     args = parser.parse_args()
+    plans = args.plans.split(",")
     attn_backend.set_debug_checks(False)
     ops = build_variants()
+    traced = build_traced() if args.trace else None
     peers = Peers()
     ceiling = copy_ceiling_tbs()
     print(f"copy ceiling {ceiling:.3f} TB/s")
@@ -161,9 +348,10 @@ def main() -> None:
     else:
         variants = list(range(len(VARIANTS)))
     for shape in args.shapes.split(","):
-        batch, kv_len, page_size = map(int, shape.split("x"))
-        run_shape(variants, ops, batch, kv_len, page_size, peers, ceiling,
-                  args.profile is not None)
+        ordered = shape.endswith("o")
+        batch, kv_len, page_size = map(int, shape.rstrip("o").split("x"))
+        run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling,
+                  args.profile is not None, plans, traced)
         torch.cuda.empty_cache()  # the shape's cache is gone with run_shape's frame
 
 

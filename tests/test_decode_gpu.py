@@ -94,17 +94,51 @@ def test_decode_batch_sizes(batch, seed):
     check(decode, problem, table, q, seed=seed)
 
 
-def test_decode_graph_replays_with_new_lengths(seed):
-    """One capture at batch 6, replayed for lengths that do and do not split."""
+FIRST_FULL_BATCH = -1  # stands for the smallest batch that runs the full-batch CTA shape
+
+
+def first_full_batch(decode: PagedDecode) -> int:
+    """The smallest batch whose whole requests fill the deep CTA shape's slots."""
+    return -(-decode.cta_slots // decode.num_kv_heads)
+
+
+@pytest.mark.parametrize("layout, page_size", [("sglang", 1), ("vllm_nhd", 16), ("vllm_hnd", 7),
+                                               ("sglang", 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window_left, soft_cap", [(-1, 0.0), (100, 30.0)])
+def test_decode_full_batch_shape(layout, page_size, dtype, window_left, soft_cap, seed):
+    """From the first batch that fills the GPU with whole requests, d128 runs its
+    full-batch CTA shape (kernels/csrc/paged_decode.cu); one request less, the deep one."""
     gen = torch.Generator().manual_seed(seed)
-    batch, page_size, max_len = 6, 16, 20000
+    decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype,
+                         device="cuda", max_batch_size=512)
+    assert decode.full_batch_cta_slots > decode.cta_slots
+    batch = first_full_batch(decode)
+    engine = "sglang" if layout == "sglang" else "vllm"
+    for rows, full in ((batch, True), (batch - 1, False)):
+        kv_lens = torch.randint(1, 2500, (rows,), generator=gen).tolist()
+        problem, table, q = build(kv_lens, page_size=page_size, num_kv_heads=8, group=4,
+                                  head_dim=128, dtype=dtype, layout=layout, gen=gen,
+                                  engine=engine)
+        decode.plan(kv_lens, window_left=window_left)
+        assert decode._planned.full_batch == full
+        check(decode, problem, table, q, window_left=window_left, soft_cap=soft_cap, seed=seed)
+
+
+@pytest.mark.parametrize("batch", [6, FIRST_FULL_BATCH], ids=["b6", "first_full_batch"])
+def test_decode_graph_replays_with_new_lengths(batch, seed):
+    """One capture per batch size, replayed for lengths that do and do not split; the
+    first full batch replays the full-batch CTA shape."""
+    gen = torch.Generator().manual_seed(seed)
+    decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                         device="cuda", max_batch_size=512, use_cuda_graph=True)
+    batch = first_full_batch(decode) if batch == FIRST_FULL_BATCH else batch
+    page_size, max_len = 16, 20000 if batch < 8 else 4000
     num_pages = batch * (max_len // page_size + 1) + 4
     cache = make_cache("sglang", num_pages, page_size, 8, 128, 128, torch.bfloat16, "cuda", gen)
     rows = torch.arange(1, batch + 1)
     req_to_token = torch.zeros(batch + 1, max_len + page_size, dtype=torch.int32, device="cuda")
     table = PageTable.from_req_to_token(req_to_token, rows.cuda())
-    decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
-                         device="cuda", max_batch_size=8, use_cuda_graph=True)
     q = torch.empty(batch, 32, 128, dtype=torch.bfloat16, device="cuda")
     out = torch.empty_like(q)
 
@@ -124,8 +158,11 @@ def test_decode_graph_replays_with_new_lengths(seed):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         decode.run(q, cache, table, out=out)
-    for kv_lens in ([1, 2, 3, 4, 5, 6], [19000, 1, 300, 7, 4096, 2], [max_len] * batch):
+    mixed = torch.randint(1, max_len, (batch,), generator=gen).tolist()
+    mixed[:3] = [max_len - 1, 1, 7]
+    for kv_lens in (list(range(1, batch + 1)), mixed, [max_len] * batch):
         problem = refresh(kv_lens)
+        assert decode._planned.full_batch == (batch >= first_full_batch(decode))
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()

@@ -52,7 +52,40 @@ struct DecodeParams {
   // [batch * num_kv_heads] zeros between launches: counts a split request's
   // finished chunks; the CTA that finishes last merges and resets it.
   int32_t* merge_counters;
+#ifdef ATTN_BACKEND_DECODE_TRACE
+  // Timeline for bench/sweep_decode.py --trace (never in the shipped op): per CTA
+  // (blockIdx.y * gridDim.x + blockIdx.x) globaltimer ns at entry, when its first tile has
+  // landed, after its last tile, at exit; and its SM.
+  unsigned long long* trace;
+#endif
 };
+
+#ifdef ATTN_BACKEND_DECODE_TRACE
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+struct CtaTrace {
+  unsigned long long* row;
+  __device__ explicit CtaTrace(unsigned long long* trace)
+      : row(trace + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * 5) {
+    if (threadIdx.x == 0) {
+      unsigned sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      row[0] = global_ns();
+      row[4] = sm;
+    }
+  }
+  __device__ void mark(int i) const {
+    if (threadIdx.x == 0) row[i] = global_ns();
+  }
+  __device__ ~CtaTrace() { mark(3); }  // every return path
+};
+#define ATTN_BACKEND_TRACE_MARK(i) cta_trace.mark(i)
+#else
+#define ATTN_BACKEND_TRACE_MARK(i)
+#endif
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -199,6 +232,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // or -1 for a token outside the range.
   int64_t* const row_offsets = reinterpret_cast<int64_t*>(smem + Traits::kSlotOffset);
 
+#ifdef ATTN_BACKEND_DECODE_TRACE
+  const CtaTrace cta_trace(p.trace);
+#endif
   const int kv_head = blockIdx.x;
   const int item = blockIdx.y;
   const int request = p.schedule.work_request[item];
@@ -322,6 +358,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     // Tile `tile` has landed for every thread, the row offsets of `next` are
     // visible, and all warps are done with the stage that `next` reuses.
     __syncthreads();
+    if (tile == 0) ATTN_BACKEND_TRACE_MARK(1);
     if (next < num_tiles) load_tile(next);
     ptx::cp_async_commit();
     pending = fetch_row(next + 1);
@@ -405,6 +442,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   }
 
+  ATTN_BACKEND_TRACE_MARK(2);
   // Merge the warps' states through shared memory (the ring is free now).
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
