@@ -156,7 +156,7 @@ def _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters) -> dict[str,
     return timings
 
 
-def plot(rows, ceiling_tbs, path):
+def plot(rows, ceiling_tbs, path, device: str | None = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -191,7 +191,7 @@ def plot(rows, ceiling_tbs, path):
     axes[0].set_ylabel("TB/s (K+V bytes / time)")
     axes[-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Paged decode, GQA {NUM_QO_HEADS}/{NUM_KV_HEADS}, d{HEAD_DIM}, bf16 "
-                 f"({torch.cuda.get_device_name()})")
+                 f"({device or torch.cuda.get_device_name()})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

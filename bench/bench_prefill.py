@@ -158,7 +158,7 @@ def run() -> tuple[str, list[dict], list[str]]:
     return "TFLOP/s", rows, peers.notes + [TIMING_NOTE]
 
 
-def plot(rows, ceiling_tflops, path):
+def plot(rows, ceiling_tflops, path, device: str | None = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -177,7 +177,7 @@ def plot(rows, ceiling_tflops, path):
                        fontsize=7)
     ax.set_ylabel("TFLOP/s (unmasked work)")
     ax.set_title(f"Paged prefill, causal, GQA {NUM_QO_HEADS}/{NUM_KV_HEADS}, d{HEAD_DIM}, bf16 "
-                 f"({torch.cuda.get_device_name()})")
+                 f"({device or torch.cuda.get_device_name()})")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
