@@ -91,7 +91,6 @@ def plan_decode_balanced(kv_lens: np.ndarray, *, window_left: int, num_kv_heads:
     return DecodeSchedule(items, merge_indptr.astype(np.int32), share)
 
 
-
 PLANS = {"shipped": plan_decode, "balanced": plan_decode_balanced}
 
 # (stages, warps): the ring depth and the warps of a CTA (16 tokens of a tile each).
@@ -111,6 +110,8 @@ std::vector<int64_t> info_variant_{i}() {{
 }}  // namespace attn_backend
 """
 
+# The ops unit; {library} names the extension. Built with ATTN_BACKEND_DECODE_TRACE defined
+# (build_traced) DecodeParams has a `trace` field, and `trace` must be given; otherwise not.
 _OPS_TU = """
 #include "decode_launch.h"
 namespace attn_backend {{
@@ -120,12 +121,21 @@ void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache
                  const at::Tensor& v_cache, const at::Tensor& page_table, bool table_holds_slots,
                  const at::Tensor& schedule, const at::Tensor& merge_indptr,
                  at::Tensor& merge_counters, int64_t num_work_items, const at::Tensor& partial_out,
-                 const at::Tensor& partial_lse, double sm_scale, at::Tensor& out) {{
+                 const at::Tensor& partial_lse, double sm_scale, at::Tensor& out,
+                 const std::optional<at::Tensor>& trace) {{
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.size(2) == 128, "variants: bf16 d128 only");
-  const DecodeParams params = make_decode_params(
+  DecodeParams params = make_decode_params(
       q, k_cache, v_cache, page_table, std::nullopt, std::nullopt, table_holds_slots, schedule,
       merge_indptr, merge_counters, num_work_items, partial_out, partial_lse, sm_scale, 0.0, out,
       std::nullopt);
+#ifdef ATTN_BACKEND_DECODE_TRACE
+  TORCH_CHECK(trace.has_value() && trace->scalar_type() == at::kLong && trace->is_contiguous() &&
+                  trace->numel() >= k_cache.size(2) * num_work_items * 5,
+              "trace must be int64 [kv_heads * items, 5]");
+  params.trace = reinterpret_cast<unsigned long long*>(trace->data_ptr<int64_t>());
+#else
+  TORCH_CHECK(!trace.has_value(), "this build has no trace (build_traced)");
+#endif
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t kv_heads = k_cache.size(2), items = num_work_items;
   switch (variant) {{
@@ -142,83 +152,46 @@ std::vector<int64_t> variant_info(int64_t variant) {{
 }}  // namespace
 }}  // namespace attn_backend
 
-TORCH_LIBRARY(attn_backend_decode_variants, m) {{
+TORCH_LIBRARY({library}, m) {{
   m.def("run(int variant, Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
         "bool table_holds_slots, Tensor schedule, Tensor merge_indptr, Tensor(a!) merge_counters, "
         "int num_work_items, Tensor partial_out, Tensor partial_lse, float sm_scale, "
-        "Tensor(b!) out) -> ()");
+        "Tensor(b!) out, Tensor(c!)? trace=None) -> ()");
   m.def("info(int variant) -> int[]");
 }}
-TORCH_LIBRARY_IMPL(attn_backend_decode_variants, CUDA, m) {{ m.impl("run", &attn_backend::run_variant); }}
-TORCH_LIBRARY_IMPL(attn_backend_decode_variants, CompositeExplicitAutograd, m) {{
+TORCH_LIBRARY_IMPL({library}, CUDA, m) {{ m.impl("run", &attn_backend::run_variant); }}
+TORCH_LIBRARY_IMPL({library}, CompositeExplicitAutograd, m) {{
   m.impl("info", &attn_backend::variant_info);
 }}
 """
-
-
-# The shipped shape with the CTA timeline compiled in (decode.cuh, DecodeParams::trace).
-_TRACE_OPS_TU = """
-#define ATTN_BACKEND_DECODE_TRACE
-#include "decode_launch.h"
-namespace attn_backend {{
-{declarations}
-namespace {{
-void run_traced(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                const at::Tensor& page_table, bool table_holds_slots, const at::Tensor& schedule,
-                const at::Tensor& merge_indptr, at::Tensor& merge_counters,
-                int64_t num_work_items, const at::Tensor& partial_out,
-                const at::Tensor& partial_lse, double sm_scale, at::Tensor& out,
-                at::Tensor& trace) {{
-  TORCH_CHECK(trace.scalar_type() == at::kLong && trace.is_contiguous() &&
-                  trace.numel() >= k_cache.size(2) * num_work_items * 5,
-              "trace must hold int64 [kv_heads * items, 5]");
-  DecodeParams params = make_decode_params(
-      q, k_cache, v_cache, page_table, std::nullopt, std::nullopt, table_holds_slots, schedule,
-      merge_indptr, merge_counters, num_work_items, partial_out, partial_lse, sm_scale, 0.0, out,
-      std::nullopt);
-  params.trace = reinterpret_cast<unsigned long long*>(trace.data_ptr<int64_t>());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t kv_heads = k_cache.size(2), items = num_work_items;
-  switch (0) {{
-{run_cases}
-  }}
-}}
-std::vector<int64_t> traced_info(int64_t variant) {{
-  switch (variant) {{
-{info_cases}
-    default: TORCH_CHECK(false, "no variant ", variant);
-  }}
-}}
-}}  // namespace
-}}  // namespace attn_backend
-
-TORCH_LIBRARY(attn_backend_decode_trace, m) {{
-  m.def("run(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
-        "bool table_holds_slots, Tensor schedule, Tensor merge_indptr, Tensor(a!) merge_counters, "
-        "int num_work_items, Tensor partial_out, Tensor partial_lse, float sm_scale, "
-        "Tensor(b!) out, Tensor(c!) trace) -> ()");
-  m.def("info(int variant) -> int[]");
-}}
-TORCH_LIBRARY_IMPL(attn_backend_decode_trace, CUDA, m) {{ m.impl("run", &attn_backend::run_traced); }}
-TORCH_LIBRARY_IMPL(attn_backend_decode_trace, CompositeExplicitAutograd, m) {{
-  m.impl("info", &attn_backend::traced_info);
-}}
-"""
+_TRACE_DEFINE = "#define ATTN_BACKEND_DECODE_TRACE\n"
 SHIPPED_SHAPE = (3, 4)  # kernels/csrc/paged_decode.cu's DecodeTraitsFor<128, 128>
 
 
 def build_variants():
     units = [_VARIANT_TU.format(i=i, stages=stages, warps=warps)
              for i, (stages, warps) in enumerate(VARIANTS)]
-    build_variant_extension("attn_backend_decode_variants", "DecodeParams", units, _OPS_TU)
+    name = "attn_backend_decode_variants"
+    ops_unit = _OPS_TU.replace("{library}", name)
+    build_variant_extension(name, "DecodeParams", units, ops_unit)
     return torch.ops.attn_backend_decode_variants
 
 
 def build_traced():
-    unit = "#define ATTN_BACKEND_DECODE_TRACE\n" + _VARIANT_TU.format(
-        i=0, stages=SHIPPED_SHAPE[0], warps=SHIPPED_SHAPE[1])
-    build_variant_extension("attn_backend_decode_trace", "DecodeParams", [unit], _TRACE_OPS_TU)
+    """The shipped shape as variant 0, with the CTA timeline compiled in."""
+    unit = _TRACE_DEFINE + _VARIANT_TU.format(i=0, stages=SHIPPED_SHAPE[0],
+                                              warps=SHIPPED_SHAPE[1])
+    name = "attn_backend_decode_trace"
+    build_variant_extension(name, "DecodeParams", [unit],
+                            _TRACE_DEFINE + _OPS_TU.replace("{library}", name))
     return torch.ops.attn_backend_decode_trace
+
+
+def launch(ops, variant, decode, q, cache, table, out, trace=None):
+    """One run of `variant` of `ops` with `decode`'s planned schedule."""
+    ops.run(variant, q, cache.k, cache.v, table.table, table.holds_token_slots, decode._schedule,
+            decode._merge_indptr, decode._merge_counters, decode._planned.num_work_items,
+            decode._partial_out, decode._partial_lse, 1 / HEAD_DIM ** 0.5, out, trace)
 
 
 def planned_decode(batch, kv_len, cta_slots, plan_name):
@@ -272,7 +245,6 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
     if not profile:
         results["shipped"] = median_ms(lambda: shipped.run(q, cache, table, out=want))
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    sm_scale = 1 / HEAD_DIM ** 0.5
     for v in variants:
         tile, ctas = ops.info(v)
         for plan_name in plans:
@@ -281,9 +253,7 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
             items = decode._planned.num_work_items
 
             def call():
-                ops.run(v, q, cache.k, cache.v, table.table, table.holds_token_slots,
-                        decode._schedule, decode._merge_indptr, decode._merge_counters, items,
-                        decode._partial_out, decode._partial_lse, sm_scale, out)
+                launch(ops, v, decode, q, cache, table, out)
 
             call()
             diff = (out.float() - want.float()).abs().max().item()
@@ -315,9 +285,7 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
             lines = []
             for _ in range(3):  # the first launch is a warm-up
                 trace = torch.zeros(NUM_KV_HEADS * items, 5, dtype=torch.int64, device="cuda")
-                traced.run(q, cache.k, cache.v, table.table, table.holds_token_slots,
-                           decode._schedule, decode._merge_indptr, decode._merge_counters,
-                           items, decode._partial_out, decode._partial_lse, sm_scale, out, trace)
+                launch(traced, 0, decode, q, cache, table, out, trace)
                 torch.cuda.synchronize()
                 lines.append(trace_summary(trace.cpu().numpy(), max(1, ctas) * num_sms))
             for line in lines[1:]:
