@@ -8,7 +8,7 @@ is written locally, so no hub access is needed):
 
     python -m bench.e2e_sglang [--backends attn_backend flashinfer triton]
         [--shapes 1x8192 16x8192 64x4096 256x1024] [--output-len 32]
-        [--page16 attn_backend flashinfer] [--skip-agreement]
+        [--page16 attn_backend flashinfer] [--engines 1] [--skip-agreement]
     python -m bench.e2e_sglang --plot-only bench/results/e2e_sglang-DATE-GPU.json
 
 Each engine run leaves its result in --log-dir; with --resume a later call reuses them (so
@@ -96,9 +96,10 @@ def run_logged(command: list[str], log: Path, timeout: int) -> int:
 
 def throughput_run(model: Path, backend: str, batch: int, input_len: int, output_len: int,
                    page_size: int, log_dir: Path, timeout: int, resume: bool,
-                   repeats: int) -> dict | None:
-    """Prefill and median decode tokens/s of one shape, or None (the log says why)."""
-    name = f"{backend}_b{batch}_in{input_len}_p{page_size}"
+                   repeats: int, engine: int = 0) -> dict | None:
+    """Prefill and median decode tokens/s of one shape in engine number `engine`, or None
+    (the log says why)."""
+    name = f"{backend}_b{batch}_in{input_len}_p{page_size}" + (f"_e{engine}" if engine else "")
     result_file = log_dir / f"{name}.jsonl"
     if resume and result_file.exists():
         print(f"  {name}: measured by an earlier call", flush=True)
@@ -127,6 +128,26 @@ def _measure(model, backend, batch, input_len, output_len, page_size, log_dir, t
     print(f"  {name}: exit {code} in {time.perf_counter() - started:.0f} s", flush=True)
     if code != 0:
         result_file.unlink(missing_ok=True)
+
+
+def engine_turns(shapes: list[str], backends: list[str], page16: list[str],
+                 engines: int) -> list[tuple[str, str, int, int]]:
+    """(backend, shape, page size, engine) in the order to run them: a full turn of every row
+    per engine, the backends in reverse order every other turn, so that a drift over the run
+    does not favour whichever backend always goes first."""
+    turns = []
+    for engine in range(engines):
+        for page, names in ((1, backends), (16, page16)):
+            order = names if engine % 2 == 0 else names[::-1]
+            turns += [(backend, shape, page, engine) for shape in shapes for backend in order]
+    return turns
+
+
+def over_engines(results: list[dict]) -> dict:
+    """One row from its engines' results: the median over engines of each phase."""
+    return {"prefill": statistics.median(r["prefill"] for r in results),
+            "decode": statistics.median(r["decode"] for r in results),
+            "measurements": sum(r["measurements"] for r in results), "engines": len(results)}
 
 
 def generations(model: Path, backend: str, prompts_file: Path, num_prompts: int, tokens: int,
@@ -174,6 +195,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3,
                         help="measurements per engine run; rows report their medians")
+    parser.add_argument("--engines", type=int, default=1,
+                        help="engines per row, started in turns (backend order reversed every "
+                             "other turn); rows report the median over engines")
     parser.add_argument("--page16", nargs="*", default=[OURS, "flashinfer"],
                         help="backends also run with page size 16")
     parser.add_argument("--skip-agreement", action="store_true")
@@ -196,24 +220,30 @@ def main(argv=None) -> int:
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
     model = write_model_dir(args.model)
-    runs = [(backend, shape, 1) for shape in args.shapes for backend in args.backends]
-    runs += [(backend, shape, 16) for shape in args.shapes for backend in args.page16]
-    measured: dict[tuple[str, str, int], dict] = {}
+    runs = engine_turns(args.shapes, args.backends, args.page16, args.engines)
+    per_engine: dict[tuple[str, str, int], list[dict]] = {}
     notes = [f"{ONE_BATCH} via `python -m attn_backend.launch`, Llama-3-8B shapes with 4 layers "
              f"and random weights (--load-format dummy), bf16, --mem-fraction-static {MEM_FRACTION}, "
-             f"output {args.output_len} tokens, CUDA-graph decode; one engine per row",
+             f"output {args.output_len} tokens, CUDA-graph decode; each engine its own process",
              "rows <case>_prefill: prefill tokens/s of the whole batch; <case>_decode: median "
              f"decode tokens/s (one_batch's result file), each the median of {args.repeats} "
-             "measurements in that engine"]
-    for backend, shape, page in runs:
+             "measurements in that engine"
+             + (f"; then the median over {args.engines} engines per row, started in turns"
+                if args.engines > 1 else "")]
+    for backend, shape, page, engine in runs:
         batch, input_len = (int(x) for x in shape.split("x"))
         result = throughput_run(model, backend, batch, input_len, args.output_len, page,
-                                args.log_dir, args.timeout, args.resume, args.repeats)
+                                args.log_dir, args.timeout, args.resume, args.repeats, engine)
         if result is None:
-            notes.append(f"{backend} {shape} page {page}: the engine run failed "
-                         f"(log {backend}_b{batch}_in{input_len}_p{page}.log)")
+            notes.append(f"{backend} {shape} page {page} engine {engine}: the engine run failed "
+                         f"(log in {args.log_dir})")
         else:
-            measured[(backend, shape, page)] = result
+            per_engine.setdefault((backend, shape, page), []).append(result)
+    measured = {key: over_engines(results) for key, results in per_engine.items()}
+    if args.engines > 1:
+        notes += [f"{backend} {shape} page {page} decode per engine: "
+                  + " / ".join(f"{r['decode']:.0f}" for r in results)
+                  for (backend, shape, page), results in per_engine.items()]
 
     rows = []
     for shape in args.shapes:

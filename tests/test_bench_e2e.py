@@ -27,3 +27,32 @@ def test_generations_are_the_words_after_each_prompt(tmp_path):
     assert parse_generations(log, prompts, num_prompts=3, tokens=2) is None  # a prompt missing
     assert agreement(outputs, [["w9", "w1"], ["w6", "w6"]], first=1) == 1.0
     assert agreement(outputs, [["w9", "w1"], ["w6", "w6"]], first=2) == 0.5
+
+
+def test_engines_run_in_turns_with_the_backend_order_reversed_every_other_turn():
+    from bench.e2e_sglang import engine_turns
+
+    turns = engine_turns(["1x8", "2x4"], ["ours", "fi"], ["ours"], engines=2)
+    assert turns == [("ours", "1x8", 1, 0), ("fi", "1x8", 1, 0), ("ours", "2x4", 1, 0),
+                     ("fi", "2x4", 1, 0), ("ours", "1x8", 16, 0), ("ours", "2x4", 16, 0),
+                     ("fi", "1x8", 1, 1), ("ours", "1x8", 1, 1), ("fi", "2x4", 1, 1),
+                     ("ours", "2x4", 1, 1), ("ours", "1x8", 16, 1), ("ours", "2x4", 16, 1)]
+    # One engine is the single pass earlier calls made (their logs resume under the same names).
+    assert [t[:3] for t in engine_turns(["1x8"], ["ours", "fi"], ["fi"], engines=1)] == \
+        [("ours", "1x8", 1), ("fi", "1x8", 1), ("fi", "1x8", 16)]
+
+
+def test_rows_are_the_median_over_engines(tmp_path):
+    from bench.e2e_sglang import over_engines
+
+    results = []
+    for engine, decodes in enumerate(((10.0, 12.0, 11.0), (20.0, 19.0, 21.0), (14.0, 15.0, 13.0))):
+        name = "ours_b2_in8_p1" + (f"_e{engine}" if engine else "")
+        lines = [{"prefill_throughput": 100.0 + engine, "median_decode_throughput": d}
+                 for d in decodes]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+        results.append(throughput_run(tmp_path, "ours", 2, 8, 4, 1, tmp_path, timeout=1,
+                                      resume=True, repeats=3, engine=engine))
+    assert [r["decode"] for r in results] == [11.0, 20.0, 14.0]
+    assert over_engines(results) == {"prefill": 101.0, "decode": 14.0, "measurements": 9,
+                                     "engines": 3}
