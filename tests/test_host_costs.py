@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from attn_backend import PagedDecode
@@ -25,11 +26,23 @@ def test_paged_decode_plan_batch_256_split(benchmark):
     assert decode._planned.num_work_items == 2 * 256 + 4 * (264 // 8)
 
 
-def test_sglang_per_replay_host_work_batch_256(benchmark):
-    """What SGLang's decode graph replay costs on the host at batch 256: the backend's
-    init_forward_metadata_out_graph (metadata + one decoder's plan)."""
+def _native_planner_or_skip():
+    """The extension's C++ decode planner (what plan() runs on the GPU path), where a
+    setup.py build matching this torch loads here."""
     import pytest
 
+    from attn_backend import _extension, _sources
+
+    if _extension._prebuilt_library(_sources.sources_hash()) is None:
+        pytest.skip("no setup.py build matching this torch and these sources")
+    return _extension.load_ops().plan_decode_schedule
+
+
+@pytest.mark.parametrize("planner", ["numpy", "native"])
+def test_sglang_per_replay_host_work_batch_256(benchmark, planner):
+    """What SGLang's decode graph replay costs on the host at batch 256: the backend's
+    init_forward_metadata_out_graph (metadata + one decoder's plan), with the numpy planner
+    (the CPU path) or the C++ one (the GPU path)."""
     pytest.importorskip("sglang")
     from types import SimpleNamespace
 
@@ -45,22 +58,24 @@ def test_sglang_per_replay_host_work_batch_256(benchmark):
         token_to_kv_pool=None, model_config=SimpleNamespace())
     backend = SGLangAttnBackend(runner)
     key = (32, 8, 128, 128, torch.bfloat16, -1)
-    backend._decoders[key] = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128,
-                                         dtype=torch.bfloat16, device="cpu", max_batch_size=batch,
-                                         use_cuda_graph=True, cta_slots=396)
+    decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                         device="cpu", max_batch_size=batch, use_cuda_graph=True, cta_slots=396)
+    if planner == "native":
+        decode._native_planner = _native_planner_or_skip()  # as on a CUDA device
+    backend._decoders[key] = decode
     seq_lens = torch.from_numpy(np.random.default_rng().integers(1, 4096, size=batch))
     replay_view = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens=seq_lens,
                                   seq_lens_cpu=seq_lens,
                                   req_pool_indices=torch.arange(1, batch + 1))
     benchmark(backend.init_forward_metadata_out_graph, replay_view)
     assert key in backend.forward_metadata.planned
+    want = plan_decode(seq_lens.numpy(), window_left=-1, num_kv_heads=8, cta_slots=396)
+    assert np.array_equal(decode._host_schedule[:, :want.num_items], want.items)
 
 
 def test_sglang_per_replay_host_work_verify_batch_64(benchmark):
     """The same for a speculative-verify graph replay: batch 64, 4-token chains (causal, no
     mask), the backend's init_forward_metadata_out_graph with one graph-sized prefill plan."""
-    import pytest
-
     pytest.importorskip("sglang")
     from types import SimpleNamespace
 
@@ -92,14 +107,9 @@ def test_sglang_per_replay_host_work_verify_batch_64(benchmark):
 
 def test_native_decode_planner_batch_256(benchmark):
     """The C++ planner that PagedDecode.plan() runs on the GPU path (same schedule as above)."""
-    import pytest
-
-    from attn_backend import _extension, _sources
     from attn_backend.schedule import graph_grid_size, max_items_per_head
 
-    if _extension._prebuilt_library(_sources.sources_hash()) is None:
-        pytest.skip("no setup.py build matching this torch and these sources")
-    planner = _extension.load_ops().plan_decode_schedule
+    planner = _native_planner_or_skip()
     lens = torch.from_numpy(np.random.default_rng().integers(1, 32768, size=256))
     capacity = max_items_per_head(256, 8, 264)
     schedule = torch.empty(4, capacity, dtype=torch.int32)
