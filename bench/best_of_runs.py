@@ -15,9 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import bench_decode, bench_kv_write, bench_prefill
-
-PLOTTERS = {"decode": bench_decode, "kv_write": bench_kv_write, "prefill": bench_prefill}
+from .run_all import BENCHMARKS
 
 
 def combine(runs: list[dict], spread: float) -> dict:
@@ -62,7 +60,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     result = combine([json.loads(path.read_text()) for path in args.runs], args.spread)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    module = PLOTTERS.get(result["benchmark"])
+    module = BENCHMARKS.get(result["benchmark"])
     if module is not None and hasattr(module, "plot"):
         module.plot(result["rows"], result["ceiling"]["value"], args.out.with_suffix(".png"),
                     device=result["device"])

@@ -137,3 +137,15 @@ def behind_slot_map(page_table: PageTable, gen: torch.Generator) -> PageTable:
     device = page_table.table.device
     return PageTable.from_req_to_token(stand_in[table].int().to(device), page_table.row_index,
                                        slot_map=slot_map.to(device))
+
+
+def native_decode_planner():
+    """The extension's C++ decode planner (what PagedDecode.plan runs on the GPU path), where a
+    setup.py build matching this torch and these sources loads here; else the test skips."""
+    import pytest
+
+    from attn_backend import _extension, _sources
+
+    if _extension._prebuilt_library(_sources.sources_hash()) is None:
+        pytest.skip("no setup.py build matching this torch and these sources")
+    return _extension.load_ops().plan_decode_schedule

@@ -9,6 +9,8 @@ import torch
 from attn_backend import PagedDecode
 from attn_backend.schedule import plan_decode
 
+from .helpers import native_decode_planner
+
 
 def test_plan_decode_schedule_batch_256(benchmark):
     lens = np.random.default_rng().integers(1, 32768, size=256)
@@ -24,18 +26,6 @@ def test_paged_decode_plan_batch_256_split(benchmark):
     lens = np.random.default_rng().integers(1, 4096, size=256)
     benchmark(decode.plan, lens)
     assert decode._planned.num_work_items == 2 * 256 + 4 * (264 // 8)
-
-
-def _native_planner_or_skip():
-    """The extension's C++ decode planner (what plan() runs on the GPU path), where a
-    setup.py build matching this torch loads here."""
-    import pytest
-
-    from attn_backend import _extension, _sources
-
-    if _extension._prebuilt_library(_sources.sources_hash()) is None:
-        pytest.skip("no setup.py build matching this torch and these sources")
-    return _extension.load_ops().plan_decode_schedule
 
 
 @pytest.mark.parametrize("planner", ["numpy", "native"])
@@ -61,7 +51,7 @@ def test_sglang_per_replay_host_work_batch_256(benchmark, planner):
     decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
                          device="cpu", max_batch_size=batch, use_cuda_graph=True, cta_slots=396)
     if planner == "native":
-        decode._native_planner = _native_planner_or_skip()  # as on a CUDA device
+        decode._native_planner = native_decode_planner()  # as on a CUDA device
     backend._decoders[key] = decode
     seq_lens = torch.from_numpy(np.random.default_rng().integers(1, 4096, size=batch))
     replay_view = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens=seq_lens,
@@ -109,7 +99,7 @@ def test_native_decode_planner_batch_256(benchmark):
     """The C++ planner that PagedDecode.plan() runs on the GPU path (same schedule as above)."""
     from attn_backend.schedule import graph_grid_size, max_items_per_head
 
-    planner = _native_planner_or_skip()
+    planner = native_decode_planner()
     lens = torch.from_numpy(np.random.default_rng().integers(1, 32768, size=256))
     capacity = max_items_per_head(256, 8, 264)
     schedule = torch.empty(4, capacity, dtype=torch.int32)

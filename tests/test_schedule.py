@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from attn_backend.schedule import (MIN_CHUNK_TOKENS, TILE_TOKENS, graph_grid_size, kv_ranges,
                                    plan_decode)
 
+from .helpers import native_decode_planner
+
 
 @settings(max_examples=300, deadline=None)
 @given(kv_lens=st.lists(st.integers(0, 40000), min_size=1, max_size=300),
@@ -55,17 +57,6 @@ def test_chunks_make_near_whole_waves():
     assert even.num_items == 99 and even.num_partials == 0
 
 
-def _native_planner():
-    """The extension's C++ decode planner, where a build of the extension loads on this machine."""
-    import pytest
-
-    from attn_backend import _extension, _sources
-
-    if _extension._prebuilt_library(_sources.sources_hash()) is None:
-        pytest.skip("no setup.py build matching this torch and these sources")
-    return _extension.load_ops().plan_decode_schedule
-
-
 @settings(max_examples=300, deadline=None)
 @given(kv_lens=st.lists(st.integers(0, 40000), min_size=1, max_size=300),
        num_kv_heads=st.sampled_from([1, 2, 8, 32]),
@@ -79,7 +70,7 @@ def test_native_decode_planner_matches_plan_decode(kv_lens, num_kv_heads, cta_sl
 
     from attn_backend.schedule import max_items_per_head
 
-    planner = _native_planner()
+    planner = native_decode_planner()
     lens = np.array(kv_lens, dtype=np.int64)
     want = plan_decode(lens, window_left=window_left, num_kv_heads=num_kv_heads,
                        cta_slots=cta_slots)
@@ -102,7 +93,7 @@ def test_native_decode_planner_rejects_a_grid_too_small():
     import pytest
     import torch
 
-    planner = _native_planner()
+    planner = native_decode_planner()
     lens = torch.tensor([40000, 3], dtype=torch.int64)
     schedule = torch.zeros(4, 64, dtype=torch.int32)
     merge_indptr = torch.zeros(3, dtype=torch.int32)
