@@ -45,10 +45,14 @@ class PagedDecode:
     def __init__(self, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                  head_dim_vo: int | None = None, dtype: torch.dtype, device,
                  max_batch_size: int = 512, use_cuda_graph: bool = False,
-                 cta_slots: int | None = None):
+                 cta_slots: int | None = None, enable_pdl: bool | None = None):
         """`cta_slots`: decode CTAs the GPU runs at once, which sizes split-KV (default:
         measured from the kernel's occupancy on `device`, for each of its two CTA shapes;
-        given, it is used for both)."""
+        given, it is used for both).
+
+        `enable_pdl`: launch with programmatic dependent launch, so that the kernel starts
+        while the kernel before it in the stream finishes (default: on GPUs that have it,
+        compute capability 9.0 and newer; FlashInfer's default too)."""
         head_dim_vo = head_dim if head_dim_vo is None else head_dim_vo
         check_kernel_shape(num_qo_heads, num_kv_heads, head_dim, head_dim_vo, dtype)
         if max_batch_size < 1:
@@ -63,6 +67,10 @@ class PagedDecode:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_batch_size = max_batch_size
         self.use_cuda_graph = use_cuda_graph
+        if enable_pdl is None:
+            enable_pdl = self.device.type == "cuda" and \
+                torch.cuda.get_device_capability(self.device) >= (9, 0)
+        self.enable_pdl = bool(enable_pdl)
 
         # Two CTA shapes (kernels/csrc/paged_decode.cu): the deep one for small batches and
         # split-KV, `cta_slots` of them at once; the full-batch one once the batch's whole
@@ -173,7 +181,7 @@ class PagedDecode:
             page_table.holds_token_slots, self._schedule, self._merge_indptr,
             self._merge_counters, planned.num_work_items,
             self._partial_out, self._partial_lse, float(sm_scale), float(logits_soft_cap),
-            planned.full_batch, out, lse)
+            planned.full_batch, self.enable_pdl, out, lse)
         return (out, lse) if return_lse else out
 
     def _run_reference(self, q, cache, page_table, sm_scale, logits_soft_cap, out, return_lse):

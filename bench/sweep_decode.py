@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import attn_backend
-from attn_backend import PageTable
+from attn_backend import PagedDecode, PageTable
 from attn_backend.schedule import (ITEM_OVERHEAD_TOKENS, MIN_CHUNK_TOKENS, TILE_TOKENS,
                                    DecodeSchedule, kv_ranges, plan_decode)
 
@@ -102,7 +102,8 @@ namespace attn_backend {{
 using VariantTraits{i} = DecodeTraits<128, 128, {stages}, {warps}>;
 void run_variant_{i}(const DecodeParams& params, int64_t kv_heads, int64_t items,
                      cudaStream_t stream) {{
-  launch_decode<VariantTraits{i}, __nv_bfloat16>(params, kv_heads, items, stream);
+  launch_decode<VariantTraits{i}, __nv_bfloat16>(params, kv_heads, items, /*pdl=*/false,
+                                                 stream);
 }}
 std::vector<int64_t> info_variant_{i}() {{
   return {{VariantTraits{i}::kTileTokens, decode_ctas_per_sm<VariantTraits{i}>()}};
@@ -231,7 +232,14 @@ def trace_summary(trace: np.ndarray, slots: int) -> str:
 
 
 def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, profile, plans,
-              traced):
+              traced, back_to_back=1):
+    def timed(fn):
+        """Device time of one call, from `back_to_back` calls queued together (as a model's
+        layers run them), so that a launch may overlap the one before it (PDL)."""
+        if back_to_back == 1:
+            return median_ms(fn)
+        return median_ms(lambda: [fn() for _ in range(back_to_back)]) / back_to_back
+
     gen = torch.Generator().manual_seed(0)
     cache, pages, q = make_problem(batch, kv_len, page_size, gen)
     if ordered:  # each request's pages in address order: no random access between pages
@@ -243,7 +251,16 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
     want = shipped.run(q, cache, table)
     results = {}
     if not profile:
-        results["shipped"] = median_ms(lambda: shipped.run(q, cache, table, out=want))
+        results[f"shipped (pdl={shipped.enable_pdl})"] = timed(
+            lambda: shipped.run(q, cache, table, out=want))
+        no_pdl = PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS,
+                             head_dim=HEAD_DIM, dtype=DTYPE, device="cuda",
+                             max_batch_size=batch, enable_pdl=False)
+        no_pdl.plan([kv_len] * batch)
+        out = torch.full_like(q, float("nan"))
+        no_pdl.run(q, cache, table, out=out)
+        assert torch.equal(out, want), "the launch mode changed the result"
+        results["shipped (pdl=False)"] = timed(lambda: no_pdl.run(q, cache, table, out=out))
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for v in variants:
         tile, ctas = ops.info(v)
@@ -263,14 +280,14 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
                 continue
             name = (f"v{v} stages={VARIANTS[v][0]} warps={VARIANTS[v][1]} ctas/SM={ctas} "
                     f"{plan_name} items={items}")
-            results[f"{name} diff={diff:.2g}"] = median_ms(call)
+            results[f"{name} diff={diff:.2g}"] = timed(call)
     if peers.flashinfer is not None:
         fn = peers.flashinfer_decode(True, cache, pages, kv_len, q)
         if profile:
             for _ in range(3):
                 fn()
         else:
-            results["flashinfer (tensor cores)"] = median_ms(fn)
+            results["flashinfer (tensor cores)"] = timed(fn)
     torch.cuda.synchronize()
     for name, ms in results.items():
         tbs = kv_bytes(batch, kv_len) / (ms * 1e-3) / 1e12
@@ -297,10 +314,13 @@ def main() -> None:
     parser.add_argument("--shapes", default="64x4096x16,256x4096x16,1x32768x16,16x32768x16,"
                                             "1x512x16,16x4096x16,"
                                             "64x512x16")
-    parser.add_argument("--variants", default=None, help="comma-separated indices (default all)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated indices (default all), or none")
     parser.add_argument("--profile", type=int, default=None)
     parser.add_argument("--plans", default="shipped", help=f"comma-separated, of {list(PLANS)}")
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--back-to-back", type=int, default=1,
+                        help="time N calls queued together, per call (PDL overlaps them)")
     args = parser.parse_args()
     plans = args.plans.split(",")
     attn_backend.set_debug_checks(False)
@@ -311,6 +331,8 @@ def main() -> None:
     print(f"copy ceiling {ceiling:.3f} TB/s")
     if args.profile is not None:
         variants = [args.profile]
+    elif args.variants == "none":
+        variants = []
     elif args.variants:
         variants = [int(v) for v in args.variants.split(",")]
     else:
@@ -319,7 +341,7 @@ def main() -> None:
         ordered = shape.endswith("o")
         batch, kv_len, page_size = map(int, shape.rstrip("o").split("x"))
         run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling,
-                  args.profile is not None, plans, traced)
+                  args.profile is not None, plans, traced, args.back_to_back)
         torch.cuda.empty_cache()  # the shape's cache is gone with run_shape's frame
 
 

@@ -140,6 +140,9 @@ def test_decode_graph_replays_with_new_lengths(batch, seed):
     req_to_token = torch.zeros(batch + 1, max_len + page_size, dtype=torch.int32, device="cuda")
     table = PageTable.from_req_to_token(req_to_token, rows.cuda())
     q = torch.empty(batch, 32, 128, dtype=torch.bfloat16, device="cuda")
+    # The graph computes q with a kernel right before the decode, as a model does: with
+    # PDL the decode starts while that kernel runs and must still read its result.
+    q_source = torch.empty_like(q)
     out = torch.empty_like(q)
 
     def refresh(kv_lens):
@@ -149,15 +152,20 @@ def test_decode_graph_replays_with_new_lengths(batch, seed):
         req_to_token.zero_()
         for r in range(batch):
             req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int().cuda()
-        q.copy_(torch.randn(q.shape, generator=gen).to(q.dtype))
+        q_source.copy_(torch.randn(q.shape, generator=gen).to(q.dtype))
+        q.fill_(float("nan"))
         decode.plan(kv_lens)
         return problem
 
+    def step():
+        torch.mul(q_source, 1, out=q)
+        decode.run(q, cache, table, out=out)
+
     refresh([100] * batch)
-    decode.run(q, cache, table, out=out)  # warm-up outside the capture
+    step()  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode.run(q, cache, table, out=out)
+        step()
     mixed = torch.randint(1, max_len, (batch,), generator=gen).tolist()
     mixed[:3] = [max_len - 1, 1, 7]
     for kv_lens in (list(range(1, batch + 1)), mixed, [max_len] * batch):
@@ -170,6 +178,44 @@ def test_decode_graph_replays_with_new_lengths(batch, seed):
         want = reference.attention(q, problem.qo_indptr(), cache, kv_indptr, kv_slots)
         torch.testing.assert_close(out.float(), want.out, atol=1.5e-2, rtol=1.5e-2,
                                    msg=lambda m: f"seed={seed} lens={kv_lens}: {m}")
+
+
+@pytest.mark.parametrize("batch, max_len", [(4, 20000), (64, 2000)], ids=["split", "full"])
+def test_decode_reads_what_the_kernel_before_it_wrote(batch, max_len, seed):
+    """With programmatic dependent launch (PDL) the decode may start while the kernel before
+    it still runs. Here that kernel writes, from a NaN- or zero-poisoned state, the query, K,
+    V or the page table (one of them per round; the others are written earlier): the output
+    must match the reference, and the launch without PDL bit for bit."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    gen = torch.Generator().manual_seed(seed)
+    kv_lens = torch.randint(1, max_len, (batch,), generator=gen).tolist()
+    problem, table, q = build(kv_lens, page_size=16, num_kv_heads=8, group=4, head_dim=128,
+                              dtype=torch.bfloat16, layout="vllm_nhd", gen=gen)
+    with_pdl, without_pdl = (
+        PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                    device="cuda", max_batch_size=batch, enable_pdl=enable_pdl)
+        for enable_pdl in (True, False))
+    for decode in (with_pdl, without_pdl):
+        decode.plan(kv_lens)
+    cache = problem.cache
+    buffers = {"q": q, "k": cache.k, "v": cache.v, "page table": table.table}
+    saved = {name: buffer.clone() for name, buffer in buffers.items()}
+    kv_indptr, kv_slots = problem.kv_csr()
+    want = reference.attention(q, problem.qo_indptr(), cache, kv_indptr, kv_slots)
+    for last in buffers:
+        for decode in (with_pdl, without_pdl):
+            for name, buffer in buffers.items():
+                buffer.fill_(0 if name == "page table" else float("nan"))
+            for name in [n for n in buffers if n != last] + [last]:
+                torch.add(saved[name], 0, out=buffers[name])  # a kernel, not a copy
+            out = torch.full_like(q, float("nan"))
+            decode.run(q, cache, table, out=out)
+            if decode is with_pdl:
+                got = out
+        torch.testing.assert_close(got.float(), want.out, atol=1.5e-2, rtol=1.5e-2,
+                                   msg=lambda m: f"seed={seed}, {last} written last: {m}")
+        assert torch.equal(got, out), f"PDL changed the result ({last} written last)"
 
 
 def small_planned_decode(kv_lens, seed):

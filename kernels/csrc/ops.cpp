@@ -13,7 +13,7 @@ void paged_kv_write_meta(const at::Tensor&, const at::Tensor&, at::Tensor&, at::
 void paged_decode_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, const at::Tensor&,
                        const at::Tensor&, at::Tensor&, int64_t, const at::Tensor&,
-                       const at::Tensor&, double, double, bool, at::Tensor&,
+                       const at::Tensor&, double, double, bool, bool, at::Tensor&,
                        const std::optional<at::Tensor>&) {}
 
 // Writes into `out` (and `lse`) only.
@@ -33,13 +33,14 @@ TORCH_LIBRARY(attn_backend, m) {
   // Batch decode over a paged cache with the plan's schedule (see decode.cuh);
   // split requests' partial states are merged in the same launch. `full_batch`
   // picks the CTA shape for batches whose whole requests fill the GPU (the
-  // plan was made for that shape's CTA slots; paged_decode.cu).
+  // plan was made for that shape's CTA slots; paged_decode.cu). `enable_pdl`: launch
+  // with programmatic stream serialization (sm_90+; decode_launch.h).
   m.def(
       "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
       "Tensor? row_index, Tensor? slot_map, bool table_holds_slots, Tensor schedule, "
       "Tensor merge_indptr, Tensor(a!) merge_counters, int num_work_items, "
       "Tensor(b!) partial_out, Tensor(c!) partial_lse, float sm_scale, float logits_soft_cap, "
-      "bool full_batch, Tensor(d!) out, Tensor(e!)? lse) -> ()");
+      "bool full_batch, bool enable_pdl, Tensor(d!) out, Tensor(e!)? lse) -> ()");
   m.def("paged_decode_ctas_per_sm(int head_dim_qk, int head_dim_vo, bool full_batch) -> int");
   // The decode schedule (attn_backend/schedule.py's plan_decode) computed on the host in
   // C++, written into host buffers; returns [items, chunk tokens].

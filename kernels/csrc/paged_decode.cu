@@ -42,7 +42,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
                   bool table_holds_slots, const at::Tensor& schedule,
                   const at::Tensor& merge_indptr, at::Tensor& merge_counters, int64_t num_work_items,
                   const at::Tensor& partial_out, const at::Tensor& partial_lse, double sm_scale,
-                  double logits_soft_cap, bool full_batch, at::Tensor& out,
+                  double logits_soft_cap, bool full_batch, bool enable_pdl, at::Tensor& out,
                   const std::optional<at::Tensor>& lse) {
   const DecodeParams params = make_decode_params(
       q, k_cache, v_cache, page_table, row_index, slot_map, table_holds_slots, schedule, merge_indptr,
@@ -53,10 +53,12 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   dispatch_head_dims(q.size(2), v_cache.size(3), full_batch, [&](auto traits) {
     using Traits = decltype(traits);
     if (q.scalar_type() == at::kBFloat16) {
-      return launch_decode<Traits, __nv_bfloat16>(params, num_kv_heads, num_work_items, stream);
+      return launch_decode<Traits, __nv_bfloat16>(params, num_kv_heads, num_work_items, enable_pdl,
+                                                   stream);
     }
     if (q.scalar_type() == at::kHalf) {
-      return launch_decode<Traits, __half>(params, num_kv_heads, num_work_items, stream);
+      return launch_decode<Traits, __half>(params, num_kv_heads, num_work_items, enable_pdl,
+                                           stream);
     }
     TORCH_CHECK(false, "paged_decode supports float16 and bfloat16");
   });

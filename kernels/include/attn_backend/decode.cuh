@@ -237,11 +237,19 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif
   const int kv_head = blockIdx.x;
   const int item = blockIdx.y;
+  // The schedule may be read before the previous kernel has finished: plan() writes it
+  // with a host-to-device copy, and a kernel after a copy in the stream starts only once
+  // the copy is done. Everything else (query, caches, page table, the merge state) may
+  // come from the kernel just before this one.
   const int request = p.schedule.work_request[item];
   if (request < 0) return;
   const int kv_start = p.schedule.work_kv_start[item];
   const int kv_end = p.schedule.work_kv_end[item];
   const int partial = p.schedule.work_partial[item];
+  ptx::wait_for_prior_grids();
+  // Triggered at the start, the next kernel launches once our last CTA has started, and
+  // its CTAs take the SM slots that ours free in the tail (its prologue hides there).
+  ptx::allow_dependent_grids();
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;

@@ -107,5 +107,24 @@ __device__ __forceinline__ float fast_tanh(float x) {
   return y;
 }
 
+// Programmatic dependent launch (sm_90+). A kernel launched with programmatic stream
+// serialization may start while the kernel before it in the stream is still running;
+// wait_for_prior_grids() returns once that kernel has completed and its writes are
+// visible. Launched without the attribute (or on older GPUs) both are no-ops.
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Lets the next kernel in the stream start launching once every CTA of this grid has
+// called this (or exited); that kernel still waits for this grid in its own
+// wait_for_prior_grids() before it touches anything this grid writes.
+__device__ __forceinline__ void allow_dependent_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 }  // namespace ptx
 }  // namespace attn_backend
