@@ -15,7 +15,7 @@ namespace {
 
 // schedule.py's constants.
 constexpr int64_t kTileTokens = 64;
-constexpr int64_t kMinChunkTokens = 256;
+constexpr int64_t kMinChunkTokens = 64;
 constexpr int64_t kItemOverheadTokens = 64;
 constexpr int64_t kMaxSplitsConsidered = 128;
 
