@@ -118,6 +118,12 @@ def jit_build(verbose: bool = False) -> Path:
     return Path(library)
 
 
+def pdl_default(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch by default: on
+    GPUs that have it (compute capability 9.0 and newer), as FlashInfer does."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def load_ops():
     """Load the kernels once per process and return `torch.ops.attn_backend`.
 

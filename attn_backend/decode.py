@@ -67,10 +67,8 @@ class PagedDecode:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_batch_size = max_batch_size
         self.use_cuda_graph = use_cuda_graph
-        if enable_pdl is None:
-            enable_pdl = self.device.type == "cuda" and \
-                torch.cuda.get_device_capability(self.device) >= (9, 0)
-        self.enable_pdl = bool(enable_pdl)
+        self.enable_pdl = _extension.pdl_default(self.device) if enable_pdl is None \
+            else bool(enable_pdl)
 
         # Two CTA shapes (kernels/csrc/paged_decode.cu): the deep one for small batches and
         # split-KV, `cta_slots` of them at once; the full-batch one once the batch's whole

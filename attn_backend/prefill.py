@@ -70,11 +70,13 @@ class PagedPrefill:
                  head_dim_vo: int | None = None, dtype: torch.dtype, device,
                  max_batch_size: int = 512, max_num_tokens: int = 32768,
                  max_mask_elements: int = 0, use_cuda_graph: bool = False,
-                 cta_slots: int | None = None):
+                 cta_slots: int | None = None, enable_pdl: bool | None = None):
         """`max_num_tokens`: query tokens per batch the buffers hold. `max_mask_elements`:
         custom-mask elements per batch (needed up front with `use_cuda_graph`; otherwise the
         mask buffer grows on demand). `cta_slots`: prefill CTAs the GPU runs at once, which
-        sizes split-KV (default: measured from the kernel's occupancy on `device`)."""
+        sizes split-KV (default: measured from the kernel's occupancy on `device`).
+        `enable_pdl`: programmatic dependent launch, as for PagedDecode (default: on for
+        compute capability 9.0 and newer)."""
         head_dim_vo = head_dim if head_dim_vo is None else head_dim_vo
         check_kernel_shape(num_qo_heads, num_kv_heads, head_dim, head_dim_vo, dtype)
         if max_batch_size < 1 or max_num_tokens < 1:
@@ -92,6 +94,8 @@ class PagedPrefill:
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
         self.use_cuda_graph = use_cuda_graph
+        self.enable_pdl = _extension.pdl_default(self.device) if enable_pdl is None \
+            else bool(enable_pdl)
 
         # Two tile shapes: `tile_rows` for long queries and `short_tile_rows` for batches
         # whose requests have few query rows (see _tile_shape); buffers fit either.
@@ -292,7 +296,8 @@ class PagedPrefill:
             planned.tile_rows, self._mask_bits if has_mask else None,
             self._mask_offsets.tensor if has_mask else None, self._merge_indptr.tensor,
             self._merge_counters, self._partial_out, self._partial_lse, float(sm_scale),
-            float(logits_soft_cap), int(planned.window_left), bool(planned.causal), out, lse)
+            float(logits_soft_cap), int(planned.window_left), bool(planned.causal),
+            self.enable_pdl, out, lse)
         return (out, lse) if return_lse else out
 
     def _run_reference(self, q, cache, page_table, sm_scale, logits_soft_cap, out, return_lse):

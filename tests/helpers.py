@@ -149,3 +149,26 @@ def native_decode_planner():
     if _extension._prebuilt_library(_sources.sources_hash()) is None:
         pytest.skip("no setup.py build matching this torch and these sources")
     return _extension.load_ops().plan_decode_schedule
+
+
+def check_reads_of_prior_kernel_writes(run, with_pdl, without_pdl, buffers: dict, want,
+                                       seed=None) -> None:
+    """With programmatic dependent launch (PDL) a kernel may start while the kernel before it
+    still runs. For each of `buffers` (name -> device tensor the wrappers read) in turn, the
+    kernel just before `run(wrapper)` writes it from a poisoned state (NaN, or 0 for integer
+    buffers: page 0, mask bits off), after the others: the output of `with_pdl` must match the
+    reference `want` and that of `without_pdl` bit for bit."""
+    saved = {name: buffer.clone() for name, buffer in buffers.items()}
+    for last in buffers:
+        outputs = []
+        for wrapper in (with_pdl, without_pdl):
+            for buffer in buffers.values():
+                buffer.fill_(float("nan") if buffer.is_floating_point() else 0)
+            for name in [n for n in buffers if n != last] + [last]:
+                torch.add(saved[name], 0, out=buffers[name])  # a kernel, not a copy
+            outputs.append(run(wrapper))
+        tol = TOLERANCE[outputs[0].dtype]
+        torch.testing.assert_close(outputs[0].float(), want.out, atol=tol, rtol=tol,
+                                   msg=lambda m: f"seed={seed}, {last} written last: {m}")
+        assert torch.equal(outputs[0], outputs[1]), f"PDL changed the result ({last} written last)"
+

@@ -8,7 +8,7 @@ import torch
 from attn_backend import PagedDecode, PageTable, reference
 
 from .helpers import (PagedProblem, allocate_pages, behind_slot_map, build_paged_problem,
-                      check_against_reference, make_cache)
+                      check_against_reference, check_reads_of_prior_kernel_writes, make_cache)
 
 pytestmark = pytest.mark.gpu
 
@@ -182,10 +182,8 @@ def test_decode_graph_replays_with_new_lengths(batch, seed):
 
 @pytest.mark.parametrize("batch, max_len", [(4, 20000), (64, 2000)], ids=["split", "full"])
 def test_decode_reads_what_the_kernel_before_it_wrote(batch, max_len, seed):
-    """With programmatic dependent launch (PDL) the decode may start while the kernel before
-    it still runs. Here that kernel writes, from a NaN- or zero-poisoned state, the query, K,
-    V or the page table (one of them per round; the others are written earlier): the output
-    must match the reference, and the launch without PDL bit for bit."""
+    """Programmatic dependent launch: the query, K, V or page table written by the kernel
+    right before the decode (helpers.check_reads_of_prior_kernel_writes)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     gen = torch.Generator().manual_seed(seed)
@@ -198,24 +196,13 @@ def test_decode_reads_what_the_kernel_before_it_wrote(batch, max_len, seed):
         for enable_pdl in (True, False))
     for decode in (with_pdl, without_pdl):
         decode.plan(kv_lens)
-    cache = problem.cache
-    buffers = {"q": q, "k": cache.k, "v": cache.v, "page table": table.table}
-    saved = {name: buffer.clone() for name, buffer in buffers.items()}
     kv_indptr, kv_slots = problem.kv_csr()
-    want = reference.attention(q, problem.qo_indptr(), cache, kv_indptr, kv_slots)
-    for last in buffers:
-        for decode in (with_pdl, without_pdl):
-            for name, buffer in buffers.items():
-                buffer.fill_(0 if name == "page table" else float("nan"))
-            for name in [n for n in buffers if n != last] + [last]:
-                torch.add(saved[name], 0, out=buffers[name])  # a kernel, not a copy
-            out = torch.full_like(q, float("nan"))
-            decode.run(q, cache, table, out=out)
-            if decode is with_pdl:
-                got = out
-        torch.testing.assert_close(got.float(), want.out, atol=1.5e-2, rtol=1.5e-2,
-                                   msg=lambda m: f"seed={seed}, {last} written last: {m}")
-        assert torch.equal(got, out), f"PDL changed the result ({last} written last)"
+    want = reference.attention(q, problem.qo_indptr(), problem.cache, kv_indptr, kv_slots)
+    check_reads_of_prior_kernel_writes(
+        lambda decode: decode.run(q, problem.cache, table, out=torch.full_like(q, float("nan"))),
+        with_pdl, without_pdl,
+        {"q": q, "k": problem.cache.k, "v": problem.cache.v, "page table": table.table}, want,
+        seed)
 
 
 def small_planned_decode(kv_lens, seed):

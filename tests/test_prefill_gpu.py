@@ -9,7 +9,7 @@ from attn_backend import PagedPrefill, PageTable, reference
 from attn_backend.prefill import allow_hopper_tiles
 
 from .helpers import (PagedProblem, allocate_pages, behind_slot_map, build_paged_problem,
-                      check_against_reference, make_cache)
+                      check_against_reference, check_reads_of_prior_kernel_writes, make_cache)
 
 pytestmark = pytest.mark.gpu
 
@@ -168,6 +168,40 @@ def test_prefill_random_mask_with_gapped_indptr(long_tiles, seed):
     check(prefill, problem, table, q, custom_mask=mask, mask_indptr=offsets, seed=seed)
     out, lse = prefill.run(q, problem.cache, table, return_lse=True)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+
+
+@pytest.mark.parametrize("shape", ["verify", "long"])
+def test_prefill_reads_what_the_kernel_before_it_wrote(shape, seed):
+    """Programmatic dependent launch: the query, K, V, page table or custom-mask bits written
+    by the kernel right before the prefill (helpers.check_reads_of_prior_kernel_writes); tree
+    masks on short queries, and long causal queries (the wgmma kernel on sm_90)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    gen = torch.Generator().manual_seed(seed)
+    if shape == "verify":
+        q_lens = [8] * 4
+        kv_lens = [n + int(torch.randint(0, 5000, (1,), generator=gen)) for n in q_lens]
+        mask = torch.cat([tree_mask(n, length, gen, chain=False)
+                          for n, length in zip(q_lens, kv_lens)]).cuda()
+    else:
+        q_lens, kv_lens, mask = [700, 2000], [900, 2000], None
+    problem, table, q = build(q_lens, kv_lens, page_size=16, num_kv_heads=8, group=4,
+                              head_dim=128, dtype=torch.bfloat16, layout="sglang", gen=gen,
+                              engine="sglang")
+    with_pdl, without_pdl = (make_prefill(problem, q, num_kv_heads=8, enable_pdl=enable_pdl)
+                             for enable_pdl in (True, False))
+    qo_indptr = [0] + torch.tensor(q_lens).cumsum(0).tolist()
+    for prefill in (with_pdl, without_pdl):
+        prefill.plan(qo_indptr, kv_lens, causal=True, custom_mask=mask)
+    kv_indptr, kv_slots = problem.kv_csr()
+    want = reference.attention(q, problem.qo_indptr(), problem.cache, kv_indptr, kv_slots,
+                               causal=True, custom_mask=mask)
+    buffers = {"q": q, "k": problem.cache.k, "v": problem.cache.v, "page table": table.table}
+    if mask is not None:
+        buffers["mask bits"] = with_pdl._mask_bits  # packed by plan(); the other keeps its own
+    check_reads_of_prior_kernel_writes(
+        lambda prefill: prefill.run(q, problem.cache, table, out=torch.full_like(q, float("nan"))),
+        with_pdl, without_pdl, buffers, want, seed)
 
 
 def test_prefill_graph_replays_with_new_lengths_and_masks(seed):

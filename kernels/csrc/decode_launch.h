@@ -59,9 +59,8 @@ inline DecodeParams make_decode_params(
   return params;
 }
 
-// One launch of shape `Traits` for dtype T (grid: kv heads x work items). With `pdl`
-// (programmatic dependent launch, sm_90+) the kernel may start while the previous
-// kernel in the stream finishes: its launch and schedule reads hide in that tail.
+// One launch of shape `Traits` for dtype T (grid: kv heads x work items); `pdl`: see
+// launch_with_pdl (torch_utils.h).
 template <typename Traits, typename T>
 void launch_decode(const DecodeParams& params, int64_t num_kv_heads, int64_t num_work_items,
                    bool pdl, cudaStream_t stream) {
@@ -74,17 +73,9 @@ void launch_decode(const DecodeParams& params, int64_t num_kv_heads, int64_t num
   // token are adjacent in memory) and the schedule's longest-first order is
   // the dispatch order.
   TORCH_CHECK(num_work_items <= 65535, "paged_decode: at most 65535 work items");
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(num_work_items));
-  config.blockDim = dim3(Traits::kThreads);
-  config.dynamicSmemBytes = Traits::kSmemBytes;
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = pdl ? 1 : 0;
-  ATTN_BACKEND_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params));
+  launch_with_pdl(kernel, params,
+                  dim3(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(num_work_items)),
+                  Traits::kThreads, Traits::kSmemBytes, pdl, stream);
 }
 
 // CTAs of shape `Traits` that fit on one SM at once: the plan sizes its

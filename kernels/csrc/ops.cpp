@@ -22,7 +22,7 @@ void paged_prefill_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, int64_t, int64_t, const std::optional<at::Tensor>&,
                         const std::optional<at::Tensor>&, const at::Tensor&, at::Tensor&,
                         const at::Tensor&, const at::Tensor&, double, double, int64_t, bool,
-                        at::Tensor&, const std::optional<at::Tensor>&) {}
+                        bool, at::Tensor&, const std::optional<at::Tensor>&) {}
 
 }  // namespace
 
@@ -49,6 +49,7 @@ TORCH_LIBRARY(attn_backend, m) {
       "int max_items, int grid_items, Tensor(a!) schedule, Tensor(b!) merge_indptr) -> int[]");
   // Ragged queries over a paged cache with the plan's tile schedule (see
   // prefill.cuh); split tiles' partial states are merged in the same launch.
+  // `enable_pdl` as for paged_decode.
   m.def(
       "paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
       "Tensor? row_index, Tensor? slot_map, bool table_holds_slots, Tensor request_info, "
@@ -56,7 +57,7 @@ TORCH_LIBRARY(attn_backend, m) {
       "Tensor? mask_offset, "
       "Tensor merge_indptr, Tensor(a!) merge_counters, Tensor(b!) partial_out, "
       "Tensor(c!) partial_lse, float sm_scale, float logits_soft_cap, int window_left, "
-      "bool causal, Tensor(d!) out, Tensor(e!)? lse) -> ()");
+      "bool causal, bool enable_pdl, Tensor(d!) out, Tensor(e!)? lse) -> ()");
   // [tile rows, kv tile, CTAs per SM, threads] of the tile shape for long or short queries.
   m.def("paged_prefill_config(int head_dim_qk, int head_dim_vo, bool short_queries) -> int[]");
   // Whether long queries may use the wgmma tile shape on sm_90 GPUs (default: yes).

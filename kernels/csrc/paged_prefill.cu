@@ -108,7 +108,7 @@ void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                    const std::optional<at::Tensor>& mask_offset, const at::Tensor& merge_indptr,
                    at::Tensor& merge_counters, const at::Tensor& partial_out,
                    const at::Tensor& partial_lse, double sm_scale, double logits_soft_cap,
-                   int64_t window_left, bool causal, at::Tensor& out,
+                   int64_t window_left, bool causal, bool enable_pdl, at::Tensor& out,
                    const std::optional<at::Tensor>& lse) {
   const PrefillParams params = make_prefill_params(
       q, k_cache, v_cache, page_table, row_index, slot_map, table_holds_slots, request_info,
@@ -127,10 +127,10 @@ void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                   Long::kRows, " or ", Short::kRows, ")");
       if (tile_rows == Short::kRows) {
         launch_prefill<Short>(params, q.scalar_type(), num_work_items, k_cache.size(2),
-                              partial_out.numel(), stream);
+                              partial_out.numel(), enable_pdl, stream);
       } else {
         launch_prefill<Long>(params, q.scalar_type(), num_work_items, k_cache.size(2),
-                             partial_out.numel(), stream);
+                             partial_out.numel(), enable_pdl, stream);
       }
     });
   });

@@ -84,7 +84,8 @@ inline PrefillParams make_prefill_params(
 // One launch of tile shape `Traits` for the dtype of q (grid: kv heads x work items).
 template <typename Traits>
 void launch_prefill(const PrefillParams& params, at::ScalarType dtype, int64_t num_work_items,
-                    int64_t num_kv_heads, int64_t partial_out_numel, cudaStream_t stream) {
+                    int64_t num_kv_heads, int64_t partial_out_numel, bool pdl,
+                    cudaStream_t stream) {
   TORCH_CHECK(partial_out_numel % (num_kv_heads * Traits::kRows * Traits::kHeadDimVO) == 0,
               "partial_out must be [partials * num_kv_heads * tile_rows, head_dim_vo]");
   auto launch = [&](auto type_tag) {
@@ -99,9 +100,9 @@ void launch_prefill(const PrefillParams& params, at::ScalarType dtype, int64_t n
     allow_dynamic_smem(kernel, Traits::kSmemBytes);
     if (num_work_items == 0) return;
     TORCH_CHECK(num_work_items <= 65535, "paged_prefill: at most 65535 work items");
-    const dim3 grid(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(num_work_items));
-    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
-    ATTN_BACKEND_CHECK_LAUNCH();
+    launch_with_pdl(kernel, params,
+                    dim3(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(num_work_items)),
+                    Traits::kThreads, Traits::kSmemBytes, pdl, stream);
   };
   if (dtype == at::kBFloat16) return launch(__nv_bfloat16{});
   if (dtype == at::kHalf) return launch(__half{});

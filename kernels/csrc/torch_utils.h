@@ -94,4 +94,24 @@ void allow_dynamic_smem(Kernel kernel, int bytes) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
+// Launches `kernel(params)`; with `pdl` as a programmatic dependent launch (sm_90+): the
+// kernel may start while the previous kernel in the stream finishes, so its launch and its
+// plan reads hide in that kernel's tail. The kernel must call ptx::wait_for_prior_grids()
+// before it reads anything an earlier kernel may have written.
+template <typename Params>
+void launch_with_pdl(void (*kernel)(Params), const Params& params, dim3 grid, int threads,
+                     int smem_bytes, bool pdl, cudaStream_t stream) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  ATTN_BACKEND_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params));
+}
+
 }  // namespace attn_backend

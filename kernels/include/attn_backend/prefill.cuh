@@ -214,6 +214,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   const int kv_head = blockIdx.x;
   const int item = blockIdx.y;
+  // The schedule and the request info are plan() buffers, written by host-to-device
+  // copies, so they may be read before the previous kernel finishes (decode.cuh says why);
+  // the query, caches, page table and custom mask only after wait_for_prior_grids().
   const int request = p.schedule.work_request[item];
   if (request < 0) return;
   const int row_start = p.schedule.work_row_start[item];
@@ -223,6 +226,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int qo_start = p.qo_start[request];
   const int q_len = p.q_len[request];
   const int kv_len = p.kv_len[request];
+  ptx::wait_for_prior_grids();
+  ptx::allow_dependent_grids();
   const int group = p.group_size;
   const int num_rows = min(kRows, q_len * group - row_start);  // valid rows of this tile
   const int tid = threadIdx.x;
