@@ -44,9 +44,9 @@ def make_problem(batch, kv_len, page_size, gen):
     return cache, pages, q
 
 
-def make_decode(max_batch_size):
+def make_decode(max_batch_size, **options):
     return PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                       dtype=DTYPE, device="cuda", max_batch_size=max_batch_size)
+                       dtype=DTYPE, device="cuda", max_batch_size=max_batch_size, **options)
 
 
 def kv_bytes(batch, kv_len):

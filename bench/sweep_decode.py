@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 import attn_backend
-from attn_backend import PagedDecode, PageTable
+from attn_backend import PageTable
 from attn_backend.schedule import (ITEM_OVERHEAD_TOKENS, MIN_CHUNK_TOKENS, TILE_TOKENS,
                                    DecodeSchedule, kv_ranges, plan_decode)
 
-from .bench_decode import (DTYPE, HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, kv_bytes,
+from .bench_decode import (HEAD_DIM, NUM_KV_HEADS, Peers, kv_bytes,
                            make_decode, make_problem)
 from .common import copy_ceiling_tbs, median_ms
 from .variants import build_variant_extension
@@ -197,9 +197,7 @@ def launch(ops, variant, decode, q, cache, table, out, trace=None):
 
 def planned_decode(batch, kv_len, cta_slots, plan_name):
     """A PagedDecode whose buffers hold `plan_name`'s schedule of `batch` x `kv_len`."""
-    decode = attn_backend.PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS,
-                                      head_dim=HEAD_DIM, dtype=DTYPE, device="cuda",
-                                      max_batch_size=batch, cta_slots=cta_slots)
+    decode = make_decode(batch, cta_slots=cta_slots)
     decode.plan([kv_len] * batch)
     if plan_name != "shipped":
         schedule = PLANS[plan_name](np.full(batch, kv_len), window_left=-1,
@@ -253,9 +251,7 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
     if not profile:
         results[f"shipped (pdl={shipped.enable_pdl})"] = timed(
             lambda: shipped.run(q, cache, table, out=want))
-        no_pdl = PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS,
-                             head_dim=HEAD_DIM, dtype=DTYPE, device="cuda",
-                             max_batch_size=batch, enable_pdl=False)
+        no_pdl = make_decode(batch, enable_pdl=False)
         no_pdl.plan([kv_len] * batch)
         out = torch.full_like(q, float("nan"))
         no_pdl.run(q, cache, table, out=out)

@@ -171,4 +171,3 @@ def check_reads_of_prior_kernel_writes(run, with_pdl, without_pdl, buffers: dict
         torch.testing.assert_close(outputs[0].float(), want.out, atol=tol, rtol=tol,
                                    msg=lambda m: f"seed={seed}, {last} written last: {m}")
         assert torch.equal(outputs[0], outputs[1]), f"PDL changed the result ({last} written last)"
-
