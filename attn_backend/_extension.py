@@ -147,6 +147,17 @@ def load_ops():
     return torch.ops.attn_backend
 
 
+def try_load_ops():
+    """`torch.ops.attn_backend`, or None on a machine without a GPU and without a build that
+    matches (there, CPU tensors need only the float reference)."""
+    try:
+        return load_ops()
+    except RuntimeError:
+        if torch.cuda.is_available():
+            raise
+        return None
+
+
 def loaded_library() -> str | None:
     """Path of the loaded kernel library, or None before the first kernel call."""
     return _loaded_from

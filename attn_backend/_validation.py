@@ -15,8 +15,14 @@ from collections.abc import Iterable
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = ((64, 64), (128, 128), (256, 256))  # (qk, vo) pairs the kernels compile
-MAX_GROUP_SIZE = 16  # query heads per kv head: the kernels' 16-row MMA tile
+# (query, kv cache) element types the kernels compile; the output takes the query's.
+KERNEL_DTYPE_PAIRS = ((torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16))
+# (qk, vo) head dims with decode and prefill kernels (tests/test_extension.py checks this
+# against the extension's configurations).
+SUPPORTED_HEAD_DIMS = ((64, 64), (128, 128), (256, 256))
+# Query heads per kv head: decode and prefill pack a group's heads into MMA rows (decode in
+# row tiles of 16), so any group works; this is the largest the tests cover.
+MAX_GROUP_SIZE = 128
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 _debug_checks = os.environ.get("ATTN_BACKEND_DEBUG", "0") not in ("", "0")
@@ -92,10 +98,11 @@ def check_run_call(wrapper, q, cache, page_table, *, rows_what: str, out,
 
     The wrapper must be planned (`wrapper._planned` holds the host `kv_lens` and the
     `num_rows` of q it takes, described by `rows_what`). Accepted: q [num_rows, heads, dim]
-    and `out` like it, a cache and page table matching the
-    wrapper's shape, dtype and device, a page table that addresses every planned request,
-    and sm_scale > 0. With debug checks on (outside graph capture) the page ids the batch
-    reads must be pages of the cache (this synchronises).
+    of the wrapper's dtype and `out` like it, a cache of its kv_dtype and shape, all on its
+    device, a page table that addresses every planned request with enough columns for the
+    longest, rows the kernels can copy in 16-byte chunks, and sm_scale > 0. With debug checks
+    on (outside graph capture) the page ids the batch reads must be pages of the cache (this
+    synchronises).
     """
     name = type(wrapper).__name__
     planned = wrapper._planned
@@ -113,7 +120,7 @@ def check_run_call(wrapper, q, cache, page_table, *, rows_what: str, out,
         raise ValueError(f"cache head dims ({cache.head_dim_k}, {cache.head_dim_v}) differ "
                          f"from ({wrapper.head_dim}, {wrapper.head_dim_vo})")
     check_same_device(q=q, cache=cache.k, page_table=page_table.table)
-    if q.device != wrapper.device:
+    if q.device != wrapper.device:  # wrapper.device is normalised: cpu:0 is cpu
         raise ValueError(f"q is on {q.device}; this {name} was built for {wrapper.device}")
     if logits_soft_cap < 0:
         raise ValueError(f"logits_soft_cap must be >= 0 (0 = off), got {logits_soft_cap}")
@@ -121,6 +128,10 @@ def check_run_call(wrapper, q, cache, page_table, *, rows_what: str, out,
         else page_table.table.shape[0]
     if rows < batch:
         raise ValueError(f"page_table addresses {rows} requests; the batch has {batch}")
+    columns = page_table.columns_needed(planned.max_kv_len, cache.page_size)
+    if page_table.table.shape[1] < columns:
+        raise ValueError(f"page_table has {page_table.table.shape[1]} columns; the batch's longest "
+                         f"request ({planned.max_kv_len} keys) needs {columns}")
     if out is not None:
         check_tensor("out", out, dims=3)
         expected = (num_rows, wrapper.num_qo_heads, wrapper.head_dim_vo)
@@ -128,12 +139,17 @@ def check_run_call(wrapper, q, cache, page_table, *, rows_what: str, out,
             raise ValueError(f"out has shape {tuple(out.shape)}; expected {expected}")
         if out.dtype != q.dtype or out.device != q.device:
             raise ValueError("out must have q's dtype and device")
+    check_tensor("q", q, dtypes=(wrapper.dtype,))
+    check_tensor("k_cache", cache.k, dtypes=(wrapper.kv_dtype,))
     if q.device.type == "cuda":
         for tensor_name, t in (("q", q), ("k_cache", cache.k), ("v_cache", cache.v)):
-            check_tensor(tensor_name, t, dtypes=(wrapper.dtype,))
             check_last_dim_contiguous(tensor_name, t)
+            check_chunk_aligned(tensor_name, t)
         if out is not None:
             check_last_dim_contiguous("out", out)
+            if out.data_ptr() % 4 or out.stride(0) % 2 or out.stride(1) % 2:
+                raise ValueError("out must be 4-byte aligned with even strides (the kernels "
+                                 "write element pairs)")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(wrapper.head_dim)
     if not sm_scale > 0:
@@ -146,17 +162,33 @@ def check_run_call(wrapper, q, cache, page_table, *, rows_what: str, out,
     return float(sm_scale)
 
 
+def check_chunk_aligned(name: str, t: torch.Tensor) -> None:
+    """The kernels copy rows in 16-byte chunks: the start and every stride but the last must be
+    multiples of 16 bytes."""
+    element = t.element_size()
+    if t.data_ptr() % 16 or any((t.stride(d) * element) % 16 for d in range(t.dim() - 1)):
+        raise ValueError(f"{name} must start 16-byte aligned with strides of multiples of 16 "
+                         f"bytes (got strides {t.stride()} of {element}-byte elements)")
+
+
 def check_kernel_shape(num_qo_heads: int, num_kv_heads: int, head_dim: int, head_dim_vo: int,
-                       dtype: torch.dtype) -> None:
-    """Head dims, GQA group size and dtype that the compiled kernels serve."""
+                       dtype: torch.dtype, kv_dtype: torch.dtype, *, on_cuda: bool) -> None:
+    """Head counts always; on CUDA also the head dims, group size and element types the
+    compiled kernels serve (the CPU reference serves any)."""
+    if num_kv_heads < 1 or num_qo_heads < 1 or num_qo_heads % num_kv_heads:
+        raise ValueError(f"num_qo_heads={num_qo_heads} must be a positive multiple of "
+                         f"num_kv_heads={num_kv_heads}")
+    if not on_cuda:
+        return
     if (head_dim, head_dim_vo) not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dims (qk={head_dim}, vo={head_dim_vo}) are not compiled; "
                          f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
-    if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
-        raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of "
-                         f"num_kv_heads={num_kv_heads}")
     if not 1 <= num_qo_heads // num_kv_heads <= MAX_GROUP_SIZE:
         raise ValueError(f"group size num_qo_heads/num_kv_heads = "
                          f"{num_qo_heads // num_kv_heads}; supported: 1..{MAX_GROUP_SIZE}")
     if dtype not in KERNEL_DTYPES:
-        raise TypeError(f"dtype {dtype}; accepted: float16, bfloat16")
+        raise TypeError(f"dtype {_names([dtype])}; accepted: {_names(KERNEL_DTYPES)}")
+    if (dtype, kv_dtype) not in KERNEL_DTYPE_PAIRS:
+        raise TypeError(f"kv_dtype {_names([kv_dtype])} with dtype {_names([dtype])}; compiled "
+                        "(dtype, kv_dtype): " +
+                        ", ".join(f"({_names([a])}, {_names([b])})" for a, b in KERNEL_DTYPE_PAIRS))

@@ -18,94 +18,82 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _extension, reference
-from ._validation import check_kernel_shape, check_run_call
-from .cuda_graph import FixedCapacityBuffer
+from . import reference
+from ._plan_run import KernelWrapper, PlanRecord, host_int64
+from ._validation import check_run_call
+from .kernel_configs import KernelConfig
 from .paged_kv import PagedKVCache, PageTable
-from .schedule import graph_grid_size, max_items_per_head, plan_decode
 
+BACKENDS = ("auto", "split", "full_batch")
 
 
 @dataclass(frozen=True)
 class _PlannedBatch:
     kv_lens: np.ndarray  # int64, host
     window_left: int
-    num_work_items: int
-    full_batch: bool  # the kernel's CTA shape for whole requests that fill the GPU
+    plan: PlanRecord | None  # None: no schedule (the reference path without an extension)
+    config: KernelConfig | None  # the configuration the schedule was cut for
+    max_kv_len: int  # the longest request's keys (page-table columns run() checks)
 
     @property
     def num_rows(self) -> int:
         """Query rows run() takes: one per request."""
         return len(self.kv_lens)
 
+    @property
+    def num_work_items(self) -> int:
+        return self.plan["num_work_items"] if self.plan else 0
 
-class PagedDecode:
+    @property
+    def full_batch(self) -> bool:
+        """Whether the full-batch CTA shape runs this batch."""
+        return self.config is not None and self.config.name == "decode_full_batch"
+
+
+class PagedDecode(KernelWrapper):
     """One query token per request against its paged KV (GQA/MQA/MHA, split-KV)."""
 
+    family = "decode"
+
     def __init__(self, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                 head_dim_vo: int | None = None, dtype: torch.dtype, device,
-                 max_batch_size: int = 512, use_cuda_graph: bool = False,
-                 cta_slots: int | None = None, enable_pdl: bool | None = None):
-        """`cta_slots`: decode CTAs the GPU runs at once, which sizes split-KV (default:
-        measured from the kernel's occupancy on `device`, for each of its two CTA shapes;
-        given, it is used for both).
+                 head_dim_vo: int | None = None, dtype: torch.dtype,
+                 kv_dtype: torch.dtype | None = None, device, max_batch_size: int = 512,
+                 use_cuda_graph: bool = False, cta_slots: int | None = None,
+                 enable_pdl: bool | None = None, backend: str = "auto"):
+        """`dtype`: the query's and the output's; `kv_dtype`: the cache's (default `dtype`).
+
+        `cta_slots`: decode CTAs the GPU runs at once, which sizes split-KV (default:
+        measured from each CTA shape's occupancy on `device`; given, it is used for both).
 
         `enable_pdl`: launch with programmatic dependent launch, so that the kernel starts
         while the kernel before it in the stream finishes (default: on GPUs that have it,
-        compute capability 9.0 and newer; FlashInfer's default too)."""
-        head_dim_vo = head_dim if head_dim_vo is None else head_dim_vo
-        check_kernel_shape(num_qo_heads, num_kv_heads, head_dim, head_dim_vo, dtype)
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.num_qo_heads = num_qo_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.head_dim_vo = head_dim_vo
-        self.dtype = dtype
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.max_batch_size = max_batch_size
-        self.use_cuda_graph = use_cuda_graph
-        self.enable_pdl = _extension.pdl_default(self.device) if enable_pdl is None \
-            else bool(enable_pdl)
+        compute capability 9.0 and newer; FlashInfer's default too).
 
-        # Two CTA shapes (kernels/csrc/paged_decode.cu): the deep one for small batches and
-        # split-KV, `cta_slots` of them at once; the full-batch one once the batch's whole
-        # requests fill those slots, `full_batch_cta_slots` at once.
-        if cta_slots is not None:
-            self.cta_slots = self.full_batch_cta_slots = cta_slots
-        elif self.device.type == "cuda":
-            ops = _extension.load_ops()
-            num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            self.cta_slots, self.full_batch_cta_slots = (
-                max(1, ops.paged_decode_ctas_per_sm(head_dim, head_dim_vo, full_batch)) * num_sms
-                for full_batch in (False, True))
-        else:
-            self.cta_slots = self.full_batch_cta_slots = 1  # the reference ignores the schedule
-        self.capacity = max(max_items_per_head(max_batch_size, num_kv_heads, slots)
-                            for slots in (self.cta_slots, self.full_batch_cta_slots))
-        # The schedule [4, capacity] and merge_indptr [max_batch_size + 1] share one buffer,
-        # so a plan is one host-to-device copy (a graph replay plans every step).
-        plan_size = 4 * self.capacity + max_batch_size + 1
-        self._plan_buffer = FixedCapacityBuffer("decode plan", plan_size, torch.int32,
-                                                self.device)
-        self._schedule = self._plan_buffer.tensor[: 4 * self.capacity].view(4, self.capacity)
-        self._merge_indptr = self._plan_buffer.tensor[4 * self.capacity:]
-        self._partial_out = torch.empty(self.capacity, num_qo_heads, head_dim_vo,
-                                        dtype=torch.float32, device=self.device)
-        self._partial_lse = torch.empty(self.capacity, num_qo_heads, dtype=torch.float32,
-                                        device=self.device)
-        # Zeros between launches; the kernel's merging CTA resets what it counted.
-        self._merge_counters = torch.zeros(max_batch_size * num_kv_heads, dtype=torch.int32,
-                                           device=self.device)
-        self._host_plan = np.empty(plan_size, dtype=np.int32)
-        self._host_schedule = self._host_plan[: 4 * self.capacity].reshape(4, self.capacity)
-        self._host_merge_indptr = self._host_plan[4 * self.capacity:]
-        # On the GPU the schedule is computed by the extension's C++ planner (a graph replay
-        # replans every step); it matches plan_decode(), which the CPU path runs.
-        self._native_planner = _extension.load_ops().plan_decode_schedule \
-            if self.device.type == "cuda" else None
+        `backend`: the CTA shape. "auto": the split shape, and the full-batch shape (d128)
+        once a batch's whole requests fill the split shape's CTA slots (the choice depends
+        on the batch size only, so a CUDA graph keeps its kernel); "split" or "full_batch":
+        that shape for every batch (for tests and benchmarks)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; accepted: {', '.join(BACKENDS)}")
+        self._init_shape(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, head_dim_vo=head_dim_vo, dtype=dtype,
+                         kv_dtype=kv_dtype, device=device, max_batch_size=max_batch_size,
+                         use_cuda_graph=use_cuda_graph, enable_pdl=enable_pdl)
+        self.backend = backend
+        split = self._find_config("decode")
+        full = self._find_config("decode_full_batch")
+        if backend == "full_batch" and self._ops is not None:
+            if full is None:
+                raise ValueError(f"backend='full_batch': no full-batch decode shape is compiled "
+                                 f"for head dims ({self.head_dim}, {self.head_dim_vo})")
+            split, full = full, None
+        elif backend == "split":
+            full = None
+        main = (split, self._cta_slots(split, cta_slots)) if split else None
+        alt = (full, self._cta_slots(full, cta_slots)) if full else None
+        self.cta_slots = main[1] if main else 1
+        self.full_batch_cta_slots = alt[1] if alt else self.cta_slots
+        self._init_plans(main, alt)
         self._planned: _PlannedBatch | None = None
 
     def plan(self, kv_lens, *, window_left: int = -1) -> None:
@@ -114,44 +102,20 @@ class PagedDecode:
         `window_left` = w limits each query to the keys [kv_len - 1 - w, kv_len - 1]
         (-1: no window); the schedule skips the keys outside it.
         """
-        if isinstance(kv_lens, torch.Tensor):
-            kv_lens = kv_lens.detach().to("cpu", torch.int64).numpy()
-        # A copy: the plan keeps the lengths, and engines reuse their host length buffers.
-        lens = np.array(kv_lens, dtype=np.int64).reshape(-1)
+        lens = host_int64(kv_lens)
         batch = len(lens)
         if not 1 <= batch <= self.max_batch_size:
             raise ValueError(f"kv_lens has {batch} requests; accepted: 1..{self.max_batch_size} "
                              "(max_batch_size of this PagedDecode)")
         if lens.min() < 0 or lens.max() >= 2**31:
             raise ValueError(f"kv_lens must be in [0, 2**31); got [{lens.min()}, {lens.max()}]")
-        # The shape depends on the batch size alone, so a graph captured for a batch size
-        # keeps a kernel that its replays plan for.
-        full_batch = batch * self.num_kv_heads >= self.cta_slots
-        cta_slots = self.full_batch_cta_slots if full_batch else self.cta_slots
-        grid = graph_grid_size(batch, self.num_kv_heads, cta_slots) \
-            if self.use_cuda_graph else -1
-        merge_indptr = self._host_merge_indptr[: batch + 1]
-        if self._native_planner is not None:
-            num_items, _ = self._native_planner(
-                torch.from_numpy(lens), window_left, self.num_kv_heads, cta_slots,
-                max_items_per_head(batch, self.num_kv_heads, cta_slots), grid,
-                torch.from_numpy(self._host_schedule), torch.from_numpy(merge_indptr))
-        else:
-            schedule = plan_decode(lens, window_left=window_left,
-                                   num_kv_heads=self.num_kv_heads, cta_slots=cta_slots)
-            num_items = schedule.num_items
-            grid_items = grid if grid >= 0 else num_items
-            if not num_items <= grid_items <= self.capacity:
-                raise RuntimeError(f"decode schedule of {num_items} items does not fit its "
-                                   f"grid of {grid_items} (capacity {self.capacity})")
-            self._host_schedule[0] = -1  # unused slots of a graph-sized grid: no request
-            self._host_schedule[1:3] = 0
-            self._host_schedule[3] = -1
-            self._host_schedule[:, :num_items] = schedule.items
-            merge_indptr[:] = schedule.merge_indptr
-        num_work_items = grid if self.use_cuda_graph else num_items
-        self._plan_buffer.load(torch.from_numpy(self._host_plan[: 4 * self.capacity + batch + 1]))
-        self._planned = _PlannedBatch(lens, window_left, num_work_items, full_batch)
+        plan, config = None, None
+        if self._setup is not None:
+            plan = PlanRecord(self._ops.plan_decode(torch.from_numpy(lens), int(window_left),
+                                                    self._setup.values, self._workspace.host))
+            self._workspace.upload()
+            config = self._planned_config(plan)
+        self._planned = _PlannedBatch(lens, int(window_left), plan, config, int(lens.max()))
 
     def run(self, q: torch.Tensor, cache: PagedKVCache, page_table: PageTable, *,
             sm_scale: float | None = None, logits_soft_cap: float = 0.0,
@@ -174,12 +138,8 @@ class PagedDecode:
                               device=q.device)
         lse = torch.empty(batch, self.num_qo_heads, dtype=torch.float32, device=q.device) \
             if return_lse else None
-        _extension.load_ops().paged_decode(
-            q, cache.k, cache.v, page_table.table, page_table.row_index, page_table.slot_map,
-            page_table.holds_token_slots, self._schedule, self._merge_indptr,
-            self._merge_counters, planned.num_work_items,
-            self._partial_out, self._partial_lse, float(sm_scale), float(logits_soft_cap),
-            planned.full_batch, self.enable_pdl, out, lse)
+        self._launch(q, cache, page_table, planned.plan, None, sm_scale, logits_soft_cap, out,
+                     lse)
         return (out, lse) if return_lse else out
 
     def _run_reference(self, q, cache, page_table, sm_scale, logits_soft_cap, out, return_lse):

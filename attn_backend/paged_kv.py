@@ -197,6 +197,11 @@ class PageTable:
         return cls(req_to_token, holds_token_slots=True, row_index=req_pool_indices,
                    slot_map=slot_map)
 
+    def columns_needed(self, kv_len: int, page_size: int) -> int:
+        """Columns of the table that a request of `kv_len` keys reads: one per token slot (SGLang)
+        or one per page (vLLM)."""
+        return kv_len if self.holds_token_slots else -(-kv_len // page_size)
+
     def _slots(self, row: int, length: int) -> torch.Tensor:
         slots = self.table[row, :length].long()
         if self.slot_map is None:

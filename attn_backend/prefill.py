@@ -25,21 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _extension, reference
-from ._validation import check_kernel_shape, check_run_call
-from .cuda_graph import FixedCapacityBuffer
+from . import reference
+from ._plan_run import KernelWrapper, PlanRecord, host_int64
+from ._validation import check_run_call
+from .kernel_configs import KernelConfig
 from .paged_kv import PagedKVCache, PageTable
-from .schedule import max_prefill_partials_per_head, plan_prefill, prefill_grid_size
 
-_SCHEDULE_ROWS = 6  # request, row_start, kv_start, kv_end, partial, merge_group
-
-
-def allow_hopper_tiles(allowed: bool) -> None:
-    """Whether `PagedPrefill` objects built from now on run long queries with the
-    warpgroup-MMA (wgmma) kernel on sm_90 GPUs (the default) or with the mma.sync
-    kernel that other GPUs run. For tests and benchmarks that compare the two; an
-    object planned before a change fails its next run() with a tile-shape error."""
-    _extension.load_ops().prefill_allow_wgmma(bool(allowed))
+BACKENDS = ("auto", "mma", "wgmma")
 
 
 @dataclass(frozen=True)
@@ -50,8 +42,9 @@ class _PlannedBatch:
     window_left: int
     custom_mask: torch.Tensor | None  # flat bool, as given (the reference path reads it)
     mask_indptr: np.ndarray | None  # int64 [batch + 1] element offsets of each request's block
-    num_work_items: int
-    tile_rows: int  # the kernel tile shape the schedule was cut for
+    plan: PlanRecord | None  # None: no schedule (the reference path without an extension)
+    config: KernelConfig | None  # the configuration the schedule was cut for
+    max_kv_len: int  # the longest request's keys (page-table columns run() checks)
 
     @property
     def num_tokens(self) -> int:
@@ -62,88 +55,79 @@ class _PlannedBatch:
         """Query rows run() takes: every query token."""
         return self.num_tokens
 
+    @property
+    def num_work_items(self) -> int:
+        return self.plan["num_work_items"] if self.plan else 0
 
-class PagedPrefill:
+    @property
+    def tile_rows(self) -> int | None:
+        """Packed query rows per tile of the configuration planned for."""
+        return self.config.tile_rows if self.config else None
+
+
+class PagedPrefill(KernelWrapper):
     """Ragged queries against their requests' paged KV (causal, window, custom masks, split-KV)."""
 
+    family = "prefill"
+
     def __init__(self, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                 head_dim_vo: int | None = None, dtype: torch.dtype, device,
-                 max_batch_size: int = 512, max_num_tokens: int = 32768,
-                 max_mask_elements: int = 0, use_cuda_graph: bool = False,
-                 cta_slots: int | None = None, enable_pdl: bool | None = None):
-        """`max_num_tokens`: query tokens per batch the buffers hold. `max_mask_elements`:
+                 head_dim_vo: int | None = None, dtype: torch.dtype,
+                 kv_dtype: torch.dtype | None = None, device, max_batch_size: int = 512,
+                 max_num_tokens: int = 32768, max_mask_elements: int = 0,
+                 use_cuda_graph: bool = False, cta_slots: int | None = None,
+                 enable_pdl: bool | None = None, backend: str = "auto"):
+        """`dtype`: the query's and the output's; `kv_dtype`: the cache's (default `dtype`).
+        `max_num_tokens`: query tokens per batch the buffers hold. `max_mask_elements`:
         custom-mask elements per batch (needed up front with `use_cuda_graph`; otherwise the
         mask buffer grows on demand). `cta_slots`: prefill CTAs the GPU runs at once, which
-        sizes split-KV (default: measured from the kernel's occupancy on `device`).
+        sizes split-KV (default: measured from each tile shape's occupancy on `device`).
         `enable_pdl`: programmatic dependent launch, as for PagedDecode (default: on for
-        compute capability 9.0 and newer)."""
-        head_dim_vo = head_dim if head_dim_vo is None else head_dim_vo
-        check_kernel_shape(num_qo_heads, num_kv_heads, head_dim, head_dim_vo, dtype)
-        if max_batch_size < 1 or max_num_tokens < 1:
-            raise ValueError(f"max_batch_size ({max_batch_size}) and max_num_tokens "
-                             f"({max_num_tokens}) must be >= 1")
-        self.num_qo_heads = num_qo_heads
-        self.num_kv_heads = num_kv_heads
-        self.group_size = num_qo_heads // num_kv_heads
-        self.head_dim = head_dim
-        self.head_dim_vo = head_dim_vo
-        self.dtype = dtype
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.max_batch_size = max_batch_size
+        compute capability 9.0 and newer).
+
+        `backend`: the kernel for long queries: "wgmma" (Hopper's warpgroup MMAs: sm_90 GPUs
+        with an sm_90a build), "mma" (mma.sync, any GPU from sm_80), or "auto" (wgmma where
+        it runs and is compiled for these head dims, else mma). Requests of at most one
+        short tile of query rows (speculative verify, short extends) take the short-query
+        kernel either way."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; accepted: {', '.join(BACKENDS)}")
+        if max_num_tokens < 1:
+            raise ValueError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
+        self._init_shape(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, head_dim_vo=head_dim_vo, dtype=dtype,
+                         kv_dtype=kv_dtype, device=device, max_batch_size=max_batch_size,
+                         use_cuda_graph=use_cuda_graph, enable_pdl=enable_pdl)
+        self.backend = backend
         self.max_num_tokens = max_num_tokens
-        self.use_cuda_graph = use_cuda_graph
-        self.enable_pdl = _extension.pdl_default(self.device) if enable_pdl is None \
-            else bool(enable_pdl)
-
-        # Two tile shapes: `tile_rows` for long queries and `short_tile_rows` for batches
-        # whose requests have few query rows (see _tile_shape); buffers fit either.
-        if self.device.type == "cuda":
-            ops = _extension.load_ops()
-            num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-
-            def tile_shape(short_queries: bool) -> tuple[int, int]:
-                rows, _, ctas_per_sm, _ = ops.paged_prefill_config(head_dim, head_dim_vo,
-                                                                   short_queries)
-                return int(rows), (cta_slots if cta_slots is not None else
-                                   max(1, ctas_per_sm) * num_sms)
-
-            shapes = (tile_shape(False), tile_shape(True))
-        else:  # the reference ignores the schedule; plan() still makes one
-            slots = cta_slots if cta_slots is not None else 1
-            shapes = ((128, slots), (64, slots))
-        (self.tile_rows, self.cta_slots), (self.short_tile_rows, self.short_cta_slots) = shapes
-        self.max_partials = max(max_prefill_partials_per_head(num_kv_heads, slots)
-                                for _, slots in shapes)
-        self.capacity = max(prefill_grid_size(max_num_tokens, max_batch_size, self.group_size,
-                                              rows, num_kv_heads, slots) for rows, slots in shapes)
-        partial_rows = self.max_partials * num_kv_heads * max(self.tile_rows,
-                                                              self.short_tile_rows)
-        if self.capacity > 65535:
-            raise ValueError(f"max_num_tokens={max_num_tokens} makes up to {self.capacity} work "
-                             "items; the kernel's grid takes at most 65535 (lower max_num_tokens)")
-        self._request_info = FixedCapacityBuffer("prefill request info", 3 * max_batch_size,
-                                                 torch.int32, self.device)
-        self._schedule = FixedCapacityBuffer("prefill schedule", _SCHEDULE_ROWS * self.capacity,
-                                             torch.int32, self.device)
-        self._merge_indptr = FixedCapacityBuffer("prefill merge_indptr", self.max_partials + 1,
-                                                 torch.int32, self.device)
-        self._mask_offsets = FixedCapacityBuffer("prefill mask offsets", max_batch_size + 1,
-                                                 torch.int64, self.device)
+        long = self._long_config(backend)
+        short = self._find_config("prefill_short")
+        main = (long, self._cta_slots(long, cta_slots)) if long else None
+        alt = (short, self._cta_slots(short, cta_slots)) if short else None
+        self.tile_rows, self.cta_slots = (long.tile_rows, main[1]) if long else (None, 1)
+        self.short_tile_rows, self.short_cta_slots = (short.tile_rows, alt[1]) if short \
+            else (None, 1)
+        self._init_plans(main, alt, max_num_tokens)
         self._mask_bits = torch.zeros(-(-max_mask_elements // 8), dtype=torch.uint8,
                                       device=self.device)
         self._mask_bit_weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
                                               device=self.device)
-        self._partial_out = torch.empty(partial_rows, head_dim_vo, dtype=torch.float32,
-                                        device=self.device)
-        self._partial_lse = torch.empty(partial_rows, dtype=torch.float32, device=self.device)
-        # Zeros between launches; the kernel's merging CTA resets what it counted.
-        self._merge_counters = torch.zeros(self.max_partials * num_kv_heads, dtype=torch.int32,
-                                           device=self.device)
-        self._host_info = np.empty((3, max_batch_size), dtype=np.int32)
-        self._host_schedule = np.empty((_SCHEDULE_ROWS, self.capacity), dtype=np.int32)
         self._planned: _PlannedBatch | None = None
+
+    def _long_config(self, backend: str) -> KernelConfig | None:
+        """The long-query configuration of `backend` (None: no schedule on this device)."""
+        mma = self._find_config("prefill_mma")
+        wgmma = self._find_config("prefill_wgmma")
+        on_cuda = self.device.type == "cuda"
+        if backend == "mma":
+            return mma
+        if backend == "wgmma":
+            if self._ops is not None and (wgmma is None or (on_cuda and not wgmma.runs_here())):
+                raise ValueError(
+                    f"backend='wgmma' needs an sm_90 GPU, an sm_90a build and head dims with a "
+                    f"wgmma kernel; head dims ({self.head_dim}, {self.head_dim_vo}) on "
+                    f"{self.device} have none (use backend='mma' or 'auto')")
+            return wgmma
+        return wgmma if wgmma is not None and on_cuda and wgmma.runs_here() else mma
 
     def plan(self, qo_indptr, kv_lens, *, causal: bool = True, window_left: int = -1,
              custom_mask: torch.Tensor | None = None, mask_indptr=None,
@@ -158,26 +142,28 @@ class PagedPrefill:
         for, when a captured batch carries more tokens than its requests use (vLLM pads a
         graph's batch with empty requests and spare tokens); default: qo_indptr[-1].
         """
-        qo = _host_int64("qo_indptr", qo_indptr)
-        lens = _host_int64("kv_lens", kv_lens)
+        qo = host_int64(qo_indptr)
+        lens = host_int64(kv_lens)
         batch = len(lens)
         if not 1 <= batch <= self.max_batch_size:
             raise ValueError(f"kv_lens has {batch} requests; accepted: 1..{self.max_batch_size} "
                              "(max_batch_size of this PagedPrefill)")
-        if len(qo) != batch + 1 or qo[0] != 0 or np.any(np.diff(qo) < 0):
+        q_lens = qo[1:] - qo[:-1]
+        if len(qo) != batch + 1 or qo[0] != 0 or q_lens.min() < 0:
             raise ValueError(f"qo_indptr must be {batch + 1} non-decreasing offsets from 0 "
                              f"(one more than kv_lens); got {qo.tolist()[:8]}...")
-        q_lens = np.diff(qo)
         if qo[-1] > self.max_num_tokens:
             raise ValueError(f"the batch has {qo[-1]} query tokens; this PagedPrefill holds "
                              f"max_num_tokens={self.max_num_tokens}")
-        if lens.max() >= 2**31:
-            raise ValueError(f"kv_lens must be < 2**31; got {lens.max()}")
-        short = np.flatnonzero(lens < q_lens)
-        if short.size and (causal or window_left >= 0 or custom_mask is not None):
-            r = int(short[0])
-            raise ValueError(f"request {r}: kv_len {lens[r]} < q_len {q_lens[r]}; with causal, "
-                             "a window or a mask the queries must be the last kv_len tokens")
+        if lens.min() < 0 or lens.max() >= 2**31:
+            raise ValueError(f"kv_lens must be in [0, 2**31); got [{lens.min()}, {lens.max()}]")
+        if causal or window_left >= 0 or custom_mask is not None:
+            short = lens < q_lens
+            if short.any():
+                r = int(short.argmax())
+                raise ValueError(f"request {r}: kv_len {lens[r]} < q_len {q_lens[r]}; with "
+                                 "causal, a window or a mask the queries must be the last "
+                                 "kv_len tokens")
         mask, offsets = None, None
         if custom_mask is not None:
             mask, offsets = self._check_mask(custom_mask, mask_indptr, q_lens, lens)
@@ -185,53 +171,22 @@ class PagedPrefill:
         if not qo[-1] <= grid_tokens <= self.max_num_tokens:
             raise ValueError(f"graph_num_tokens={graph_num_tokens}; accepted: from the batch's "
                              f"{qo[-1]} tokens to max_num_tokens={self.max_num_tokens}")
-        tile_rows, cta_slots = self._tile_shape(q_lens, grid_tokens)
-        schedule = plan_prefill(q_lens, lens, group_size=self.group_size,
-                                tile_rows=tile_rows, causal=causal, window_left=window_left,
-                                has_mask=mask is not None, num_kv_heads=self.num_kv_heads,
-                                cta_slots=cta_slots)
-        num_work_items = prefill_grid_size(grid_tokens, batch, self.group_size, tile_rows,
-                                           self.num_kv_heads, cta_slots) \
-            if self.use_cuda_graph else schedule.num_items
-        if not schedule.num_items <= num_work_items <= self.capacity:
-            raise RuntimeError(f"prefill schedule of {schedule.num_items} items does not fit its "
-                               f"grid of {num_work_items} (capacity {self.capacity})")
-        if schedule.num_partials > self.max_partials:
-            raise RuntimeError(f"prefill schedule needs {schedule.num_partials} partials; "
-                               f"capacity {self.max_partials}")
-        self._host_info[0, :batch] = qo[:-1]
-        self._host_info[1, :batch] = q_lens
-        self._host_info[2, :batch] = lens
-        self._request_info.load(torch.from_numpy(self._host_info.reshape(-1)))
-        self._host_schedule[0] = -1  # unused slots of a graph-sized grid: no request
-        self._host_schedule[1:4] = 0
-        self._host_schedule[4:] = -1
-        self._host_schedule[:, : schedule.num_items] = schedule.items
-        self._schedule.load(torch.from_numpy(self._host_schedule.reshape(-1)))
-        self._merge_indptr.load(torch.from_numpy(schedule.merge_indptr))
-        if mask is not None and self.device.type == "cuda":
-            # Only the blocks the lengths use: SGLang's graph runners hand over a
-            # larger static mask buffer.
-            self._pack_mask(mask[: int(offsets[-1])])
-            self._mask_offsets.load(torch.from_numpy(offsets[:-1]))
-        self._planned = _PlannedBatch(qo, lens, causal, window_left, mask, offsets,
-                                      num_work_items, tile_rows)
-
-    def _tile_shape(self, q_lens: np.ndarray, grid_tokens: int) -> tuple[int, int]:
-        """(tile rows, CTA slots) for a batch. A tile never spans requests, so requests of at
-        most `short_tile_rows` query rows (speculative verification, short extends) take the
-        short tiles; longer ones the large tiles, which read each K/V tile for more rows.
-
-        With `use_cuda_graph` a captured launch keeps the kernel it was captured with, so the
-        choice depends only on what is fixed per graph (its tokens and batch size): the mean
-        query length. Either shape computes any batch correctly."""
-        if self.use_cuda_graph:
-            rows_per_request = -(-grid_tokens // len(q_lens)) * self.group_size
-        else:
-            rows_per_request = int(q_lens.max(initial=0)) * self.group_size
-        if rows_per_request <= self.short_tile_rows:
-            return self.short_tile_rows, self.short_cta_slots
-        return self.tile_rows, self.cta_slots
+        plan, config = None, None
+        if self._setup is not None:
+            given_offsets = None if mask is None or mask_indptr is None else \
+                torch.from_numpy(offsets)
+            plan = PlanRecord(self._ops.plan_prefill(
+                torch.from_numpy(qo), torch.from_numpy(lens), given_offsets, bool(causal),
+                int(window_left), mask is not None, grid_tokens, self._setup.values,
+                self._workspace.host))
+            self._workspace.upload()
+            config = self._planned_config(plan)
+            if mask is not None and self.device.type == "cuda":
+                # Only the blocks the lengths use: SGLang's graph runners hand over a
+                # larger static mask buffer.
+                self._pack_mask(mask[: int(offsets[-1])])
+        self._planned = _PlannedBatch(qo, lens, bool(causal), int(window_left), mask, offsets,
+                                      plan, config, int(lens.max()))
 
     def _check_mask(self, custom_mask, mask_indptr, q_lens, kv_lens):
         if not isinstance(custom_mask, torch.Tensor) or custom_mask.dtype not in (torch.bool,
@@ -242,7 +197,7 @@ class PagedPrefill:
         if mask_indptr is None:
             offsets = np.concatenate([[0], np.cumsum(sizes)])
         else:
-            offsets = _host_int64("mask_indptr", mask_indptr)
+            offsets = host_int64(mask_indptr)
             if len(offsets) != len(kv_lens) + 1:
                 raise ValueError(f"mask_indptr has {len(offsets)} entries; expected "
                                  f"{len(kv_lens) + 1} (batch + 1)")
@@ -288,16 +243,9 @@ class PagedPrefill:
                               device=q.device)
         lse = torch.empty(q.shape[0], self.num_qo_heads, dtype=torch.float32, device=q.device) \
             if return_lse else None
-        has_mask = planned.custom_mask is not None
-        _extension.load_ops().paged_prefill(
-            q, cache.k, cache.v, page_table.table, page_table.row_index, page_table.slot_map,
-            page_table.holds_token_slots, self._request_info.tensor.view(3, self.max_batch_size),
-            self._schedule.tensor.view(_SCHEDULE_ROWS, self.capacity), planned.num_work_items,
-            planned.tile_rows, self._mask_bits if has_mask else None,
-            self._mask_offsets.tensor if has_mask else None, self._merge_indptr.tensor,
-            self._merge_counters, self._partial_out, self._partial_lse, float(sm_scale),
-            float(logits_soft_cap), int(planned.window_left), bool(planned.causal),
-            self.enable_pdl, out, lse)
+        mask_bits = self._mask_bits if planned.custom_mask is not None else None
+        self._launch(q, cache, page_table, planned.plan, mask_bits, sm_scale, logits_soft_cap,
+                     out, lse)
         return (out, lse) if return_lse else out
 
     def _run_reference(self, q, cache, page_table, sm_scale, logits_soft_cap, out, return_lse):
@@ -316,11 +264,3 @@ class PagedPrefill:
             computed = out
         return (computed, result.lse) if return_lse else computed
 
-
-def _host_int64(name: str, values) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.tolist()  # a device tensor syncs here; callers pass host lengths
-    array = np.asarray(values, dtype=np.int64).reshape(-1)
-    if array.size and array.min() < 0:
-        raise ValueError(f"{name} must be non-negative; got min {array.min()}")
-    return array

@@ -1,15 +1,21 @@
-"""Host-side split-KV scheduling for decode: which CTA reads which part of which request.
+"""The planner's specification, in numpy: which CTA computes which rows of which request over
+which keys.
 
-Decode reads each request's whole KV once, so a work item's cost is about its
-number of keys. Requests are cut into chunks (multiples of the kernel's
-64-token tile) so that the CTAs come out in near-whole waves over the GPU:
-the chunk size minimises the estimated makespan
+`plan()` runs the C++ planner (kernels/include/attn_backend/scheduler.h) in the extension;
+this module states the same schedules in array form and the tests compare the two item for
+item. Neither holds a tile fact: the rows and keys per tile (`TileShape`) and the CTA slots
+come from the kernel configuration planned for (`attn_backend.kernel_configs`).
 
-    waves(c) * (average item length + per-item overhead),  waves = ceil(items * heads / slots)
+A tile is `rows` packed query rows (token * group + head in group) of one request; its keys
+are the ones some row of it can see. When the tiles underfill the GPU the plan cuts their
+key ranges into chunks, whole K/V tiles each, so that the CTAs come out in near-whole waves:
+the chunk minimises the estimated makespan
 
-bounded below by one chunk. Split requests' partial (output, lse) states are
-merged afterwards. Items are ordered longest first, so the hardware's
-in-order CTA dispatch balances unequal requests.
+    waves(c) * (average item length + per-item overhead),  waves = ceil(CTAs(c) / slots)
+
+bounded below by one chunk. A split tile is a merge group: its chunks write partial states
+[merge_indptr[g], merge_indptr[g + 1]) that its last chunk merges in the same launch. Items
+are ordered longest first, so the hardware's in-order CTA dispatch balances unequal work.
 """
 
 from __future__ import annotations
@@ -18,17 +24,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TILE_TOKENS = 64  # the decode kernel's K/V tile
-MIN_CHUNK_TOKENS = 64  # one tile; bench/sweep_chunks.py: 1 x 512 runs 1.34x faster at 64 than at 256
-ITEM_OVERHEAD_TOKENS = 64  # a CTA's fixed cost (pipeline fill, epilogue), in tokens of streaming
+ITEM_OVERHEAD_TOKENS = 64  # a CTA's fixed cost (pipeline fill, epilogue), in keys of streaming
 MAX_SPLITS_CONSIDERED = 128
 
+# Rows of a work list, in order.
+WORK_LIST_ROWS = ("request", "row_start", "kv_start", "kv_end", "partial", "merge_group")
 
-class _WorkList:
-    """A schedule's work items (the columns of `items`) and its merge ranges (`merge_indptr`)."""
 
-    items: np.ndarray
-    merge_indptr: np.ndarray
+@dataclass(frozen=True)
+class TileShape:
+    """A kernel configuration's tile facts."""
+
+    rows: int  # packed query rows per tile
+    kv_tokens: int  # keys per K/V tile: the chunk granularity and the smallest chunk
+
+
+@dataclass(frozen=True)
+class WorkSchedule:
+    """Work items (columns of `items`, rows as WORK_LIST_ROWS) and the split tiles' partials."""
+
+    items: np.ndarray  # int32 [6, num_items]
+    merge_indptr: np.ndarray  # int32 [num_merge_groups + 1]
+    chunk_tokens: int
+    num_tiles: int
 
     @property
     def num_items(self) -> int:
@@ -38,14 +56,107 @@ class _WorkList:
     def num_partials(self) -> int:
         return int(self.merge_indptr[-1])
 
+    @property
+    def num_merge_groups(self) -> int:
+        return len(self.merge_indptr) - 1
 
-@dataclass(frozen=True)
-class DecodeSchedule(_WorkList):
-    """Work items (rows of `items`: request, kv_start, kv_end, partial) and the merge ranges."""
 
-    items: np.ndarray  # int32 [4, num_items]
-    merge_indptr: np.ndarray  # int32 [batch + 1]; request r merges partials [indptr[r], indptr[r+1])
-    chunk_tokens: int
+def choose_chunk(lengths: np.ndarray, ctas_per_chunk: int, cta_slots: int, max_chunks: int,
+                 tile_tokens: int) -> int:
+    """The chunk (keys) with the smallest estimated makespan; see the module docstring."""
+    longest = int(lengths.max(initial=0))
+    if longest <= tile_tokens:
+        return max(longest, 1)
+    # A chunk c makes at least total / c items, so more than longest * max_chunks / total
+    # splits of the longest length cannot fit: at large batches few candidates remain.
+    total = int(lengths.sum())
+    max_splits = min(MAX_SPLITS_CONSIDERED, longest // tile_tokens,
+                     longest * max_chunks // max(total, 1))
+    splits = np.arange(1, max(max_splits, 1) + 1)
+    chunks = (longest + splits - 1) // splits
+    chunks = np.unique((chunks + tile_tokens - 1) // tile_tokens * tile_tokens)[::-1]
+    chunks = chunks[chunks >= tile_tokens]
+    if chunks.size == 0 or chunks[0] < longest:
+        chunks = np.concatenate([[longest], chunks])
+    items = np.maximum(1, (lengths[:, None] + chunks[None, :] - 1) // chunks[None, :]).sum(axis=0)
+    feasible = items <= max_chunks
+    feasible[0] = True  # one item per length always fits
+    chunks, items = chunks[feasible], items[feasible]
+    waves = (items * ctas_per_chunk + cta_slots - 1) // cta_slots
+    average = total / items
+    estimate = np.maximum(waves * (average + ITEM_OVERHEAD_TOKENS), chunks + ITEM_OVERHEAD_TOKENS)
+    return int(chunks[np.argmin(estimate)])  # argmin takes the first (largest) chunk on ties
+
+
+# ---- capacities: what any batch of a given size can need (sizes buffers and graph grids) ----
+
+def decode_row_tiles(group_size: int, tile_rows: int) -> int:
+    """Row tiles of one decode request: its group's heads in tiles of `tile_rows`."""
+    return -(-group_size // tile_rows)
+
+
+def max_decode_chunks(batch_size: int, num_kv_heads: int, row_tiles: int, cta_slots: int) -> int:
+    """Chunks a decode schedule may cut: two per request plus four waves' worth."""
+    return 2 * batch_size + 4 * (-(-cta_slots // (num_kv_heads * row_tiles)))
+
+
+def max_decode_items(batch_size: int, num_kv_heads: int, group_size: int, shape: TileShape,
+                     cta_slots: int) -> int:
+    """Work items any decode batch of `batch_size` can need (the grid of a CUDA graph)."""
+    row_tiles = decode_row_tiles(group_size, shape.rows)
+    return max_decode_chunks(batch_size, num_kv_heads, row_tiles, cta_slots) * row_tiles
+
+
+def max_prefill_partials(num_kv_heads: int, cta_slots: int) -> int:
+    """Partial states per kv head: split-KV only fills the GPU, so about two waves' worth."""
+    return 2 * (-(-cta_slots // num_kv_heads))
+
+
+def max_prefill_tiles(num_tokens: int, batch_size: int, group_size: int, shape: TileShape) -> int:
+    """An upper bound on the tiles of any batch of `batch_size` requests and `num_tokens` queries."""
+    return -(-num_tokens * group_size // shape.rows) + batch_size
+
+
+def prefill_grid_size(num_tokens: int, batch_size: int, group_size: int, shape: TileShape,
+                      num_kv_heads: int, cta_slots: int) -> int:
+    """Work items any such batch can need (the grid of a CUDA graph)."""
+    return max_prefill_tiles(num_tokens, batch_size, group_size, shape) + \
+        max_prefill_partials(num_kv_heads, cta_slots)
+
+
+# ---- schedules ---------------------------------------------------------------------------
+
+def schedule_ranges(request: np.ndarray, row_start: np.ndarray, kv_start: np.ndarray,
+                    kv_end: np.ndarray, *, row_tiles: int, tile_rows: int,
+                    chunk: int) -> WorkSchedule:
+    """Key ranges [kv_start, kv_end) that `row_tiles` consecutive row tiles of a request share
+    (from packed row `row_start`), cut into chunks of at most `chunk` keys (an empty range
+    still gets one): one item per chunk and row tile, longest first (equal lengths in range
+    order), the row tiles of a chunk adjacent. Each row tile of a split range is a merge
+    group, in range order."""
+    lengths = kv_end - kv_start
+    counts = np.maximum(1, -(-lengths // chunk))
+    owner = np.repeat(np.arange(len(counts)), counts)
+    first_piece = np.repeat(np.cumsum(counts) - counts, counts)
+    index = np.arange(len(owner)) - first_piece
+    piece_start = kv_start[owner] + index * chunk
+    piece_end = np.minimum(piece_start + chunk, kv_end[owner])
+    order = np.argsort(-(piece_end - piece_start), kind="stable")  # longest first
+    owner, index, piece_start, piece_end = (a[order] for a in (owner, index, piece_start,
+                                                               piece_end))
+    split = counts > 1
+    first_group = np.where(split, (np.cumsum(split) - 1) * row_tiles, -1)
+    group_counts = np.repeat(counts[split], row_tiles)
+    merge_indptr = np.concatenate([[0], np.cumsum(group_counts)])
+    tile = np.tile(np.arange(row_tiles), len(owner))
+    owner, index, piece_start, piece_end = (np.repeat(a, row_tiles) for a in (owner, index,
+                                                                               piece_start,
+                                                                               piece_end))
+    group = np.where(split[owner], first_group[owner] + tile, -1)
+    partial = np.where(group >= 0, merge_indptr[np.maximum(group, 0)] + index, -1)
+    items = np.stack([request[owner], row_start[owner] + tile * tile_rows, piece_start,
+                      piece_end, partial, group]).astype(np.int32)
+    return WorkSchedule(items, merge_indptr.astype(np.int32), chunk, len(counts) * row_tiles)
 
 
 def kv_ranges(kv_lens: np.ndarray, window_left: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,104 +167,17 @@ def kv_ranges(kv_lens: np.ndarray, window_left: int) -> tuple[np.ndarray, np.nda
     return np.maximum(ends - 1 - window_left, 0), ends
 
 
-def max_items_per_head(batch_size: int, num_kv_heads: int, cta_slots: int) -> int:
-    """The most work items per kv head a schedule may use (sizes CUDA-graph grids and buffers)."""
-    return 2 * batch_size + 4 * (-(-cta_slots // num_kv_heads))
-
-
-def choose_chunk(lengths: np.ndarray, num_kv_heads: int, cta_slots: int, max_items: int) -> int:
-    """The chunk size (tokens) with the smallest estimated makespan; see the module docstring."""
-    longest = int(lengths.max(initial=0))
-    if longest <= MIN_CHUNK_TOKENS:
-        return max(longest, 1)
-    # A chunk c makes at least total / c items, so more than
-    # longest * max_items / total splits of the longest request cannot fit:
-    # at large batches only a few candidates remain (this runs every step).
-    total = int(lengths.sum())
-    max_splits = min(MAX_SPLITS_CONSIDERED, longest // MIN_CHUNK_TOKENS,
-                     longest * max_items // max(total, 1))
-    splits = np.arange(1, max(max_splits, 1) + 1)
-    chunks = (longest + splits - 1) // splits
-    chunks = np.unique((chunks + TILE_TOKENS - 1) // TILE_TOKENS * TILE_TOKENS)[::-1]
-    chunks = chunks[chunks >= MIN_CHUNK_TOKENS]
-    if chunks.size == 0 or chunks[0] < longest:
-        chunks = np.concatenate([[longest], chunks])
-    items = np.maximum(1, (lengths[:, None] + chunks[None, :] - 1) // chunks[None, :]).sum(axis=0)
-    feasible = items <= max_items
-    feasible[0] = True  # one item per request always fits
-    chunks, items = chunks[feasible], items[feasible]
-    waves = (items * num_kv_heads + cta_slots - 1) // cta_slots
-    average = total / items
-    estimate = np.maximum(waves * (average + ITEM_OVERHEAD_TOKENS), chunks + ITEM_OVERHEAD_TOKENS)
-    return int(chunks[np.argmin(estimate)])  # argmin takes the first (largest) chunk on ties
-
-
-def cut_ranges(starts: np.ndarray, ends: np.ndarray, chunk: int):
-    """Ranges [start, end) cut into work items of at most `chunk` keys; an empty range still
-    gets one item. Returns per item (its range, start, end, index within its range), and the
-    items per range."""
-    counts = np.maximum(1, -(-(ends - starts) // chunk))
-    owner = np.repeat(np.arange(len(starts)), counts)
-    first_item = np.repeat(np.cumsum(counts) - counts, counts)
-    index_in_range = np.arange(len(owner)) - first_item
-    item_start = starts[owner] + index_in_range * chunk
-    item_end = np.minimum(item_start + chunk, ends[owner])
-    return owner, item_start, item_end, index_in_range, counts
-
-
-def plan_decode(kv_lens: np.ndarray, *, window_left: int, num_kv_heads: int,
-                cta_slots: int) -> DecodeSchedule:
+def plan_decode(kv_lens: np.ndarray, *, window_left: int, num_kv_heads: int, group_size: int,
+                shape: TileShape, cta_slots: int) -> WorkSchedule:
+    """One query per request over the keys it sees; its group's heads in row tiles."""
     batch = len(kv_lens)
-    starts, ends = kv_ranges(kv_lens, window_left)
-    lengths = ends - starts
-    chunk = choose_chunk(lengths, num_kv_heads, cta_slots,
-                         max_items_per_head(batch, num_kv_heads, cta_slots))
-    request, item_start, item_end, index_in_request, counts = cut_ranges(starts, ends, chunk)
-    split = counts > 1
-    merge_indptr = np.concatenate([[0], np.cumsum(np.where(split, counts, 0))])
-    partial = np.where(split[request], merge_indptr[request] + index_in_request, -1)
-    order = np.argsort(-(item_end - item_start), kind="stable")  # longest first
-    items = np.stack([request, item_start, item_end, partial])[:, order].astype(np.int32)
-    return DecodeSchedule(items, merge_indptr.astype(np.int32), chunk)
-
-
-def graph_grid_size(batch_size: int, num_kv_heads: int, cta_slots: int) -> int:
-    """Work-item slots of a CUDA-graph-captured decode: enough for any lengths at this batch."""
-    return max_items_per_head(batch_size, num_kv_heads, cta_slots)
-
-
-# ---- prefill / append ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PrefillSchedule(_WorkList):
-    """Work items (rows of `items`: request, row_start, kv_start, kv_end, partial, merge_group).
-
-    A tile is `tile_rows` packed query rows of one request (row = token * group
-    + head in group). A tile whose kv range is split into chunks is a merge
-    group: its chunks write partials [merge_indptr[g], merge_indptr[g+1]).
-    """
-
-    items: np.ndarray  # int32 [6, num_items]
-    merge_indptr: np.ndarray  # int32 [num_groups + 1]
-    num_tiles: int
-
-
-def max_prefill_partials_per_head(num_kv_heads: int, cta_slots: int) -> int:
-    """Partial slots per kv head: split-KV only fills the GPU, so about two waves' worth."""
-    return 2 * (-(-cta_slots // num_kv_heads))
-
-
-def max_prefill_tiles(num_tokens: int, batch_size: int, group_size: int, tile_rows: int) -> int:
-    """An upper bound on the tiles of any batch of `batch_size` requests and `num_tokens` queries."""
-    return -(-num_tokens * group_size // tile_rows) + batch_size
-
-
-def prefill_grid_size(num_tokens: int, batch_size: int, group_size: int, tile_rows: int,
-                      num_kv_heads: int, cta_slots: int) -> int:
-    """Work-item slots that any schedule of such a batch fits (sizes CUDA-graph grids)."""
-    return max_prefill_tiles(num_tokens, batch_size, group_size, tile_rows) + \
-        max_prefill_partials_per_head(num_kv_heads, cta_slots)
+    starts, ends = kv_ranges(np.asarray(kv_lens), window_left)
+    row_tiles = decode_row_tiles(group_size, shape.rows)
+    chunk = choose_chunk(ends - starts, num_kv_heads * row_tiles, cta_slots,
+                         max_decode_chunks(batch, num_kv_heads, row_tiles, cta_slots),
+                         shape.kv_tokens)
+    return schedule_ranges(np.arange(batch), np.zeros(batch, dtype=np.int64), starts, ends,
+                           row_tiles=row_tiles, tile_rows=shape.rows, chunk=chunk)
 
 
 def prefill_tile_ranges(q_lens: np.ndarray, kv_lens: np.ndarray, *, group_size: int,
@@ -175,12 +199,12 @@ def prefill_tile_ranges(q_lens: np.ndarray, kv_lens: np.ndarray, *, group_size: 
     return request, row_start, kv_start, np.asarray(kv_end, dtype=np.int64)
 
 
-def plan_prefill(q_lens: np.ndarray, kv_lens: np.ndarray, *, group_size: int, tile_rows: int,
+def plan_prefill(q_lens: np.ndarray, kv_lens: np.ndarray, *, group_size: int, shape: TileShape,
                  causal: bool, window_left: int, has_mask: bool, num_kv_heads: int,
-                 cta_slots: int) -> PrefillSchedule:
+                 cta_slots: int) -> WorkSchedule:
     """Tiles of packed query rows, longest kv range first; split-KV when they underfill the GPU."""
     request, row_start, kv_start, kv_end = prefill_tile_ranges(
-        q_lens, kv_lens, group_size=group_size, tile_rows=tile_rows, causal=causal,
+        q_lens, kv_lens, group_size=group_size, tile_rows=shape.rows, causal=causal,
         window_left=window_left, has_mask=has_mask)
     num_tiles = len(request)
     lengths = kv_end - kv_start
@@ -188,14 +212,19 @@ def plan_prefill(q_lens: np.ndarray, kv_lens: np.ndarray, *, group_size: int, ti
     if 0 < num_tiles and num_tiles * num_kv_heads < cta_slots:
         # Fewer CTAs than the GPU holds: cut the kv ranges, as decode does.
         chunk = choose_chunk(lengths, num_kv_heads, cta_slots,
-                             max_prefill_partials_per_head(num_kv_heads, cta_slots))
-    tile, item_start, item_end, index_in_tile, counts = cut_ranges(kv_start, kv_end, chunk)
-    split = counts > 1
-    group_of_tile = np.cumsum(split) - 1
-    merge_indptr = np.concatenate([[0], np.cumsum(counts[split])])
-    partial = np.where(split[tile], merge_indptr[group_of_tile[tile]] + index_in_tile, -1)
-    merge_group = np.where(split[tile], group_of_tile[tile], -1)
-    order = np.argsort(-(item_end - item_start), kind="stable")  # longest first
-    items = np.stack([request[tile], row_start[tile], item_start, item_end, partial,
-                      merge_group])[:, order].astype(np.int32)
-    return PrefillSchedule(items, merge_indptr.astype(np.int32), num_tiles)
+                             max_prefill_partials(num_kv_heads, cta_slots), shape.kv_tokens)
+    return schedule_ranges(request, row_start, kv_start, kv_end, row_tiles=1,
+                           tile_rows=shape.rows, chunk=chunk)
+
+
+def choose_prefill_shape(q_lens: np.ndarray, *, group_size: int, short_rows: int,
+                         graph_num_tokens: int | None) -> bool:
+    """Whether a prefill batch takes the short-query tiles: a tile never spans requests, so
+    requests of at most `short_rows` packed rows take them (with CUDA graphs: the rows per
+    request of the captured tokens, fixed per graph); the others take the long-query tiles,
+    which read each K/V tile for more rows."""
+    if graph_num_tokens is not None:
+        rows_per_request = -(-graph_num_tokens // len(q_lens)) * group_size
+    else:
+        rows_per_request = int(q_lens.max(initial=0)) * group_size
+    return rows_per_request <= short_rows

@@ -101,6 +101,8 @@ def run() -> tuple[str, list[dict], list[str]]:
                             timings[name] = median_ms(fn, iters=iters)
                         except Exception as error:  # noqa: BLE001
                             peers.note_once(f"{name} failed: {type(error).__name__}: {error}"[:300])
+                if contiguous is None and not peers.contiguous:
+                    contiguous = {}
                 if contiguous is None:  # SDPA/flex: once per shape, the layout has no pages
                     contiguous = _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters)
                 timings.update(contiguous)
@@ -127,8 +129,9 @@ def _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters) -> dict[str,
                         f"(first: b{batch} kv{kv_len})")
         return timings
     q4 = q.unsqueeze(2)  # [batch, heads, 1, dim]
-    for name, backend in (("sdpa_cudnn_contiguous", SDPBackend.CUDNN_ATTENTION),
-                          ("sdpa_flash_contiguous", SDPBackend.FLASH_ATTENTION)):
+    sdpa_backends = (("sdpa_cudnn_contiguous", SDPBackend.CUDNN_ATTENTION),
+                     ("sdpa_flash_contiguous", SDPBackend.FLASH_ATTENTION)) if peers.sdpa else ()
+    for name, backend in sdpa_backends:
         try:
             with sdpa_kernel(backend):
                 fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731

@@ -77,8 +77,9 @@ def _contiguous_peers(peers, batch, q_len, kv_len, cache, pages, q, iters) -> di
     # Equal lengths: plain is_causal (top-left = bottom-right); an extend needs the bottom right.
     causal = dict(is_causal=True) if q_len == kv_len else \
         dict(attn_mask=causal_lower_right(q_len, kv_len))
-    for name, backend in (("sdpa_cudnn_contiguous", SDPBackend.CUDNN_ATTENTION),
-                          ("sdpa_flash_contiguous", SDPBackend.FLASH_ATTENTION)):
+    sdpa_backends = (("sdpa_cudnn_contiguous", SDPBackend.CUDNN_ATTENTION),
+                     ("sdpa_flash_contiguous", SDPBackend.FLASH_ATTENTION)) if peers.sdpa else ()
+    for name, backend in sdpa_backends:
         try:
             with sdpa_kernel(backend):
                 fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
@@ -143,6 +144,8 @@ def run() -> tuple[str, list[dict], list[str]]:
                                             f"{case_name(batch, q_len, kv_len, page_size)}")
                     except Exception as error:  # noqa: BLE001
                         peers.note_once(f"{name} failed: {type(error).__name__}: {error}"[:300])
+            if contiguous is None and not peers.contiguous:
+                contiguous = {}
             if contiguous is None:  # SDPA/flex: once per shape, the layout has no pages
                 contiguous = _contiguous_peers(peers, batch, q_len, kv_len, cache, pages, q, 30)
             timings.update(contiguous)
@@ -166,6 +169,9 @@ def plot(rows, ceiling_tflops, path, device: str | None = None):
     names = ["ours", "flashinfer_fa2", "flashinfer_fa3", "sdpa_cudnn_contiguous",
              "sdpa_flash_contiguous", "flex_attention_contiguous"]
     colors = ["tab:red", "tab:blue", "tab:cyan", "tab:green", "tab:olive", "tab:purple"]
+    builds = sorted({p for row in rows for p in row["peers"] if p.startswith("attn_backend_")})
+    names += builds  # earlier builds of ours (bench/before_after.py)
+    colors += ["tab:gray"] * len(builds)
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(rows)), 4.5))
     width = 0.8 / len(names)
     for i, (name, color) in enumerate(zip(names, colors)):

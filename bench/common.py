@@ -136,27 +136,57 @@ def contiguous_kv(cache, pages: torch.Tensor, kv_len: int) -> tuple[torch.Tensor
     return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
 
 
+# Which peers the benchmarks run, from ATTN_BACKEND_BENCH_PEERS: "all" (the default), "none"
+# (ours alone: before/after runs of our own builds, bench/before_after.py), or a comma list
+# of "flashinfer", "sdpa", "flex".
+PEER_GROUPS = ("flashinfer", "sdpa", "flex")
+
+
+def selected_peers() -> set[str]:
+    value = os.environ.get("ATTN_BACKEND_BENCH_PEERS", "all")
+    if value == "all":
+        return set(PEER_GROUPS)
+    chosen = {name for name in value.split(",") if name and name != "none"}
+    unknown = chosen - set(PEER_GROUPS)
+    if unknown:
+        raise ValueError(f"ATTN_BACKEND_BENCH_PEERS: unknown peers {sorted(unknown)}; "
+                         f"choose from all, none, {', '.join(PEER_GROUPS)}")
+    return chosen
+
+
 class OptionalPeers:
     """Peers that may be missing (FlashInfer, flex_attention); each one that cannot run says why
-    once, in `notes`."""
+    once, in `notes`. Only the selected ones (selected_peers) are loaded."""
 
     def __init__(self):
         self.notes: list[str] = []
+        chosen = selected_peers()
+        if chosen != set(PEER_GROUPS):
+            self.notes.append(f"peers run: {', '.join(sorted(chosen)) or 'none'} "
+                              "(ATTN_BACKEND_BENCH_PEERS)")
+        self.sdpa = "sdpa" in chosen
         self.flashinfer = None
-        try:
-            import flashinfer
-            self.flashinfer = flashinfer
-            self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
-        except Exception as error:  # noqa: BLE001 - reported in the results
-            self.notes.append(f"flashinfer not run: {type(error).__name__}: {error}")
+        if "flashinfer" in chosen:
+            try:
+                import flashinfer
+                self.flashinfer = flashinfer
+                self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+            except Exception as error:  # noqa: BLE001 - reported in the results
+                self.notes.append(f"flashinfer not run: {type(error).__name__}: {error}")
         self.flex = None
         self.flex_seconds = 0.0
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-            self.flex = torch.compile(flex_attention, dynamic=False)
-            self.create_block_mask = create_block_mask
-        except Exception as error:  # noqa: BLE001
-            self.notes.append(f"flex_attention not run: {type(error).__name__}: {error}")
+        if "flex" in chosen:
+            try:
+                from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+                self.flex = torch.compile(flex_attention, dynamic=False)
+                self.create_block_mask = create_block_mask
+            except Exception as error:  # noqa: BLE001
+                self.notes.append(f"flex_attention not run: {type(error).__name__}: {error}")
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether any peer needs the contiguous copies of K/V."""
+        return self.sdpa or self.flex is not None
 
     def note_once(self, text: str) -> None:
         if text not in self.notes:

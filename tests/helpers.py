@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from attn_backend import reference
@@ -139,16 +140,16 @@ def behind_slot_map(page_table: PageTable, gen: torch.Generator) -> PageTable:
                                        slot_map=slot_map.to(device))
 
 
-def native_decode_planner():
-    """The extension's C++ decode planner (what PagedDecode.plan runs on the GPU path), where a
-    setup.py build matching this torch and these sources loads here; else the test skips."""
-    import pytest
+def _extension_loads() -> bool:
+    from attn_backend import _extension
 
-    from attn_backend import _extension, _sources
+    return _extension.try_load_ops() is not None
 
-    if _extension._prebuilt_library(_sources.sources_hash()) is None:
-        pytest.skip("no setup.py build matching this torch and these sources")
-    return _extension.load_ops().plan_decode_schedule
+
+# The C++ planner and the kernel configurations live in the extension: a setup.py build that
+# matches this torch and these sources (CI builds one), or a JIT build on a GPU machine.
+needs_extension = pytest.mark.skipif(not _extension_loads(),
+                                     reason="no extension build matches this torch and sources")
 
 
 def check_reads_of_prior_kernel_writes(run, with_pdl, without_pdl, buffers: dict, want,

@@ -68,6 +68,39 @@ def test_decode_head_dims_and_group_sizes(head_dim, group, seed):
     check(decode, problem, table, q, seed=seed)
 
 
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads", [(32, 1), (64, 1), (128, 1), (96, 2),
+                                                        (17, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_large_gqa_groups(num_qo_heads, num_kv_heads, dtype, seed):
+    """Groups above one 16-row tile (MQA models, 32..128 query heads per kv head) run as row
+    tiles of the group's heads over the same keys; split-KV merges each row tile's partials."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_lens = [1, 40, 3000, 33000, int(torch.randint(1, 9000, (1,), generator=gen))]
+    group = num_qo_heads // num_kv_heads
+    problem, table, q = build(kv_lens, page_size=16, num_kv_heads=num_kv_heads, group=group,
+                              head_dim=128, dtype=dtype, layout="sglang", gen=gen,
+                              engine="sglang")
+    decode = PagedDecode(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=128,
+                         dtype=dtype, device="cuda", max_batch_size=8)
+    decode.plan(kv_lens)
+    assert decode.planned_schedule().num_partials > 0  # the 33k request is split
+    check(decode, problem, table, q, soft_cap=30.0, seed=seed)
+    decode.plan(kv_lens, window_left=2000)
+    check(decode, problem, table, q, window_left=2000, seed=seed)
+
+
+def test_decode_refuses_element_types_it_does_not_compile():
+    with pytest.raises(TypeError, match=r"kv_dtype float16 with dtype bfloat16; compiled"):
+        PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16,
+                    kv_dtype=torch.float16, device="cuda")
+    with pytest.raises(TypeError, match="dtype float32; accepted: float16, bfloat16"):
+        PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.float32,
+                    device="cuda")
+    with pytest.raises(ValueError, match="group size .* 256; supported: 1..128"):
+        PagedDecode(num_qo_heads=256, num_kv_heads=1, head_dim=128, dtype=torch.bfloat16,
+                    device="cuda")
+
+
 @pytest.mark.parametrize("kv_lens", [[32768], [1, 32768, 5], [12000] * 3],
                          ids=["b1x32k", "mixed_with_32k", "b3x12k"])
 @pytest.mark.parametrize("window_left, soft_cap", [(-1, 0.0), (-1, 30.0), (4095, 0.0), (100, 50.0)])
@@ -123,6 +156,13 @@ def test_decode_full_batch_shape(layout, page_size, dtype, window_left, soft_cap
         decode.plan(kv_lens, window_left=window_left)
         assert decode._planned.full_batch == full
         check(decode, problem, table, q, window_left=window_left, soft_cap=soft_cap, seed=seed)
+        # Either shape can be asked for at any batch size (backend=), for tests and sweeps.
+        forced = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype,
+                             device="cuda", max_batch_size=512,
+                             backend="split" if full else "full_batch")
+        forced.plan(kv_lens, window_left=window_left)
+        assert forced._planned.full_batch == (not full)
+        check(forced, problem, table, q, window_left=window_left, soft_cap=soft_cap, seed=seed)
 
 
 @pytest.mark.parametrize("batch", [6, FIRST_FULL_BATCH], ids=["b6", "first_full_batch"])

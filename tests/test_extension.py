@@ -65,3 +65,40 @@ def test_kv_write_op_traces_with_fake_tensors():
             torch.randn(4, 16, 2, 8), torch.tensor([0, 5, -1]))
     graph = make_fx(step, tracing_mode="fake")(*args)
     assert "attn_backend.paged_kv_write" in graph.code
+
+
+@needs_prebuilt
+def test_every_served_head_dim_has_its_kernel_configurations():
+    """The head dims the wrappers accept on CUDA (_validation.SUPPORTED_HEAD_DIMS) are exactly
+    those with a decode and the three prefill roles compiled; tile facts are the kernels'."""
+    from attn_backend._validation import SUPPORTED_HEAD_DIMS
+    from attn_backend.kernel_configs import all_configs, find
+
+    for qk, vo in SUPPORTED_HEAD_DIMS:
+        for name in ("decode", "prefill_mma", "prefill_short"):
+            assert find(name, qk, vo) is not None, (name, qk, vo)
+    assert {(c.head_dim_qk, c.head_dim_vo) for c in all_configs()} == set(SUPPORTED_HEAD_DIMS)
+    for config in all_configs():
+        assert config.kv_tile_tokens % 16 == 0 and config.kv_tile_tokens <= config.threads
+        assert config.tile_rows % 16 == 0 and config.smem_bytes > 0
+    assert find("decode", 128, 128).kv_tile_tokens == 64
+    assert find("decode_full_batch", 128, 128).kv_tile_tokens == 48
+
+
+@needs_prebuilt
+def test_the_run_op_takes_at_most_14_arguments_and_traces_with_fake_tensors():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ops = _extension.load_ops()
+    assert len(ops.attention.default._schema.arguments) <= 14
+
+    def step(q, k, v, table, workspace, out):
+        ops.attention(q, k, v, table, None, None, False, workspace, [0] * 40, None, 0.1, 0.0,
+                      out, None)
+        return out.sum()
+
+    args = (torch.randn(3, 8, 64), torch.randn(4, 16, 2, 64), torch.randn(4, 16, 2, 64),
+            torch.zeros(3, 4, dtype=torch.int32), torch.zeros(64, dtype=torch.uint8),
+            torch.empty(3, 8, 64))
+    graph = make_fx(step, tracing_mode="fake")(*args)
+    assert "attn_backend.attention" in graph.code

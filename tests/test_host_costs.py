@@ -1,4 +1,6 @@
-"""Host-side cost of planning a decode batch (pytest-benchmark; CPU only)."""
+"""Host-side costs of planning (pytest-benchmark; CPU only): the C++ planner plan() runs, the
+whole plan() of each wrapper, and what SGLang's graph replays cost on the host. The numpy
+specification is timed too, for scale."""
 
 from __future__ import annotations
 
@@ -6,104 +8,110 @@ import numpy as np
 import pytest
 import torch
 
-from attn_backend import PagedDecode
-from attn_backend.schedule import plan_decode
+from attn_backend import PagedDecode, PagedPrefill
+from attn_backend.schedule import TileShape, plan_decode
 
-from .helpers import native_decode_planner
+from .helpers import needs_extension
+
+CTA_SLOTS = 264  # a 132-SM GPU with 2 CTAs per SM
 
 
-def test_plan_decode_schedule_batch_256(benchmark):
+def test_spec_plan_decode_batch_256(benchmark):
     lens = np.random.default_rng().integers(1, 32768, size=256)
-    schedule = benchmark(plan_decode, lens, window_left=-1, num_kv_heads=8, cta_slots=264)
+    schedule = benchmark(plan_decode, lens, window_left=-1, num_kv_heads=8, group_size=4,
+                         shape=TileShape(16, 64), cta_slots=CTA_SLOTS)
     assert schedule.num_items >= 256
 
 
-def test_paged_decode_plan_batch_256_split(benchmark):
-    """The whole plan() of a CUDA-graph decode wrapper: schedule, padding and buffer refresh."""
+@needs_extension
+def test_paged_decode_plan_batch_256(benchmark):
+    """The whole plan() of a CUDA-graph decode wrapper: validation, the C++ planner, the
+    staging buffer's copy into the workspace."""
     decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
                          device="cpu", max_batch_size=256, use_cuda_graph=True,
-                         cta_slots=264)  # as on a 132-SM GPU with 2 CTAs per SM
+                         cta_slots=CTA_SLOTS)
     lens = np.random.default_rng().integers(1, 4096, size=256)
     benchmark(decode.plan, lens)
-    assert decode._planned.num_work_items == 2 * 256 + 4 * (264 // 8)
+    assert decode._planned.num_work_items == 2 * 256 + 4 * (CTA_SLOTS // 8)
 
 
-@pytest.mark.parametrize("planner", ["numpy", "native"])
-def test_sglang_per_replay_host_work_batch_256(benchmark, planner):
+@needs_extension
+@pytest.mark.parametrize("mask", ["chain", "tree"])
+def test_paged_prefill_plan_verify_batch_64(benchmark, mask):
+    """plan() of a graph-mode verify wrapper: 64 requests x 4 draft tokens (chains: causal;
+    trees: SGLang's flat bool mask, checked and offset on the host; its bit packing runs on the
+    device and is not part of this)."""
+    batch, drafts = 64, 4
+    prefill = PagedPrefill(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                           device="cpu", max_batch_size=batch, max_num_tokens=batch * drafts,
+                           use_cuda_graph=True, cta_slots=CTA_SLOTS)
+    kv_lens = np.random.default_rng().integers(drafts, 4096, size=batch)
+    qo_indptr = np.arange(batch + 1) * drafts
+    custom_mask = torch.ones(int(kv_lens.sum()) * drafts, dtype=torch.bool) \
+        if mask == "tree" else None
+    benchmark(prefill.plan, qo_indptr, kv_lens, custom_mask=custom_mask)
+    assert prefill._planned.config.name == "prefill_short"
+
+
+def _sglang_backend(batch):
+    from types import SimpleNamespace
+
+    runner = SimpleNamespace(
+        device="cpu", dtype=torch.bfloat16, kv_cache_dtype=torch.bfloat16, page_size=16,
+        use_mla_backend=False, token_to_kv_pool=None,
+        req_to_token_pool=SimpleNamespace(req_to_token=torch.zeros(batch + 1, 4096,
+                                                                   dtype=torch.int32)),
+        model_config=SimpleNamespace(head_dim=128, v_head_dim=128, num_attention_heads=32,
+                                     num_key_value_heads=8))
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    backend = SGLangAttnBackend(runner)
+    backend.init_cuda_graph_state(max_bs=batch, max_num_tokens=batch * 4)
+    return backend
+
+
+@needs_extension
+def test_sglang_per_replay_host_work_batch_256(benchmark):
     """What SGLang's decode graph replay costs on the host at batch 256: the backend's
-    init_forward_metadata_out_graph (metadata + one decoder's plan), with the numpy planner
-    (the CPU path) or the C++ one (the GPU path)."""
+    init_forward_metadata_out_graph (metadata and the plan of its one layer shape)."""
     pytest.importorskip("sglang")
     from types import SimpleNamespace
 
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
-
-    batch, page_size = 256, 16
-    req_to_token = torch.zeros(batch + 1, 4096, dtype=torch.int32)
-    runner = SimpleNamespace(
-        device="cpu", dtype=torch.bfloat16, page_size=page_size, use_mla_backend=False,
-        req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
-        token_to_kv_pool=None, model_config=SimpleNamespace())
-    backend = SGLangAttnBackend(runner)
-    key = (32, 8, 128, 128, torch.bfloat16, -1)
-    decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
-                         device="cpu", max_batch_size=batch, use_cuda_graph=True, cta_slots=396)
-    if planner == "native":
-        decode._native_planner = native_decode_planner()  # as on a CUDA device
-    backend._decoders[key] = decode
+    batch = 256
+    backend = _sglang_backend(batch)
     seq_lens = torch.from_numpy(np.random.default_rng().integers(1, 4096, size=batch))
     replay_view = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens=seq_lens,
                                   seq_lens_cpu=seq_lens,
                                   req_pool_indices=torch.arange(1, batch + 1))
+    backend.init_forward_metadata_out_graph(replay_view)  # builds the wrapper
     benchmark(backend.init_forward_metadata_out_graph, replay_view)
-    assert key in backend.forward_metadata.planned
-    want = plan_decode(seq_lens.numpy(), window_left=-1, num_kv_heads=8, cta_slots=396)
-    assert np.array_equal(decode._host_schedule[:, :want.num_items], want.items)
+    (decoder,) = backend.forward_metadata.wrappers.values()
+    config = decoder._planned.config
+    want = plan_decode(seq_lens.numpy(), window_left=-1, num_kv_heads=8, group_size=4,
+                       shape=TileShape(config.tile_rows, config.kv_tile_tokens),
+                       cta_slots=decoder.cta_slots)
+    np.testing.assert_array_equal(decoder.planned_schedule().items, want.items)
 
 
+@needs_extension
 def test_sglang_per_replay_host_work_verify_batch_64(benchmark):
     """The same for a speculative-verify graph replay: batch 64, 4-token chains (causal, no
-    mask), the backend's init_forward_metadata_out_graph with one graph-sized prefill plan."""
+    mask), one graph-sized prefill plan."""
     pytest.importorskip("sglang")
     from types import SimpleNamespace
 
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    from attn_backend import PagedPrefill
-    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
-
     batch, drafts = 64, 4
-    req_to_token = torch.zeros(batch + 1, 4096, dtype=torch.int32)
-    runner = SimpleNamespace(
-        device="cpu", dtype=torch.bfloat16, page_size=16, use_mla_backend=False,
-        req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
-        token_to_kv_pool=None, model_config=SimpleNamespace())
-    backend = SGLangAttnBackend(runner)
-    key = (32, 8, 128, 128, torch.bfloat16, -1, True, True)
-    backend._prefills[key] = PagedPrefill(num_qo_heads=32, num_kv_heads=8, head_dim=128,
-                                          dtype=torch.bfloat16, device="cpu",
-                                          max_batch_size=batch, max_num_tokens=batch * drafts,
-                                          use_cuda_graph=True, cta_slots=264)
+    backend = _sglang_backend(batch)
     seq_lens = torch.from_numpy(np.random.default_rng().integers(1, 4000, size=batch))
     replay_view = SimpleNamespace(
         forward_mode=ForwardMode.TARGET_VERIFY, seq_lens=seq_lens, seq_lens_cpu=seq_lens,
         req_pool_indices=torch.arange(1, batch + 1),
         spec_info=SimpleNamespace(draft_token_num=drafts, topk=1, custom_mask=None))
+    backend.init_forward_metadata_out_graph(replay_view)  # builds the wrapper
     benchmark(backend.init_forward_metadata_out_graph, replay_view)
-    assert key in backend.forward_metadata.planned
-
-
-def test_native_decode_planner_batch_256(benchmark):
-    """The C++ planner that PagedDecode.plan() runs on the GPU path (same schedule as above)."""
-    from attn_backend.schedule import graph_grid_size, max_items_per_head
-
-    planner = native_decode_planner()
-    lens = torch.from_numpy(np.random.default_rng().integers(1, 32768, size=256))
-    capacity = max_items_per_head(256, 8, 264)
-    schedule = torch.empty(4, capacity, dtype=torch.int32)
-    merge_indptr = torch.empty(257, dtype=torch.int32)
-    num_items, _ = benchmark(planner, lens, -1, 8, 264, capacity, graph_grid_size(256, 8, 264),
-                             schedule, merge_indptr)
-    assert num_items >= 256
+    (prefill,) = backend.forward_metadata.wrappers.values()
+    assert prefill.use_cuda_graph and prefill._planned.num_tokens == batch * drafts

@@ -1,80 +1,14 @@
-"""The prefill planner and PagedPrefill's host side (CPU; the kernel itself is tested on the GPU)."""
+"""PagedPrefill's host side on the CPU (its planner: test_schedule.py; the kernel: the GPU tests)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from attn_backend import PagedPrefill, PageTable, reference
-from attn_backend.schedule import (max_prefill_partials_per_head, plan_prefill,
-                                   prefill_grid_size)
+from attn_backend.schedule import TileShape, prefill_grid_size
 
-from .helpers import PagedProblem, allocate_pages, make_cache
-
-
-@st.composite
-def batches(draw):
-    batch = draw(st.integers(1, 12))
-    q_lens = draw(st.lists(st.integers(0, 300), min_size=batch, max_size=batch))
-    prefixes = draw(st.lists(st.integers(0, 9000), min_size=batch, max_size=batch))
-    return np.array(q_lens), np.array(q_lens) + np.array(prefixes)
-
-
-@settings(max_examples=150, deadline=None)
-@given(lens=batches(), group=st.sampled_from([1, 4, 7, 16]),
-       tile_rows=st.sampled_from([64, 128]), causal=st.booleans(), has_mask=st.booleans(),
-       window_left=st.sampled_from([-1, 0, 50, 4000]), num_kv_heads=st.sampled_from([1, 8, 32]),
-       cta_slots=st.sampled_from([132, 264]))
-def test_prefill_schedule_covers_every_visible_key_once(lens, group, tile_rows, causal, has_mask,
-                                                        window_left, num_kv_heads, cta_slots):
-    q_lens, kv_lens = lens
-    schedule = plan_prefill(q_lens, kv_lens, group_size=group, tile_rows=tile_rows,
-                            causal=causal, window_left=window_left, has_mask=has_mask,
-                            num_kv_heads=num_kv_heads, cta_slots=cta_slots)
-    request, row_start, kv_start, kv_end, partial, merge_group = schedule.items.astype(np.int64)
-    assert schedule.num_items <= prefill_grid_size(int(q_lens.sum()), len(q_lens), group,
-                                                   tile_rows, num_kv_heads, cta_slots)
-    assert schedule.num_partials <= max_prefill_partials_per_head(num_kv_heads, cta_slots)
-    for r, (n, length) in enumerate(zip(q_lens, kv_lens)):
-        starts = sorted(set(row_start[request == r].tolist()))
-        assert starts == list(range(0, n * group, tile_rows))  # every packed row, once
-        for start in starts:
-            mine = np.flatnonzero((request == r) & (row_start == start))
-            mine = mine[np.argsort(kv_start[mine])]
-            # The chunks tile one range contiguously, and it holds every key a row can see.
-            assert np.all(kv_start[mine[1:]] == kv_end[mine[:-1]])
-            assert np.all(kv_end[mine] > kv_start[mine])
-            tokens = np.arange(start, min(start + tile_rows, n * group)) // group
-            visible = reference.visibility(n, length, causal=causal and not has_mask,
-                                           window_left=window_left, custom_mask=None,
-                                           device="cpu")[tokens].any(0).nonzero().flatten()
-            if len(visible):
-                assert kv_start[mine[0]] <= visible.min() and visible.max() < kv_end[mine[-1]]
-            if len(mine) == 1:
-                assert partial[mine[0]] == -1 and merge_group[mine[0]] == -1
-            else:
-                group_id = merge_group[mine[0]]
-                assert np.all(merge_group[mine] == group_id)
-                first, last = schedule.merge_indptr[group_id], schedule.merge_indptr[group_id + 1]
-                assert sorted(partial[mine].tolist()) == list(range(first, last))
-    sizes = kv_end - kv_start
-    assert np.all(sizes[:-1] >= sizes[1:])  # longest first
-
-
-def test_short_extends_on_long_prefixes_are_split_to_fill_the_gpu():
-    # One 16-token extend on a 32k prefix, GQA group 4: one 64-row tile per kv head.
-    schedule = plan_prefill(np.array([16]), np.array([32768]), group_size=4, tile_rows=128,
-                            causal=True, window_left=-1, has_mask=False, num_kv_heads=8,
-                            cta_slots=264)
-    assert schedule.num_tiles == 1 and schedule.num_items * 8 >= 264 // 2
-    # A long prefill already fills the GPU with tiles: nothing is split.
-    full = plan_prefill(np.array([8192]), np.array([8192]), group_size=4, tile_rows=128,
-                        causal=True, window_left=-1, has_mask=False, num_kv_heads=8,
-                        cta_slots=264)
-    assert full.num_items == full.num_tiles == 256 and full.num_partials == 0
+from .helpers import PagedProblem, allocate_pages, make_cache, needs_extension
 
 
 def cpu_problem(q_lens, kv_lens, seed):
@@ -93,7 +27,7 @@ def test_cpu_run_is_the_reference_with_the_planned_mask_and_window(seed):
     q_lens, kv_lens = [2, 3], [20, 9]
     problem, table, q = cpu_problem(q_lens, kv_lens, seed)
     mask = torch.rand(2 * 20 + 3 * 9) < 0.5
-    prefill = PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
+    prefill = PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32,
                            device="cpu", max_batch_size=4, max_num_tokens=16)
     prefill.plan([0, 2, 5], kv_lens, custom_mask=mask, window_left=4)
     got, lse = prefill.run(q, problem.cache, table, return_lse=True)
@@ -105,19 +39,16 @@ def test_cpu_run_is_the_reference_with_the_planned_mask_and_window(seed):
 
 
 def make_cpu_prefill(**kwargs):
-    return PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
+    return PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32,
                         device="cpu", max_batch_size=4, max_num_tokens=16, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(head_dim=96), ValueError, r"head dims \(qk=96, vo=96\) are not compiled"),
-    (dict(num_qo_heads=68, num_kv_heads=4), ValueError, "group size .* 17; supported: 1..16"),
-    (dict(dtype=torch.float32), TypeError, "accepted: float16, bfloat16"),
-])
-def test_constructor_rejects_what_is_not_compiled(kwargs, error, match):
-    args = dict(num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, device="cpu")
-    with pytest.raises(error, match=match):
-        PagedPrefill(**{**args, **kwargs})
+def test_constructor_names_the_backends_it_takes():
+    with pytest.raises(ValueError, match="backend='fa3'; accepted: auto, mma, wgmma"):
+        make_cpu_prefill(backend="fa3")
+    with pytest.raises(ValueError, match="max_num_tokens must be >= 1"):
+        PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32,
+                     device="cpu", max_num_tokens=0)
 
 
 @pytest.mark.parametrize("plan_args, match", [
@@ -125,7 +56,7 @@ def test_constructor_rejects_what_is_not_compiled(kwargs, error, match):
     (([0, 3, 2], [5, 5]), "non-decreasing offsets"),
     (([0, 20], [30]), "20 query tokens; this PagedPrefill holds max_num_tokens=16"),
     (([0] * 6, [1] * 5), "5 requests; accepted: 1..4"),
-    (([0, 1], [-1]), "kv_lens must be non-negative"),
+    (([0, 1], [-1]), r"kv_lens must be in \[0, 2\*\*31\); got \[-1, -1\]"),
 ])
 def test_plan_rejects_inconsistent_lengths(plan_args, match):
     with pytest.raises(ValueError, match=match):
@@ -158,6 +89,7 @@ def test_run_rejects_queries_that_do_not_match_the_plan(seed):
         prefill.run(q, problem.cache, table, logits_soft_cap=-1.0)
 
 
+@needs_extension
 def test_graph_grid_is_sized_by_the_captured_token_count():
     """vLLM pads a captured batch with empty requests and spare tokens: the grid must be the
     one the capture had, so it is sized by the padded token count, not the requests' sum."""
@@ -167,14 +99,15 @@ def test_graph_grid_is_sized_by_the_captured_token_count():
     qo, kv = [0, 4, 8, 12, 12, 12], [30, 9, 100, 0, 0]  # 3 requests of 4 tokens, 2 padding
     prefill.plan(qo, kv, graph_num_tokens=20)  # the capture's 5 x 4 tokens
     assert prefill._planned.tile_rows == prefill.short_tile_rows  # 4 tokens x group 4 rows
-    assert prefill._planned.num_work_items == prefill_grid_size(20, 5, 4, prefill.short_tile_rows,
-                                                                2, 64)
+    short = TileShape(prefill.short_tile_rows, prefill._planned.config.kv_tile_tokens)
+    assert prefill._planned.num_work_items == prefill_grid_size(20, 5, 4, short, 2, 64)
     with pytest.raises(ValueError, match="graph_num_tokens=11; accepted: from the batch's 12"):
         prefill.plan(qo, kv, graph_num_tokens=11)
     with pytest.raises(ValueError, match="graph_num_tokens=65; .* max_num_tokens=64"):
         prefill.plan(qo, kv, graph_num_tokens=65)
 
 
+@needs_extension
 def test_short_queries_take_the_short_tiles_and_graphs_keep_their_shape():
     """Eager plans pick the tile shape from the longest request; a graph-mode plan from what
     is fixed per captured graph (tokens per request), so a replay launches the captured kernel."""
@@ -191,5 +124,5 @@ def test_short_queries_take_the_short_tiles_and_graphs_keep_their_shape():
     # A replay of that graph whose second request has 124 rows keeps the short tiles.
     graph.plan([0, 1, 32], [100, 200], graph_num_tokens=32)
     assert graph._planned.tile_rows == graph.short_tile_rows
-    assert graph._planned.num_work_items == prefill_grid_size(32, 2, 4, graph.short_tile_rows,
-                                                              2, 64)
+    short = TileShape(graph.short_tile_rows, graph._planned.config.kv_tile_tokens)
+    assert graph._planned.num_work_items == prefill_grid_size(32, 2, 4, short, 2, 64)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attn_backend import PagedPrefill, PageTable, reference
-from attn_backend.prefill import allow_hopper_tiles
+from attn_backend.kernel_configs import find
 
 from .helpers import (PagedProblem, allocate_pages, behind_slot_map, build_paged_problem,
                       check_against_reference, check_reads_of_prior_kernel_writes, make_cache)
@@ -33,33 +33,29 @@ def check(prefill, problem, page_table, q, *, causal=True, window_left=-1, soft_
 
 def planned(q_lens, kv_lens, *, seed, page_size=16, num_kv_heads=2, group=4, head_dim=128,
             dtype=torch.bfloat16, layout="vllm_nhd", causal=True, window_left=-1,
-            custom_mask=None, mask_indptr=None):
+            custom_mask=None, mask_indptr=None, backend="auto"):
     gen = torch.Generator().manual_seed(seed)
     engine = "sglang" if layout == "sglang" else "vllm"
     problem, table, q = build(q_lens, kv_lens, page_size=page_size, num_kv_heads=num_kv_heads,
                               group=group, head_dim=head_dim, dtype=dtype, layout=layout,
                               gen=gen, engine=engine)
-    prefill = make_prefill(problem, q, num_kv_heads=num_kv_heads)
+    prefill = make_prefill(problem, q, num_kv_heads=num_kv_heads, backend=backend)
     prefill.plan([0] + torch.tensor(q_lens).cumsum(0).tolist(), kv_lens, causal=causal,
                  window_left=window_left, custom_mask=custom_mask, mask_indptr=mask_indptr)
     return problem, table, q, prefill
 
 
-@pytest.fixture(params=["wgmma", "mma_sync"])
+@pytest.fixture(params=["wgmma", "mma"])
 def long_tiles(request):
-    """Runs a test with each kernel for long queries: wgmma (sm_90 GPUs) and mma.sync."""
+    """Runs a test with each backend for long queries: wgmma (sm_90 GPUs) and mma.sync."""
     if request.param == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma kernel runs on sm_90 GPUs")
-    allow_hopper_tiles(request.param == "wgmma")
-    yield request.param
-    allow_hopper_tiles(True)
+    return request.param
 
 
-def long_tile_rows(kernel: str, head_dim: int) -> int:
-    """Rows of the long-query tile each kernel is compiled with (paged_prefill.cu)."""
-    if kernel == "wgmma" and head_dim in (64, 128):
-        return 192
-    return {64: 128, 128: 256, 256: 64}[head_dim]
+def needs_backend(backend: str, head_dim: int) -> None:
+    if find(f"prefill_{backend}", head_dim, head_dim) is None:
+        pytest.skip(f"no prefill_{backend} kernel for head dim {head_dim}")
 
 
 # Prefills (q = kv), extends on prefixes, single-token rows and partial tiles.
@@ -82,7 +78,7 @@ def test_prefill_page_sizes_layouts_dtypes(layout, page_size, dtype, seed):
 def test_prefill_through_a_slot_map(page_size, window_left, long_tiles, seed):
     """SGLang's hybrid pools: the table's slots reach the cache through slot_map."""
     problem, table, q, prefill = planned(*MIXED, seed=seed, page_size=page_size, layout="sglang",
-                                         window_left=window_left)
+                                         window_left=window_left, backend=long_tiles)
     mapped = behind_slot_map(table, torch.Generator().manual_seed(seed))
     check(prefill, problem, mapped, q, window_left=window_left, seed=seed)
 
@@ -93,13 +89,27 @@ def test_prefill_through_a_slot_map(page_size, window_left, long_tiles, seed):
 @pytest.mark.parametrize("lengths", [MIXED, SHORT], ids=["mixed", "short"])
 def test_prefill_head_dims_groups_causality(head_dim, group, causal, lengths, long_tiles,
                                             seed):
+    needs_backend(long_tiles, head_dim)
     num_kv_heads = max(1, 16 // group)
     problem, table, q, prefill = planned(*lengths, seed=seed, num_kv_heads=num_kv_heads,
-                                         group=group, head_dim=head_dim, causal=causal)
-    assert prefill.tile_rows == long_tile_rows(long_tiles, head_dim)
-    want_rows = prefill.short_tile_rows if lengths is SHORT else prefill.tile_rows
-    assert prefill._planned.tile_rows == want_rows
+                                         group=group, head_dim=head_dim, causal=causal,
+                                         backend=long_tiles)
+    assert prefill.tile_rows == find(f"prefill_{long_tiles}", head_dim, head_dim).tile_rows
+    want = "prefill_short" if lengths is SHORT else f"prefill_{long_tiles}"
+    assert prefill._planned.config.name == want
     check(prefill, problem, table, q, causal=causal, seed=seed)
+
+
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads", [(32, 1), (64, 1), (128, 1), (64, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lengths", [MIXED, SHORT], ids=["mixed", "short"])
+def test_prefill_large_gqa_groups(num_qo_heads, num_kv_heads, dtype, lengths, long_tiles, seed):
+    """MQA-like groups (32..128 query heads per kv head): rows pack (token, head) pairs, so a
+    tile of 192 rows holds one or two tokens of a 128-head group."""
+    problem, table, q, prefill = planned(*lengths, seed=seed, num_kv_heads=num_kv_heads,
+                                         group=num_qo_heads // num_kv_heads, dtype=dtype,
+                                         backend=long_tiles, window_left=150)
+    check(prefill, problem, table, q, window_left=150, soft_cap=30.0, seed=seed)
 
 
 @pytest.mark.parametrize("q_lens, kv_lens", [([8192], [8192]), ([1], [32768]), ([16], [32768]),
@@ -110,7 +120,8 @@ def test_prefill_head_dims_groups_causality(head_dim, group, causal, lengths, lo
 def test_prefill_long_contexts_split_kv_window_softcap(q_lens, kv_lens, window_left, soft_cap,
                                                        long_tiles, seed):
     problem, table, q, prefill = planned(q_lens, kv_lens, seed=seed, num_kv_heads=8, group=4,
-                                         layout="sglang", window_left=window_left)
+                                         layout="sglang", window_left=window_left,
+                                         backend=long_tiles)
     check(prefill, problem, table, q, window_left=window_left, soft_cap=soft_cap, seed=seed)
 
 
@@ -164,7 +175,7 @@ def test_prefill_random_mask_with_gapped_indptr(long_tiles, seed):
     mask = torch.cat(blocks)
     mask[offsets[0]:offsets[0] + kv_lens[0]] = False  # request 0's first query sees nothing
     problem, table, q, prefill = planned(q_lens, kv_lens, seed=seed, custom_mask=mask,
-                                         mask_indptr=offsets)
+                                         mask_indptr=offsets, backend=long_tiles)
     check(prefill, problem, table, q, custom_mask=mask, mask_indptr=offsets, seed=seed)
     out, lse = prefill.run(q, problem.cache, table, return_lse=True)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
@@ -261,6 +272,16 @@ def test_prefill_rejects_bad_gpu_inputs(seed):
         prefill.run(q, problem.cache, bad)
     with pytest.raises(ValueError, match="custom_mask has 10 elements; the lengths need 370"):
         prefill.plan([0, 3, 8], [40, 50], custom_mask=torch.ones(10, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"kv_dtype float16 with dtype bfloat16; compiled"):
+        PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16,
+                     kv_dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="backend='wgmma' needs an sm_90 GPU"):
+        PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=256, dtype=torch.bfloat16,
+                     device="cuda", backend="wgmma")
+    misaligned = torch.empty(q.numel() + 8, dtype=q.dtype, device=q.device)[1:1 + q.numel()]
+    misaligned = misaligned.view(q.shape).copy_(q)  # 2 bytes past a 16-byte boundary
+    with pytest.raises(ValueError, match="q must start 16-byte aligned"):
+        prefill.run(misaligned, problem.cache, table)
 
 
 @pytest.mark.parametrize("page_size", [16, 64])

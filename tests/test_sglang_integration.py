@@ -141,7 +141,7 @@ def _runner(device="cuda", **config):
     (dict(use_mla_backend=True), "MLA models are not supported"),
     (dict(kv_cache_dtype=torch.float8_e4m3fn), r"kv cache dtype .* accepted: float16, bfloat16"),
     (dict(head_dim=96, v_head_dim=96), r"head dims \(qk=96, v=96\) are not compiled"),
-    (dict(num_attention_heads=64, num_key_value_heads=2), "group of 32; supported: 1..16"),
+    (dict(num_attention_heads=512, num_key_value_heads=2), "group of 256; supported: 1..128"),
 ])
 def test_backend_refuses_unsupported_models_at_construction(change, match):
     from attn_backend.integrations.sglang.backend import SGLangAttnBackend
@@ -162,25 +162,60 @@ def test_extends_after_graph_setup_grow_their_wrapper(device):
     one_batch's correctness test: a 128-token extend, then one of 3664 tokens.)"""
     from types import SimpleNamespace
 
-    import numpy as np
-
-    from attn_backend.integrations.sglang.backend import ForwardMetadata, SGLangAttnBackend
-    from attn_backend.paged_kv import PageTable
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    backend = SGLangAttnBackend(_runner(device=device))
+    runner = _runner(device=device)
+    runner.req_to_token_pool = SimpleNamespace(
+        req_to_token=torch.zeros(4, 20000, dtype=torch.int32, device=device))
+    backend = SGLangAttnBackend(runner)
     backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
-    layer = SimpleNamespace(tp_q_head_num=32, tp_k_head_num=8, qk_head_dim=128, v_head_dim=128,
-                            sliding_window_size=-1)
-    table = PageTable.from_req_to_token(torch.zeros(4, 20000, dtype=torch.int32, device=device),
-                                        torch.tensor([1], device=device))
+    (key,) = backend.layer_keys
     for tokens in (100, 16000):
-        backend.forward_metadata = ForwardMetadata(
-            kv_lens=np.array([tokens]), qo_indptr=np.array([0, tokens]),
-            req_pool_indices=table.row_index, page_table=table)
-        prefill = backend._planned_prefill(layer, torch.bfloat16, causal=True)
+        backend.init_forward_metadata_out_graph(SimpleNamespace(
+            forward_mode=ForwardMode.EXTEND, seq_lens=torch.tensor([tokens]),
+            seq_lens_cpu=torch.tensor([tokens]), extend_seq_lens_cpu=[tokens],
+            req_pool_indices=torch.tensor([1], device=device), spec_info=None))
+        prefill = backend.forward_metadata.wrappers[key]
         assert prefill.max_num_tokens >= tokens and not prefill.use_cuda_graph
+        assert prefill._planned.num_tokens == tokens  # planned in the metadata call
+
+
+def test_layer_shapes_are_collected_from_the_model_and_planned_once_per_forward():
+    """The backend finds its layers' shapes (RadixAttention modules) when it is built, plans
+    one wrapper per shape in init_forward_metadata, and a layer's forward only launches; a
+    layer of a shape it never collected is refused, naming the shape."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend, WrapperKey
+
+    model = torch.nn.Module()
+    model.full = RadixAttention(num_heads=8, head_dim=16, scaling=0.25, num_kv_heads=2,
+                                layer_id=0)
+    model.window = RadixAttention(num_heads=8, head_dim=16, scaling=0.25, num_kv_heads=2,
+                                  layer_id=1, sliding_window_size=5)
+    model.same_shape = RadixAttention(num_heads=8, head_dim=16, scaling=0.25, num_kv_heads=2,
+                                      layer_id=2)
+    runner = _runner(device="cpu", head_dim=16, v_head_dim=16, num_attention_heads=8,
+                     num_key_value_heads=2)
+    runner.model = model
+    backend = SGLangAttnBackend(runner)
+    keys = {WrapperKey(8, 2, 16, 16, torch.bfloat16, torch.bfloat16, w, True) for w in (-1, 5)}
+    assert backend.layer_keys == keys
+    seq_lens = torch.tensor([7, 30])
+    backend.init_forward_metadata_out_graph(SimpleNamespace(
+        forward_mode=ForwardMode.DECODE, seq_lens=seq_lens, seq_lens_cpu=seq_lens,
+        req_pool_indices=torch.tensor([1, 2]), spec_info=None))
+    wrappers = backend.forward_metadata.wrappers
+    assert set(wrappers) == keys and all(w._planned is not None for w in wrappers.values())
+    assert backend._wrapper(model.same_shape, torch.bfloat16) is \
+        backend._wrapper(model.full, torch.bfloat16)
+    stranger = RadixAttention(num_heads=4, head_dim=16, scaling=0.25, num_kv_heads=2, layer_id=3)
+    with pytest.raises(RuntimeError, match="layer 3 has shape .* not among the layer shapes"):
+        backend._wrapper(stranger, torch.bfloat16)
 
 
 # ---- speculative target verification: the kit's verify runners (eager and CUDA graph) ---------
@@ -357,7 +392,7 @@ def test_draft_extend_graph_replay_lengths():
     # 42 + 4 keys for the first (its 4 rows start at 44 - 2), 20 for the second; the padded
     # rows read their own 4 rows' worth of pool row 0, never an empty or negative range.
     assert meta.kv_lens.tolist() == [46, 20, 4, 4]
-    assert meta.graph_mode
+    assert set(meta.wrappers) == backend.layer_keys
 
 
 # ---- hybrid sliding-window pools (SWAKVPool): window layers behind a full-to-SWA slot map ------
@@ -383,7 +418,7 @@ def _hybrid_pool_pair(device, dtype, page_size, num_slots, head_num, head_dim, g
     return plain, hybrid
 
 
-def _hybrid_runner(device, dtype, page_size, pool, req_to_token, head_num, head_dim):
+def _hybrid_runner(device, dtype, page_size, pool, req_to_token, head_num, head_dim, window):
     from types import SimpleNamespace
 
     return SimpleNamespace(
@@ -392,7 +427,7 @@ def _hybrid_runner(device, dtype, page_size, pool, req_to_token, head_num, head_
         req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
         model_config=SimpleNamespace(head_dim=head_dim, v_head_dim=head_dim,
                                      num_attention_heads=2 * head_num,
-                                     num_key_value_heads=head_num))
+                                     num_key_value_heads=head_num, sliding_window_size=window))
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
@@ -425,7 +460,7 @@ def test_hybrid_swa_pool_matches_one_pool(page_size, device, dtype, head_dim):
             req_to_token[row, t] = page * page_size + t % page_size
     req_to_token = req_to_token.to(device)
     backends = {name: SGLangAttnBackend(_hybrid_runner(device, dtype, page_size, pool,
-                                                       req_to_token, head_num, head_dim))
+                                                       req_to_token, head_num, head_dim, window))
                 for name, pool in (("plain", plain), ("hybrid", hybrid))}
     layers = [SimpleNamespace(layer_id=i, tp_q_head_num=2 * head_num, tp_k_head_num=head_num,
                               tp_v_head_num=head_num, qk_head_dim=head_dim, head_dim=head_dim,

@@ -7,7 +7,7 @@ import torch
 
 import attn_backend
 from attn_backend import PagedKVCache
-from attn_backend.cuda_graph import FixedCapacityBuffer
+from attn_backend.cuda_graph import PlanWorkspace
 
 
 def _cache(page_size=16, heads=2, dk=8, dv=8, dtype=torch.float32):
@@ -63,14 +63,20 @@ def test_cache_views_share_storage_with_engine_tensors():
     assert mla[35, 0].eq(1.0).all() and mla_cache.v[2, 3, 0].eq(1.0).all()
 
 
-def test_fixed_capacity_buffer_keeps_its_address():
-    buffer = FixedCapacityBuffer("kv_indptr", 8, torch.int32, "cpu")
-    address = buffer.tensor.data_ptr()
-    assert buffer.load([1, 2, 3]).tolist() == [1, 2, 3]
-    assert buffer.load(torch.tensor([9, 8])).tolist() == [9, 8]
-    assert buffer.tensor.data_ptr() == address and buffer.tensor[2].item() == 3
-    with pytest.raises(ValueError, match="kv_indptr: 9 values exceed its capacity of 8"):
-        buffer.load(range(9))
+def test_plan_workspace_keeps_its_address_and_uploads_its_prefix():
+    workspace = PlanWorkspace(64, 16, "cpu")
+    address = workspace.tensor.data_ptr()
+    workspace.tensor[40] = 7  # a merge counter's byte: never overwritten by an upload
+    workspace.host_view(0, 4)[:] = [1, 2, 3, 4]
+    workspace.upload()
+    assert workspace.tensor[:16].view(torch.int32).tolist() == [1, 2, 3, 4]
+    workspace.host_view(4, 1)[:] = 9
+    workspace.upload()
+    assert workspace.tensor.data_ptr() == address
+    assert workspace.tensor[:16].view(torch.int32).tolist() == [1, 9, 3, 4]
+    assert workspace.tensor[40].item() == 7 and workspace.tensor[16:40].eq(0).all()
+    with pytest.raises(ValueError, match="upload_bytes 65 must be in"):
+        PlanWorkspace(64, 65, "cpu")
 
 
 @pytest.mark.parametrize("make, match", [

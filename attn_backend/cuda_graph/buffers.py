@@ -1,38 +1,40 @@
-"""A device buffer with a fixed address that host-side values are copied into."""
+"""A wrapper's plan workspace: one device allocation with a fixed address, whose upload region
+plan() refreshes from a host staging buffer with one copy."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-class FixedCapacityBuffer:
-    """`capacity` elements on `device`, allocated once; `load()` refreshes a prefix in place.
+class PlanWorkspace:
+    """`workspace_bytes` on `device`, allocated once (zeros: the split-KV merge counters must
+    start at zero, and the kernels leave them so); `upload()` copies the first `upload_bytes`
+    from the host staging buffer `host` in place.
 
-    The refresh never reallocates, which is what a captured CUDA graph needs. On
-    CUDA the values go through pinned memory from torch's caching host
-    allocator, which keeps each staging block alive until its asynchronous copy
-    has finished, so `load()` does not wait for the stream.
+    The refresh never reallocates, which is what a captured CUDA graph needs. On CUDA the
+    bytes go through pinned memory from torch's caching host allocator, which keeps each
+    staging block alive until its asynchronous copy has finished, so `upload()` does not
+    wait for the stream and the next plan() may overwrite `host` at once. On the CPU the
+    staging buffer is the workspace's own upload region, so there is nothing to copy.
     """
 
-    def __init__(self, name: str, capacity: int, dtype: torch.dtype, device):
-        if capacity < 1:
-            raise ValueError(f"{name}: capacity must be >= 1, got {capacity}")
-        self.name = name
-        self.capacity = capacity
+    def __init__(self, workspace_bytes: int, upload_bytes: int, device):
+        if not 0 < upload_bytes <= workspace_bytes:
+            raise ValueError(f"plan workspace: upload_bytes {upload_bytes} must be in "
+                             f"(0, workspace_bytes={workspace_bytes}]")
         self.device = torch.device(device)
-        self.tensor = torch.zeros(capacity, dtype=dtype, device=self.device)
+        self.upload_bytes = upload_bytes
+        self.tensor = torch.zeros(workspace_bytes, dtype=torch.uint8, device=self.device)
+        self._region = self.tensor[:upload_bytes]
+        self.host = self._region if self.device.type == "cpu" else \
+            torch.zeros(upload_bytes, dtype=torch.uint8)
 
-    def load(self, values) -> torch.Tensor:
-        """Copy host `values` (a CPU tensor or a sequence) into the buffer; returns the filled prefix."""
-        values = torch.as_tensor(values, dtype=self.tensor.dtype)
-        if values.dim() != 1:
-            raise ValueError(f"{self.name}: expected a 1-D sequence, got shape {tuple(values.shape)}")
-        n = values.numel()
-        if n > self.capacity:
-            raise ValueError(f"{self.name}: {n} values exceed its capacity of {self.capacity}; "
-                             "allocate the plan buffers for a larger maximum")
-        if self.device.type == "cuda":
-            self.tensor[:n].copy_(values.pin_memory(), non_blocking=True)
-        else:
-            self.tensor[:n].copy_(values)
-        return self.tensor[:n]
+    def upload(self) -> None:
+        if self.device.type != "cpu":
+            self._region.copy_(self.host.pin_memory(), non_blocking=True)
+
+    def host_view(self, offset: int, count: int, dtype=np.int32) -> np.ndarray:
+        """`count` values of `dtype` at byte `offset` of the host staging buffer (what the last
+        plan() wrote there), without a copy."""
+        return self.host.numpy()[offset: offset + count * np.dtype(dtype).itemsize].view(dtype)

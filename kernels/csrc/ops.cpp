@@ -1,5 +1,5 @@
-// Operator schemas of torch.ops.attn_backend, their Meta (fake) kernels, and
-// the Python module init that lets setup.py's build be imported.
+// Operator schemas of torch.ops.attn_backend, their Meta (fake) kernels, and the Python
+// module init that lets setup.py's build be imported.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -10,19 +10,10 @@ void paged_kv_write_meta(const at::Tensor&, const at::Tensor&, at::Tensor&, at::
                          const at::Tensor&) {}
 
 // Writes into `out` (and `lse`) only.
-void paged_decode_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, const at::Tensor&,
-                       const at::Tensor&, at::Tensor&, int64_t, const at::Tensor&,
-                       const at::Tensor&, double, double, bool, bool, at::Tensor&,
-                       const std::optional<at::Tensor>&) {}
-
-// Writes into `out` (and `lse`) only.
-void paged_prefill_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, const at::Tensor&,
-                        const at::Tensor&, int64_t, int64_t, const std::optional<at::Tensor>&,
-                        const std::optional<at::Tensor>&, const at::Tensor&, at::Tensor&,
-                        const at::Tensor&, const at::Tensor&, double, double, int64_t, bool,
-                        bool, at::Tensor&, const std::optional<at::Tensor>&) {}
+void attention_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+                    const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&, double,
+                    double, at::Tensor&, const std::optional<at::Tensor>&) {}
 
 }  // namespace
 
@@ -30,44 +21,40 @@ TORCH_LIBRARY(attn_backend, m) {
   m.def(
       "paged_kv_write(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slots) -> ()");
-  // Batch decode over a paged cache with the plan's schedule (see decode.cuh);
-  // split requests' partial states are merged in the same launch. `full_batch`
-  // picks the CTA shape for batches whose whole requests fill the GPU (the
-  // plan was made for that shape's CTA slots; paged_decode.cu). `enable_pdl`: launch
-  // with programmatic stream serialization (sm_90+; decode_launch.h).
+  // One launch of the kernel configuration `plan_info` was planned for (decode or prefill;
+  // kernels/include/attn_backend/plan_info.h), over the paged cache through the page-table
+  // view, reading the schedule from the wrapper's `workspace`; split tiles' partial states
+  // are merged in the same launch.
   m.def(
-      "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
-      "Tensor? row_index, Tensor? slot_map, bool table_holds_slots, Tensor schedule, "
-      "Tensor merge_indptr, Tensor(a!) merge_counters, int num_work_items, "
-      "Tensor(b!) partial_out, Tensor(c!) partial_lse, float sm_scale, float logits_soft_cap, "
-      "bool full_batch, bool enable_pdl, Tensor(d!) out, Tensor(e!)? lse) -> ()");
-  m.def("paged_decode_ctas_per_sm(int head_dim_qk, int head_dim_vo, bool full_batch) -> int");
-  // The decode schedule (attn_backend/schedule.py's plan_decode) computed on the host in
-  // C++, written into host buffers; returns [items, chunk tokens].
+      "attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor? row_index, "
+      "Tensor? slot_map, bool table_holds_slots, Tensor(a!) workspace, int[] plan_info, "
+      "Tensor? mask_bits, float sm_scale, float logits_soft_cap, Tensor(b!) out, "
+      "Tensor(c!)? lse) -> ()");
+  // The layout of a wrapper's plan buffers (capacities, workspace offsets) for the setup
+  // fields of a plan-info record; returns the record.
+  m.def("plan_setup(int[] setup) -> int[]");
+  // The scheduler (kernels/include/attn_backend/scheduler.h) on host lengths, writing the
+  // plan buffers into the wrapper's host staging buffer; returns the plan-info record.
+  m.def("plan_decode(Tensor kv_lens, int window_left, int[] plan_info, Tensor(a!) host_plan) -> int[]");
   m.def(
-      "plan_decode_schedule(Tensor kv_lens, int window_left, int num_kv_heads, int cta_slots, "
-      "int max_items, int grid_items, Tensor(a!) schedule, Tensor(b!) merge_indptr) -> int[]");
-  // Ragged queries over a paged cache with the plan's tile schedule (see
-  // prefill.cuh); split tiles' partial states are merged in the same launch.
-  // `enable_pdl` as for paged_decode.
-  m.def(
-      "paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
-      "Tensor? row_index, Tensor? slot_map, bool table_holds_slots, Tensor request_info, "
-      "Tensor schedule, int num_work_items, int tile_rows, Tensor? mask_bits, "
-      "Tensor? mask_offset, "
-      "Tensor merge_indptr, Tensor(a!) merge_counters, Tensor(b!) partial_out, "
-      "Tensor(c!) partial_lse, float sm_scale, float logits_soft_cap, int window_left, "
-      "bool causal, bool enable_pdl, Tensor(d!) out, Tensor(e!)? lse) -> ()");
-  // [tile rows, kv tile, CTAs per SM, threads] of the tile shape for long or short queries.
-  m.def("paged_prefill_config(int head_dim_qk, int head_dim_vo, bool short_queries) -> int[]");
-  // Whether long queries may use the wgmma tile shape on sm_90 GPUs (default: yes).
-  m.def("prefill_allow_wgmma(bool allowed) -> ()");
+      "plan_prefill(Tensor qo_indptr, Tensor kv_lens, Tensor? mask_indptr, bool causal, "
+      "int window_left, bool has_mask, int graph_num_tokens, int[] plan_info, "
+      "Tensor(a!) host_plan) -> int[]");
+  m.def("plan_info_fields() -> str[]");
+  // The compiled kernel configurations (kernels/csrc/kernel_registry.h): a configuration's
+  // id is its index in kernel_config_names().
+  m.def("kernel_config_names() -> str[]");
+  m.def("kernel_config_fields() -> str[]");
+  m.def("kernel_config_facts(int id) -> int[]");
+  // CTAs of configuration `id` that fit on one SM of the current device.
+  m.def("kernel_config_occupancy(int id) -> int");
+  // Whether configuration `id`'s code runs on the current device (wgmma: sm_90a).
+  m.def("kernel_config_runs_here(int id) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(attn_backend, Meta, m) {
   m.impl("paged_kv_write", &paged_kv_write_meta);
-  m.impl("paged_decode", &paged_decode_meta);
-  m.impl("paged_prefill", &paged_prefill_meta);
+  m.impl("attention", &attention_meta);
 }
 
 // The extension is loaded with torch.ops.load_library; this init only exists

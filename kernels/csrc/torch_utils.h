@@ -5,9 +5,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "attn_backend/paged_addressing.cuh"
+#include <cstdint>
+
+#include "attn_backend/common/paged_addressing.cuh"
 
 // Turns a failed launch or CUDA call into a Python RuntimeError instead of a
 // silent wrong result.
@@ -40,6 +44,10 @@ inline PageTableView page_table_view(const at::Tensor& page_table,
   TORCH_CHECK(page_table.scalar_type() == at::kInt && page_table.dim() == 2 &&
                   page_table.stride(1) == 1,
               "page_table must be a row-contiguous int32 matrix");
+  TORCH_CHECK(!row_index.has_value() || ((row_index->scalar_type() == at::kInt ||
+                                          row_index->scalar_type() == at::kLong) &&
+                                         row_index->dim() == 1 && row_index->is_contiguous()),
+              "row_index must be a contiguous int32 or int64 vector");
   TORCH_CHECK(!slot_map.has_value() || (table_holds_slots && slot_map->scalar_type() == at::kLong &&
                                         slot_map->dim() == 1 && slot_map->is_contiguous()),
               "slot_map must be a contiguous int64 vector over a table of token slots");
@@ -53,39 +61,24 @@ inline PageTableView page_table_view(const at::Tensor& page_table,
   return view;
 }
 
-// The fields DecodeParams and PrefillParams share: query, output, the paged
-// cache and its table, head counts, scales and the split-KV merge buffers.
-template <typename Params>
-void fill_shared_params(Params& params, const at::Tensor& q, const at::Tensor& k_cache,
-                        const at::Tensor& v_cache, const at::Tensor& page_table,
-                        const std::optional<at::Tensor>& row_index,
-                        const std::optional<at::Tensor>& slot_map, bool table_holds_slots,
-                        const at::Tensor& merge_indptr, at::Tensor& merge_counters,
-                        const at::Tensor& partial_out, const at::Tensor& partial_lse,
-                        double sm_scale, double logits_soft_cap, at::Tensor& out,
-                        const std::optional<at::Tensor>& lse) {
-  const int64_t num_qo_heads = q.size(1);
-  const int64_t num_kv_heads = k_cache.size(2);
-  params.q = q.data_ptr();
-  params.q_stride_token = q.stride(0);
-  params.q_stride_head = q.stride(1);
-  params.out = out.data_ptr();
-  params.out_stride_token = out.stride(0);
-  params.out_stride_head = out.stride(1);
-  params.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-  params.k = paged_cache_side(k_cache);
-  params.v = paged_cache_side(v_cache);
-  params.pages = page_table_view(page_table, row_index, slot_map, table_holds_slots);
-  params.page_size = static_cast<int>(k_cache.size(1));
-  params.num_pages = static_cast<int>(k_cache.size(0));
-  params.num_qo_heads = static_cast<int>(num_qo_heads);
-  params.group_size = static_cast<int>(num_qo_heads / num_kv_heads);
-  params.sm_scale = static_cast<float>(sm_scale);
-  params.soft_cap = static_cast<float>(logits_soft_cap);
-  params.partial_out = partial_out.data_ptr<float>();
-  params.partial_lse = partial_lse.data_ptr<float>();
-  params.merge_indptr = merge_indptr.data_ptr<int32_t>();
-  params.merge_counters = merge_counters.data_ptr<int32_t>();
+// The element types of one call: query, K/V cache, output.
+struct DTypes {
+  at::ScalarType q;
+  at::ScalarType kv;
+  at::ScalarType out;
+};
+
+// Calls fn(DTypeQ{}, DTypeKV{}, DTypeO{}) for the compiled element types of `dtypes`.
+template <typename Fn>
+void dispatch_dtypes(const DTypes& dtypes, const char* op, Fn&& fn) {
+  if (dtypes.q == at::kBFloat16 && dtypes.kv == at::kBFloat16 && dtypes.out == at::kBFloat16) {
+    return fn(__nv_bfloat16{}, __nv_bfloat16{}, __nv_bfloat16{});
+  }
+  if (dtypes.q == at::kHalf && dtypes.kv == at::kHalf && dtypes.out == at::kHalf) {
+    return fn(__half{}, __half{}, __half{});
+  }
+  TORCH_CHECK(false, op, ": element types (q ", dtypes.q, ", kv cache ", dtypes.kv, ", out ",
+              dtypes.out, ") are not compiled; compiled: all float16 or all bfloat16");
 }
 
 template <typename Kernel>
@@ -94,18 +87,32 @@ void allow_dynamic_smem(Kernel kernel, int bytes) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-// Launches `kernel(params)`; with `pdl` as a programmatic dependent launch (sm_90+): the
-// kernel may start while the previous kernel in the stream finishes, so its launch and its
-// plan reads hide in that kernel's tail. The kernel must call ptx::wait_for_prior_grids()
-// before it reads anything an earlier kernel may have written.
+// CTAs of `kernel` that fit on one SM at once.
+template <typename Kernel>
+int ctas_per_sm(Kernel kernel, int threads, int smem_bytes) {
+  int ctas = 0;
+  allow_dynamic_smem(kernel, smem_bytes);
+  ATTN_BACKEND_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, threads, smem_bytes));
+  return ctas;
+}
+
+// Launches `kernel(params)` on a 1-D grid of `num_ctas`; with `pdl` as a programmatic
+// dependent launch (sm_90+): the kernel may start while the previous kernel in the stream
+// finishes, so its launch and its plan reads hide in that kernel's tail. The kernel must
+// call ptx::wait_for_prior_grids() before it reads anything an earlier kernel may have
+// written.
 template <typename Params>
-void launch_with_pdl(void (*kernel)(Params), const Params& params, dim3 grid, int threads,
-                     int smem_bytes, bool pdl, cudaStream_t stream) {
+void launch_with_pdl(void (*kernel)(Params), const Params& params, int64_t num_ctas,
+                     int threads, int smem_bytes, bool pdl, cudaStream_t stream) {
+  allow_dynamic_smem(kernel, smem_bytes);
+  if (num_ctas == 0) return;
+  TORCH_CHECK(num_ctas <= INT32_MAX, "attn_backend: a grid of ", num_ctas, " CTAs is too large");
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
-  config.gridDim = grid;
+  config.gridDim = dim3(static_cast<unsigned>(num_ctas));
   config.blockDim = dim3(static_cast<unsigned>(threads));
   config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
   config.stream = stream;
@@ -113,5 +120,10 @@ void launch_with_pdl(void (*kernel)(Params), const Params& params, dim3 grid, in
   config.numAttrs = pdl ? 1 : 0;
   ATTN_BACKEND_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params));
 }
+
+// Whether `kernel`'s code runs on the current device: a wgmma kernel needs an sm_90 GPU
+// and sm_90a code in this build (a build for other targets falls back to mma.sync).
+// Cached per device: a launch must not pay for the driver queries.
+bool sm90a_kernel_runs_here(const void* kernel);
 
 }  // namespace attn_backend

@@ -8,12 +8,17 @@ extend over the accepted tokens, eager and CUDA graph) and IDLE. On CUDA, DECODE
 mode runs the float reference. K/V are written through the pool's own
 `set_kv_buffer`, and skipped when the model passes `save_kv_cache=False`.
 
-CUDA graphs: `init_forward_metadata_out_graph` (outside the graph, before
-capture and before every replay) re-plans every kernel wrapper from the host
-`seq_lens_cpu` into its fixed buffers (and packs a verify tree mask into its
-fixed bit buffer on the device); the kernels read SGLang's `req_to_token`
-through the static `req_pool_indices` buffer in place, so the graph itself
-needs no metadata ops.
+Plans are made once per forward: the backend collects its layers' shapes
+(heads, head dims, window, causality) at construction, from the model's
+`RadixAttention` modules (or the model config where it has none yet), and
+`init_forward_metadata_out_graph` plans the wrapper of every shape for the
+batch; a layer's forward only looks its wrapper up and launches. CUDA graphs:
+that same call (outside the graph, before capture and before every replay)
+re-plans the wrappers from the host `seq_lens_cpu` into their fixed buffers
+(and packs a verify tree mask into a fixed bit buffer on the device); the
+kernels read SGLang's `req_to_token` through the static `req_pool_indices`
+buffer in place, so the graph itself needs no metadata ops. On CPU the same
+wrappers run the float reference.
 
 Hybrid sliding-window pools (SGLang's `SWAKVPool`, the default for models
 with window layers): window layers read their K/V in the window pool through
@@ -34,34 +39,83 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-from sglang.srt.layers.radix_attention import AttentionType
+from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from ... import reference
 from ..._validation import KERNEL_DTYPES, MAX_GROUP_SIZE, SUPPORTED_HEAD_DIMS
 from ...decode import PagedDecode
-from ...paged_kv import PagedKVCache, PageTable, slots_from_req_to_token
+from ...paged_kv import PagedKVCache, PageTable
 from ...prefill import PagedPrefill
 from . import BACKEND_NAME
 
 _SUPPORTED_MODES = ("EXTEND", "MIXED", "DECODE", "IDLE", "TARGET_VERIFY", "DRAFT_EXTEND_V2")
 _EAGER_MIN_TOKENS = 8192  # eager prefill wrappers start this large and grow by powers of two
+_NON_CAUSAL = (AttentionType.ENCODER_ONLY, AttentionType.DECODER_BIDIRECTIONAL)
+
+
+@dataclass(frozen=True)
+class WrapperKey:
+    """What a layer's kernel wrapper is built for: its heads, head dims, element types,
+    window and causality. Layers of one key share one wrapper (and its plan)."""
+
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    head_dim_vo: int
+    dtype: torch.dtype  # the queries' and outputs'
+    kv_dtype: torch.dtype
+    window_left: int  # -1: no window
+    causal: bool
+
+    @classmethod
+    def for_layer(cls, layer, dtype: torch.dtype, kv_dtype: torch.dtype) -> "WrapperKey":
+        causal = layer.attn_type not in _NON_CAUSAL
+        window = getattr(layer, "sliding_window_size", -1)
+        # Bidirectional (encoder-only) layers attend to the whole sequence, window or not.
+        window_left = window if causal and window is not None and window >= 0 else -1
+        return cls(layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim,
+                   layer.v_head_dim, dtype, kv_dtype, window_left, causal)
+
+
+def collect_layer_keys(model_runner, dtype: torch.dtype, kv_dtype: torch.dtype) -> frozenset:
+    """The wrapper keys of the model's attention layers: from its `RadixAttention` modules
+    (SGLang builds the attention backend after loading the model), or where the model has
+    none yet (a harness that builds its layers later) from the model config: the config's
+    heads over the tensor-parallel size, its head dims, with and without its window."""
+    model = getattr(model_runner, "model", None)
+    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+    keys = {WrapperKey.for_layer(m, dtype, kv_dtype) for m in modules
+            if isinstance(m, RadixAttention)}
+    if keys:
+        return frozenset(keys)
+    config = model_runner.model_config
+    tp_size = getattr(model_runner, "tp_size", 1) or 1
+    if hasattr(config, "get_num_attention_heads"):
+        heads = config.get_num_attention_heads(tp_size)
+        kv_heads = config.get_num_kv_heads(tp_size)
+    else:
+        heads = config.num_attention_heads // tp_size
+        kv_heads = max(1, getattr(config, "num_key_value_heads", config.num_attention_heads)
+                       // tp_size)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim_vo = getattr(config, "v_head_dim", None) or head_dim
+    window = getattr(config, "sliding_window_size", None)
+    windows = {-1} | ({window} if window is not None and window >= 0 else set())
+    return frozenset(WrapperKey(heads, kv_heads, head_dim, head_dim_vo, dtype, kv_dtype, w, True)
+                     for w in windows)
 
 
 @dataclass
 class ForwardMetadata:
-    """What one forward's layers share: host lengths, the page table, plans made so far."""
+    """What one forward's layers share: host lengths, the page tables, the planned wrappers."""
 
     kv_lens: np.ndarray  # int64 KV length of each request, its new (or draft) tokens included
     qo_indptr: np.ndarray  # int64 [batch + 1]: each request's query rows (1 for decode)
-    req_pool_indices: torch.Tensor
     page_table: PageTable
     custom_mask: torch.Tensor | None = None  # verify tree mask: flat [n, kv_len] blocks
-    graph_mode: bool = False  # a mode SGLang captures in graphs beside decode (verify, draft extend)
-    token_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # CSR, for the reference
     window_page_table: PageTable | None = None  # window layers of a hybrid pool: slots mapped
-    planned: set = field(default_factory=set)  # keys of the wrappers planned for this forward
+    wrappers: dict = field(default_factory=dict)  # WrapperKey -> wrapper planned for the batch
 
 
 class SGLangAttnBackend(AttentionBackend):
@@ -73,11 +127,17 @@ class SGLangAttnBackend(AttentionBackend):
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.max_batch_size = self.req_to_token_pool.req_to_token.shape[0]
         self.forward_metadata: ForwardMetadata | None = None
-        self._decoders: dict[tuple, PagedDecode] = {}
-        self._prefills: dict[tuple, PagedPrefill] = {}
+        self.dtype = model_runner.dtype
+        self.kv_dtype = getattr(model_runner, "kv_cache_dtype", model_runner.dtype)
+        self._check_supported(model_runner)
+        self.layer_keys = collect_layer_keys(model_runner, self.dtype, self.kv_dtype)
+        self._check_layer_shapes()
+        self._decoders: dict[WrapperKey, PagedDecode] = {}
+        self._prefills: dict[WrapperKey, PagedPrefill] = {}  # eager: grow with the batch
+        self._graph_prefills: dict[WrapperKey, PagedPrefill] = {}  # verify / draft-extend graphs
+        self._layer_key_cache: dict[tuple, WrapperKey] = {}
         self._cuda_graphs = False  # set by init_cuda_graph_state: wrappers use fixed grids
         self._graph_max_tokens = 0
-        self._check_supported(model_runner)
         # A hybrid pool keeps window layers in a second pool (SWAKVPool, checked above).
         self._hybrid_pool = self.token_to_kv_pool \
             if isinstance(self.token_to_kv_pool, BaseSWAKVPool) else None
@@ -94,28 +154,29 @@ class SGLangAttnBackend(AttentionBackend):
             raise ValueError(f"{BACKEND_NAME}: hybrid KV pool {type(pool).__name__} is not "
                              "supported; supported: SWAKVPool with a full-to-SWA slot map over "
                              "MHA sub-pools (or --disable-hybrid-swa-memory)")
-        kv_dtype = getattr(model_runner, "kv_cache_dtype", model_runner.dtype)
-        if self.device.type != "cuda":
-            return  # the float reference serves any head size and dtype
-        if kv_dtype not in KERNEL_DTYPES:
-            raise ValueError(f"{BACKEND_NAME}: kv cache dtype {kv_dtype} is not supported; "
+        if self.device.type == "cuda" and self.kv_dtype not in KERNEL_DTYPES:
+            raise ValueError(f"{BACKEND_NAME}: kv cache dtype {self.kv_dtype} is not supported; "
                              "accepted: float16, bfloat16 (--kv-cache-dtype auto)")
-        config = model_runner.model_config
-        head_dim = getattr(config, "head_dim", None)
-        v_head_dim = getattr(config, "v_head_dim", head_dim)
-        if head_dim is not None and (head_dim, v_head_dim) not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"{BACKEND_NAME}: head dims (qk={head_dim}, v={v_head_dim}) are not "
-                             f"compiled; supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
-        heads = getattr(config, "num_attention_heads", None)
-        kv_heads = getattr(config, "num_key_value_heads", None)
-        if heads and kv_heads and not 1 <= heads // kv_heads <= MAX_GROUP_SIZE:
-            raise ValueError(f"{BACKEND_NAME}: {heads} query heads over {kv_heads} kv heads is a "
-                             f"group of {heads // kv_heads}; supported: 1..{MAX_GROUP_SIZE}")
+
+    def _check_layer_shapes(self) -> None:
+        if self.device.type != "cuda":
+            return  # the float reference serves any head size and group
+        for key in self.layer_keys:
+            if (key.head_dim, key.head_dim_vo) not in SUPPORTED_HEAD_DIMS:
+                raise ValueError(f"{BACKEND_NAME}: head dims (qk={key.head_dim}, "
+                                 f"v={key.head_dim_vo}) are not compiled; supported: "
+                                 f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+            group = key.num_qo_heads // key.num_kv_heads
+            if not 1 <= group <= MAX_GROUP_SIZE:
+                raise ValueError(f"{BACKEND_NAME}: {key.num_qo_heads} query heads over "
+                                 f"{key.num_kv_heads} kv heads is a group of {group}; "
+                                 f"supported: 1..{MAX_GROUP_SIZE}")
 
     # ---- per-forward metadata -------------------------------------------------------------
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
-        """Host-side metadata of one forward (eager, graph capture and replay alike).
+        """Host-side metadata of one forward (eager, graph capture and replay alike), and the
+        plans of every layer shape for it.
 
         `forward_batch` is a ForwardBatch, or at replay SGLang's view of the
         padded static buffers (decode fields only).
@@ -147,22 +208,34 @@ class SGLangAttnBackend(AttentionBackend):
         else:
             extend_lens = self._extend_lens(forward_batch)
         req_pool_indices = forward_batch.req_pool_indices
-        self.forward_metadata = ForwardMetadata(
+        req_to_token = self.req_to_token_pool.req_to_token
+        meta = ForwardMetadata(
             kv_lens=kv_lens,
             qo_indptr=np.concatenate([[0], np.cumsum(extend_lens)]),
-            req_pool_indices=req_pool_indices,
-            page_table=PageTable.from_req_to_token(self.req_to_token_pool.req_to_token,
-                                                   req_pool_indices),
+            page_table=PageTable.from_req_to_token(req_to_token, req_pool_indices),
             custom_mask=custom_mask,
-            graph_mode=mode.is_target_verify() or mode.is_draft_extend_v2(),
+            window_page_table=PageTable.from_req_to_token(
+                req_to_token, req_pool_indices, slot_map=self._slot_map())
+            if self._hybrid_pool is not None else None,
         )
-        if mode.is_decode() or mode.is_target_verify() or mode.is_draft_extend_v2():
-            # Before a capture or replay: the graph replays these wrappers' buffers.
-            # (Wrappers exist only where the kernels run; extend wrappers are planned lazily.)
-            wrappers = self._decoders if mode.is_decode() else \
-                {key: w for key, w in self._prefills.items() if w.use_cuda_graph}
-            for key, wrapper in wrappers.items():
-                self._plan(key, wrapper)
+        self.forward_metadata = meta
+        if mode.is_decode():
+            for key in self.layer_keys:
+                if key.causal:
+                    decoder = self._decoder(key)
+                    decoder.plan(kv_lens, window_left=key.window_left)
+                    meta.wrappers[key] = decoder
+        else:
+            # Only verify and draft-extend batches replay in captured graphs; extends run
+            # eagerly (also between the pieces of SGLang's piecewise and breakable graphs),
+            # so their wrappers grow.
+            graph_sized = self._cuda_graphs and (mode.is_target_verify() or
+                                                 mode.is_draft_extend_v2())
+            for key in self.layer_keys:
+                prefill = self._prefill(key, graph_sized, int(meta.qo_indptr[-1]))
+                prefill.plan(meta.qo_indptr, kv_lens, causal=key.causal,
+                             window_left=key.window_left, custom_mask=custom_mask)
+                meta.wrappers[key] = prefill
 
     @staticmethod
     def _extend_lens(forward_batch) -> np.ndarray:
@@ -196,7 +269,7 @@ class SGLangAttnBackend(AttentionBackend):
         self._graph_max_tokens = max(self._graph_max_tokens, max_num_tokens)
         # Eager-mode wrappers size their grid from the lengths; graph ones from the batch.
         self._decoders.clear()
-        self._prefills.clear()
+        self._graph_prefills.clear()
 
     def get_verify_buffers_to_fill_after_draft(self):
         return [None, None]  # the tree mask is read from spec_info at each plan
@@ -213,29 +286,36 @@ class SGLangAttnBackend(AttentionBackend):
         self._check_layer(layer, kwargs)
         self._save_kv(layer, forward_batch, k, v, save_kv_cache)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        if self.device.type != "cuda":
-            out = self._attend_reference(q3, layer, causal=True)
-        else:
-            decoder = self._planned_decoder(layer, q3.dtype)
-            out = decoder.run(q3, self._cache(layer), self._page_table(layer),
-                              sm_scale=layer.scaling, logits_soft_cap=max(layer.logit_cap, 0.0))
+        out = self._wrapper(layer, q3.dtype).run(
+            q3, self._cache(layer), self._page_table(layer), sm_scale=layer.scaling,
+            logits_soft_cap=max(layer.logit_cap, 0.0))
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self._check_layer(layer, kwargs)
         self._save_kv(layer, forward_batch, k, v, save_kv_cache)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        causal = layer.attn_type not in (AttentionType.ENCODER_ONLY,
-                                         AttentionType.DECODER_BIDIRECTIONAL)
-        if self.device.type != "cuda":
-            out = self._attend_reference(q3, layer, causal=causal)
-        else:
-            prefill = self._planned_prefill(layer, q3.dtype, causal)
-            out = prefill.run(q3, self._cache(layer), self._page_table(layer),
-                              sm_scale=layer.scaling, logits_soft_cap=max(layer.logit_cap, 0.0))
+        out = self._wrapper(layer, q3.dtype).run(
+            q3, self._cache(layer), self._page_table(layer), sm_scale=layer.scaling,
+            logits_soft_cap=max(layer.logit_cap, 0.0))
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     # ---- helpers --------------------------------------------------------------------------
+
+    def _wrapper(self, layer, dtype):
+        """The wrapper planned for this forward for `layer`'s shape."""
+        cache_key = (layer.layer_id, dtype)
+        key = self._layer_key_cache.get(cache_key)
+        if key is None:
+            key = self._layer_key_cache[cache_key] = WrapperKey.for_layer(layer, dtype,
+                                                                          self.kv_dtype)
+        wrapper = self.forward_metadata.wrappers.get(key)
+        if wrapper is None:
+            raise RuntimeError(f"{BACKEND_NAME}: layer {layer.layer_id} has shape {key}, which "
+                               "is not among the layer shapes collected when the backend was "
+                               f"built ({sorted(map(str, self.layer_keys))}); plans are made "
+                               "per forward for those")
+        return wrapper
 
     def _check_layer(self, layer, kwargs) -> None:
         if layer.is_cross_attention:
@@ -271,73 +351,36 @@ class SGLangAttnBackend(AttentionBackend):
         """This forward's page table for `layer`: window layers of a hybrid pool read their
         slots through the pool's full-to-window map."""
         meta = self.forward_metadata
-        if not self._is_window_layer(layer):
-            return meta.page_table
-        if meta.window_page_table is None:
-            meta.window_page_table = PageTable.from_req_to_token(
-                self.req_to_token_pool.req_to_token, meta.req_pool_indices,
-                slot_map=self._slot_map())
-        return meta.window_page_table
+        return meta.window_page_table if self._is_window_layer(layer) else meta.page_table
 
     def _cache(self, layer) -> PagedKVCache:
         pool = self.token_to_kv_pool
         return PagedKVCache.from_sglang(pool.get_key_buffer(layer.layer_id),
                                         pool.get_value_buffer(layer.layer_id), self.page_size)
 
-    def _window_left(self, layer) -> int:
-        window = getattr(layer, "sliding_window_size", -1)
-        return window if window is not None and window >= 0 else -1
-
-    def _layer_key(self, layer, dtype) -> tuple:
-        return (layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim,
-                dtype, self._window_left(layer))
-
-    def _plan(self, key, wrapper) -> None:
-        """Plan `wrapper` for the current forward (once per forward and key)."""
-        meta = self.forward_metadata
-        if isinstance(wrapper, PagedDecode):
-            wrapper.plan(meta.kv_lens, window_left=key[5])
-        else:
-            causal = key[6]
-            wrapper.plan(meta.qo_indptr, meta.kv_lens, causal=causal, window_left=key[5],
-                         custom_mask=meta.custom_mask)
-        meta.planned.add(key)
-
     def _check_not_capturing(self, what: str) -> None:
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"{BACKEND_NAME}: a {what} layer shape first seen inside CUDA "
-                               "graph capture; its plan must be made before (warm up eagerly)")
+            raise RuntimeError(f"{BACKEND_NAME}: a {what} wrapper would be built inside CUDA "
+                               "graph capture; the metadata of a captured mode must be "
+                               "initialised before capture")
 
-    def _planned_decoder(self, layer, dtype) -> PagedDecode:
-        """The decoder for this layer's shape and window, planned once per forward."""
-        key = self._layer_key(layer, dtype)
+    def _decoder(self, key: WrapperKey) -> PagedDecode:
         decoder = self._decoders.get(key)
         if decoder is None:
             self._check_not_capturing("decode")
-            decoder = PagedDecode(num_qo_heads=key[0], num_kv_heads=key[1], head_dim=key[2],
-                                  head_dim_vo=key[3], dtype=dtype, device=self.device,
-                                  max_batch_size=self.max_batch_size,
-                                  use_cuda_graph=self._cuda_graphs)
-            self._decoders[key] = decoder
-        if key not in self.forward_metadata.planned:
-            self._plan(key, decoder)
+            decoder = self._decoders[key] = PagedDecode(
+                num_qo_heads=key.num_qo_heads, num_kv_heads=key.num_kv_heads,
+                head_dim=key.head_dim, head_dim_vo=key.head_dim_vo, dtype=key.dtype,
+                kv_dtype=key.kv_dtype, device=self.device, max_batch_size=self.max_batch_size,
+                use_cuda_graph=self._cuda_graphs)
         return decoder
 
-    def _planned_prefill(self, layer, dtype, causal: bool) -> PagedPrefill:
-        """The prefill wrapper for this layer's shape, window and causality, planned once per
-        forward. Graph-mode wrappers (verify and draft-extend graphs) are sized for the captured
-        batches;
-        eager ones grow by powers of two when a batch brings more tokens."""
-        meta = self.forward_metadata
-        # Only verify and draft-extend batches replay in captured graphs; extends run eagerly
-        # (also between the pieces of SGLang's piecewise and breakable graphs), so their
-        # wrappers grow.
-        graph_sized = self._cuda_graphs and meta.graph_mode
-        key = self._layer_key(layer, dtype)
-        # Bidirectional (encoder-only) layers attend to the whole sequence, window or not.
-        key = key[:5] + (key[5] if causal else -1, causal, graph_sized)
-        num_tokens = int(meta.qo_indptr[-1])
-        prefill = self._prefills.get(key)
+    def _prefill(self, key: WrapperKey, graph_sized: bool, num_tokens: int) -> PagedPrefill:
+        """The prefill wrapper of `key`: graph-sized ones (verify and draft-extend graphs) are
+        sized for the captured batches; eager ones grow by powers of two when a batch brings
+        more tokens."""
+        wrappers = self._graph_prefills if graph_sized else self._prefills
+        prefill = wrappers.get(key)
         if prefill is None or (not graph_sized and num_tokens > prefill.max_num_tokens):
             self._check_not_capturing("prefill")
             if graph_sized:
@@ -346,32 +389,13 @@ class SGLangAttnBackend(AttentionBackend):
             else:
                 max_tokens = max(_EAGER_MIN_TOKENS, 1 << (num_tokens - 1).bit_length())
                 mask_elements = 0  # grows on demand
-            prefill = PagedPrefill(num_qo_heads=key[0], num_kv_heads=key[1], head_dim=key[2],
-                                   head_dim_vo=key[3], dtype=dtype, device=self.device,
-                                   max_batch_size=self.max_batch_size, max_num_tokens=max_tokens,
-                                   max_mask_elements=mask_elements,
-                                   use_cuda_graph=graph_sized)
-            self._prefills[key] = prefill
-        if key not in meta.planned:
-            self._plan(key, prefill)
+            prefill = wrappers[key] = PagedPrefill(
+                num_qo_heads=key.num_qo_heads, num_kv_heads=key.num_kv_heads,
+                head_dim=key.head_dim, head_dim_vo=key.head_dim_vo, dtype=key.dtype,
+                kv_dtype=key.kv_dtype, device=self.device, max_batch_size=self.max_batch_size,
+                max_num_tokens=max_tokens, max_mask_elements=mask_elements,
+                use_cuda_graph=graph_sized)
         return prefill
-
-    def _attend_reference(self, q3, layer, *, causal: bool) -> torch.Tensor:
-        """The float reference over SGLang's token slots (exact for any slot layout)."""
-        meta = self.forward_metadata
-        if meta.token_slots is None:
-            meta.token_slots = slots_from_req_to_token(
-                self.req_to_token_pool.req_to_token, meta.req_pool_indices,
-                torch.from_numpy(meta.kv_lens))
-        kv_indptr, kv_slots = meta.token_slots
-        if self._is_window_layer(layer):
-            kv_slots = self._slot_map()[kv_slots]
-        result = reference.attention(
-            q3, meta.qo_indptr.tolist(), self._cache(layer), kv_indptr, kv_slots,
-            sm_scale=layer.scaling,
-            causal=causal, window_left=self._window_left(layer) if causal else -1,
-            logits_soft_cap=max(layer.logit_cap, 0.0), custom_mask=meta.custom_mask)
-        return result.out.to(q3.dtype)
 
 
 def _is_plain_swa_pool(pool) -> bool:

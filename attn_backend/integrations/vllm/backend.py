@@ -7,8 +7,9 @@
   (eager, CUDA-graph capture and replay alike). It splits the batch into the
   leading one-token decodes (the `PagedDecode` kernel) and the rest (the
   `PagedPrefill` kernel: prefills, chunked extends, speculative verification),
-  and plans both from host lengths into fixed buffers. `forward` then only
-  launches kernels, which read vLLM's block table and the K||V-packed cache in
+  and plans both, for every window of its layers, from host lengths into fixed
+  buffers. `forward` then only launches kernels (the impl never calls back into
+  the builder), which read vLLM's block table and the K||V-packed cache in
   place; on CPU the same wrappers run the float reference.
 - CUDA graphs: UNIFORM_BATCH. A captured graph serves batches of one query
   length (decode, or 1 + k speculative tokens), with vLLM's padding requests
@@ -92,13 +93,12 @@ class AttnBackendAsCustom(AttnBackend):
         return "CUSTOM"
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Plans:
-    """The two kernel wrappers of one sliding window, planned for one build()."""
+    """The two kernel wrappers of one sliding window (planned by each build())."""
 
     decode: PagedDecode
     prefill: PagedPrefill
-    build_id: int = -1  # the build() whose batch they hold
 
 
 @dataclass
@@ -109,8 +109,7 @@ class AttnBackendMetadata:
     query_start_loc: np.ndarray  # int64 [num_reqs + 1], host
     kv_lens: np.ndarray  # int64 [num_reqs], host: each request's KV, its new tokens included
     num_decodes: int  # the leading requests with at most one query token (decode kernel)
-    build_id: int
-    builder: "AttnBackendMetadataBuilder" = field(repr=False)
+    plans: dict[int, _Plans] = field(repr=False)  # by window_left, planned for this batch
     # The block-table rows of the decodes and of the rest, made once for all layers.
     decode_pages: PageTable | None = field(default=None, repr=False)
     prefill_pages: PageTable | None = field(default=None, repr=False)
@@ -154,18 +153,19 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.head_size = kv_cache_spec.head_size
         self.head_size_v = getattr(kv_cache_spec, "head_size_v", None) or self.head_size
-        self.dtype = kv_cache_spec.dtype
+        self.dtype = model_config.dtype  # the queries' and outputs'
+        self.kv_dtype = kv_cache_spec.dtype
         scheduler = vllm_config.scheduler_config
         self.max_num_reqs = scheduler.max_num_seqs
         self.max_num_tokens = scheduler.max_num_batched_tokens
-        # Windows known now are planned in every build(), so graph replays find them planned;
-        # a layer seen only later (tests without a model) is planned at its first forward.
-        self.window_lefts = {window_left_of(getattr(layer.impl, "sliding_window", None))
-                             for layer in layers.values() if hasattr(layer, "impl")}
-        if not self.window_lefts:
-            self.window_lefts = {window_left_of(getattr(kv_cache_spec, "sliding_window", None))}
-        self._plans: dict[int, _Plans] = {}
-        self._build_count = 0
+        # Every window of the group's layers is planned in every build(), so forward only
+        # launches and graph replays find their plans made. Without registered layers (a
+        # group built directly) the spec's window is the group's.
+        window_lefts = {window_left_of(getattr(layer.impl, "sliding_window", None))
+                        for layer in layers.values() if hasattr(layer, "impl")}
+        if not window_lefts:
+            window_lefts = {window_left_of(getattr(kv_cache_spec, "sliding_window", None))}
+        self._plans = {window_left: self._make_plans() for window_left in sorted(window_lefts)}
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> AttnBackendMetadata:
@@ -184,33 +184,22 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
         q_lens = np.diff(query_start_loc)
         longer = np.flatnonzero(q_lens > 1)
         num_decodes = int(longer[0]) if longer.size else num_reqs
-        self._build_count += 1
         metadata = AttnBackendMetadata(
             num_actual_tokens=cm.num_actual_tokens, slot_mapping=cm.slot_mapping,
             block_table=cm.block_table_tensor, query_start_loc=query_start_loc, kv_lens=kv_lens,
-            num_decodes=num_decodes, build_id=self._build_count, builder=self)
-        for window_left in self.window_lefts:
-            self.plans_for(metadata, window_left)
+            num_decodes=num_decodes, plans=self._plans)
+        for window_left, plans in self._plans.items():
+            self._plan(plans, metadata, window_left)
         return metadata
 
     def _no_speculation(self) -> bool:
         spec = self.vllm_config.speculative_config
         return spec is None or not spec.num_speculative_tokens
 
-    def plans_for(self, metadata: AttnBackendMetadata, window_left: int) -> _Plans:
-        """The wrappers of `window_left`, planned for `metadata`'s batch (planning if needed)."""
-        plans = self._plans.get(window_left)
-        if plans is None:
-            self._check_not_capturing()
-            plans = self._plans[window_left] = self._make_plans()
-        if plans.build_id != metadata.build_id:
-            self._check_not_capturing()
-            self._plan(plans, metadata, window_left)
-        return plans
-
     def _make_plans(self) -> _Plans:
         shape = dict(num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads,
                      head_dim=self.head_size, head_dim_vo=self.head_size_v, dtype=self.dtype,
+                     kv_dtype=self.kv_dtype,
                      device=self.device, use_cuda_graph=True)
         # Graph-sized grids everywhere: a step may be replayed from a captured graph, and
         # the unused slots of a grid exit at once.
@@ -228,12 +217,6 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
             grid_tokens = max(int(qo[-1]), metadata.num_actual_tokens - metadata.num_decode_tokens)
             plans.prefill.plan(qo, metadata.kv_lens[nd:], causal=True, window_left=window_left,
                                graph_num_tokens=min(grid_tokens, plans.prefill.max_num_tokens))
-        plans.build_id = metadata.build_id
-
-    def _check_not_capturing(self) -> None:
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"{BACKEND_NAME}: a layer's window was first seen inside CUDA "
-                               "graph capture; plans must be made in build(), before capture")
 
 
 def window_left_of(sliding_window) -> int:
@@ -297,7 +280,11 @@ class AttnBackendImpl(AttentionImpl[AttnBackendMetadata]):
         meta = attn_metadata
         out = output.view(output.shape[0], self.num_heads, -1)
         cache = self._cache(kv_cache)
-        plans = meta.builder.plans_for(meta, self.window_left)
+        plans = meta.plans.get(self.window_left)
+        if plans is None:
+            raise RuntimeError(f"{BACKEND_NAME}: this layer's window (window_left "
+                               f"{self.window_left}) is not among its attention group's "
+                               f"({sorted(meta.plans)}); build() plans the group's windows")
         starts = meta.query_start_loc
         nd = meta.num_decodes
         soft_cap = self.logits_soft_cap

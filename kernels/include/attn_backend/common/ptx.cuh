@@ -1,5 +1,6 @@
 // Thin wrappers over the sm80+ instructions the attention kernels are built
-// from: cp.async (global -> shared, 16 bytes), ldmatrix and mma.sync m16n8k16.
+// from: cp.async (global -> shared, 16 bytes), ldmatrix, mma.sync m16n8k16, the
+// 16-bit conversions, fast exp2/tanh, and programmatic dependent launch.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,16 +1,16 @@
 // Thin wrappers over Hopper's warpgroup MMA (wgmma.mma_async, sm_90a): shared-
 // memory matrix descriptors, the fences and waits around an MMA batch, and the
-// m64nNk16 instructions the prefill kernel uses (N = 64 or 128, fp32
-// accumulators, fp16/bf16 inputs; A from shared memory or from registers).
+// m64nNk16 instructions the wgmma MMA policy uses (mma_policy.cuh): N = 64 or
+// 128, fp32 accumulators, fp16/bf16 inputs, A from shared memory or registers.
 //
-// Shared-memory operands use the 128-byte swizzled layout: a tile of R rows and
-// 64*C columns (16-bit elements) is stored as C column blocks of R x 128 bytes,
-// and the 16-byte chunk c of row r of a block sits at chunk c ^ (r % 8) of that
-// row. Every block must start 1024-byte aligned (the hardware swizzles on
-// address bits). K-major operands (rows = M or N, contiguous K) step along K by
-// moving the start address 32 bytes (16 elements) inside a block, then to the
-// next block; MN-major ones (rows = K, contiguous N: V in O = P V) step along K
-// by 16 rows and reach the next 64 columns through the leading byte offset.
+// Shared-memory operands use the 128-byte swizzled layout (smem_layout.cuh's
+// Swizzled128BBlocks): a tile of R rows and 64*C columns (16-bit elements) is
+// stored as C column blocks of R x 128 bytes. Every block must start 1024-byte
+// aligned (the hardware swizzles on address bits). K-major operands (rows = M
+// or N, contiguous K) step along K by moving the start address 32 bytes (16
+// elements) inside a block, then to the next block; MN-major ones (rows = K,
+// contiguous N: V in O = P V) step along K by 16 rows and reach the next 64
+// columns through the leading byte offset.
 //
 // The accumulator fragment of a 64 x N tile is the m16n8 mma.sync one, for
 // warp w of the warpgroup on rows [16 w, 16 w + 16), repeated over N/8 column
@@ -23,7 +23,7 @@
 
 #include <cstdint>
 
-#include "attn_backend/mma.cuh"
+#include "attn_backend/common/ptx.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define ATTN_BACKEND_HAS_WGMMA 1
@@ -33,13 +33,6 @@
 
 namespace attn_backend {
 namespace wgmma {
-
-// Offset (elements) of chunk `chunk` (8 elements) of row `row` in a swizzled
-// tile of kRows rows.
-template <int kRows>
-__device__ __forceinline__ int swizzled_128b(int row, int chunk) {
-  return (chunk / 8) * (kRows * 64) + row * 64 + (((chunk % 8) ^ (row & 7)) * 8);
-}
 
 // Matrix descriptor: start address, leading and stride byte offsets (16-byte
 // units), 128-byte swizzle. The start address field is the low 14 bits, so a

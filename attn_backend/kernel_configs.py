@@ -1,0 +1,68 @@
+"""The compiled kernel configurations, as the extension reports them.
+
+Each configuration is one CTA shape of a kernel family (kernels/csrc/kernel_registry.h):
+its tile facts (packed query rows and keys per tile, threads, shared memory) are the
+kernel's own constants, read here from the extension rather than written down in Python,
+and its id is what a plan records and a run launches.
+
+    decode             the split-KV decode shape (every batch size)
+    decode_full_batch  d128: for batches whose whole requests fill the GPU
+    prefill_mma        long queries on mma.sync (sm80+)
+    prefill_wgmma      long queries on warpgroup MMAs (sm_90a builds on sm_90 GPUs)
+    prefill_short      requests of at most one 64-row tile (speculative verify, short extends)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from . import _extension
+
+FAMILIES = ("decode", "prefill")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    id: int
+    name: str
+    family: str
+    head_dim_qk: int
+    head_dim_vo: int
+    tile_rows: int  # packed query rows (token * group + head in group) per CTA
+    kv_tile_tokens: int  # keys per K/V pipeline stage
+    threads: int
+    smem_bytes: int
+    wgmma: bool
+
+    def ctas_per_sm(self) -> int:
+        """CTAs of this configuration that fit on one SM of the current CUDA device."""
+        return int(_extension.load_ops().kernel_config_occupancy(self.id))
+
+    def runs_here(self) -> bool:
+        """Whether its code runs on the current CUDA device (wgmma: an sm_90a build on sm_90)."""
+        return bool(_extension.load_ops().kernel_config_runs_here(self.id))
+
+
+@functools.cache
+def all_configs() -> tuple[KernelConfig, ...]:
+    ops = _extension.load_ops()
+    fields = list(ops.kernel_config_fields())
+    configs = []
+    for config_id, name in enumerate(ops.kernel_config_names()):
+        facts = dict(zip(fields, ops.kernel_config_facts(config_id)))
+        configs.append(KernelConfig(
+            id=config_id, name=name, family=FAMILIES[facts["family"]],
+            head_dim_qk=facts["head_dim_qk"], head_dim_vo=facts["head_dim_vo"],
+            tile_rows=facts["tile_rows"], kv_tile_tokens=facts["kv_tile_tokens"],
+            threads=facts["threads"], smem_bytes=facts["smem_bytes"], wgmma=bool(facts["wgmma"])))
+    return tuple(configs)
+
+
+def find(name: str, head_dim_qk: int, head_dim_vo: int) -> KernelConfig | None:
+    """The configuration `name` for these head dims, or None where none is compiled."""
+    for config in all_configs():
+        if (config.name, config.head_dim_qk, config.head_dim_vo) == (name, head_dim_qk,
+                                                                     head_dim_vo):
+            return config
+    return None

@@ -1,0 +1,62 @@
+// The compiled kernel configurations: each a CTA shape of one kernel family with its tile
+// facts and its launcher. A configuration's id is its index in kernel_configs(); plan()
+// records the id it planned for and run() launches exactly that configuration, so the
+// facts the planner cuts work by (tile rows and keys, CTAs per SM) are the kernel's own.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <torch/library.h>
+
+#include "attn_backend/plan_info.h"
+
+namespace attn_backend {
+
+struct AttentionParams;
+struct DTypes;
+
+// The variant flags a launcher instantiates kernels for.
+struct VariantFlags {
+  bool soft_cap;
+  bool custom_mask;
+};
+
+struct KernelConfig {
+  std::string name;  // decode | decode_full_batch | prefill_mma | prefill_wgmma | prefill_short
+  KernelFamily family;
+  int64_t head_dim_qk;
+  int64_t head_dim_vo;
+  int64_t tile_rows;       // packed query rows per CTA
+  int64_t kv_tile_tokens;  // keys per K/V pipeline stage
+  int64_t threads;
+  int64_t smem_bytes;
+  bool wgmma;  // needs sm_90a code and an sm_90 GPU
+  void (*launch)(const AttentionParams&, const DTypes&, const VariantFlags&, int64_t num_ctas,
+                 bool pdl, cudaStream_t);
+  int (*ctas_per_sm)();  // on the current device
+  bool (*runs_here)();   // on the current device
+
+  std::vector<int64_t> facts() const {
+    return {static_cast<int64_t>(family), head_dim_qk, head_dim_vo, tile_rows, kv_tile_tokens,
+            threads, smem_bytes, wgmma ? 1 : 0};
+  }
+  static std::vector<std::string> fact_names() {
+    return {"family", "head_dim_qk", "head_dim_vo", "tile_rows", "kv_tile_tokens", "threads",
+            "smem_bytes", "wgmma"};
+  }
+};
+
+const std::vector<KernelConfig>& kernel_configs();
+const KernelConfig& kernel_config(int64_t id);
+
+// Each kernel family's translation units add their configurations.
+void add_decode_configs(std::vector<KernelConfig>& configs);
+void add_prefill_configs_d64(std::vector<KernelConfig>& configs);
+void add_prefill_configs_d128(std::vector<KernelConfig>& configs);
+void add_prefill_configs_d256(std::vector<KernelConfig>& configs);
+
+}  // namespace attn_backend

@@ -1,0 +1,58 @@
+// The prefill kernel's configurations (kernels/include/attn_backend/prefill.cuh), one
+// translation unit per head dims (prefill_kernels_d*.cu) so they compile in parallel.
+#pragma once
+
+#include "attn_backend/prefill.cuh"
+#include "kernel_registry.h"
+#include "torch_utils.h"
+
+namespace attn_backend {
+namespace prefill_configs {
+
+template <typename Shape>
+void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFlags& flags,
+            int64_t num_ctas, bool pdl, cudaStream_t stream) {
+  dispatch_dtypes(dtypes, "prefill", [&](auto q, auto kv, auto o) {
+    using Traits = PrefillTraits<Shape, decltype(q), decltype(kv), decltype(o)>;
+    // Soft-cap and custom masks are compiled in only where used: each costs registers.
+    using Plain = LogitsTransform<false>;
+    using Capped = LogitsTransform<true>;
+    auto* kernel = flags.soft_cap
+                       ? (flags.custom_mask ? &paged_prefill_kernel<Traits, Capped, true>
+                                            : &paged_prefill_kernel<Traits, Capped, false>)
+                       : (flags.custom_mask ? &paged_prefill_kernel<Traits, Plain, true>
+                                            : &paged_prefill_kernel<Traits, Plain, false>);
+    launch_with_pdl(kernel, params, num_ctas, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
+  });
+}
+
+template <typename Shape>
+using ProbeTraits = PrefillTraits<Shape, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>;
+
+template <typename Shape>
+int occupancy() {
+  using Traits = ProbeTraits<Shape>;
+  return ctas_per_sm(&paged_prefill_kernel<Traits, LogitsTransform<false>, false>,
+                     Traits::kThreads, Traits::kSmemBytes);
+}
+
+template <typename Shape>
+bool runs_here() {
+  if constexpr (Shape::kWgmma) {
+    return sm90a_kernel_runs_here(reinterpret_cast<const void*>(
+        &paged_prefill_kernel<ProbeTraits<Shape>, LogitsTransform<false>, false>));
+  } else {
+    return true;
+  }
+}
+
+template <typename Shape>
+KernelConfig config(const char* name) {
+  return {name,          KernelFamily::kPrefill,  Shape::kHeadDimQK,
+          Shape::kHeadDimVO, Shape::kRows,          Shape::kKVTile,
+          Shape::kThreads,   ProbeTraits<Shape>::kSmemBytes, Shape::kWgmma,
+          &launch<Shape>,    &occupancy<Shape>,     &runs_here<Shape>};
+}
+
+}  // namespace prefill_configs
+}  // namespace attn_backend

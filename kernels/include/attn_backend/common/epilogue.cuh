@@ -1,0 +1,93 @@
+// Where a work item's tile rows go, and writing them: the output (and LSE) of a tile that
+// saw all its keys, or the float partial state of one chunk of a split tile.
+//
+// Tile rows are packed query rows of one request and kv head: row_start + row =
+// token * group + head in group, so a request with few query tokens (decode, an extend,
+// a speculative verify) still fills the MMA rows with its group's heads.
+#pragma once
+
+#include <cstdint>
+
+#include "attn_backend/common/params.cuh"
+#include "attn_backend/common/ptx.cuh"
+
+namespace attn_backend {
+
+// Packed rows of a request with any number of query tokens (prefill).
+struct PackedRows {
+  int qo_start;  // the request's first query token in q and out
+  int row_start;
+  int group;
+  int first_qo_head;  // kv_head * group
+
+  __device__ __forceinline__ int token(int row) const { return qo_start + (row_start + row) / group; }
+  __device__ __forceinline__ int head(int row) const {
+    return first_qo_head + (row_start + row) % group;
+  }
+};
+
+// Packed rows of a request with one query token (decode): row = a head of the group.
+struct HeadRows {
+  int qo_start;
+  int row_start;
+  int first_qo_head;
+
+  __device__ __forceinline__ int token(int /*row*/) const { return qo_start; }
+  __device__ __forceinline__ int head(int row) const { return first_qo_head + row_start + row; }
+};
+
+// Writes the rows of one work item: the output and LSE when it saw all of its tile's keys,
+// else its partial state.
+template <typename DTypeO, int kHeadDimVO, typename Rows>
+struct TileWriter {
+  const AttentionParams& p;
+  Rows rows;
+  int kv_head;
+  int partial;  // -1: the final output
+
+  __device__ __forceinline__ DTypeO* output(int row) const {
+    return static_cast<DTypeO*>(p.out) + static_cast<int64_t>(rows.token(row)) * p.out_stride_token +
+           rows.head(row) * p.out_stride_head;
+  }
+  __device__ __forceinline__ int64_t lse_index(int row) const {
+    return static_cast<int64_t>(rows.token(row)) * p.num_qo_heads + rows.head(row);
+  }
+  __device__ __forceinline__ float* partial_row(int row) const {
+    return p.split.partial_out + p.split.slot(partial, p.num_kv_heads, kv_head, row) * kHeadDimVO;
+  }
+
+  // Pairs of columns col0 + 8 i, col0 + 8 i + 1 (i < kPairs) of `row`: value(i) -> float2.
+  template <int kPairs, typename Value>
+  __device__ __forceinline__ void write_pairs(int row, int col0, const Value& value) const {
+    if (partial < 0) {
+      DTypeO* dst = output(row) + col0;
+#pragma unroll
+      for (int i = 0; i < kPairs; ++i) {
+        const float2 v = value(i);
+        *reinterpret_cast<uint32_t*>(dst + 8 * i) = ptx::pack2<DTypeO>(v.x, v.y);
+      }
+    } else {
+      float* dst = partial_row(row) + col0;
+#pragma unroll
+      for (int i = 0; i < kPairs; ++i) *reinterpret_cast<float2*>(dst + 8 * i) = value(i);
+    }
+  }
+
+  __device__ __forceinline__ void write(int row, int col, float value) const {
+    if (partial < 0) {
+      output(row)[col] = ptx::from_float<DTypeO>(value);
+    } else {
+      partial_row(row)[col] = value;
+    }
+  }
+
+  __device__ __forceinline__ void write_lse(int row, float lse) const {
+    if (partial < 0) {
+      if (p.lse != nullptr) p.lse[lse_index(row)] = lse;
+    } else {
+      p.split.partial_lse[p.split.slot(partial, p.num_kv_heads, kv_head, row)] = lse;
+    }
+  }
+};
+
+}  // namespace attn_backend

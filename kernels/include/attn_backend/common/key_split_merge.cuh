@@ -1,0 +1,88 @@
+// Merging the online-softmax states of warps that split a tile's keys between them (the
+// decode main loop: every warp holds all kRows rows, for its own 16 of each tile's keys)
+// through shared memory, once the main loop is done.
+#pragma once
+
+#include <cstdint>
+
+#include "attn_backend/common/math.cuh"
+#include "attn_backend/common/online_softmax.cuh"
+#include "attn_backend/common/ptx.cuh"
+
+namespace attn_backend {
+
+template <int kWarps, int kRows, int kHeadDimVO>
+struct KeySplitMerge {
+  static_assert(kRows == 16, "one 16-row m-tile per warp");
+  static constexpr int kBytes = kWarps * kRows * (kHeadDimVO + 2) * 4;
+  float* const merge_o;    // [warps][rows][head_dim_vo], scaled to the rows' common max
+  float* const merge_max;  // [warps][rows]
+  float* const merge_sum;  // [warps][rows]
+
+  __device__ __forceinline__ explicit KeySplitMerge(uint8_t* smem)
+      : merge_o(reinterpret_cast<float*>(smem)),
+        merge_max(merge_o + kWarps * kRows * kHeadDimVO),
+        merge_sum(merge_max + kWarps * kRows) {}
+
+  // Every warp's state into shared memory. The caller has waited for its last copies and
+  // synchronised: the smem (the ring) is free.
+  template <int kVONTiles>
+  __device__ __forceinline__ void stash(const OnlineSoftmax<1, 2>& softmax,
+                                        const float (&o)[1][kVONTiles][4], int warp, int lane) {
+    float row_sum[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) row_sum[half] = softmax.total(0, half);
+    if (lane % 4 == 0) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        merge_max[warp * kRows + lane / 4 + 8 * half] = softmax.row_max[0][half];
+        merge_sum[warp * kRows + lane / 4 + 8 * half] = row_sum[half];
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = lane / 4 + 8 * half;
+      const float reference = row_reference(row);
+      const float factor = ptx::fast_exp2(softmax.row_max[0][half] - reference);
+      float* dst = merge_o + (warp * kRows + row) * kHeadDimVO + (lane % 4) * 2;
+#pragma unroll
+      for (int n = 0; n < kVONTiles; ++n) {
+        dst[n * 8] = o[0][n][2 * half] * factor;
+        dst[n * 8 + 1] = o[0][n][2 * half + 1] * factor;
+      }
+    }
+    __syncthreads();
+  }
+
+  // The rows' common max over the warps (0 where no warp saw a key).
+  __device__ __forceinline__ float row_reference(int row) const {
+    float global_max = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) global_max = fmaxf(global_max, merge_max[w * kRows + row]);
+    return global_max == kNegInf ? 0.f : global_max;
+  }
+
+  // write(row, col, value, lse) for every column of rows [0, num_rows), the CTA's threads
+  // striding over the elements (lse: natural log, -inf for a row that saw no key).
+  template <typename Write>
+  __device__ __forceinline__ void for_each_output(int num_rows, const Write& write) const {
+    for (int e = threadIdx.x; e < num_rows * kHeadDimVO; e += kWarps * 32) {
+      const int row = e / kHeadDimVO;
+      const int col = e % kHeadDimVO;
+      const float reference = row_reference(row);
+      float total = 0.f;
+      float acc = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        total += merge_sum[w * kRows + row] * ptx::fast_exp2(merge_max[w * kRows + row] - reference);
+        acc += merge_o[(w * kRows + row) * kHeadDimVO + col];
+      }
+      const float value = total > 0.f ? acc / total : 0.f;
+      const float lse = total > 0.f ? (reference + __log2f(total)) * kLn2 : kNegInf;
+      write(row, col, value, lse);
+    }
+  }
+};
+
+}  // namespace attn_backend

@@ -1,0 +1,163 @@
+// MMA policies: S = Q K^T and O += P V on the tensor cores, the one place where the
+// instruction set changes. Both keep scores and outputs in the m16n8 accumulator layout
+// (online_softmax.cuh), so the softmax, masks and epilogue are shared.
+//
+// - MmaSync (sm80+): mma.sync m16n8k16; A fragments through ldmatrix from shared memory
+//   (or held in registers), B fragments from K rows, or V rows transposed.
+// - WgmmaMma (sm_90a): warpgroup MMAs; a warpgroup's 64 rows run S = Q K^T from shared
+//   memory and O += P V with P from registers, so no K/V fragment passes through registers.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "attn_backend/common/ptx.cuh"
+#include "attn_backend/common/smem_layout.cuh"
+#include "attn_backend/common/wgmma.cuh"
+
+namespace attn_backend {
+
+template <typename DType>
+struct MmaSync {
+  static_assert(sizeof(DType) == 2, "mma.sync m16n8k16 takes 16-bit operands");
+
+  // A fragment of rows [row0, row0 + 16) and columns [16 kk, 16 kk + 16) of a tile.
+  template <typename Layout>
+  __device__ __forceinline__ static void load_a(uint32_t (&a)[4], const uint8_t* smem, int row0,
+                                                int kk, int lane) {
+    const int matrix = lane / 8;
+    const int row = row0 + (matrix % 2) * 8 + lane % 8;
+    ptx::ldmatrix_x4(a, smem + Layout::chunk_index(row, kk * 2 + matrix / 2) * 16);
+  }
+
+  // s[mt][2 nn + {0, 1}] += a[mt] (columns [16 kk, 16 kk + 16)) times the keys
+  // key0 + 16 nn + [0, 16) of K (rows = keys) for nn < kKeySteps.
+  template <typename Layout, int kM, int kKeySteps>
+  __device__ __forceinline__ static void qk_step(float (&s)[kM][2 * kKeySteps][4],
+                                                 const uint32_t (&a)[kM][4],
+                                                 const uint8_t* k_smem, int key0, int kk,
+                                                 int lane) {
+    const int matrix = lane / 8;
+#pragma unroll
+    for (int nn = 0; nn < kKeySteps; ++nn) {
+      uint32_t b[4];
+      const int key_row = key0 + nn * 16 + (matrix / 2) * 8 + lane % 8;
+      ptx::ldmatrix_x4(b, k_smem + Layout::chunk_index(key_row, kk * 2 + matrix % 2) * 16);
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) {
+        ptx::mma_16x8x16<DType>(s[mt][2 * nn], a[mt], b[0], b[1]);
+        ptx::mma_16x8x16<DType>(s[mt][2 * nn + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+
+  // s = Q K^T for the kM m-tiles of rows [row0, row0 + 16 kM) of Q (A loaded per step)
+  // and the keys [0, 8 kN) of the K tile.
+  template <typename LayoutQ, typename LayoutK, int kHeadDimQK, int kM, int kN>
+  __device__ __forceinline__ static void qk(float (&s)[kM][kN][4], const uint8_t* q_smem,
+                                            int row0, const uint8_t* k_smem, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+      for (int n = 0; n < kN; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kHeadDimQK / 16; ++kk) {
+      uint32_t a[kM][4];
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) load_a<LayoutQ>(a[mt], q_smem, row0 + mt * 16, kk, lane);
+      qk_step<LayoutK, kM, kN / 2>(s, a, k_smem, 0, kk, lane);
+    }
+  }
+
+  // o[mt] += P[mt] V over the keys key0 + [0, 16 kKeySteps): P is the probabilities s,
+  // packed to DType in registers (the A operand), V rows are keys (B through ldmatrix.trans).
+  template <typename LayoutV, int kM, int kKeySteps, int kVONTiles>
+  __device__ __forceinline__ static void pv(float (&o)[kM][kVONTiles][4],
+                                            const float (&s)[kM][2 * kKeySteps][4],
+                                            const uint8_t* v_smem, int key0, int lane) {
+    const int matrix = lane / 8;
+#pragma unroll
+    for (int kt = 0; kt < kKeySteps; ++kt) {
+      uint32_t a[kM][4];
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) {
+        a[mt][0] = ptx::pack2<DType>(s[mt][2 * kt][0], s[mt][2 * kt][1]);
+        a[mt][1] = ptx::pack2<DType>(s[mt][2 * kt][2], s[mt][2 * kt][3]);
+        a[mt][2] = ptx::pack2<DType>(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
+        a[mt][3] = ptx::pack2<DType>(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
+      }
+      const int key_row = key0 + kt * 16 + (matrix % 2) * 8 + lane % 8;
+#pragma unroll
+      for (int n16 = 0; n16 < kVONTiles / 2; ++n16) {
+        uint32_t b[4];
+        ptx::ldmatrix_x4_trans(b, v_smem + LayoutV::chunk_index(key_row, n16 * 2 + matrix / 2) * 16);
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+          ptx::mma_16x8x16<DType>(o[mt][2 * n16], a[mt], b[0], b[1]);
+          ptx::mma_16x8x16<DType>(o[mt][2 * n16 + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  }
+};
+
+// Warpgroup MMAs over a Q tile of kRows rows (warpgroup g owns rows [64 g, 64 g + 64)) and
+// K/V tiles of kKVTile keys, all in Swizzled128BBlocks layouts.
+template <typename DType, int kRows, int kKVTile, int kHeadDimQK, int kHeadDimVO>
+struct WgmmaMma {
+  static_assert(sizeof(DType) == 2, "wgmma m64nNk16 with 16-bit operands");
+  static_assert((kKVTile == 64 || kKVTile == 128) && (kHeadDimVO == 64 || kHeadDimVO == 128),
+                "wgmma N of 64 or 128");
+  static constexpr int kElementsPerBlock = 128 / sizeof(DType);  // columns per 128-byte block
+  static constexpr int kStepBytes = 16 * sizeof(DType);          // 16 columns (one k-step)
+
+  // S (this warpgroup's 64 rows x kKVTile keys) = Q K^T; the first k-step overwrites s.
+  __device__ __forceinline__ static void qk(float (&s)[kKVTile / 8][4], const uint8_t* q_smem,
+                                            const uint8_t* k_smem, int warpgroup) {
+    constexpr int kStepsPerBlock = kElementsPerBlock / 16;
+    const uint64_t q_desc =
+        wgmma::descriptor(q_smem + warpgroup * 64 * 128, /*leading (unused)=*/16, 1024);
+    const uint64_t k_desc = wgmma::descriptor(k_smem, 16, 1024);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDimQK / 16; ++kk) {
+      const int q_bytes = (kk / kStepsPerBlock) * kRows * 128 + (kk % kStepsPerBlock) * kStepBytes;
+      const int k_bytes =
+          (kk / kStepsPerBlock) * kKVTile * 128 + (kk % kStepsPerBlock) * kStepBytes;
+      wgmma::Wgmma<kKVTile, DType>::template ss<0>(s, q_desc + (q_bytes >> 4),
+                                                   k_desc + (k_bytes >> 4), kk > 0);
+    }
+    wgmma::commit_group();
+    wgmma::wait_group<0>();
+    wgmma::pin(s);
+  }
+
+  // O += P V. V is MN-major (keys x contiguous dims): 16 keys per step are 16 rows of 128
+  // bytes; the leading byte offset reaches the next 64 dims. All of P is packed before the
+  // fence: registers an issued wgmma reads must not be written after the fence before it.
+  __device__ __forceinline__ static void pv(float (&o)[kHeadDimVO / 8][4],
+                                            const float (&s)[kKVTile / 8][4],
+                                            const uint8_t* v_smem) {
+    uint32_t p_fragments[kKVTile / 16][4];
+#pragma unroll
+    for (int kt = 0; kt < kKVTile / 16; ++kt) {
+      p_fragments[kt][0] = ptx::pack2<DType>(s[2 * kt][0], s[2 * kt][1]);
+      p_fragments[kt][1] = ptx::pack2<DType>(s[2 * kt][2], s[2 * kt][3]);
+      p_fragments[kt][2] = ptx::pack2<DType>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+      p_fragments[kt][3] = ptx::pack2<DType>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+    }
+    const uint64_t v_desc = wgmma::descriptor(v_smem, kKVTile * 128, 1024);
+    wgmma::fence();
+#pragma unroll
+    for (int kt = 0; kt < kKVTile / 16; ++kt) {
+      wgmma::Wgmma<kHeadDimVO, DType>::template rs<1>(o, p_fragments[kt],
+                                                      v_desc + ((kt * 16 * 128) >> 4));
+    }
+    wgmma::commit_group();
+    wgmma::wait_group<0>();
+    wgmma::pin(o);
+  }
+};
+
+}  // namespace attn_backend

@@ -1,0 +1,83 @@
+// The online softmax of a warp's rows, in the log2 domain, over scores in the mma.sync
+// accumulator layout: a thread holds rows lane/4 and lane/4 + 8 of each of kM 16-row
+// m-tiles (half 0 and 1), and a row's 4 quad lanes share its state.
+#pragma once
+
+#include "attn_backend/common/math.cuh"
+#include "attn_backend/common/ptx.cuh"
+
+namespace attn_backend {
+
+template <int kM, int kN>
+struct OnlineSoftmax {
+  float row_max[kM][2];  // max * exp_scale so far (log2 domain)
+  float row_sum[kM][2];  // this thread's share of the row's sum of exp2
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int mt = 0; mt < kM; ++mt) {
+      row_max[mt][0] = row_max[mt][1] = kNegInf;
+      row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    }
+  }
+
+  // Turns the scores s (kN 8-key column tiles) into probabilities exp2(s * exp_scale - max)
+  // and rescales the output accumulators o by how much each row's max moved.
+  template <int kVONTiles>
+  __device__ __forceinline__ void update(float (&s)[kM][kN][4], float (&o)[kM][kVONTiles][4],
+                                         float exp_scale) {
+#pragma unroll
+    for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float tile_max = kNegInf;
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+          tile_max = fmaxf(tile_max, fmaxf(s[mt][n][2 * half], s[mt][n][2 * half + 1]));
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
+        const float new_max = fmaxf(row_max[mt][half], tile_max * exp_scale);
+        // With nothing seen yet the max is -inf; subtracting 0 keeps exp2 at 0.
+        const float reference = new_max == kNegInf ? 0.f : new_max;
+        const float correction = ptx::fast_exp2(row_max[mt][half] - reference);
+        row_max[mt][half] = new_max;
+        // Once the running maxima settle most tiles leave them unchanged; then these
+        // rows' outputs need no rescaling (a warp-uniform test, so no divergence).
+        if (__any_sync(0xffffffff, correction != 1.f)) {
+#pragma unroll
+          for (int n = 0; n < kVONTiles; ++n) {
+            o[mt][n][2 * half] *= correction;
+            o[mt][n][2 * half + 1] *= correction;
+          }
+        }
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float prob = ptx::fast_exp2(fmaf(s[mt][n][2 * half + e], exp_scale, -reference));
+            s[mt][n][2 * half + e] = prob;
+            sum += prob;
+          }
+        }
+        row_sum[mt][half] = row_sum[mt][half] * correction + sum;
+      }
+    }
+  }
+
+  // After the last tile: the row's whole sum (its quad's shares added).
+  __device__ __forceinline__ float total(int mt, int half) const {
+    float t = row_sum[mt][half];
+    t += __shfl_xor_sync(0xffffffff, t, 1);
+    t += __shfl_xor_sync(0xffffffff, t, 2);
+    return t;
+  }
+
+  // Natural-log LSE of a row with sum `total`, -inf for a row that saw no key.
+  __device__ __forceinline__ float lse(int mt, int half, float total) const {
+    return total > 0.f ? (row_max[mt][half] + __log2f(total)) * kLn2 : kNegInf;
+  }
+};
+
+}  // namespace attn_backend

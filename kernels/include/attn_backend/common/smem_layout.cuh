@@ -1,0 +1,38 @@
+// Shared-memory tile layouts in 16-byte chunks: where chunk `chunk` of row `row`
+// of a tile is stored. Element types only decide how many chunks a row has
+// (`chunks_per_row`), so nothing here assumes an element size.
+#pragma once
+
+namespace attn_backend {
+
+// 16-byte chunks in a row of `kHeadDim` elements of type T.
+template <typename T, int kHeadDim>
+constexpr int chunks_per_row() {
+  static_assert((kHeadDim * sizeof(T)) % 16 == 0, "rows must be whole 16-byte chunks");
+  return static_cast<int>(kHeadDim * sizeof(T) / 16);
+}
+
+// Rows of kChunks chunks back to back; chunk c of row r is stored at chunk c ^ (r % 8)
+// of that row, which spreads the 8 rows one ldmatrix reads over all 32 banks.
+template <int kChunks_>
+struct XorSwizzledRows {
+  static constexpr int kChunks = kChunks_;
+  static_assert(kChunks % 8 == 0, "rows must be whole 128-byte lines");
+  __device__ __forceinline__ static int chunk_index(int row, int chunk) {
+    return row * kChunks + (chunk ^ (row & 7));
+  }
+};
+
+// Hopper's 128-byte swizzle (wgmma operands): a tile of kRows rows is stored as
+// column blocks of kRows rows x 128 bytes (8 chunks); chunk c of row r of a block
+// sits at chunk c ^ (r % 8) of that row. Blocks start 1024-byte aligned.
+template <int kChunks_, int kRows>
+struct Swizzled128BBlocks {
+  static constexpr int kChunks = kChunks_;
+  static_assert(kChunks % 8 == 0 && kRows % 8 == 0, "whole 128-byte lines and 8-row groups");
+  __device__ __forceinline__ static int chunk_index(int row, int chunk) {
+    return (chunk / 8) * (kRows * 8) + row * 8 + ((chunk % 8) ^ (row & 7));
+  }
+};
+
+}  // namespace attn_backend

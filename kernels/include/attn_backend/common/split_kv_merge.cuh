@@ -1,0 +1,117 @@
+// Split-KV in one launch: each chunk of a split tile writes its partial state; the chunk
+// that finishes last (per kv head) merges all of them into the output and resets the
+// counter, so no second launch is needed and a CUDA graph replays it as captured.
+#pragma once
+
+#include <cstdint>
+
+#include "attn_backend/common/epilogue.cuh"
+#include "attn_backend/common/math.cuh"
+#include "attn_backend/common/params.cuh"
+#include "attn_backend/common/ptx.cuh"
+
+namespace attn_backend {
+
+// Counts this CTA's chunk of split tile `merge_group` done; true in the CTA that finished
+// last, which then sees every other chunk's partial state.
+__device__ __forceinline__ bool finish_split_chunk(const AttentionParams& p, int merge_group,
+                                                   int kv_head) {
+  __shared__ bool merges;
+  __threadfence();  // this CTA's partial is visible before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int count = p.split.merge_indptr[merge_group + 1] - p.split.merge_indptr[merge_group];
+    int32_t* counter =
+        p.split.merge_counters + static_cast<int64_t>(merge_group) * p.num_kv_heads + kv_head;
+    merges = atomicAdd(counter, 1) == count - 1;
+    if (merges) *counter = 0;  // ready for the next launch (and graph replay)
+  }
+  __syncthreads();
+  if (merges) __threadfence();
+  return merges;
+}
+
+// out = sum_i exp(lse_i - lse) * out_i over the partials of `merge_group`, for its tile
+// rows [0, num_rows), with lse = log sum_i exp(lse_i). It runs at the tail of the kernel,
+// so it is latency-bound: each row's max and total weight are computed once, with the
+// lanes of a warp striding over the partials, and each thread then walks the partials once
+// for 4 columns with 8 partials' loads in flight. Partials written by other CTAs are read
+// with ld.cg (from L2), never a stale L1 line. `row_max` / `row_total`: num_rows floats
+// each of shared scratch.
+template <int kHeadDimVO, typename DTypeO, typename Rows>
+__device__ __forceinline__ void merge_partials(const TileWriter<DTypeO, kHeadDimVO, Rows>& writer,
+                                               int merge_group, int num_rows, float* row_max,
+                                               float* row_total) {
+  constexpr int kLoadsInFlight = 8;
+  const AttentionParams& p = writer.p;
+  const SplitKVState& split = p.split;
+  const int begin = split.merge_indptr[merge_group];
+  const int end = split.merge_indptr[merge_group + 1];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int num_warps = blockDim.x / 32;
+  auto slot = [&](int partial, int row) {
+    return split.slot(partial, p.num_kv_heads, writer.kv_head, row);
+  };
+  for (int row = warp; row < num_rows; row += num_warps) {
+    float max_lse = kNegInf;
+    for (int i = begin + lane; i < end; i += 32) {
+      max_lse = fmaxf(max_lse, __ldcg(split.partial_lse + slot(i, row)));
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffff, max_lse, offset));
+    }
+    const float reference = max_lse == kNegInf ? 0.f : max_lse;
+    float total = 0.f;
+    for (int i = begin + lane; i < end; i += 32) {
+      total += ptx::fast_exp2((__ldcg(split.partial_lse + slot(i, row)) - reference) * kLog2e);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      total += __shfl_xor_sync(0xffffffff, total, offset);
+    }
+    if (lane == 0) {
+      row_max[row] = reference;
+      row_total[row] = total;
+      if (p.lse != nullptr) {
+        p.lse[writer.lse_index(row)] = total > 0.f ? reference + __logf(total) : kNegInf;
+      }
+    }
+  }
+  __syncthreads();
+  constexpr int kVectorsPerRow = kHeadDimVO / 4;
+  for (int v = threadIdx.x; v < num_rows * kVectorsPerRow; v += blockDim.x) {
+    const int row = v / kVectorsPerRow;
+    const int col = (v % kVectorsPerRow) * 4;
+    const float reference = row_max[row];
+    const float total = row_total[row];
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int i0 = begin; i0 < end; i0 += kLoadsInFlight) {
+      float lse[kLoadsInFlight];
+      float4 value[kLoadsInFlight];
+#pragma unroll
+      for (int u = 0; u < kLoadsInFlight; ++u) {
+        const int64_t index = slot(i0 + u < end ? i0 + u : begin, row);
+        lse[u] = __ldcg(split.partial_lse + index);
+        value[u] = __ldcg(reinterpret_cast<const float4*>(split.partial_out + index * kHeadDimVO + col));
+      }
+#pragma unroll
+      for (int u = 0; u < kLoadsInFlight; ++u) {
+        if (i0 + u < end) {
+          const float weight = ptx::fast_exp2((lse[u] - reference) * kLog2e);
+          acc.x += weight * value[u].x;
+          acc.y += weight * value[u].y;
+          acc.z += weight * value[u].z;
+          acc.w += weight * value[u].w;
+        }
+      }
+    }
+    const float scale = total > 0.f ? 1.f / total : 0.f;
+    DTypeO* out = writer.output(row) + col;
+    *reinterpret_cast<uint32_t*>(out) = ptx::pack2<DTypeO>(acc.x * scale, acc.y * scale);
+    *reinterpret_cast<uint32_t*>(out + 2) = ptx::pack2<DTypeO>(acc.z * scale, acc.w * scale);
+  }
+}
+
+}  // namespace attn_backend
