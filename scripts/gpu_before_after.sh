@@ -3,7 +3,9 @@
 # BEFORE_DIR (an older checkout of attn_backend/ and kernels/, e.g. from `git archive`) and this
 # one (MAX_JOBS=16 split between them), optionally runs this tree's GPU tests, times the
 # benchmarks with each build in turns (ours alone), and combines each benchmark's runs into
-# one result with the before build as a peer (bench/before_after.py). Logs and JSON go to $OUT.
+# one result with the before build as a peer (bench/before_after.py). The tables and the test
+# log land in $OUT, every other log and JSON in $OUT/all.tgz (the device tool brings back
+# at most 8 files).
 #
 #   BEFORE_DIR=.gpu/base BEFORE_LABEL=c66ed44 ATTN_BACKEND_GIT_COMMIT=<sha> \
 #     bash scripts/gpu_before_after.sh [--tests] [--rounds N] [--only decode,prefill]
@@ -14,7 +16,8 @@ OUT=${OUT:-/tmp/attn_backend_out}
 BEFORE_DIR=$(cd "${BEFORE_DIR:?set BEFORE_DIR to the before tree}" && pwd)
 BEFORE_LABEL=${BEFORE_LABEL:?set BEFORE_LABEL to the before commit}
 AFTER_LABEL=${ATTN_BACKEND_GIT_COMMIT:-after}
-mkdir -p "$OUT"
+WORK=$OUT/work
+mkdir -p "$WORK"
 export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 export ATTN_BACKEND_CACHE_DIR=${ATTN_BACKEND_CACHE_DIR:-/tmp/attn_backend_cache}
 run_tests=0 rounds=2 only=decode,prefill also_peers=""
@@ -32,14 +35,14 @@ if [ -n "$also_peers" ] && ls "$ROOT"/.whl_*/*.whl >/dev/null 2>&1 && [ -f "$ROO
   source "$ROOT/.gpu/install_wheels.sh" "$ROOT"/.whl_*/*.whl || exit 1
 fi
 summary=()
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$WORK/gpu.txt"
 
 # Both builds at once (the JIT path, as a user's first call); each in its own cache folder.
 build() {  # build NAME TREE
   (cd /tmp && MAX_JOBS=8 PYTHONPATH="$2" python3 -c "
 import logging; logging.basicConfig(level=logging.WARNING)
 from attn_backend import _extension; _extension.load_ops(); print('$1 loaded', _extension.loaded_library())
-") > "$OUT/build_$1.log" 2>&1
+") > "$WORK/build_$1.log" 2>&1
 }
 t0=$(date +%s)
 build before "$BEFORE_DIR" & before_pid=$!
@@ -47,14 +50,14 @@ build after "$ROOT"; after_rc=$?
 wait $before_pid; before_rc=$?
 summary+=("builds: before rc=$before_rc, after rc=$after_rc in $(( $(date +%s) - t0 )) s")
 if [ $before_rc -ne 0 ] || [ $after_rc -ne 0 ]; then
-  tail -n 30 "$OUT"/build_*.log; printf '%s\n' "${summary[@]}"; exit 1
+  tail -n 30 "$WORK"/build_*.log; printf '%s\n' "${summary[@]}"; exit 1
 fi
 
 test_rc=0
 if [ "$run_tests" -eq 1 ]; then
   t0=$(date +%s)
   (cd "$ROOT" && python3 -m pytest -q -m gpu tests -p no:cacheprovider --maxfail=25 \
-     ${PYTEST_K:+-k "$PYTEST_K"} --junitxml="$OUT/gpu_tests.xml") > "$OUT/gpu_tests.log" 2>&1
+     ${PYTEST_K:+-k "$PYTEST_K"} --junitxml="$WORK/gpu_tests.xml") > "$OUT/gpu_tests.log" 2>&1
   test_rc=$?
   summary+=("gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s: $(tail -n 1 "$OUT/gpu_tests.log")")
 fi
@@ -64,8 +67,8 @@ fi
 bench() {  # bench NAME TREE LABEL PEERS
   (cd /tmp && ATTN_BACKEND_BENCH_PEERS=$4 ATTN_BACKEND_GIT_COMMIT=$3 \
      ATTN_BACKEND_BENCH_COMMAND="bash scripts/gpu_before_after.sh ($1 build, peers $4)" \
-     PYTHONPATH="$2:$ROOT" python3 -m bench.run_all --only "$only" --out "$OUT/$1") \
-    >> "$OUT/bench_$1.log" 2>&1
+     PYTHONPATH="$2:$ROOT" python3 -m bench.run_all --only "$only" --out "$WORK/$1") \
+    >> "$WORK/bench_$1.log" 2>&1
 }
 t0=$(date +%s)
 bench_rc=0
@@ -78,13 +81,14 @@ summary+=("benchmarks: rc=$bench_rc, $rounds rounds in $(( $(date +%s) - t0 )) s
 
 tables=()
 for name in ${only//,/ }; do
-  befores=("$OUT"/before_*/"$name"-*.json) afters=("$OUT"/after_*/"$name"-*.json)
-  also=(); [ -n "$also_peers" ] && also=(--also "$OUT"/peers/"$name"-*.json)
+  befores=("$WORK"/before_*/"$name"-*.json) afters=("$WORK"/after_*/"$name"-*.json)
+  also=(); [ -n "$also_peers" ] && also=(--also "$WORK"/peers/"$name"-*.json)
   (cd "$ROOT" && python3 -m bench.before_after --before "${befores[@]}" --after "${afters[@]}" \
-     "${also[@]}" --label "$BEFORE_LABEL" --out "$OUT/result/$(basename "${afters[0]}")") \
+     "${also[@]}" --label "$BEFORE_LABEL" --out "$WORK/result/$(basename "${afters[0]}")") \
     > "$OUT/before_after_$name.txt" 2>&1 || bench_rc=1
   tables+=("$(cat "$OUT/before_after_$name.txt")")
 done
+tar -czf "$OUT/all.tgz" -C "$WORK" . && rm -rf "$WORK"
 echo
 printf '%s\n\n' "${tables[@]}"
 echo "==== gpu_before_after summary ===="

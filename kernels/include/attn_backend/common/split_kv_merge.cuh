@@ -50,13 +50,14 @@ __device__ __forceinline__ void merge_partials(const TileWriter<DTypeO, kHeadDim
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int num_warps = blockDim.x / 32;
-  auto slot = [&](int partial, int row) {
-    return split.slot(partial, p.num_kv_heads, writer.kv_head, row);
-  };
+  // Partial i of `row` is slot first_slot(row) + i * partial_stride (SplitKVState::slot).
+  const int64_t partial_stride = static_cast<int64_t>(p.num_kv_heads) * split.partial_rows;
+  auto first_slot = [&](int row) { return split.slot(0, p.num_kv_heads, writer.kv_head, row); };
   for (int row = warp; row < num_rows; row += num_warps) {
+    const float* lse = split.partial_lse + first_slot(row);
     float max_lse = kNegInf;
     for (int i = begin + lane; i < end; i += 32) {
-      max_lse = fmaxf(max_lse, __ldcg(split.partial_lse + slot(i, row)));
+      max_lse = fmaxf(max_lse, __ldcg(lse + i * partial_stride));
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
@@ -65,7 +66,7 @@ __device__ __forceinline__ void merge_partials(const TileWriter<DTypeO, kHeadDim
     const float reference = max_lse == kNegInf ? 0.f : max_lse;
     float total = 0.f;
     for (int i = begin + lane; i < end; i += 32) {
-      total += ptx::fast_exp2((__ldcg(split.partial_lse + slot(i, row)) - reference) * kLog2e);
+      total += ptx::fast_exp2((__ldcg(lse + i * partial_stride) - reference) * kLog2e);
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
@@ -86,13 +87,14 @@ __device__ __forceinline__ void merge_partials(const TileWriter<DTypeO, kHeadDim
     const int col = (v % kVectorsPerRow) * 4;
     const float reference = row_max[row];
     const float total = row_total[row];
+    const int64_t row_slot = first_slot(row);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int i0 = begin; i0 < end; i0 += kLoadsInFlight) {
       float lse[kLoadsInFlight];
       float4 value[kLoadsInFlight];
 #pragma unroll
       for (int u = 0; u < kLoadsInFlight; ++u) {
-        const int64_t index = slot(i0 + u < end ? i0 + u : begin, row);
+        const int64_t index = row_slot + (i0 + u < end ? i0 + u : begin) * partial_stride;
         lse[u] = __ldcg(split.partial_lse + index);
         value[u] = __ldcg(reinterpret_cast<const float4*>(split.partial_out + index * kHeadDimVO + col));
       }
