@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 
 # Both builds at once (the JIT path, as a user's first call); each in its own cache folder.
 build() {  # build NAME TREE
-  (cd /tmp && MAX_JOBS=8 PYTHONPATH="$2" python3 -c "
+  (cd /tmp && MAX_JOBS=8 PYTHONPATH="$2${PYTHONPATH:+:$PYTHONPATH}" python3 -c "
 import logging; logging.basicConfig(level=logging.WARNING)
 from attn_backend import _extension; _extension.load_ops(); print('$1 loaded', _extension.loaded_library())
 ") > "$WORK/build_$1.log" 2>&1
@@ -67,7 +67,8 @@ fi
 bench() {  # bench NAME TREE LABEL PEERS
   (cd /tmp && ATTN_BACKEND_BENCH_PEERS=$4 ATTN_BACKEND_GIT_COMMIT=$3 \
      ATTN_BACKEND_BENCH_COMMAND="bash scripts/gpu_before_after.sh ($1 build, peers $4)" \
-     PYTHONPATH="$2:$ROOT" python3 -m bench.run_all --only "$only" --out "$WORK/$1") \
+     PYTHONPATH="$2:$ROOT${PYTHONPATH:+:$PYTHONPATH}" python3 -m bench.run_all --only "$only" \
+       --out "$WORK/$1") \
     >> "$WORK/bench_$1.log" 2>&1
 }
 t0=$(date +%s)

@@ -149,7 +149,7 @@ void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
                            ? region<const int64_t>(workspace, info.mask_offsets_offset)
                            : nullptr;
   params.work = {region<const int32_t>(workspace, info.schedule_offset),
-                 static_cast<int>(info.work_capacity)};
+                 static_cast<int>(info.work_capacity), static_cast<int>(info.num_work_items)};
   params.split = {region<float>(workspace, info.partial_out_offset),
                   region<float>(workspace, info.partial_lse_offset),
                   static_cast<int>(info.partial_rows),
@@ -160,7 +160,7 @@ void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   config.launch(params, DTypes{q.scalar_type(), k_cache.scalar_type(), out.scalar_type()},
                 VariantFlags{logits_soft_cap > 0, mask_bits.has_value()},
-                info.num_work_items * num_kv_heads, info.enable_pdl != 0, stream);
+                work_grid(info.num_work_items, num_kv_heads), info.enable_pdl != 0, stream);
 }
 
 int64_t kernel_config_occupancy(int64_t id) { return kernel_config(id).ctas_per_sm(); }

@@ -24,13 +24,13 @@ using FullBatchDecodeShape128 = DecodeShape<128, 128, 2, 3>;
 
 template <typename Shape>
 void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFlags& flags,
-            int64_t num_ctas, bool pdl, cudaStream_t stream) {
+            dim3 grid, bool pdl, cudaStream_t stream) {
   dispatch_dtypes(dtypes, "decode", [&](auto q, auto kv, auto o) {
     using Traits = DecodeTraits<Shape, decltype(q), decltype(kv), decltype(o)>;
     // Soft-cap is compiled in only where used: it costs registers and a tanh per score.
     auto* kernel = flags.soft_cap ? &paged_decode_kernel<Traits, LogitsTransform<true>>
                                   : &paged_decode_kernel<Traits, LogitsTransform<false>>;
-    launch_with_pdl(kernel, params, num_ctas, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
+    launch_with_pdl(kernel, params, grid, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
   });
 }
 

@@ -35,8 +35,8 @@ struct KernelConfig {
   int64_t threads;
   int64_t smem_bytes;
   bool wgmma;  // needs sm_90a code and an sm_90 GPU
-  void (*launch)(const AttentionParams&, const DTypes&, const VariantFlags&, int64_t num_ctas,
-                 bool pdl, cudaStream_t);
+  void (*launch)(const AttentionParams&, const DTypes&, const VariantFlags&, dim3 grid, bool pdl,
+                 cudaStream_t);
   int (*ctas_per_sm)();  // on the current device
   bool (*runs_here)();   // on the current device
 

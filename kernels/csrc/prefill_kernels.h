@@ -11,7 +11,7 @@ namespace prefill_configs {
 
 template <typename Shape>
 void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFlags& flags,
-            int64_t num_ctas, bool pdl, cudaStream_t stream) {
+            dim3 grid, bool pdl, cudaStream_t stream) {
   dispatch_dtypes(dtypes, "prefill", [&](auto q, auto kv, auto o) {
     using Traits = PrefillTraits<Shape, decltype(q), decltype(kv), decltype(o)>;
     // Soft-cap and custom masks are compiled in only where used: each costs registers.
@@ -22,7 +22,7 @@ void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFl
                                             : &paged_prefill_kernel<Traits, Capped, false>)
                        : (flags.custom_mask ? &paged_prefill_kernel<Traits, Plain, true>
                                             : &paged_prefill_kernel<Traits, Plain, false>);
-    launch_with_pdl(kernel, params, num_ctas, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
+    launch_with_pdl(kernel, params, grid, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
   });
 }
 

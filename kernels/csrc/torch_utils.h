@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "attn_backend/common/paged_addressing.cuh"
@@ -97,22 +98,32 @@ int ctas_per_sm(Kernel kernel, int threads, int smem_bytes) {
   return ctas;
 }
 
-// Launches `kernel(params)` on a 1-D grid of `num_ctas`; with `pdl` as a programmatic
-// dependent launch (sm_90+): the kernel may start while the previous kernel in the stream
-// finishes, so its launch and its plan reads hide in that kernel's tail. The kernel must
-// call ptx::wait_for_prior_grids() before it reads anything an earlier kernel may have
-// written.
+// The grid of `num_items` work items for `num_kv_heads` kv heads (params.cuh's cta_work):
+// (kv heads, items, item blocks), the items past 65535 in z.
+inline dim3 work_grid(int64_t num_items, int64_t num_kv_heads) {
+  constexpr int64_t kMaxGridY = 65535;
+  const int64_t blocks = (num_items + kMaxGridY - 1) / kMaxGridY;
+  TORCH_CHECK(blocks <= kMaxGridY && num_kv_heads <= INT32_MAX, "attn_backend: ", num_items,
+              " work items are too many for one launch");
+  return dim3(static_cast<unsigned>(num_kv_heads),
+              static_cast<unsigned>(std::min(num_items, kMaxGridY)),
+              static_cast<unsigned>(blocks));
+}
+
+// Launches `kernel(params)` on `grid`; with `pdl` as a programmatic dependent launch
+// (sm_90+): the kernel may start while the previous kernel in the stream finishes, so its
+// launch and its plan reads hide in that kernel's tail. The kernel must call
+// ptx::wait_for_prior_grids() before it reads anything an earlier kernel may have written.
 template <typename Params>
-void launch_with_pdl(void (*kernel)(Params), const Params& params, int64_t num_ctas,
-                     int threads, int smem_bytes, bool pdl, cudaStream_t stream) {
+void launch_with_pdl(void (*kernel)(Params), const Params& params, dim3 grid, int threads,
+                     int smem_bytes, bool pdl, cudaStream_t stream) {
   allow_dynamic_smem(kernel, smem_bytes);
-  if (num_ctas == 0) return;
-  TORCH_CHECK(num_ctas <= INT32_MAX, "attn_backend: a grid of ", num_ctas, " CTAs is too large");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(num_ctas));
+  config.gridDim = grid;
   config.blockDim = dim3(static_cast<unsigned>(threads));
   config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
   config.stream = stream;

@@ -40,7 +40,8 @@ __device__ __forceinline__ unsigned long long global_ns() {
 struct CtaTrace {
   unsigned long long* row;
   __device__ explicit CtaTrace(unsigned long long* trace)
-      : row(trace + static_cast<int64_t>(blockIdx.x) * 5) {
+      : row(trace + ((static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x +
+                     blockIdx.x) * 5) {
     if (threadIdx.x == 0) {
       unsigned sm;
       asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #ifdef ATTN_BACKEND_DECODE_TRACE
   const CtaTrace cta_trace(p.trace);
 #endif
-  const CtaWork cta = cta_work(p);
+  const CtaWork cta = cta_work();
   // The schedule may be read before the previous kernel has finished: plan() writes it
   // with a host-to-device copy, and a kernel after a copy in the stream starts only once
   // the copy is done. Everything else (query, caches, page table, the merge state) may

@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
                      : smem_base;
   uint8_t* const q_smem = smem + Traits::kQOffset;
 
-  const CtaWork cta = cta_work(p);
+  const CtaWork cta = cta_work();
   // The schedule and the request info are plan() buffers, written by host-to-device
   // copies, so they may be read before the previous kernel finishes (decode.cuh says why);
   // the query, caches, page table and custom mask only after wait_for_prior_grids().

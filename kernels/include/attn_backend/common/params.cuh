@@ -70,17 +70,16 @@ struct AttentionParams {
 #endif
 };
 
-// The grid is one dimension, kv heads fastest: CTA (item, kv head) = blockIdx.x, so all
-// heads of a work item start together (their rows of a token are adjacent in memory) and
-// the plan's longest-first order is the dispatch order.
+// The grid is (kv heads, items, item blocks): x = the kv head, so all heads of a work item
+// start together (their rows of a token are adjacent in memory) and the plan's longest-first
+// order is the dispatch order; items past gridDim.y's limit of 65535 go on in z.
 struct CtaWork {
   int item;
   int kv_head;
 };
 
-__device__ __forceinline__ CtaWork cta_work(const AttentionParams& p) {
-  const int cta = static_cast<int>(blockIdx.x);
-  return {cta / p.num_kv_heads, cta % p.num_kv_heads};
+__device__ __forceinline__ CtaWork cta_work() {
+  return {static_cast<int>(blockIdx.z * gridDim.y + blockIdx.y), static_cast<int>(blockIdx.x)};
 }
 
 }  // namespace attn_backend

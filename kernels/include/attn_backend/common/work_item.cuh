@@ -33,8 +33,12 @@ struct WorkItem {
 struct WorkList {
   const int32_t* rows;  // [kWorkListRows, capacity]
   int capacity;
+  int num_items;  // columns the launch covers (the grid may round up past them)
 
-  __device__ __forceinline__ int request(int item) const { return rows[item]; }
+  // -1 for an unused item (a graph-sized grid's padding, or past num_items).
+  __device__ __forceinline__ int request(int item) const {
+    return item < num_items ? rows[item] : -1;
+  }
   __device__ __forceinline__ WorkItem operator[](int item) const {
     const int32_t* column = rows + item;
     return {column[0],
