@@ -28,7 +28,9 @@ scheduler::TileShape tile_shape(int64_t config_id) {
   return {config.tile_rows, config.kv_tile_tokens};
 }
 
-int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+// Workspace regions start on 256-byte boundaries: a partial state's rows and the merge
+// counters (atomics) never share a cache line with another region.
+int64_t align_region(int64_t bytes) { return (bytes + 255) / 256 * 256; }
 
 // Fills the layout fields of `setup` (its family, head counts, sizes, options and
 // configurations already set): buffer capacities that any batch up to the wrapper's
@@ -74,7 +76,7 @@ std::vector<int64_t> plan_setup(at::IntArrayRef setup) {
   int64_t offset = 0;
   auto place = [&](int64_t bytes) {
     const int64_t at = offset;
-    offset = align16(offset + bytes);
+    offset = align_region(offset + bytes);
     return at;
   };
   info.schedule_offset = place(6 * work * 4);

@@ -6,7 +6,7 @@
 // written by each plan() (scheduler.h). The run op reads the record back, checks it against
 // the workspace it was given, and launches the kernel configuration it names.
 //
-// Workspace (bytes, regions 16-byte aligned): the upload region, copied from the host by
+// Workspace (bytes, regions 256-byte aligned): the upload region, copied from the host by
 // each plan() as one block, holds the work list [6, work_capacity] (int32), merge_indptr
 // [merge_group_capacity + 1] (int32), the request info [3, max_batch] (int32: qo_start,
 // q_len, kv_len; prefill) and the custom-mask offsets [max_batch] (int64; prefill); after it,

@@ -28,6 +28,7 @@ struct OnlineSoftmax {
                                          float exp_scale) {
 #pragma unroll
     for (int mt = 0; mt < kM; ++mt) {
+      float reference[2], correction[2];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float tile_max = kNegInf;
@@ -39,29 +40,35 @@ struct OnlineSoftmax {
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
         const float new_max = fmaxf(row_max[mt][half], tile_max * exp_scale);
         // With nothing seen yet the max is -inf; subtracting 0 keeps exp2 at 0.
-        const float reference = new_max == kNegInf ? 0.f : new_max;
-        const float correction = ptx::fast_exp2(row_max[mt][half] - reference);
+        reference[half] = new_max == kNegInf ? 0.f : new_max;
+        correction[half] = ptx::fast_exp2(row_max[mt][half] - reference[half]);
         row_max[mt][half] = new_max;
-        // Once the running maxima settle most tiles leave them unchanged; then these
-        // rows' outputs need no rescaling (a warp-uniform test, so no divergence).
-        if (__any_sync(0xffffffff, correction != 1.f)) {
+      }
+      // Once the running maxima settle most tiles leave them unchanged; then this m-tile's
+      // outputs need no rescaling (a warp-uniform test, so no divergence).
+      if (__any_sync(0xffffffff, correction[0] != 1.f || correction[1] != 1.f)) {
 #pragma unroll
-          for (int n = 0; n < kVONTiles; ++n) {
-            o[mt][n][2 * half] *= correction;
-            o[mt][n][2 * half + 1] *= correction;
-          }
+        for (int n = 0; n < kVONTiles; ++n) {
+          o[mt][n][0] *= correction[0];
+          o[mt][n][1] *= correction[0];
+          o[mt][n][2] *= correction[1];
+          o[mt][n][3] *= correction[1];
         }
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < kN; ++n) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float prob = ptx::fast_exp2(fmaf(s[mt][n][2 * half + e], exp_scale, -reference));
+            const float prob =
+                ptx::fast_exp2(fmaf(s[mt][n][2 * half + e], exp_scale, -reference[half]));
             s[mt][n][2 * half + e] = prob;
             sum += prob;
           }
         }
-        row_sum[mt][half] = row_sum[mt][half] * correction + sum;
+        row_sum[mt][half] = row_sum[mt][half] * correction[half] + sum;
       }
     }
   }
