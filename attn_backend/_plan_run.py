@@ -20,7 +20,7 @@ import torch
 from . import _extension
 from ._validation import check_kernel_shape
 from .cuda_graph import PlanWorkspace
-from .kernel_configs import KernelConfig, all_configs
+from .kernel_configs import KernelConfig, all_configs, find
 
 
 @functools.cache
@@ -89,13 +89,9 @@ class KernelWrapper:
             else _extension.try_load_ops()
 
     def _find_config(self, name: str) -> KernelConfig | None:
-        if self._ops is None:
-            return None
-        for config in all_configs():
-            if (config.name, config.head_dim_qk, config.head_dim_vo) == \
-                    (name, self.head_dim, self.head_dim_vo):
-                return config
-        return None
+        """This shape's configuration `name` (None without an extension, or where none is
+        compiled for the head dims: the reference path plans no schedule)."""
+        return find(name, self.head_dim, self.head_dim_vo) if self._ops is not None else None
 
     def _cta_slots(self, config: KernelConfig, given: int | None) -> int:
         """CTAs of `config` the GPU runs at once (given: used as is; CPU: 1)."""

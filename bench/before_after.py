@@ -66,9 +66,11 @@ def main(argv=None) -> int:
     parser.add_argument("--label", required=True, help="the before build's commit")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tolerance", type=float, default=0.02)
+    parser.add_argument("--spread", type=float, default=0.2,
+                        help="list cells whose runs differ by more than this (best_of_runs)")
     args = parser.parse_args(argv)
     load = lambda paths: [json.loads(p.read_text()) for p in paths]  # noqa: E731
-    before, after = combine(load(args.before), 1.0), combine(load(args.after), 1.0)
+    before, after = combine(load(args.before), args.spread), combine(load(args.after), args.spread)
     result = merge(before, after, args.label, load(args.also))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -25,6 +25,7 @@
 #include "attn_backend/common/paged_kv_loader.cuh"
 #include "attn_backend/common/params.cuh"
 #include "attn_backend/common/ptx.cuh"
+#include "attn_backend/common/query_rows.cuh"
 #include "attn_backend/common/smem_layout.cuh"
 #include "attn_backend/common/split_kv_merge.cuh"
 #include "attn_backend/common/variant.cuh"
@@ -77,24 +78,18 @@ struct DecodeTraits : Shape {
   using DTypeQ = DTypeQ_;
   using DTypeKV = DTypeKV_;
   using DTypeO = DTypeO_;
-  using Shape::kHeadDimQK;
-  using Shape::kHeadDimVO;
-  using Shape::kRows;
-  using Shape::kStages;
-  using Shape::kThreads;
-  using Shape::kTileTokens;
-  using Shape::kWarps;
-  using LayoutQ = XorSwizzledRows<chunks_per_row<DTypeQ, kHeadDimQK>()>;
-  using LayoutK = XorSwizzledRows<chunks_per_row<DTypeKV, kHeadDimQK>()>;
-  using LayoutV = XorSwizzledRows<chunks_per_row<DTypeKV, kHeadDimVO>()>;
-  using Loader = PagedKVLoader<DTypeKV, kTileTokens, kStages, kThreads, LayoutK, LayoutV>;
+  using LayoutQ = XorSwizzledRows<chunks_per_row<DTypeQ, Shape::kHeadDimQK>()>;
+  using LayoutK = XorSwizzledRows<chunks_per_row<DTypeKV, Shape::kHeadDimQK>()>;
+  using LayoutV = XorSwizzledRows<chunks_per_row<DTypeKV, Shape::kHeadDimVO>()>;
+  using Loader =
+      PagedKVLoader<DTypeKV, Shape::kTileTokens, Shape::kStages, Shape::kThreads, LayoutK, LayoutV>;
   using Mma = MmaSync<DTypeQ>;
-  using Merge = KeySplitMerge<kWarps, kRows, kHeadDimVO>;
-  static constexpr int kQBytes = kRows * LayoutQ::kChunks * 16;
+  using Merge = KeySplitMerge<Shape::kWarps, Shape::kRows, Shape::kHeadDimVO>;
+  static constexpr int kQBytes = Shape::kRows * LayoutQ::kChunks * 16;
   // The query rows land in the ring's last stage, which the prologue leaves empty and the
   // first iteration fills only after the query is in registers: the 4 KB saved is what
   // lets a third CTA onto an SM in some shapes.
-  static constexpr int kQOffset = (kStages - 1) * Loader::kStageBytes;
+  static constexpr int kQOffset = (Shape::kStages - 1) * Loader::kStageBytes;
   // After the main loop the ring holds the warps' states for the final merge.
   static constexpr int kRowAddressOffset =
       Loader::kRingBytes > Merge::kBytes ? Loader::kRingBytes : Merge::kBytes;
@@ -109,7 +104,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   using DTypeQ = typename Traits::DTypeQ;
   using Mma = typename Traits::Mma;
   constexpr int kRows = Traits::kRows;
-  constexpr int kChunksQ = Traits::LayoutQ::kChunks;
   constexpr int kVONTiles = Traits::kHeadDimVO / 8;
 
   extern __shared__ __align__(128) uint8_t smem[];
@@ -133,19 +127,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const HeadRows rows{item.request, item.row_start, cta.kv_head * p.group_size};
   const int num_rows = min(kRows, p.group_size - item.row_start);
 
-  // The tile's query rows; rows past the group are zero.
   uint8_t* const q_smem = smem + Traits::kQOffset;
-  for (int i = tid; i < kRows * kChunksQ; i += Traits::kThreads) {
-    const int row = i / kChunksQ;
-    const int chunk = i % kChunksQ;
-    const bool valid = row < num_rows;
-    const uint8_t* src = static_cast<const uint8_t*>(p.q) +
-                         (item.request * p.q_stride_token + rows.head(valid ? row : 0) * p.q_stride_head) *
-                             static_cast<int64_t>(sizeof(DTypeQ)) +
-                         chunk * 16;
-    ptx::cp_async_16(q_smem + Traits::LayoutQ::chunk_index(row, chunk) * 16, src, valid);
-  }
-  ptx::cp_async_commit();
+  load_query_rows<DTypeQ, typename Traits::LayoutQ, kRows, Traits::kThreads>(p, rows, num_rows,
+                                                                            q_smem);
 
   const typename Traits::Loader loader(p, smem, smem + Traits::kRowAddressOffset, cta.kv_head,
                                        item.request, item.kv_start, item.kv_end);

@@ -32,6 +32,7 @@
 #include "attn_backend/common/paged_kv_loader.cuh"
 #include "attn_backend/common/params.cuh"
 #include "attn_backend/common/ptx.cuh"
+#include "attn_backend/common/query_rows.cuh"
 #include "attn_backend/common/smem_layout.cuh"
 #include "attn_backend/common/split_kv_merge.cuh"
 #include "attn_backend/common/variant.cuh"
@@ -64,33 +65,30 @@ struct PrefillTraits : Shape {
   using DTypeQ = DTypeQ_;
   using DTypeKV = DTypeKV_;
   using DTypeO = DTypeO_;
-  using Shape::kHeadDimQK;
-  using Shape::kHeadDimVO;
-  using Shape::kKVTile;
-  using Shape::kRows;
-  using Shape::kStages;
-  using Shape::kThreads;
-  using Shape::kWgmma;
-  static constexpr int kChunksQ = chunks_per_row<DTypeQ, kHeadDimQK>();
-  static constexpr int kChunksK = chunks_per_row<DTypeKV, kHeadDimQK>();
-  static constexpr int kChunksV = chunks_per_row<DTypeKV, kHeadDimVO>();
-  using LayoutQ = std::conditional_t<kWgmma, Swizzled128BBlocks<kChunksQ, kRows>,
-                                     XorSwizzledRows<kChunksQ>>;
-  using LayoutK = std::conditional_t<kWgmma, Swizzled128BBlocks<kChunksK, kKVTile>,
-                                     XorSwizzledRows<kChunksK>>;
-  using LayoutV = std::conditional_t<kWgmma, Swizzled128BBlocks<kChunksV, kKVTile>,
-                                     XorSwizzledRows<kChunksV>>;
-  using Loader = PagedKVLoader<DTypeKV, kKVTile, kStages, kThreads, LayoutK, LayoutV>;
-  using Mma = std::conditional_t<kWgmma, WgmmaMma<DTypeQ, kRows, kKVTile, kHeadDimQK, kHeadDimVO>,
-                                 MmaSync<DTypeQ>>;
-  static constexpr int kQBytes = kRows * kChunksQ * 16;
+  static constexpr bool kWgmma = Shape::kWgmma;
+  static constexpr int kChunksQ = chunks_per_row<DTypeQ, Shape::kHeadDimQK>();
+  static constexpr int kChunksK = chunks_per_row<DTypeKV, Shape::kHeadDimQK>();
+  static constexpr int kChunksV = chunks_per_row<DTypeKV, Shape::kHeadDimVO>();
+  // Q's rows are the tile's packed query rows; K's and V's the tile's keys.
+  template <int kChunks, int kTileRows>
+  using Layout = std::conditional_t<kWgmma, Swizzled128BBlocks<kChunks, kTileRows>,
+                                    XorSwizzledRows<kChunks>>;
+  using LayoutQ = Layout<kChunksQ, Shape::kRows>;
+  using LayoutK = Layout<kChunksK, Shape::kKVTile>;
+  using LayoutV = Layout<kChunksV, Shape::kKVTile>;
+  using Loader =
+      PagedKVLoader<DTypeKV, Shape::kKVTile, Shape::kStages, Shape::kThreads, LayoutK, LayoutV>;
+  using Mma = std::conditional_t<
+      kWgmma, WgmmaMma<DTypeQ, Shape::kRows, Shape::kKVTile, Shape::kHeadDimQK, Shape::kHeadDimVO>,
+      MmaSync<DTypeQ>>;
+  static constexpr int kQBytes = Shape::kRows * kChunksQ * 16;
   static constexpr int kQOffset = Loader::kRingBytes;
   static constexpr int kRowAddressOffset = kQOffset + kQBytes;
   // wgmma operands start 1024-byte aligned; the kernel aligns the dynamic base itself.
   static constexpr int kAlignPad = kWgmma ? 1024 : 0;
   static constexpr int kSmemBytes = kRowAddressOffset + Loader::kRowAddressBytes + kAlignPad;
   // The merge's per-row scalars reuse the ring after the main loop.
-  static_assert(Loader::kRingBytes >= 2 * kRows * 4, "ring too small for the merge scalars");
+  static_assert(Loader::kRingBytes >= 2 * Shape::kRows * 4, "ring too small for the merge scalars");
   static_assert(sizeof(DTypeQ) == sizeof(DTypeKV), "Q K^T takes one operand type");
 };
 
@@ -102,7 +100,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kKV = Traits::kKVTile;
   constexpr int kM = Traits::kMTiles;
   constexpr int kRows = Traits::kRows;
-  constexpr int kChunksQ = Traits::kChunksQ;
   constexpr int kKVNTiles = kKV / 8;  // 8-key MMA column tiles per K/V tile
   constexpr int kVONTiles = Traits::kHeadDimVO / 8;
 
@@ -130,20 +127,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int lane = tid % 32;
   const PackedRows rows{qo_start, item.row_start, group, cta.kv_head * group};
 
-  // The tile's query rows; rows past the request are zero.
-  for (int i = tid; i < kRows * kChunksQ; i += Traits::kThreads) {
-    const int row = i / kChunksQ;
-    const int chunk = i % kChunksQ;
-    const bool valid = row < num_rows;
-    const int source_row = valid ? row : 0;
-    const uint8_t* src = static_cast<const uint8_t*>(p.q) +
-                         (static_cast<int64_t>(rows.token(source_row)) * p.q_stride_token +
-                          rows.head(source_row) * p.q_stride_head) *
-                             static_cast<int64_t>(sizeof(DTypeQ)) +
-                         chunk * 16;
-    ptx::cp_async_16(q_smem + Traits::LayoutQ::chunk_index(row, chunk) * 16, src, valid);
-  }
-  ptx::cp_async_commit();
+  load_query_rows<DTypeQ, typename Traits::LayoutQ, kRows, Traits::kThreads>(p, rows, num_rows,
+                                                                            q_smem);
 
   const typename Traits::Loader loader(p, smem, smem + Traits::kRowAddressOffset, cta.kv_head,
                                        item.request, item.kv_start, item.kv_end);

@@ -1,40 +1,15 @@
-// Where a work item's tile rows go, and writing them: the output (and LSE) of a tile that
-// saw all its keys, or the float partial state of one chunk of a split tile.
-//
-// Tile rows are packed query rows of one request and kv head: row_start + row =
-// token * group + head in group, so a request with few query tokens (decode, an extend,
-// a speculative verify) still fills the MMA rows with its group's heads.
+// Writing a work item's tile rows (query_rows.cuh maps them to tokens and heads): the
+// output (and LSE) of a tile that saw all its keys, or the float partial state of one chunk
+// of a split tile.
 #pragma once
 
 #include <cstdint>
 
 #include "attn_backend/common/params.cuh"
 #include "attn_backend/common/ptx.cuh"
+#include "attn_backend/common/query_rows.cuh"
 
 namespace attn_backend {
-
-// Packed rows of a request with any number of query tokens (prefill).
-struct PackedRows {
-  int qo_start;  // the request's first query token in q and out
-  int row_start;
-  int group;
-  int first_qo_head;  // kv_head * group
-
-  __device__ __forceinline__ int token(int row) const { return qo_start + (row_start + row) / group; }
-  __device__ __forceinline__ int head(int row) const {
-    return first_qo_head + (row_start + row) % group;
-  }
-};
-
-// Packed rows of a request with one query token (decode): row = a head of the group.
-struct HeadRows {
-  int qo_start;
-  int row_start;
-  int first_qo_head;
-
-  __device__ __forceinline__ int token(int /*row*/) const { return qo_start; }
-  __device__ __forceinline__ int head(int row) const { return first_qo_head + row_start + row; }
-};
 
 // Writes the rows of one work item: the output and LSE when it saw all of its tile's keys,
 // else its partial state.

@@ -1,0 +1,59 @@
+// A work item's tile rows: packed query rows of one request and kv head, row_start + row =
+// token * group + head in group, so a request with few query tokens (decode, an extend, a
+// speculative verify) still fills the MMA rows with its group's heads. The row maps say
+// which token and head a tile row is; the kernels read the query rows through them and
+// write the outputs (epilogue.cuh).
+#pragma once
+
+#include <cstdint>
+
+#include "attn_backend/common/params.cuh"
+#include "attn_backend/common/ptx.cuh"
+
+namespace attn_backend {
+
+// Packed rows of a request with any number of query tokens (prefill).
+struct PackedRows {
+  int qo_start;  // the request's first query token in q and out
+  int row_start;
+  int group;
+  int first_qo_head;  // kv_head * group
+
+  __device__ __forceinline__ int token(int row) const { return qo_start + (row_start + row) / group; }
+  __device__ __forceinline__ int head(int row) const {
+    return first_qo_head + (row_start + row) % group;
+  }
+};
+
+// Packed rows of a request with one query token (decode): row = a head of the group.
+struct HeadRows {
+  int qo_start;
+  int row_start;
+  int first_qo_head;
+
+  __device__ __forceinline__ int token(int /*row*/) const { return qo_start; }
+  __device__ __forceinline__ int head(int row) const { return first_qo_head + row_start + row; }
+};
+
+// Copies (cp.async, one commit group) the query rows [0, num_rows) of a tile of kRows rows
+// into q_smem in `Layout`; rows past num_rows are zero.
+template <typename DTypeQ, typename Layout, int kRows, int kThreads, typename Rows>
+__device__ __forceinline__ void load_query_rows(const AttentionParams& p, const Rows& rows,
+                                                int num_rows, uint8_t* q_smem) {
+  constexpr int kChunks = Layout::kChunks;
+  for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
+    const int row = i / kChunks;
+    const int chunk = i % kChunks;
+    const bool valid = row < num_rows;
+    const int source_row = valid ? row : 0;
+    const uint8_t* src = static_cast<const uint8_t*>(p.q) +
+                         (static_cast<int64_t>(rows.token(source_row)) * p.q_stride_token +
+                          rows.head(source_row) * p.q_stride_head) *
+                             static_cast<int64_t>(sizeof(DTypeQ)) +
+                         chunk * 16;
+    ptx::cp_async_16(q_smem + Layout::chunk_index(row, chunk) * 16, src, valid);
+  }
+  ptx::cp_async_commit();
+}
+
+}  // namespace attn_backend
