@@ -1,17 +1,22 @@
 """Decode time against a forced split-KV chunk size, to calibrate the planner's cost model.
 
     python3 -m bench.sweep_chunks
+
+Each forced chunk's schedule comes from the planner's specification (schedule.schedule_ranges)
+and runs on the shipped kernel from the wrapper's workspace (bench/variants.py).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 import attn_backend
 from attn_backend import PageTable, schedule
 
-from .bench_decode import kv_bytes, make_decode, make_problem
+from .bench_decode import NUM_KV_HEADS, NUM_QO_HEADS, kv_bytes, make_decode, make_problem
 from .common import median_ms
+from .variants import install_schedule, run_with_plan
 
 CASES = {(1, 512): (64, 128, 192, 256, 512), (16, 512): (64, 128, 256, 512),
          (4, 512): (64, 128, 256, 512), (8, 1024): (64, 128, 256, 512), (2, 2048): (64, 128, 256),
@@ -23,26 +28,25 @@ CASES = {(1, 512): (64, 128, 192, 256, 512), (16, 512): (64, 128, 256, 512),
 def main() -> None:
     attn_backend.set_debug_checks(False)
     gen = torch.Generator().manual_seed(0)
-    planned = schedule.choose_chunk
+    group = NUM_QO_HEADS // NUM_KV_HEADS
     for (batch, kv_len), chunks in CASES.items():
         cache, pages, q = make_problem(batch, kv_len, 16, gen)
         table = PageTable.from_block_table(pages.cuda())
         decode = make_decode(batch)
         decode.plan([kv_len] * batch)
-        ms = median_ms(lambda: decode.run(q, cache, table))
-        line = [f"b{batch} kv{kv_len} planner ({decode._planned.num_work_items} items): "
+        out = torch.empty_like(q)
+        ms = median_ms(lambda: decode.run(q, cache, table, out=out))
+        line = [f"b{batch} kv{kv_len} planner (chunk {decode._planned.plan['chunk_tokens']}, "
+                f"{decode._planned.plan['num_items']} items): "
                 f"{kv_bytes(batch, kv_len) / (ms * 1e-3) / 1e12:.3f} TB/s"]
-        native_planner = decode._native_planner
-        decode._native_planner = None  # the numpy planner, whose choose_chunk is replaced here
-        try:
-            for chunk in chunks:
-                schedule.choose_chunk = lambda *args, c=chunk: c
-                decode.plan([kv_len] * batch)
-                ms = median_ms(lambda: decode.run(q, cache, table))
-                line.append(f"c{chunk}: {kv_bytes(batch, kv_len) / (ms * 1e-3) / 1e12:.3f}")
-        finally:
-            schedule.choose_chunk = planned
-            decode._native_planner = native_planner
+        starts, ends = schedule.kv_ranges(np.full(batch, kv_len), -1)
+        for chunk in chunks:
+            forced = schedule.schedule_ranges(np.arange(batch), np.zeros(batch, dtype=np.int64),
+                                              starts, ends, row_tiles=1, tile_rows=16,
+                                              chunk=chunk)
+            plan = install_schedule(decode, forced, partial_rows=min(group, 16))
+            ms = median_ms(lambda: run_with_plan(decode, plan, q, cache, table, out))
+            line.append(f"c{chunk}: {kv_bytes(batch, kv_len) / (ms * 1e-3) / 1e12:.3f}")
         print(" | ".join(line), flush=True)
         del cache
         torch.cuda.empty_cache()

@@ -4,9 +4,11 @@
         [--plans shipped,balanced] [--trace]
 
 Each (stages, warps) in VARIANTS is compiled (one translation unit per shape,
-built in parallel) into a side extension whose op runs the same launch path as
-`attn_backend.paged_decode` (kernels/csrc/decode_launch.h). Each variant gets
-its own plan, sized for the CTAs of its shape that fit on an SM; every run is
+built in parallel) into a side extension whose op launches it over exactly the
+run op's parameters (bench/variants.py, kernels/csrc/attention_params.h). Each
+variant gets its own schedule from the planner's specification, for its tile
+and the CTAs of its shape that fit on an SM, written into a shipped wrapper's
+workspace (variants.install_schedule); every run is
 checked against the shipped op's output, and FlashInfer's tensor-core decode
 is timed on the same paged data when it is installed. `--profile V` runs only
 variant V (and FlashInfer) a few times, for `ncu`. A shape ending in "o" keeps each
@@ -26,17 +28,19 @@ import torch
 
 import attn_backend
 from attn_backend import PageTable
-from attn_backend.schedule import (ITEM_OVERHEAD_TOKENS, MIN_CHUNK_TOKENS, TILE_TOKENS,
-                                   DecodeSchedule, kv_ranges, plan_decode)
+from attn_backend.schedule import (ITEM_OVERHEAD_TOKENS, TileShape, WorkSchedule, kv_ranges,
+                                   plan_decode)
 
-from .bench_decode import (HEAD_DIM, NUM_KV_HEADS, Peers, kv_bytes,
-                           make_decode, make_problem)
+from .bench_decode import (HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, kv_bytes, make_decode,
+                           make_problem)
 from .common import copy_ceiling_tbs, median_ms
-from .variants import build_variant_extension
+from .variants import build_variant_extension, install_schedule
+
+GROUP = NUM_QO_HEADS // NUM_KV_HEADS
 
 
 def plan_decode_balanced(kv_lens: np.ndarray, *, window_left: int, num_kv_heads: int,
-                         cta_slots: int) -> DecodeSchedule:
+                         group_size: int, shape: TileShape, cta_slots: int) -> WorkSchedule:
     """Tried against plan_decode (session 7, H100): no faster at 64 x 4k (365 vs 364 us),
     16 x 8k and 1 x 32k, 0.5% faster at 256 x 4k, 4% slower at 64 x 512. Kept to retry.
 
@@ -45,13 +49,15 @@ def plan_decode_balanced(kv_lens: np.ndarray, *, window_left: int, num_kv_heads:
     a request crossing a share boundary is split there (whole tiles). Items are ordered by
     the time their lane would start them, so the hardware's in-order dispatch hands each
     free CTA slot the next piece: every slot does about the same work, and CTAs start and
-    finish at staggered times instead of all together."""
+    finish at staggered times instead of all together. (Group sizes up to one row tile.)"""
+    assert group_size <= shape.rows
+    tile = shape.kv_tokens  # the chunk granularity and the smallest chunk
     batch = len(kv_lens)
     starts, ends = kv_ranges(kv_lens, window_left)
     lengths = ends - starts
     lanes = max(1, cta_slots // num_kv_heads)
     cost_total = int(lengths.sum()) + (batch + lanes) * ITEM_OVERHEAD_TOKENS
-    share = max(MIN_CHUNK_TOKENS + ITEM_OVERHEAD_TOKENS, -(-cost_total // lanes))
+    share = max(tile + ITEM_OVERHEAD_TOKENS, -(-cost_total // lanes))
     # `dealt` runs over all lanes' costs laid end to end: lane k's share is
     # [k * share, (k + 1) * share), so rounding a cut to whole tiles never accumulates.
     request, item_start, item_end, item_lane, item_time = [], [], [], [], []
@@ -60,14 +66,14 @@ def plan_decode_balanced(kv_lens: np.ndarray, *, window_left: int, num_kv_heads:
         position, end = int(starts[r]), int(ends[r])
         while True:
             room = (lane + 1) * share - dealt - ITEM_OVERHEAD_TOKENS
-            if room < MIN_CHUNK_TOKENS // 2 and lane < lanes - 1 and position < end:
+            if room < tile // 2 and lane < lanes - 1 and position < end:
                 lane += 1
                 continue
             remaining = end - position
             take = remaining
             if lane < lanes - 1 and remaining > room:
-                take = max(TILE_TOKENS, (room + TILE_TOKENS // 2) // TILE_TOKENS * TILE_TOKENS)
-                if remaining - take < MIN_CHUNK_TOKENS // 2:
+                take = max(tile, (room + tile // 2) // tile * tile)
+                if remaining - take < tile // 2:
                     take = remaining  # no sliver left behind
             request.append(r)
             item_start.append(position)
@@ -81,14 +87,17 @@ def plan_decode_balanced(kv_lens: np.ndarray, *, window_left: int, num_kv_heads:
     request = np.array(request, dtype=np.int64)
     counts = np.bincount(request, minlength=batch)
     split = counts > 1
-    merge_indptr = np.concatenate([[0], np.cumsum(np.where(split, counts, 0))])
+    group_of = np.cumsum(split) - 1  # each split request is a merge group
+    merge_indptr = np.concatenate([[0], np.cumsum(counts[split])])
     first_item = np.cumsum(counts) - counts
     index_in_request = np.arange(len(request)) - first_item[request]
-    partial = np.where(split[request], merge_indptr[request] + index_in_request, -1)
+    merge_group = np.where(split[request], group_of[request], -1)
+    partial = np.where(split[request], merge_indptr[np.maximum(merge_group, 0)] + index_in_request,
+                       -1)
     order = np.lexsort((np.array(item_lane), np.array(item_time)))  # by start time, then lane
-    items = np.stack([request, np.array(item_start), np.array(item_end),
-                      partial])[:, order].astype(np.int32)
-    return DecodeSchedule(items, merge_indptr.astype(np.int32), share)
+    items = np.stack([request, np.zeros_like(request), np.array(item_start), np.array(item_end),
+                      partial, merge_group])[:, order].astype(np.int32)
+    return WorkSchedule(items, merge_indptr.astype(np.int32), share, batch)
 
 
 PLANS = {"shipped": plan_decode, "balanced": plan_decode_balanced}
@@ -97,117 +106,57 @@ PLANS = {"shipped": plan_decode, "balanced": plan_decode_balanced}
 VARIANTS = [(2, 4), (3, 4), (3, 3), (4, 3), (3, 2), (2, 3)]
 
 _VARIANT_TU = """
-#include "decode_launch.h"
+#include "attention_params.h"
+#include "attn_backend/decode.cuh"
 namespace attn_backend {{
-using VariantTraits{i} = DecodeTraits<128, 128, {stages}, {warps}>;
-void run_variant_{i}(const DecodeParams& params, int64_t kv_heads, int64_t items,
-                     cudaStream_t stream) {{
-  launch_decode<VariantTraits{i}, __nv_bfloat16>(params, kv_heads, items, /*pdl=*/false,
-                                                 stream);
+using VariantTraits{i} = DecodeTraits<DecodeShape<128, 128, {stages}, {warps}>, __nv_bfloat16,
+                                      __nv_bfloat16, __nv_bfloat16>;
+constexpr auto* kVariantKernel{i} = &paged_decode_kernel<VariantTraits{i}, LogitsTransform<false>>;
+void run_variant_{i}(const AttentionParams& params, dim3 grid, cudaStream_t stream) {{
+  launch_with_pdl(kVariantKernel{i}, params, grid, VariantTraits{i}::kThreads,
+                  VariantTraits{i}::kSmemBytes, /*pdl=*/false, stream);
 }}
 std::vector<int64_t> info_variant_{i}() {{
-  return {{VariantTraits{i}::kTileTokens, decode_ctas_per_sm<VariantTraits{i}>()}};
+  return {{VariantTraits{i}::kRows, VariantTraits{i}::kTileTokens,
+          ctas_per_sm(kVariantKernel{i}, VariantTraits{i}::kThreads, VariantTraits{i}::kSmemBytes),
+          VariantTraits{i}::kThreads}};
 }}
 }}  // namespace attn_backend
 """
 
-# The ops unit; {library} names the extension. Built with ATTN_BACKEND_DECODE_TRACE defined
-# (build_traced) DecodeParams has a `trace` field, and `trace` must be given; otherwise not.
-_OPS_TU = """
-#include "decode_launch.h"
-namespace attn_backend {{
-{declarations}
-namespace {{
-void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache,
-                 const at::Tensor& v_cache, const at::Tensor& page_table, bool table_holds_slots,
-                 const at::Tensor& schedule, const at::Tensor& merge_indptr,
-                 at::Tensor& merge_counters, int64_t num_work_items, const at::Tensor& partial_out,
-                 const at::Tensor& partial_lse, double sm_scale, at::Tensor& out,
-                 const std::optional<at::Tensor>& trace) {{
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.size(2) == 128, "variants: bf16 d128 only");
-  DecodeParams params = make_decode_params(
-      q, k_cache, v_cache, page_table, std::nullopt, std::nullopt, table_holds_slots, schedule,
-      merge_indptr, merge_counters, num_work_items, partial_out, partial_lse, sm_scale, 0.0, out,
-      std::nullopt);
-#ifdef ATTN_BACKEND_DECODE_TRACE
-  TORCH_CHECK(trace.has_value() && trace->scalar_type() == at::kLong && trace->is_contiguous() &&
-                  trace->numel() >= k_cache.size(2) * num_work_items * 5,
-              "trace must be int64 [kv_heads * items, 5]");
-  params.trace = reinterpret_cast<unsigned long long*>(trace->data_ptr<int64_t>());
-#else
-  TORCH_CHECK(!trace.has_value(), "this build has no trace (build_traced)");
-#endif
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t kv_heads = k_cache.size(2), items = num_work_items;
-  switch (variant) {{
-{run_cases}
-    default: TORCH_CHECK(false, "no variant ", variant);
-  }}
-}}
-std::vector<int64_t> variant_info(int64_t variant) {{
-  switch (variant) {{
-{info_cases}
-    default: TORCH_CHECK(false, "no variant ", variant);
-  }}
-}}
-}}  // namespace
-}}  // namespace attn_backend
-
-TORCH_LIBRARY({library}, m) {{
-  m.def("run(int variant, Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
-        "bool table_holds_slots, Tensor schedule, Tensor merge_indptr, Tensor(a!) merge_counters, "
-        "int num_work_items, Tensor partial_out, Tensor partial_lse, float sm_scale, "
-        "Tensor(b!) out, Tensor(c!)? trace=None) -> ()");
-  m.def("info(int variant) -> int[]");
-}}
-TORCH_LIBRARY_IMPL({library}, CUDA, m) {{ m.impl("run", &attn_backend::run_variant); }}
-TORCH_LIBRARY_IMPL({library}, CompositeExplicitAutograd, m) {{
-  m.impl("info", &attn_backend::variant_info);
-}}
-"""
 _TRACE_DEFINE = "#define ATTN_BACKEND_DECODE_TRACE\n"
-SHIPPED_SHAPE = (3, 4)  # kernels/csrc/paged_decode.cu's DecodeTraitsFor<128, 128>
+SHIPPED_SHAPE = (3, 4)  # kernels/csrc/decode_kernels.cu's DeepDecodeShape<128, 128>
 
 
 def build_variants():
     units = [_VARIANT_TU.format(i=i, stages=stages, warps=warps)
              for i, (stages, warps) in enumerate(VARIANTS)]
-    name = "attn_backend_decode_variants"
-    ops_unit = _OPS_TU.replace("{library}", name)
-    build_variant_extension(name, "DecodeParams", units, ops_unit)
+    build_variant_extension("attn_backend_decode_variants", units)
     return torch.ops.attn_backend_decode_variants
 
 
 def build_traced():
     """The shipped shape as variant 0, with the CTA timeline compiled in."""
-    unit = _TRACE_DEFINE + _VARIANT_TU.format(i=0, stages=SHIPPED_SHAPE[0],
-                                              warps=SHIPPED_SHAPE[1])
-    name = "attn_backend_decode_trace"
-    build_variant_extension(name, "DecodeParams", [unit],
-                            _TRACE_DEFINE + _OPS_TU.replace("{library}", name))
+    unit = _VARIANT_TU.format(i=0, stages=SHIPPED_SHAPE[0], warps=SHIPPED_SHAPE[1])
+    build_variant_extension("attn_backend_decode_trace", [unit], prefix=_TRACE_DEFINE)
     return torch.ops.attn_backend_decode_trace
 
 
-def launch(ops, variant, decode, q, cache, table, out, trace=None):
-    """One run of `variant` of `ops` with `decode`'s planned schedule."""
-    ops.run(variant, q, cache.k, cache.v, table.table, table.holds_token_slots, decode._schedule,
-            decode._merge_indptr, decode._merge_counters, decode._planned.num_work_items,
-            decode._partial_out, decode._partial_lse, 1 / HEAD_DIM ** 0.5, out, trace)
+def launch(ops, variant, decode, plan, q, cache, table, out, trace=None):
+    """One run of `variant` of `ops` with the schedule `plan` installed in `decode`."""
+    ops.run(variant, q, cache.k, cache.v, table.table, table.holds_token_slots,
+            decode._workspace.tensor, plan, HEAD_DIM, 16, 1 / HEAD_DIM ** 0.5, out, trace)
 
 
-def planned_decode(batch, kv_len, cta_slots, plan_name):
-    """A PagedDecode whose buffers hold `plan_name`'s schedule of `batch` x `kv_len`."""
-    decode = make_decode(batch, cta_slots=cta_slots)
+def planned_decode(batch, kv_len, tile_tokens, cta_slots, plan_name):
+    """A PagedDecode whose workspace holds `plan_name`'s schedule of `batch` x `kv_len` for
+    tiles of `tile_tokens` keys over `cta_slots` CTAs, and the plan-info record of it."""
+    decode = make_decode(batch, cta_slots=cta_slots, backend="split")
     decode.plan([kv_len] * batch)
-    if plan_name != "shipped":
-        schedule = PLANS[plan_name](np.full(batch, kv_len), window_left=-1,
-                                    num_kv_heads=NUM_KV_HEADS, cta_slots=cta_slots)
-        assert schedule.num_items <= decode.capacity
-        decode._host_schedule[:, :schedule.num_items] = schedule.items
-        decode._host_merge_indptr[:batch + 1] = schedule.merge_indptr
-        decode._plan_buffer.load(torch.from_numpy(decode._host_plan))
-        decode._planned = dataclasses.replace(decode._planned, num_work_items=schedule.num_items)
-    return decode
+    schedule = PLANS[plan_name](np.full(batch, kv_len), window_left=-1,
+                                num_kv_heads=NUM_KV_HEADS, group_size=GROUP,
+                                shape=TileShape(16, tile_tokens), cta_slots=cta_slots)
+    return decode, install_schedule(decode, schedule, partial_rows=min(GROUP, 16))
 
 
 def trace_summary(trace: np.ndarray, slots: int) -> str:
@@ -259,14 +208,14 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
         results["shipped (pdl=False)"] = timed(lambda: no_pdl.run(q, cache, table, out=out))
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for v in variants:
-        tile, ctas = ops.info(v)
+        _, tile, ctas, _ = ops.info(v)
         for plan_name in plans:
-            decode = planned_decode(batch, kv_len, max(1, ctas) * num_sms, plan_name)
+            decode, plan = planned_decode(batch, kv_len, tile, max(1, ctas) * num_sms, plan_name)
             out = torch.full_like(q, float("nan"))
-            items = decode._planned.num_work_items
+            items = decode._planned.plan["num_items"]
 
             def call():
-                launch(ops, v, decode, q, cache, table, out)
+                launch(ops, v, decode, plan, q, cache, table, out)
 
             call()
             diff = (out.float() - want.float()).abs().max().item()
@@ -290,15 +239,15 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
         print(f"  b{batch} kv{kv_len} p{page_size}  {name:76s} {ms * 1e3:8.1f} us "
               f"{tbs:.3f} TB/s {tbs / ceiling:.2f} of copy")
     if traced is not None:
-        _, ctas = traced.info(0)
+        _, tile, ctas, _ = traced.info(0)
         for plan_name in plans:
-            decode = planned_decode(batch, kv_len, max(1, ctas) * num_sms, plan_name)
-            items = decode._planned.num_work_items
+            decode, plan = planned_decode(batch, kv_len, tile, max(1, ctas) * num_sms, plan_name)
+            items = decode._planned.plan["num_items"]
             out = torch.empty_like(q)
             lines = []
             for _ in range(3):  # the first launch is a warm-up
                 trace = torch.zeros(NUM_KV_HEADS * items, 5, dtype=torch.int64, device="cuda")
-                launch(traced, 0, decode, q, cache, table, out, trace)
+                launch(traced, 0, decode, plan, q, cache, table, out, trace)
                 torch.cuda.synchronize()
                 lines.append(trace_summary(trace.cpu().numpy(), max(1, ctas) * num_sms))
             for line in lines[1:]:

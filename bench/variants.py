@@ -1,6 +1,14 @@
-"""Side extensions of kernel variants for the shape sweeps (bench/sweep_decode.py,
-bench/sweep_prefill.py): one translation unit per variant, built in parallel, and an ops
-unit that dispatches an integer variant index to them."""
+"""What the shape sweeps (bench/sweep_decode.py, bench/sweep_prefill.py, bench/sweep_chunks.py)
+share: side extensions of kernel variants, launched over exactly the run op's parameters
+(kernels/csrc/attention_params.h), and schedules of the planner's specification written into a
+wrapper's workspace in place of its own plan.
+
+A variant unit i defines `void run_variant_i(const AttentionParams&, dim3 grid, cudaStream_t)`
+and `std::vector<int64_t> info_variant_i()` ([tile rows, kv tile tokens, CTAs per SM, threads]);
+`OPS_TEMPLATE` dispatches an integer variant index to them. One translation unit per variant,
+built in parallel; the build directory is keyed by the sources and reused while the machine
+stays warm.
+"""
 
 from __future__ import annotations
 
@@ -10,40 +18,128 @@ import tempfile
 from pathlib import Path
 
 from attn_backend import _sources
+from attn_backend._plan_run import PlanRecord
+
+# The ops unit of a variant extension: {library} names it, {declarations}, {run_cases} and
+# {info_cases} come from the variant units. Built with ATTN_BACKEND_DECODE_TRACE defined, a
+# `trace` tensor records the decode CTA timeline (AttentionParams::trace).
+OPS_TEMPLATE = """
+#include "attention_params.h"
+namespace attn_backend {{
+{declarations}
+namespace {{
+void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const at::Tensor& page_table, bool table_holds_slots,
+                 at::Tensor& workspace, at::IntArrayRef plan_info, int64_t head_dim,
+                 int64_t tile_rows, double sm_scale, at::Tensor& out,
+                 const std::optional<at::Tensor>& trace) {{
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "variants: bf16 only");
+  PlanInfo info;
+  TORCH_CHECK(PlanInfo::from_values(plan_info.data(), plan_info.size(), info), "plan_info");
+  AttentionParams params = make_attention_params(
+      info, head_dim, head_dim, tile_rows, q, k_cache, v_cache, page_table, std::nullopt,
+      std::nullopt, table_holds_slots, workspace, std::nullopt, sm_scale, 0.0, out, std::nullopt);
+#ifdef ATTN_BACKEND_DECODE_TRACE
+  TORCH_CHECK(trace.has_value() && trace->scalar_type() == at::kLong && trace->is_contiguous() &&
+                  trace->numel() >= info.num_kv_heads * info.num_work_items * 5,
+              "trace must be int64 [kv_heads * items, 5]");
+  params.trace = reinterpret_cast<unsigned long long*>(trace->data_ptr<int64_t>());
+#else
+  TORCH_CHECK(!trace.has_value(), "this build has no trace (build it with the trace define)");
+#endif
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid = work_grid(info.num_work_items, info.num_kv_heads);
+  switch (variant) {{
+{run_cases}
+    default: TORCH_CHECK(false, "no variant ", variant);
+  }}
+}}
+std::vector<int64_t> variant_info(int64_t variant) {{
+  switch (variant) {{
+{info_cases}
+    default: TORCH_CHECK(false, "no variant ", variant);
+  }}
+}}
+}}  // namespace
+}}  // namespace attn_backend
+
+TORCH_LIBRARY({library}, m) {{
+  m.def("run(int variant, Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
+        "bool table_holds_slots, Tensor(a!) workspace, int[] plan_info, int head_dim, "
+        "int tile_rows, float sm_scale, Tensor(b!) out, Tensor(c!)? trace=None) -> ()");
+  m.def("info(int variant) -> int[]");
+}}
+TORCH_LIBRARY_IMPL({library}, CUDA, m) {{ m.impl("run", &attn_backend::run_variant); }}
+TORCH_LIBRARY_IMPL({library}, CompositeExplicitAutograd, m) {{
+  m.impl("info", &attn_backend::variant_info);
+}}
+"""
 
 
-def build_variant_extension(name: str, params_type: str, variant_units: list[str],
-                            ops_template: str) -> None:
-    """Compile and load extension `name`. Variant unit i defines
-    `void run_variant_i(const <params_type>&, int64_t kv_heads, int64_t items, cudaStream_t)` and
-    `std::vector<int64_t> info_variant_i()`; `ops_template` gets {declarations}, {run_cases}
-    (switch cases that call run_variant_i with `params`, `kv_heads`, `items`, `stream` in
-    scope) and {info_cases}. The build directory is keyed by the sources and reused while the
-    machine stays warm."""
+def build_variant_extension(name: str, variant_units: list[str], prefix: str = "") -> None:
+    """Compile and load extension `name` (its ops under torch.ops.<name>); `prefix` goes
+    before every unit (e.g. a #define)."""
     from torch.utils.cpp_extension import load
 
     kernels = _sources.kernels_dir()
-    key = hashlib.sha256(("".join(variant_units) + ops_template +
+    units = [prefix + unit for unit in variant_units]
+    count = range(len(units))
+    declarations = "\n".join(
+        f"void run_variant_{i}(const AttentionParams&, dim3, cudaStream_t);\n"
+        f"std::vector<int64_t> info_variant_{i}();" for i in count)
+    run_cases = "\n".join(f"    case {i}: return run_variant_{i}(params, grid, stream);"
+                          for i in count)
+    info_cases = "\n".join(f"    case {i}: return info_variant_{i}();" for i in count)
+    ops_unit = prefix + OPS_TEMPLATE.format(library=name, declarations=declarations,
+                                            run_cases=run_cases, info_cases=info_cases)
+    key = hashlib.sha256(("".join(units) + ops_unit +
                           _sources.sources_hash(kernels)).encode()).hexdigest()[:16]
     build_dir = Path(tempfile.gettempdir()) / f"{name}_{key}"
     build_dir.mkdir(exist_ok=True)
     sources = []
-    for i, unit in enumerate(variant_units):
+    for i, unit in enumerate(units):
         path = build_dir / f"variant_{i}.cu"
         path.write_text(unit)
         sources.append(str(path))
-    count = range(len(variant_units))
-    declarations = "\n".join(
-        f"void run_variant_{i}(const {params_type}&, int64_t, int64_t, cudaStream_t);\n"
-        f"std::vector<int64_t> info_variant_{i}();" for i in count)
-    run_cases = "\n".join(
-        f"    case {i}: return run_variant_{i}(params, kv_heads, items, stream);" for i in count)
-    info_cases = "\n".join(f"    case {i}: return info_variant_{i}();" for i in count)
     ops = build_dir / "ops.cu"
-    ops.write_text(ops_template.format(declarations=declarations, run_cases=run_cases,
-                                       info_cases=info_cases))
+    ops.write_text(ops_unit)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     load(name=name, sources=[str(ops)] + sources,
          extra_include_paths=[str(kernels / "include"), str(kernels / "csrc")],
          extra_cuda_cflags=_sources.NVCC_FLAGS, extra_cflags=_sources.CXX_FLAGS,
          build_directory=str(build_dir), is_python_module=False, verbose=False)
+
+
+def install_schedule(wrapper, schedule, *, partial_rows: int) -> list[int]:
+    """Writes `schedule` (attn_backend.schedule.WorkSchedule, e.g. of another plan or another
+    tile shape) into `wrapper`'s workspace in place of its last plan's, and returns the plan-info
+    record that launches it (a grid of exactly its items)."""
+    plan = wrapper._planned.plan
+    capacity = plan["work_capacity"]
+    if schedule.num_items > capacity or schedule.num_merge_groups > plan["merge_group_capacity"] \
+            or schedule.num_partials > plan["partial_capacity"] \
+            or partial_rows > plan["partial_row_capacity"]:
+        raise ValueError("the schedule does not fit the wrapper's plan buffers")
+    workspace = wrapper._workspace
+    rows = workspace.host_view(plan["schedule_offset"], 6 * capacity).reshape(6, capacity)
+    rows[:, : schedule.num_items] = schedule.items
+    workspace.host_view(plan["merge_indptr_offset"], schedule.num_merge_groups + 1)[:] = \
+        schedule.merge_indptr
+    workspace.upload()
+    record = PlanRecord(plan.values)
+    fields = {"num_items": schedule.num_items, "num_work_items": schedule.num_items,
+              "num_partials": schedule.num_partials,
+              "num_merge_groups": schedule.num_merge_groups, "partial_rows": partial_rows,
+              "chunk_tokens": schedule.chunk_tokens, "num_tiles": schedule.num_tiles}
+    index = {name: i for i, name in enumerate(wrapper._ops.plan_info_fields())}
+    for name, value in fields.items():
+        record.values[index[name]] = int(value)
+    return record.values
+
+
+def run_with_plan(wrapper, plan_values: list[int], q, cache, table, out) -> None:
+    """The wrapper's own kernel over `plan_values` (install_schedule) instead of its plan."""
+    wrapper._ops.attention(q, cache.k, cache.v, table.table, table.row_index, table.slot_map,
+                           table.holds_token_slots, wrapper._workspace.tensor, plan_values, None,
+                           q.shape[-1] ** -0.5, 0.0, out, None)

@@ -141,7 +141,7 @@ def first_full_batch(decode: PagedDecode) -> int:
 @pytest.mark.parametrize("window_left, soft_cap", [(-1, 0.0), (100, 30.0)])
 def test_decode_full_batch_shape(layout, page_size, dtype, window_left, soft_cap, seed):
     """From the first batch that fills the GPU with whole requests, d128 runs its
-    full-batch CTA shape (kernels/csrc/paged_decode.cu); one request less, the deep one."""
+    full-batch CTA shape (kernels/csrc/decode_kernels.cu); one request less, the deep one."""
     gen = torch.Generator().manual_seed(seed)
     decode = PagedDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype,
                          device="cuda", max_batch_size=512)

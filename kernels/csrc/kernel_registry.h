@@ -51,6 +51,15 @@ struct KernelConfig {
 };
 
 const std::vector<KernelConfig>& kernel_configs();
+
+// A plan-info record passed to an op, read back (an error names the op on a wrong length).
+inline PlanInfo read_plan_info(at::IntArrayRef values, const char* op) {
+  PlanInfo info;
+  TORCH_CHECK(PlanInfo::from_values(values.data(), values.size(), info), op, ": plan_info has ",
+              values.size(), " fields, expected ", PlanInfo::kNumFields);
+  return info;
+}
+
 const KernelConfig& kernel_config(int64_t id);
 
 // Each kernel family's translation units add their configurations.

@@ -16,13 +16,6 @@
 namespace attn_backend {
 namespace {
 
-PlanInfo read_plan_info(at::IntArrayRef values, const char* op) {
-  PlanInfo info;
-  TORCH_CHECK(PlanInfo::from_values(values.data(), values.size(), info), op, ": plan_info has ",
-              values.size(), " fields, expected ", PlanInfo::kNumFields);
-  return info;
-}
-
 scheduler::TileShape tile_shape(int64_t config_id) {
   const KernelConfig& config = kernel_config(config_id);
   return {config.tile_rows, config.kv_tile_tokens};
