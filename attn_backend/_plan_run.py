@@ -62,11 +62,15 @@ class KernelWrapper:
     """The shape, element types and plan buffers of one decode or prefill wrapper."""
 
     family: str  # "decode" | "prefill"
+    backends: tuple[str, ...]  # the backend= choices
 
     def _init_shape(self, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                     head_dim_vo: int | None, dtype: torch.dtype, kv_dtype: torch.dtype | None,
                     device, max_batch_size: int, use_cuda_graph: bool,
-                    enable_pdl: bool | None) -> None:
+                    enable_pdl: bool | None, backend: str) -> None:
+        if backend not in self.backends:
+            raise ValueError(f"backend={backend!r}; accepted: {', '.join(self.backends)}")
+        self.backend = backend
         head_dim_vo = head_dim if head_dim_vo is None else head_dim_vo
         kv_dtype = dtype if kv_dtype is None else kv_dtype
         self.device = normalize_device(device)
@@ -93,14 +97,18 @@ class KernelWrapper:
         compiled for the head dims: the reference path plans no schedule)."""
         return find(name, self.head_dim, self.head_dim_vo) if self._ops is not None else None
 
-    def _cta_slots(self, config: KernelConfig, given: int | None) -> int:
-        """CTAs of `config` the GPU runs at once (given: used as is; CPU: 1)."""
+    def _with_slots(self, config: KernelConfig | None,
+                    given: int | None) -> tuple[KernelConfig, int] | None:
+        """(config, CTAs of it the GPU runs at once): `given` as is, 1 on the CPU, else its
+        occupancy on the device; None for no configuration."""
+        if config is None:
+            return None
         if given is not None:
-            return given
+            return config, given
         if self.device.type != "cuda":
-            return 1
+            return config, 1
         num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return max(1, config.ctas_per_sm()) * num_sms
+        return config, max(1, config.ctas_per_sm()) * num_sms
 
     def _init_plans(self, main: tuple[KernelConfig, int] | None,
                     alt: tuple[KernelConfig, int] | None, max_num_tokens: int = 0) -> None:

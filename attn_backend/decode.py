@@ -54,6 +54,7 @@ class PagedDecode(KernelWrapper):
     """One query token per request against its paged KV (GQA/MQA/MHA, split-KV)."""
 
     family = "decode"
+    backends = BACKENDS
 
     def __init__(self, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                  head_dim_vo: int | None = None, dtype: torch.dtype,
@@ -73,13 +74,10 @@ class PagedDecode(KernelWrapper):
         once a batch's whole requests fill the split shape's CTA slots (the choice depends
         on the batch size only, so a CUDA graph keeps its kernel); "split" or "full_batch":
         that shape for every batch (for tests and benchmarks)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}; accepted: {', '.join(BACKENDS)}")
         self._init_shape(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, head_dim_vo=head_dim_vo, dtype=dtype,
                          kv_dtype=kv_dtype, device=device, max_batch_size=max_batch_size,
-                         use_cuda_graph=use_cuda_graph, enable_pdl=enable_pdl)
-        self.backend = backend
+                         use_cuda_graph=use_cuda_graph, enable_pdl=enable_pdl, backend=backend)
         split = self._find_config("decode")
         full = self._find_config("decode_full_batch")
         if backend == "full_batch" and self._ops is not None:
@@ -89,8 +87,7 @@ class PagedDecode(KernelWrapper):
             split, full = full, None
         elif backend == "split":
             full = None
-        main = (split, self._cta_slots(split, cta_slots)) if split else None
-        alt = (full, self._cta_slots(full, cta_slots)) if full else None
+        main, alt = self._with_slots(split, cta_slots), self._with_slots(full, cta_slots)
         self.cta_slots = main[1] if main else 1
         self.full_batch_cta_slots = alt[1] if alt else self.cta_slots
         self._init_plans(main, alt)

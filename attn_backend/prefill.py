@@ -69,6 +69,7 @@ class PagedPrefill(KernelWrapper):
     """Ragged queries against their requests' paged KV (causal, window, custom masks, split-KV)."""
 
     family = "prefill"
+    backends = BACKENDS
 
     def __init__(self, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                  head_dim_vo: int | None = None, dtype: torch.dtype,
@@ -89,20 +90,16 @@ class PagedPrefill(KernelWrapper):
         it runs and is compiled for these head dims, else mma). Requests of at most one
         short tile of query rows (speculative verify, short extends) take the short-query
         kernel either way."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}; accepted: {', '.join(BACKENDS)}")
         if max_num_tokens < 1:
             raise ValueError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
         self._init_shape(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, head_dim_vo=head_dim_vo, dtype=dtype,
                          kv_dtype=kv_dtype, device=device, max_batch_size=max_batch_size,
-                         use_cuda_graph=use_cuda_graph, enable_pdl=enable_pdl)
-        self.backend = backend
+                         use_cuda_graph=use_cuda_graph, enable_pdl=enable_pdl, backend=backend)
         self.max_num_tokens = max_num_tokens
         long = self._long_config(backend)
         short = self._find_config("prefill_short")
-        main = (long, self._cta_slots(long, cta_slots)) if long else None
-        alt = (short, self._cta_slots(short, cta_slots)) if short else None
+        main, alt = self._with_slots(long, cta_slots), self._with_slots(short, cta_slots)
         self.tile_rows, self.cta_slots = (long.tile_rows, main[1]) if long else (None, 1)
         self.short_tile_rows, self.short_cta_slots = (short.tile_rows, alt[1]) if short \
             else (None, 1)

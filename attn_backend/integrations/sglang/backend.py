@@ -283,15 +283,14 @@ class SGLangAttnBackend(AttentionBackend):
     # ---- forward --------------------------------------------------------------------------
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        self._check_layer(layer, kwargs)
-        self._save_kv(layer, forward_batch, k, v, save_kv_cache)
-        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        out = self._wrapper(layer, q3.dtype).run(
-            q3, self._cache(layer), self._page_table(layer), sm_scale=layer.scaling,
-            logits_soft_cap=max(layer.logit_cap, 0.0))
-        return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache, kwargs)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache, kwargs)
+
+    def _forward(self, q, k, v, layer, forward_batch, save_kv_cache, kwargs):
+        """Every mode alike: the layer's wrapper (decode or prefill, as this forward's metadata
+        planned it) over the pool's buffers, after the K/V write."""
         self._check_layer(layer, kwargs)
         self._save_kv(layer, forward_batch, k, v, save_kv_cache)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
