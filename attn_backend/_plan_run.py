@@ -47,6 +47,14 @@ class PlanRecord:
     def __getitem__(self, name: str) -> int:
         return self.values[_plan_info_index()[name]]
 
+    def replace(self, **fields: int) -> "PlanRecord":
+        """A copy with `fields` changed."""
+        record = PlanRecord(self.values)
+        index = _plan_info_index()
+        for name, value in fields.items():
+            record.values[index[name]] = int(value)
+        return record
+
 
 def normalize_device(device) -> torch.device:
     """One name per device: `cpu:0` is `cpu` (CPU tensors report `cpu`), `cuda` the current GPU."""
@@ -139,6 +147,15 @@ class KernelWrapper:
         """The configuration a plan was made for (the one run() launches)."""
         return all_configs()[plan["planned_config_id"]]
 
+    def work_list_views(self, num_merge_groups: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the host staging buffer's work list [6, work_capacity] and of its
+        merge_indptr [num_merge_groups + 1] (what the next upload() copies to the device)."""
+        setup = self._setup
+        capacity = setup["work_capacity"]
+        rows = self._workspace.host_view(setup["schedule_offset"], 6 * capacity)
+        indptr = self._workspace.host_view(setup["merge_indptr_offset"], num_merge_groups + 1)
+        return rows.reshape(6, capacity), indptr
+
     def planned_schedule(self):
         """The last plan's schedule as written to the device (attn_backend.schedule's form), or
         None without one: for tests and benchmarks."""
@@ -148,10 +165,7 @@ class KernelWrapper:
         if planned is None or planned.plan is None:
             return None
         info = planned.plan
-        capacity = info["work_capacity"]
-        rows = self._workspace.host_view(info["schedule_offset"], 6 * capacity).reshape(6, capacity)
-        indptr = self._workspace.host_view(info["merge_indptr_offset"],
-                                           info["num_merge_groups"] + 1)
+        rows, indptr = self.work_list_views(info["num_merge_groups"])
         return WorkSchedule(rows[:, : info["num_items"]].copy(), indptr.copy(),
                             info["chunk_tokens"], info["num_tiles"])
 

@@ -104,15 +104,16 @@ class PagedDecode(KernelWrapper):
         if not 1 <= batch <= self.max_batch_size:
             raise ValueError(f"kv_lens has {batch} requests; accepted: 1..{self.max_batch_size} "
                              "(max_batch_size of this PagedDecode)")
-        if lens.min() < 0 or lens.max() >= 2**31:
-            raise ValueError(f"kv_lens must be in [0, 2**31); got [{lens.min()}, {lens.max()}]")
+        low, high = int(lens.min()), int(lens.max())
+        if low < 0 or high >= 2**31:
+            raise ValueError(f"kv_lens must be in [0, 2**31); got [{low}, {high}]")
         plan, config = None, None
         if self._setup is not None:
             plan = PlanRecord(self._ops.plan_decode(torch.from_numpy(lens), int(window_left),
                                                     self._setup.values, self._workspace.host))
             self._workspace.upload()
             config = self._planned_config(plan)
-        self._planned = _PlannedBatch(lens, int(window_left), plan, config, int(lens.max()))
+        self._planned = _PlannedBatch(lens, int(window_left), plan, config, high)
 
     def run(self, q: torch.Tensor, cache: PagedKVCache, page_table: PageTable, *,
             sm_scale: float | None = None, logits_soft_cap: float = 0.0,

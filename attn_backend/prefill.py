@@ -152,8 +152,9 @@ class PagedPrefill(KernelWrapper):
         if qo[-1] > self.max_num_tokens:
             raise ValueError(f"the batch has {qo[-1]} query tokens; this PagedPrefill holds "
                              f"max_num_tokens={self.max_num_tokens}")
-        if lens.min() < 0 or lens.max() >= 2**31:
-            raise ValueError(f"kv_lens must be in [0, 2**31); got [{lens.min()}, {lens.max()}]")
+        low, high = int(lens.min()), int(lens.max())
+        if low < 0 or high >= 2**31:
+            raise ValueError(f"kv_lens must be in [0, 2**31); got [{low}, {high}]")
         if causal or window_left >= 0 or custom_mask is not None:
             short = lens < q_lens
             if short.any():
@@ -183,7 +184,7 @@ class PagedPrefill(KernelWrapper):
                 # larger static mask buffer.
                 self._pack_mask(mask[: int(offsets[-1])])
         self._planned = _PlannedBatch(qo, lens, bool(causal), int(window_left), mask, offsets,
-                                      plan, config, int(lens.max()))
+                                      plan, config, high)
 
     def _check_mask(self, custom_mask, mask_indptr, q_lens, kv_lens):
         if not isinstance(custom_mask, torch.Tensor) or custom_mask.dtype not in (torch.bool,

@@ -101,10 +101,9 @@ def run() -> tuple[str, list[dict], list[str]]:
                             timings[name] = median_ms(fn, iters=iters)
                         except Exception as error:  # noqa: BLE001
                             peers.note_once(f"{name} failed: {type(error).__name__}: {error}"[:300])
-                if contiguous is None and not peers.contiguous:
-                    contiguous = {}
                 if contiguous is None:  # SDPA/flex: once per shape, the layout has no pages
-                    contiguous = _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters)
+                    contiguous = _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters) \
+                        if peers.contiguous else {}
                 timings.update(contiguous)
                 tbs = {name: moved / (ms * 1e-3) / 1e12 for name, ms in timings.items()}
                 rows.append({

@@ -144,10 +144,9 @@ def run() -> tuple[str, list[dict], list[str]]:
                                             f"{case_name(batch, q_len, kv_len, page_size)}")
                     except Exception as error:  # noqa: BLE001
                         peers.note_once(f"{name} failed: {type(error).__name__}: {error}"[:300])
-            if contiguous is None and not peers.contiguous:
-                contiguous = {}
             if contiguous is None:  # SDPA/flex: once per shape, the layout has no pages
-                contiguous = _contiguous_peers(peers, batch, q_len, kv_len, cache, pages, q, 30)
+                contiguous = _contiguous_peers(peers, batch, q_len, kv_len, cache, pages, q, 30) \
+                    if peers.contiguous else {}
             timings.update(contiguous)
             tflops = {name: work / (ms * 1e-3) / 1e12 for name, ms in timings.items()}
             rows.append({

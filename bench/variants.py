@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 from attn_backend import _sources
-from attn_backend._plan_run import PlanRecord
 
 # The ops unit of a variant extension: {library} names it, {declarations}, {run_cases} and
 # {info_cases} come from the variant units. Built with ATTN_BACKEND_DECODE_TRACE defined, a
@@ -116,26 +115,19 @@ def install_schedule(wrapper, schedule, *, partial_rows: int) -> list[int]:
     tile shape) into `wrapper`'s workspace in place of its last plan's, and returns the plan-info
     record that launches it (a grid of exactly its items)."""
     plan = wrapper._planned.plan
-    capacity = plan["work_capacity"]
-    if schedule.num_items > capacity or schedule.num_merge_groups > plan["merge_group_capacity"] \
+    if schedule.num_items > plan["work_capacity"] \
+            or schedule.num_merge_groups > plan["merge_group_capacity"] \
             or schedule.num_partials > plan["partial_capacity"] \
             or partial_rows > plan["partial_row_capacity"]:
         raise ValueError("the schedule does not fit the wrapper's plan buffers")
-    workspace = wrapper._workspace
-    rows = workspace.host_view(plan["schedule_offset"], 6 * capacity).reshape(6, capacity)
+    rows, indptr = wrapper.work_list_views(schedule.num_merge_groups)
     rows[:, : schedule.num_items] = schedule.items
-    workspace.host_view(plan["merge_indptr_offset"], schedule.num_merge_groups + 1)[:] = \
-        schedule.merge_indptr
-    workspace.upload()
-    record = PlanRecord(plan.values)
-    fields = {"num_items": schedule.num_items, "num_work_items": schedule.num_items,
-              "num_partials": schedule.num_partials,
-              "num_merge_groups": schedule.num_merge_groups, "partial_rows": partial_rows,
-              "chunk_tokens": schedule.chunk_tokens, "num_tiles": schedule.num_tiles}
-    index = {name: i for i, name in enumerate(wrapper._ops.plan_info_fields())}
-    for name, value in fields.items():
-        record.values[index[name]] = int(value)
-    return record.values
+    indptr[:] = schedule.merge_indptr
+    wrapper._workspace.upload()
+    return plan.replace(num_items=schedule.num_items, num_work_items=schedule.num_items,
+                        num_partials=schedule.num_partials,
+                        num_merge_groups=schedule.num_merge_groups, partial_rows=partial_rows,
+                        chunk_tokens=schedule.chunk_tokens, num_tiles=schedule.num_tiles).values
 
 
 def run_with_plan(wrapper, plan_values: list[int], q, cache, table, out) -> None:
