@@ -21,6 +21,7 @@ from . import _extension
 from ._validation import check_kernel_shape
 from .cuda_graph import PlanWorkspace
 from .kernel_configs import KernelConfig, all_configs, find
+from .schedule import WORK_LIST_ROWS, WorkSchedule
 
 
 @functools.cache
@@ -148,19 +149,18 @@ class KernelWrapper:
         return all_configs()[plan["planned_config_id"]]
 
     def work_list_views(self, num_merge_groups: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views of the host staging buffer's work list [6, work_capacity] and of its
+        """Views of the host staging buffer's work list, as rows [6, work_capacity] (a
+        strided view of its [work_capacity, work_record_ints] records), and of its
         merge_indptr [num_merge_groups + 1] (what the next upload() copies to the device)."""
         setup = self._setup
-        capacity = setup["work_capacity"]
-        rows = self._workspace.host_view(setup["schedule_offset"], 6 * capacity)
+        capacity, record = setup["work_capacity"], setup["work_record_ints"]
+        records = self._workspace.host_view(setup["schedule_offset"], capacity * record)
         indptr = self._workspace.host_view(setup["merge_indptr_offset"], num_merge_groups + 1)
-        return rows.reshape(6, capacity), indptr
+        return records.reshape(capacity, record)[:, :len(WORK_LIST_ROWS)].T, indptr
 
     def planned_schedule(self):
         """The last plan's schedule as written to the device (attn_backend.schedule's form), or
         None without one: for tests and benchmarks."""
-        from .schedule import WorkSchedule
-
         planned = self._planned
         if planned is None or planned.plan is None:
             return None

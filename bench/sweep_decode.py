@@ -269,7 +269,8 @@ def main() -> None:
     args = parser.parse_args()
     plans = args.plans.split(",")
     attn_backend.set_debug_checks(False)
-    ops = build_variants()
+    # `--variants none` (e.g. with --trace) builds no variant extension at all.
+    ops = None if args.variants == "none" and args.profile is None else build_variants()
     traced = build_traced() if args.trace else None
     peers = Peers()
     ceiling = copy_ceiling_tbs()

@@ -129,7 +129,7 @@ inline AttentionParams make_attention_params(
                            ? region<const int64_t>(workspace, info.mask_offsets_offset)
                            : nullptr;
   params.work = {region<const int32_t>(workspace, info.schedule_offset),
-                 static_cast<int>(info.work_capacity), static_cast<int>(info.num_work_items)};
+                 static_cast<int>(info.num_work_items)};
   params.split = {region<float>(workspace, info.partial_out_offset),
                   region<float>(workspace, info.partial_lse_offset),
                   static_cast<int>(info.partial_rows),

@@ -63,6 +63,7 @@ std::vector<int64_t> plan_setup(at::IntArrayRef setup) {
   }
   if (prefill) merge_groups = partials;  // a split tile has at least two partials
   info.work_capacity = work;
+  info.work_record_ints = kWorkRecordInts;
   info.partial_capacity = partials;
   info.merge_group_capacity = merge_groups;
   info.partial_row_capacity = partial_rows;
@@ -72,7 +73,7 @@ std::vector<int64_t> plan_setup(at::IntArrayRef setup) {
     offset = align_region(offset + bytes);
     return at;
   };
-  info.schedule_offset = place(6 * work * 4);
+  info.schedule_offset = place(work * kWorkRecordInts * 4);
   info.merge_indptr_offset = place((merge_groups + 1) * 4);
   info.request_info_offset = prefill ? place(3 * info.max_batch * 4) : -1;
   info.mask_offsets_offset = prefill ? place(info.max_batch * 8) : -1;

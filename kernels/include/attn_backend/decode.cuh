@@ -115,8 +115,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // with a host-to-device copy, and a kernel after a copy in the stream starts only once
   // the copy is done. Everything else (query, caches, page table, the merge state) may
   // come from the kernel just before this one.
-  if (p.work.request(cta.item) < 0) return;
+  if (!p.work.holds(cta.item)) return;
   const WorkItem item = p.work[cta.item];
+  if (item.request < 0) return;
   ptx::wait_for_prior_grids();
   // Triggered at the start, the next kernel launches once our last CTA has started, and
   // its CTAs take the SM slots that ours free in the tail (its prologue hides there).

@@ -7,9 +7,10 @@
 // the workspace it was given, and launches the kernel configuration it names.
 //
 // Workspace (bytes, regions 256-byte aligned): the upload region, copied from the host by
-// each plan() as one block, holds the work list [6, work_capacity] (int32), merge_indptr
-// [merge_group_capacity + 1] (int32), the request info [3, max_batch] (int32: qo_start,
-// q_len, kv_len; prefill) and the custom-mask offsets [max_batch] (int64; prefill); after it,
+// each plan() as one block, holds the work list [work_capacity, work_record_ints] (int32
+// records, work_record.h), merge_indptr [merge_group_capacity + 1] (int32), the request info
+// [3, max_batch] (int32: qo_start, q_len, kv_len; prefill) and the custom-mask offsets
+// [max_batch] (int64; prefill); after it,
 // on the device only: the merge counters [merge_group_capacity, num_kv_heads] (int32, zeros
 // between launches), partial_lse and partial_out (float32).
 #pragma once
@@ -37,6 +38,7 @@ enum class KernelFamily : int64_t { kDecode = 0, kPrefill = 1 };
   X(alt_config_id)         /* decode: full-batch shape; prefill: short-query shape; or -1 */\
   X(alt_cta_slots)                                                                          \
   X(work_capacity)                                                                          \
+  X(work_record_ints)      /* int32 per work-list record (work_record.h) */                 \
   X(partial_capacity)      /* partial states per kv head */                                 \
   X(merge_group_capacity)                                                                   \
   X(partial_row_capacity)  /* rows per partial state the buffers hold */                    \

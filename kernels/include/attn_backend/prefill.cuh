@@ -113,8 +113,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // The schedule and the request info are plan() buffers, written by host-to-device
   // copies, so they may be read before the previous kernel finishes (decode.cuh says why);
   // the query, caches, page table and custom mask only after wait_for_prior_grids().
-  if (p.work.request(cta.item) < 0) return;
+  if (!p.work.holds(cta.item)) return;
   const WorkItem item = p.work[cta.item];
+  if (item.request < 0) return;
   const int qo_start = p.requests.qo_start[item.request];
   const int q_len = p.requests.q_len[item.request];
   const int kv_len = p.requests.kv_len[item.request];

@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "attn_backend/work_record.h"
+
 namespace attn_backend {
 namespace scheduler {
 
@@ -115,10 +117,22 @@ inline int64_t prefill_grid_size(int64_t num_tokens, int64_t batch, int64_t grou
 // Where a schedule goes: the work list rows [6, capacity] (request, row_start, kv_start,
 // kv_end, partial, merge_group) and merge_indptr.
 struct WorkListBuffers {
-  int32_t* rows;
+  int32_t* records;  // [capacity, kWorkRecordInts] (work_record.h)
   int64_t capacity;
   int32_t* merge_indptr;
   int64_t merge_indptr_capacity;
+
+  void write(int64_t item, int64_t request, int64_t row_start, int64_t kv_start, int64_t kv_end,
+             int64_t partial, int64_t merge_group) const {
+    int32_t* record = records + item * kWorkRecordInts;
+    record[kWorkRequest] = static_cast<int32_t>(request);
+    record[kWorkRowStart] = static_cast<int32_t>(row_start);
+    record[kWorkKvStart] = static_cast<int32_t>(kv_start);
+    record[kWorkKvEnd] = static_cast<int32_t>(kv_end);
+    record[kWorkPartial] = static_cast<int32_t>(partial);
+    record[kWorkMergeGroup] = static_cast<int32_t>(merge_group);
+    for (int f = kWorkFields; f < kWorkRecordInts; ++f) record[f] = 0;
+  }
 };
 
 struct ScheduleSummary {
@@ -132,12 +146,7 @@ struct ScheduleSummary {
 // Marks the columns [from, to) of a graph-sized grid unused (request -1).
 inline void mark_unused(const WorkListBuffers& out, int64_t from, int64_t to) {
   for (int64_t i = from; i < to; ++i) {
-    out.rows[i] = -1;
-    out.rows[out.capacity + i] = 0;
-    out.rows[2 * out.capacity + i] = 0;
-    out.rows[3 * out.capacity + i] = 0;
-    out.rows[4 * out.capacity + i] = -1;
-    out.rows[5 * out.capacity + i] = -1;
+    out.write(i, -1, 0, 0, 0, -1, -1);
   }
 }
 
@@ -201,18 +210,13 @@ inline ScheduleSummary schedule_ranges(const std::vector<KeyRange>& ranges, int6
                             " work items exceed the work list's capacity of " +
                             std::to_string(out.capacity));
   }
-  const int64_t c = out.capacity;
   int64_t i = 0;
   for (const Piece& piece : pieces) {
     const KeyRange& range = ranges[piece.range];
     for (int64_t t = 0; t < row_tiles; ++t, ++i) {
       const int64_t group = first_group[piece.range] < 0 ? -1 : first_group[piece.range] + t;
-      out.rows[i] = static_cast<int32_t>(range.request);
-      out.rows[c + i] = static_cast<int32_t>(range.row_start + t * tile_rows);
-      out.rows[2 * c + i] = static_cast<int32_t>(piece.start);
-      out.rows[3 * c + i] = static_cast<int32_t>(piece.end);
-      out.rows[4 * c + i] = group < 0 ? -1 : out.merge_indptr[group] + static_cast<int32_t>(piece.index);
-      out.rows[5 * c + i] = static_cast<int32_t>(group);
+      out.write(i, range.request, range.row_start + t * tile_rows, piece.start, piece.end,
+                group < 0 ? -1 : out.merge_indptr[group] + piece.index, group);
     }
   }
   ScheduleSummary summary;

@@ -55,8 +55,12 @@ __device__ __forceinline__ void merge_partials(const TileWriter<DTypeO, kHeadDim
   auto first_slot = [&](int row) { return split.slot(0, p.num_kv_heads, writer.kv_head, row); };
   for (int row = warp; row < num_rows; row += num_warps) {
     const float* lse = split.partial_lse + first_slot(row);
-    float max_lse = kNegInf;
-    for (int i = begin + lane; i < end; i += 32) {
+    // A lane's first partial stays in a register for the total, so up to 32 partials
+    // cost one L2 round trip here, not two; further ones are read again.
+    const float first_lse = begin + lane < end ? __ldcg(lse + (begin + lane) * partial_stride)
+                                               : kNegInf;
+    float max_lse = first_lse;
+    for (int i = begin + lane + 32; i < end; i += 32) {
       max_lse = fmaxf(max_lse, __ldcg(lse + i * partial_stride));
     }
 #pragma unroll
@@ -64,8 +68,8 @@ __device__ __forceinline__ void merge_partials(const TileWriter<DTypeO, kHeadDim
       max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffff, max_lse, offset));
     }
     const float reference = max_lse == kNegInf ? 0.f : max_lse;
-    float total = 0.f;
-    for (int i = begin + lane; i < end; i += 32) {
+    float total = begin + lane < end ? ptx::fast_exp2((first_lse - reference) * kLog2e) : 0.f;
+    for (int i = begin + lane + 32; i < end; i += 32) {
       total += ptx::fast_exp2((__ldcg(lse + i * partial_stride) - reference) * kLog2e);
     }
 #pragma unroll

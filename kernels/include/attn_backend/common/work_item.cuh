@@ -4,18 +4,9 @@
 
 #include <cstdint>
 
-namespace attn_backend {
+#include "attn_backend/work_record.h"
 
-// Rows of the plan's work list, in this order, each `capacity` entries long.
-enum WorkListRow : int {
-  kWorkRequest = 0,     // -1: an unused slot of a graph-sized grid
-  kWorkRowStart = 1,    // first packed query row (token * group + head in group) of the tile
-  kWorkKvStart = 2,     // the tile's keys [kv_start, kv_end)
-  kWorkKvEnd = 3,
-  kWorkPartial = 4,     // -1: the item writes the output; else the index of its partial state
-  kWorkMergeGroup = 5,  // a split tile's index into merge_indptr and the merge counters, or -1
-  kWorkListRows = 6,
-};
+namespace attn_backend {
 
 struct WorkItem {
   int request;
@@ -29,24 +20,24 @@ struct WorkItem {
 };
 
 // The plan's work list in a fixed-capacity device buffer (CUDA-graph safe: a replay reads
-// what the last plan() copied there).
+// what the last plan() copied there): records of work_record.h's layout.
 struct WorkList {
-  const int32_t* rows;  // [kWorkListRows, capacity]
-  int capacity;
-  int num_items;  // columns the launch covers (the grid may round up past them)
+  const int32_t* records;  // [capacity, kWorkRecordInts], 32-byte aligned
+  int num_items;  // items the launch covers (the grid may round up past them)
 
-  // -1 for an unused item (a graph-sized grid's padding, or past num_items).
-  __device__ __forceinline__ int request(int item) const {
-    return item < num_items ? rows[item] : -1;
-  }
+  // False past num_items (a graph-sized grid's padding).
+  __device__ __forceinline__ bool holds(int item) const { return item < num_items; }
+
+  // Read-only during the kernel (plan() writes it with a copy before), so through the
+  // non-coherent path; both halves of the record come from one sector.
   __device__ __forceinline__ WorkItem operator[](int item) const {
-    const int32_t* column = rows + item;
-    return {column[0],
-            column[kWorkRowStart * capacity],
-            column[kWorkKvStart * capacity],
-            column[kWorkKvEnd * capacity],
-            column[kWorkPartial * capacity],
-            column[kWorkMergeGroup * capacity]};
+    const int32_t* record = records + static_cast<int64_t>(item) * kWorkRecordInts;
+    const int4 range = __ldg(reinterpret_cast<const int4*>(record));
+    const int2 split = __ldg(reinterpret_cast<const int2*>(record + kWorkPartial));
+    static_assert(kWorkRowStart == 1 && kWorkKvStart == 2 && kWorkKvEnd == 3 &&
+                      kWorkMergeGroup == kWorkPartial + 1 && kWorkPartial % 2 == 0,
+                  "the record's fields as the vector loads take them");
+    return {range.x, range.y, range.z, range.w, split.x, split.y};
   }
 };
 
