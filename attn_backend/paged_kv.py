@@ -206,15 +206,26 @@ class PageTable:
         slots = self.table[row, :length].long()
         if self.slot_map is None:
             return slots
-        if length and int(slots.max()) >= self.slot_map.numel():
-            raise ValueError(f"page_table row {row} holds slot {int(slots.max())}, past the "
-                             f"{self.slot_map.numel()} entries of slot_map")
+        if length and not 0 <= int(slots.min()) <= int(slots.max()) < self.slot_map.numel():
+            raise ValueError(f"page_table row {row} holds slots in [{int(slots.min())}, "
+                             f"{int(slots.max())}]; slot_map has {self.slot_map.numel()} entries")
         return self.slot_map[slots]
+
+    def _rows(self, batch_size: int) -> list[int] | range:
+        """The table row of each request (synchronises with a row index), checked."""
+        if self.row_index is None:
+            return range(batch_size)
+        rows = self.row_index[:batch_size].tolist()
+        bad = [r for r in rows if not 0 <= r < self.table.shape[0]]
+        if bad:
+            raise ValueError(f"req_pool_indices (the page table's row_index) holds {bad[0]}; "
+                             f"the table has rows 0..{self.table.shape[0] - 1}")
+        return rows
 
     def page_ids(self, batch_size: int, kv_lens: list[int], page_size: int) -> list[torch.Tensor]:
         """Host-side page id of each page (vLLM) or token (SGLang) a request reads (synchronises;
         for debug checks)."""
-        rows = self.row_index.tolist() if self.row_index is not None else range(batch_size)
+        rows = self._rows(batch_size)
         ids = []
         for row, length in zip(rows, kv_lens):
             if self.holds_token_slots:
@@ -225,7 +236,7 @@ class PageTable:
 
     def token_slots(self, batch_size: int, kv_lens: list[int], page_size: int):
         """CSR (kv_indptr, kv_slots) of the tokens [0, kv_len) of each request."""
-        rows = self.row_index.tolist() if self.row_index is not None else range(batch_size)
+        rows = self._rows(batch_size)
         pieces = []
         for row, length in zip(rows, kv_lens):
             if self.holds_token_slots:

@@ -205,9 +205,11 @@ class PagedPrefill(KernelWrapper):
         if mask.numel() < offsets[-1]:
             raise ValueError(f"custom_mask has {mask.numel()} elements; the lengths need "
                              f"{int(offsets[-1])} (sum of q_len * kv_len)")
-        if self.device.type == "cuda" and self.use_cuda_graph and \
-                -(-mask.numel() // 8) > self._mask_bits.numel():
-            raise ValueError(f"custom_mask has {mask.numel()} elements; this graph-mode "
+        # The elements the lengths use (SGLang's graph runners pass a larger static buffer);
+        # checked on every device, so a CPU run refuses what the GPU would.
+        used = int(offsets[-1])
+        if self.use_cuda_graph and -(-used // 8) > self._mask_bits.numel():
+            raise ValueError(f"custom_mask: the lengths use {used} elements; this graph-mode "
                              f"PagedPrefill holds max_mask_elements={self._mask_bits.numel() * 8}")
         return mask, offsets
 

@@ -5,6 +5,9 @@
 #   ATTN_BACKEND_GIT_COMMIT=<sha> bash scripts/gpu_check.sh [--tests-only | --bench-only]
 #       [--only BENCHES]        (PYTEST_K=EXPR selects tests; the commit stamps the results,
 #                                since the GPU machine's copy of the tree has no .git)
+# The tests include a fuzz against the reference (FUZZ_CASES cases, default 2000, FUZZ_WORKERS
+# processes, default 8, FUZZ_SECONDS an optional time limit: bench/fuzz.py; its JSON in $OUT) and compute-sanitizer over the kernel set
+# (scripts/gpu_sanitize.sh; FUZZ_CASES=0 / SANITIZE=0 leave them out).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -48,6 +51,23 @@ if [ "$run_tests" -eq 1 ]; then
   summary+=("gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s: $(tail -n 1 "$OUT/gpu_tests.log")")
 fi
 
+fuzz_rc=0 sanitize_rc=0
+if [ "$run_tests" -eq 1 ] && [ "${FUZZ_CASES:-2000}" -gt 0 ]; then
+  t0=$(date +%s)
+  ATTN_BACKEND_BENCH_COMMAND="bash scripts/gpu_check.sh (FUZZ_CASES=${FUZZ_CASES:-2000})" \
+    python3 -m bench.fuzz --cases "${FUZZ_CASES:-2000}" --workers "${FUZZ_WORKERS:-8}" \
+      ${FUZZ_SECONDS:+--seconds "$FUZZ_SECONDS"} --out "$OUT" \
+    > "$OUT/fuzz.log" 2>&1
+  fuzz_rc=$?
+  summary+=("fuzz: rc=$fuzz_rc in $(( $(date +%s) - t0 )) s: $(grep '^fuzz:' "$OUT/fuzz.log")")
+fi
+if [ "$run_tests" -eq 1 ] && [ "${SANITIZE:-1}" -eq 1 ]; then
+  t0=$(date +%s)
+  bash scripts/gpu_sanitize.sh > "$OUT/sanitize.log" 2>&1
+  sanitize_rc=$?
+  summary+=("compute-sanitizer: rc=$sanitize_rc in $(( $(date +%s) - t0 )) s: $(grep -c 'exit 0' "$OUT/sanitize.log") of 4 tools clean")
+fi
+
 # SGLang's own attention kit against attn_backend, when sglang is installed
 # (wheels from .gpu/fetch_sglang_wheels.sh): all of its runner modes at head_dim 128.
 kit_rc=0
@@ -72,4 +92,5 @@ fi
 echo
 echo "==== gpu_check summary ===="
 printf '%s\n' "${summary[@]}"
-[ "$test_rc" -eq 0 ] && [ "$kit_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$test_rc" -eq 0 ] && [ "$fuzz_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$kit_rc" -eq 0 ] && \
+  [ "$bench_rc" -eq 0 ]

@@ -44,7 +44,8 @@ def test_paged_prefill_plan_verify_batch_64(benchmark, mask):
     batch, drafts = 64, 4
     prefill = PagedPrefill(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
                            device="cpu", max_batch_size=batch, max_num_tokens=batch * drafts,
-                           use_cuda_graph=True, cta_slots=CTA_SLOTS)
+                           max_mask_elements=batch * drafts * 4096, use_cuda_graph=True,
+                           cta_slots=CTA_SLOTS)
     kv_lens = np.random.default_rng().integers(drafts, 4096, size=batch)
     qo_indptr = np.arange(batch + 1) * drafts
     custom_mask = torch.ones(int(kv_lens.sum()) * drafts, dtype=torch.bool) \

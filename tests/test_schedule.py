@@ -196,13 +196,14 @@ def test_cpp_prefill_planner_matches_the_specification(lens, group, causal, has_
     q_lens, kv_lens = lens
     if causal or has_mask or window_left >= 0:
         kv_lens = np.maximum(kv_lens, q_lens)
+    mask = torch.ones(int((q_lens * kv_lens).sum()), dtype=torch.bool) if has_mask else None
     prefill = PagedPrefill(num_qo_heads=num_kv_heads * group, num_kv_heads=num_kv_heads,
                            head_dim=128, dtype=torch.bfloat16, device="cpu", max_batch_size=12,
                            max_num_tokens=4096, use_cuda_graph=graph, cta_slots=cta_slots,
-                           backend=backend)
+                           backend=backend,
+                           max_mask_elements=mask.numel() if mask is not None else 0)
     qo = np.concatenate([[0], np.cumsum(q_lens)])
     graph_tokens = int(qo[-1]) + 7 if graph else None
-    mask = torch.ones(int((q_lens * kv_lens).sum()), dtype=torch.bool) if has_mask else None
     prefill.plan(qo, kv_lens, causal=causal, window_left=window_left, custom_mask=mask,
                  graph_num_tokens=graph_tokens)
     short = choose_prefill_shape(q_lens, group_size=group, short_rows=prefill.short_tile_rows,

@@ -54,11 +54,13 @@ inline PageTableView page_table_view(const at::Tensor& page_table,
               "slot_map must be a contiguous int64 vector over a table of token slots");
   PageTableView view{};
   view.table = page_table.data_ptr<int32_t>();
+  view.num_rows = page_table.size(0);
   view.row_stride = page_table.stride(0);
   view.holds_token_slots = table_holds_slots;
   view.row_index = row_index.has_value() ? row_index->data_ptr() : nullptr;
   view.row_index_is_int64 = row_index.has_value() && row_index->scalar_type() == at::kLong;
   view.slot_map = slot_map.has_value() ? slot_map->data_ptr<int64_t>() : nullptr;
+  view.slot_map_size = slot_map.has_value() ? slot_map->numel() : 0;
   return view;
 }
 

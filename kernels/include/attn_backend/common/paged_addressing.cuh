@@ -24,30 +24,39 @@ struct TokenLocation {
 
 struct PageTableView {
   const int32_t* table;
+  int64_t num_rows;        // rows of `table`
   int64_t row_stride;      // elements between rows of `table`
   bool holds_token_slots;  // true: SGLang's per-token slots; false: per-page ids
   const void* row_index;   // per-request row of `table`; null = the request index itself
   bool row_index_is_int64;
   // Token slots only: slot -> slot in the cache read; null = identity. The map
-  // must cover every slot the table holds (SGLang's full-to-SWA map covers the
+  // should cover every slot the table holds (SGLang's full-to-SWA map covers the
   // whole full pool); debug mode checks this on the host before launch.
   const int64_t* slot_map;
+  int64_t slot_map_size;
 
+  // The request's row of `table`, or -1 for a row index outside it. A wrong index, a slot
+  // past the map or a page id past the cache reads nothing outside the buffers (debug mode
+  // reports them on the host): the keys it would name are skipped.
   __device__ __forceinline__ int64_t row_of(int request) const {
     if (row_index == nullptr) return request;
-    return row_index_is_int64 ? static_cast<const int64_t*>(row_index)[request]
-                              : static_cast<const int32_t*>(row_index)[request];
+    const int64_t row = row_index_is_int64 ? static_cast<const int64_t*>(row_index)[request]
+                                           : static_cast<const int32_t*>(row_index)[request];
+    return row >= 0 && row < num_rows ? row : -1;
   }
 
-  // Page and offset of token `token` of table row `row`; ids outside
-  // [0, num_pages) give page -1 (debug mode reports them before launch).
+  // Page and offset of token `token` of table row `row` (row_of's); ids outside
+  // [0, num_pages) give page -1.
   __device__ __forceinline__ TokenLocation locate(int64_t row, int token, int page_size,
                                                   int num_pages) const {
+    if (row < 0) return {-1, 0};
     const int32_t* entries = table + row * row_stride;
     int page, slot_in_page;
     if (holds_token_slots) {
       int slot = entries[token];
-      if (slot_map != nullptr && slot >= 0) slot = static_cast<int>(slot_map[slot]);
+      if (slot_map != nullptr && slot >= 0) {
+        slot = slot < slot_map_size ? static_cast<int>(slot_map[slot]) : -1;
+      }
       page = slot / page_size;
       slot_in_page = slot - page * page_size;
       if (slot < 0) page = -1;

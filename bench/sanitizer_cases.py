@@ -1,0 +1,164 @@
+"""A small but complete set of kernel calls for compute-sanitizer (scripts/gpu_sanitize.sh).
+
+    compute-sanitizer --tool memcheck python -m bench.sanitizer_cases
+
+Every kernel configuration and variant once, on problems small enough for racecheck: decode
+(split shape with its in-launch split-KV merge, full-batch shape, d64/128/256, fp16/bf16, a
+group of 32 heads in row tiles, window, soft-cap, SGLang tables with slot maps and shared pages,
+page sizes 1/7/16, a CUDA-graph replay), prefill (the short-query, mma and wgmma kernels, causal
+and not, window, soft-cap, tree masks, split-KV, a graph replay), the KV write kernel in both
+layouts; then bad input with debug checks off (page ids past the cache and negative, slots past
+the slot map, table rows past the table, write slots past the cache), each followed by a normal
+call checked against the reference, which shows the context is alive. Each attention call is
+compared with the float reference (bench/fuzz.py's harness); the exit status is 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+
+from .fuzz import Case, build_problem, compare, reference_result, run_kernels
+
+BASE = Case(seed=1, kind="decode", kv_lens=(700, 33, 1, 0), q_lens=(1, 1, 1, 1), page_size=16,
+            num_kv_heads=2, group=4, head_dim=128, dtype="bfloat16", engine="vllm",
+            layout="vllm_nhd", slot_map=False, shared_prefix=False, causal=True, window_left=-1,
+            soft_cap=0.0, tree_mask=False, graph=False, backend="auto", q_scale=1.0,
+            debug_checks=False)
+PREFILL = dataclasses.replace(BASE, kind="prefill", kv_lens=(300, 900, 40, 1),
+                              q_lens=(5, 100, 0, 1))
+
+
+def cases() -> list[tuple[str, Case]]:
+    r = dataclasses.replace
+    return [
+        ("decode split-KV, in-launch merge", BASE),
+        ("decode full-batch shape", r(BASE, backend="full_batch", seed=2)),
+        ("decode d64 fp16", r(BASE, head_dim=64, dtype="float16", seed=3)),
+        ("decode d256", r(BASE, head_dim=256, seed=4)),
+        ("decode group 32, window, soft-cap", r(BASE, group=32, num_kv_heads=1, window_left=64,
+                                                 soft_cap=30.0, seed=5)),
+        ("decode sglang slot map, shared pages, page 7",
+         r(BASE, engine="sglang", layout="sglang", slot_map=True, shared_prefix=True,
+           page_size=7, seed=6)),
+        ("decode page 1", r(BASE, page_size=1, layout="vllm_hnd", seed=7)),
+        ("decode graph replay", r(BASE, graph=True, seed=8)),
+        ("prefill short + long tiles, auto", PREFILL),
+        ("prefill mma", r(PREFILL, backend="mma", seed=9)),
+        ("prefill long query (wgmma on sm_90), split-KV",
+         r(PREFILL, kv_lens=(2000,), q_lens=(300,), seed=10)),
+        ("prefill non-causal, soft-cap", r(PREFILL, causal=False, soft_cap=20.0, seed=11)),
+        ("prefill window", r(PREFILL, window_left=50, seed=12)),
+        ("prefill tree masks", r(PREFILL, kv_lens=(200, 1000), q_lens=(4, 8), tree_mask=True,
+                                 engine="sglang", layout="sglang", seed=13)),
+        ("prefill d64 fp16, page 1", r(PREFILL, head_dim=64, dtype="float16", page_size=1,
+                                       seed=14)),
+        ("prefill d256", r(PREFILL, head_dim=256, seed=15)),
+        ("prefill graph replay, tree masks", r(PREFILL, kv_lens=(200, 1000), q_lens=(4, 8),
+                                               tree_mask=True, graph=True, seed=16)),
+    ]
+
+
+def check_case(name: str, case: Case) -> bool:
+    problem = build_problem(case, "cuda")
+    got_out, got_lse = run_kernels(case, problem, "cuda")
+    want_out, want_lse = reference_result(case, problem)
+    difference = compare(case, got_out, got_lse, want_out, want_lse)
+    print(f"{'MISMATCH' if difference else 'ok'}: {name}" + (f": {difference}" if difference
+                                                              else ""), flush=True)
+    return difference is None
+
+
+def run_bad_table(name: str, case: Case, corrupt) -> bool:
+    """`corrupt(problem)` spoils the page table in place; the call must run (debug checks
+    off) without touching memory outside the buffers, and a normal call after it must
+    still be right."""
+    problem = build_problem(case, "cuda")
+    corrupt(problem)
+    run_kernels(case, problem, "cuda")
+    torch.cuda.synchronize()
+    print(f"ran: {name}", flush=True)
+    return check_case(f"normal call after {name}", dataclasses.replace(case, seed=case.seed + 100))
+
+
+def bad_inputs() -> list[bool]:
+    results = []
+    vllm = dataclasses.replace(BASE, seed=21)
+
+    def pages_outside(problem):
+        table = problem.table.table
+        table[0, 0] = problem.cache.num_pages + 3
+        table[0, 1] = -2
+        table[1, 0] = 1 << 30
+
+    results.append(run_bad_table("page ids past the cache and negative", vllm, pages_outside))
+    sglang = dataclasses.replace(BASE, engine="sglang", layout="sglang", slot_map=True, seed=22)
+
+    def slots_outside(problem):
+        table, rows = problem.table.table, problem.table.row_index
+        table[rows[0], 0] = problem.table.slot_map.numel() + 11  # past the slot map
+        table[rows[0], 1] = 1 << 30
+        table[rows[1], 0] = -9
+
+    results.append(run_bad_table("slots past the slot map and negative", sglang, slots_outside))
+    plain = dataclasses.replace(sglang, slot_map=False, seed=23)
+
+    def rows_outside(problem):
+        rows = problem.table.row_index
+        rows[0] = problem.table.table.shape[0] + 5  # a table row that does not exist
+        rows[1] = -1
+
+    results.append(run_bad_table("row indices past the table", plain, rows_outside))
+    results.append(run_bad_table("prefill with page ids past the cache",
+                                 dataclasses.replace(PREFILL, seed=24), pages_outside))
+    return results
+
+
+def kv_writes() -> list[bool]:
+    import attn_backend
+    from attn_backend import PagedKVCache, reference
+
+    results = []
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for layout in ("sglang", "vllm"):
+        num_pages, page_size, heads, dim = 9, 16, 2, 128
+        if layout == "sglang":
+            cache = PagedKVCache.from_sglang(
+                torch.randn(num_pages * page_size, heads, dim, device="cuda", generator=gen),
+                torch.randn(num_pages * page_size, heads, dim, device="cuda", generator=gen),
+                page_size)
+        else:
+            cache = PagedKVCache.from_vllm(torch.randn(num_pages, heads, page_size, 2 * dim,
+                                                       device="cuda", generator=gen), dim)
+        slots = torch.tensor([3, 140, -1, 0, 77], device="cuda")
+        key = torch.randn(5, heads, dim, device="cuda", generator=gen)
+        value = torch.randn(5, heads, dim, device="cuda", generator=gen)
+        want = PagedKVCache(cache.k.clone(), cache.v.clone())
+        reference.write_kv(want, slots, key, value)
+        attn_backend.write_kv(cache, slots, key, value)
+        ok = torch.equal(cache.k, want.k) and torch.equal(cache.v, want.v)
+        print(f"{'ok' if ok else 'MISMATCH'}: kv write, {layout} layout", flush=True)
+        results.append(ok)
+        attn_backend.set_debug_checks(False)
+        past = torch.tensor([num_pages * page_size + 40, 1 << 40, 5], device="cuda")
+        attn_backend.write_kv(cache, past, key[:3], value[:3])  # skipped, never written
+        torch.cuda.synchronize()
+        print(f"ran: kv write, {layout} layout, slots past the cache", flush=True)
+    return results
+
+
+def main() -> None:
+    from attn_backend import _extension
+
+    _extension.load_ops()
+    results = [check_case(name, case) for name, case in cases()]
+    results += kv_writes()
+    results += bad_inputs()
+    print(f"sanitizer cases: {sum(results)} of {len(results)} checks agree with the reference")
+    sys.exit(0 if all(results) else 1)
+
+
+if __name__ == "__main__":
+    main()
