@@ -439,7 +439,8 @@ def run_case(seed: int, device="cuda") -> dict:
 
 
 def features(case: Case) -> list[str]:
-    names = [case.kind, case.dtype, case.engine, case.layout, f"p{case.page_size}",
+    names = [case.kind, case.dtype, f"engine_{case.engine}", f"layout_{case.layout}",
+             f"p{case.page_size}",
              f"d{case.head_dim}", f"group{case.group}", f"backend_{case.backend}"]
     names += [f for f, on in (("graph", case.graph), ("slot_map", case.slot_map),
                               ("shared_prefix", case.shared_prefix),

@@ -28,22 +28,23 @@ for tool in "${tools[@]}"; do
   [ "$tool" = memcheck ] && extra+=(--leak-check no)
   [ "$tool" = racecheck ] && extra+=(--racecheck-report hazard)
   [ "$tool" = initcheck ] && extra=()
-  compute-sanitizer --tool "$tool" "${extra[@]}" \
+  timeout "${SANITIZE_TIMEOUT:-400}" compute-sanitizer --tool "$tool" "${extra[@]}" \
     --print-limit 20 --error-exitcode 9 python3 -m bench.sanitizer_cases \
     > "$OUT/sanitizer_$tool.log" 2>&1 &
   pids+=($!)
 done
+statuses=()
+for pid in "${pids[@]}"; do wait "$pid"; statuses+=($?); done
 rc=0
 {
   echo "compute-sanitizer over python -m bench.sanitizer_cases (bash scripts/gpu_sanitize.sh)"
   echo "commit ${ATTN_BACKEND_GIT_COMMIT:-unknown}, $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $(compute-sanitizer --version | tail -n 1)"
   for i in "${!tools[@]}"; do
-    wait "${pids[$i]}"; status=$?
-    [ $status -eq 0 ] || rc=1
-    log="$OUT/sanitizer_${tools[$i]}.log"
-    echo "== ${tools[$i]}: exit $status"
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitizer cases:|MISMATCH|Error|error:" "$log" | head -n 12
+    echo "== ${tools[$i]}: exit ${statuses[$i]}"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitizer cases:|MISMATCH|Error|error:" \
+      "$OUT/sanitizer_${tools[$i]}.log" | head -n 12
   done
-  echo "(all four in $(( $(date +%s) - t0 )) s)"
+  echo "(all four at once in $(( $(date +%s) - t0 )) s)"
 } | tee "$summary"
+for status in "${statuses[@]}"; do [ "$status" -eq 0 ] || rc=1; done
 exit $rc

@@ -48,8 +48,8 @@ def test_cases_cover_what_the_issue_lists():
     for feature in ("decode", "prefill", "float16", "bfloat16", "graph", "slot_map",
                     "shared_prefix", "tree_mask", "soft_cap", "window", "non_causal",
                     "padding_request", "kv_over_32k", "batch_over_128", "p1", "p3", "p100",
-                    "p128", "group1", "group128", "d64", "d256", "vllm_hnd", "vllm_nhd",
-                    "sglang", "backend_full_batch", "backend_mma", "backend_split"):
+                    "p128", "group1", "group128", "d64", "d256", "layout_vllm_hnd", "layout_vllm_nhd",
+                    "layout_sglang", "engine_vllm", "engine_sglang", "backend_full_batch", "backend_mma", "backend_split"):
         assert feature in seen, feature
 
 

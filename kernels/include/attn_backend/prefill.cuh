@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       const float total = softmax.total(mt, half);
       const int row = warp_row0 + mt * 16 + lane / 4 + 8 * half;
       if (row >= num_rows) continue;
-      const float scale = total > 0.f ? 1.f / total : 0.f;
+      const float scale = total != 0.f ? 1.f / total : 0.f;
       writer.template write_pairs<kVONTiles>(row, (lane % 4) * 2, [&](int n) {
         return make_float2(output(o[mt][n][2 * half] * scale), output(o[mt][n][2 * half + 1] * scale));
       });

@@ -64,7 +64,10 @@ struct KeySplitMerge {
   }
 
   // write(row, col, value, lse) for every column of rows [0, num_rows), the CTA's threads
-  // striding over the elements (lse: natural log, -inf for a row that saw no key).
+  // striding over the elements (lse: natural log, -inf for a row that saw no key). The
+  // total is a sum of exponentials: 0 means no key, and a NaN (from a NaN or Inf input) is
+  // carried into the row rather than read as "no key" (hence != 0, not > 0, here and in
+  // the other epilogues).
   template <typename Write>
   __device__ __forceinline__ void for_each_output(int num_rows, const Write& write) const {
     for (int e = threadIdx.x; e < num_rows * kHeadDimVO; e += kWarps * 32) {
@@ -78,8 +81,8 @@ struct KeySplitMerge {
         total += merge_sum[w * kRows + row] * ptx::fast_exp2(merge_max[w * kRows + row] - reference);
         acc += merge_o[(w * kRows + row) * kHeadDimVO + col];
       }
-      const float value = total > 0.f ? acc / total : 0.f;
-      const float lse = total > 0.f ? (reference + __log2f(total)) * kLn2 : kNegInf;
+      const float value = total != 0.f ? acc / total : 0.f;
+      const float lse = total != 0.f ? (reference + __log2f(total)) * kLn2 : kNegInf;
       write(row, col, value, lse);
     }
   }

@@ -83,7 +83,7 @@ struct OnlineSoftmax {
 
   // Natural-log LSE of a row with sum `total`, -inf for a row that saw no key.
   __device__ __forceinline__ float lse(int mt, int half, float total) const {
-    return total > 0.f ? (row_max[mt][half] + __log2f(total)) * kLn2 : kNegInf;
+    return total != 0.f ? (row_max[mt][half] + __log2f(total)) * kLn2 : kNegInf;
   }
 };
 

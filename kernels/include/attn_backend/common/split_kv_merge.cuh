@@ -80,7 +80,7 @@ __device__ __forceinline__ void merge_partials(const TileWriter<DTypeO, kHeadDim
       row_max[row] = reference;
       row_total[row] = total;
       if (p.lse != nullptr) {
-        p.lse[writer.lse_index(row)] = total > 0.f ? reference + __logf(total) : kNegInf;
+        p.lse[writer.lse_index(row)] = total != 0.f ? reference + __logf(total) : kNegInf;
       }
     }
   }
@@ -113,7 +113,7 @@ __device__ __forceinline__ void merge_partials(const TileWriter<DTypeO, kHeadDim
         }
       }
     }
-    const float scale = total > 0.f ? 1.f / total : 0.f;
+    const float scale = total != 0.f ? 1.f / total : 0.f;
     DTypeO* out = writer.output(row) + col;
     *reinterpret_cast<uint32_t*>(out) = ptx::pack2<DTypeO>(acc.x * scale, acc.y * scale);
     *reinterpret_cast<uint32_t*>(out + 2) = ptx::pack2<DTypeO>(acc.z * scale, acc.w * scale);
