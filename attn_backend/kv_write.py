@@ -11,12 +11,14 @@ from .paged_kv import PagedKVCache
 
 
 def write_kv(cache: PagedKVCache, slots: torch.Tensor, key: torch.Tensor,
-             value: torch.Tensor) -> None:
+             value: torch.Tensor, *, via_input_dtype: bool = False) -> None:
     """Store `key` [T, H, Dk] and `value` [T, H, Dv] at token `slots` [T] of `cache`, in place.
 
     Slot -1 marks a padding token and is skipped. On CUDA tensors this runs the
     `paged_kv_write` kernel (no host synchronisation, CUDA-graph safe); on CPU
-    tensors it runs the float reference.
+    tensors it runs the float reference. An FP8 cache stores the rows quantised with its
+    scales (`attn_backend.fp8`; `via_input_dtype`: SGLang's rounding, through the input's
+    dtype); on CUDA that kernel is not built yet (issue 19), so FP8 caches are refused there.
     """
     check_tensor("key", key, dims=3)
     check_tensor("value", value, dims=3)
@@ -34,7 +36,7 @@ def write_kv(cache: PagedKVCache, slots: torch.Tensor, key: torch.Tensor,
                        f"-1 for padding, else a slot of the {cache.num_pages} pages x "
                        f"{cache.page_size}")
     if key.device.type != "cuda":
-        reference.write_kv(cache, slots, key, value)
+        reference.write_kv(cache, slots, key, value, via_input_dtype=via_input_dtype)
         return
     for name, t in (("key", key), ("value", value), ("k_cache", cache.k), ("v_cache", cache.v)):
         check_tensor(name, t, dtypes=KERNEL_DTYPES)

@@ -14,7 +14,8 @@ contiguous last dimension. A token slot is `page * page_size + offset`.
   and V its first `kv_lora_rank` columns (`from_mla`).
 
 Kernels and the float reference both take this object, so the addressing is
-written once.
+written once. An FP8 cache (float8 views of the engine's bytes, `attn_backend.fp8`) carries its
+K and V scales here too: None (1.0), a float or 0-d tensor, or one per kv head.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fp8
 from ._validation import check_tensor
 
 
@@ -30,6 +32,8 @@ from ._validation import check_tensor
 class PagedKVCache:
     k: torch.Tensor  # [num_pages, page_size, num_kv_heads, head_dim_k]
     v: torch.Tensor  # [num_pages, page_size, num_kv_heads, head_dim_v]
+    k_scale: float | torch.Tensor | None = None  # FP8 caches: stored = k / k_scale
+    v_scale: float | torch.Tensor | None = None
 
     def __post_init__(self):
         check_tensor("k_cache", self.k, dims=4)
@@ -39,6 +43,15 @@ class PagedKVCache:
                              "agree in pages, page size and kv heads")
         if self.k.dtype != self.v.dtype or self.k.device != self.v.device:
             raise ValueError("k_cache and v_cache must share dtype and device")
+        for name, scale in (("k_scale", self.k_scale), ("v_scale", self.v_scale)):
+            if scale is None:
+                continue
+            if not self.is_fp8:
+                raise ValueError(f"{name} applies to FP8 caches; this cache is {self.k.dtype}")
+            if isinstance(scale, torch.Tensor) and (scale.dim() > 1 or (
+                    scale.dim() == 1 and scale.numel() != self.num_kv_heads)):
+                raise ValueError(f"{name} has shape {tuple(scale.shape)}; accepted: [] (per "
+                                 f"tensor) or [{self.num_kv_heads}] (per kv head)")
 
     @property
     def num_pages(self) -> int:
@@ -72,9 +85,27 @@ class PagedKVCache:
     def device(self) -> torch.device:
         return self.k.device
 
+    @property
+    def is_fp8(self) -> bool:
+        return fp8.is_fp8(self.k.dtype)
+
+    def scales_per_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V scales as float32 [num_kv_heads] (1.0 for a 16-bit cache); synchronises
+        when a scale is a device tensor (for the reference and checks)."""
+        return (fp8.scale_per_head("k_scale", self.k_scale, self.num_kv_heads, self.device),
+                fp8.scale_per_head("v_scale", self.v_scale, self.num_kv_heads, self.device))
+
+    def read(self, k: torch.Tensor, v: torch.Tensor,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gathered rows [..., num_kv_heads, D] as values in `dtype`: dequantised for FP8."""
+        if not self.is_fp8:
+            return k.to(dtype), v.to(dtype)
+        k_scale, v_scale = self.scales_per_head()
+        return fp8.dequantize(k, k_scale, dtype), fp8.dequantize(v, v_scale, dtype)
+
     @classmethod
     def from_sglang(cls, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                    page_size: int) -> "PagedKVCache":
+                    page_size: int, *, k_scale=None, v_scale=None) -> "PagedKVCache":
         """Views SGLang's `[num_slots, H, D]` K and V buffers as pages of `page_size` slots."""
         check_tensor("k_buffer", k_buffer, dims=3)
         check_tensor("v_buffer", v_buffer, dims=3)
@@ -83,17 +114,18 @@ class PagedKVCache:
         num_pages = k_buffer.shape[0] // page_size
         usable = num_pages * page_size  # trailing slots that fill no whole page are unaddressable
         return cls(_as_pages(k_buffer[:usable], num_pages, page_size),
-                   _as_pages(v_buffer[:usable], num_pages, page_size))
+                   _as_pages(v_buffer[:usable], num_pages, page_size), k_scale, v_scale)
 
     @classmethod
-    def from_vllm(cls, kv_cache: torch.Tensor, head_dim_k: int) -> "PagedKVCache":
+    def from_vllm(cls, kv_cache: torch.Tensor, head_dim_k: int, *, k_scale=None,
+                  v_scale=None) -> "PagedKVCache":
         """Splits vLLM's `[num_blocks, H, block_size, Dk + Dv]` tensor (any layout) into K and V."""
         check_tensor("kv_cache", kv_cache, dims=4)
         if not 0 < head_dim_k < kv_cache.shape[3]:
             raise ValueError(f"head_dim_k={head_dim_k} must be in [1, {kv_cache.shape[3] - 1}] "
                              f"for kv_cache of shape {tuple(kv_cache.shape)}")
         pages = kv_cache.transpose(1, 2)  # [num_blocks, block_size, H, Dk + Dv]
-        return cls(pages[..., :head_dim_k], pages[..., head_dim_k:])
+        return cls(pages[..., :head_dim_k], pages[..., head_dim_k:], k_scale, v_scale)
 
     @classmethod
     def from_mla(cls, kv_buffer: torch.Tensor, kv_lora_rank: int, page_size: int) -> "PagedKVCache":

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import fp8
 from .paged_kv import PagedKVCache
 
 # Bounds the [heads, rows, kv_len] score block of one chunk, so a 32k-token
@@ -121,8 +122,7 @@ def attention(q: torch.Tensor, qo_indptr, cache: PagedKVCache, kv_indptr, kv_slo
         if (causal or custom_mask is not None or window_left >= 0) and length < n:
             raise ValueError(f"request {r}: kv_len {length} < q_len {n}; the queries must be the "
                              "last tokens of the sequence")
-        k, v = cache.gather(kv_slots[kv[r]:kv[r + 1]])
-        k, v = k.to(compute_dtype), v.to(compute_dtype)
+        k, v = cache.read(*cache.gather(kv_slots[kv[r]:kv[r + 1]]), compute_dtype)
         mask_r = None
         if custom_mask is not None:
             mask_r = custom_mask[mask_offsets[r]:mask_offsets[r] + n * length]
@@ -164,10 +164,23 @@ def merge_state_list(outs: torch.Tensor, lses: torch.Tensor) -> AttentionOutput:
 
 
 def write_kv(cache: PagedKVCache, slots: torch.Tensor, key: torch.Tensor,
-             value: torch.Tensor) -> None:
-    """Store new rows at token slots in place; slot -1 marks padding and is skipped."""
+             value: torch.Tensor, *, via_input_dtype: bool = False) -> None:
+    """Store new rows at token slots in place; slot -1 marks padding and is skipped. An FP8
+    cache stores them quantised with its scales (attn_backend.fp8.quantize; `via_input_dtype`
+    is SGLang's rounding); the caller's tensors are left as they are."""
     keep = slots >= 0
     page, offset = cache.page_and_offset(slots[keep])
+    if cache.is_fp8:
+        k_scale, v_scale = cache.scales_per_head()
+        # Through uint8 views, as the engines store them (index_put has no float8 kernel on
+        # some torch builds).
+        cache.k.view(torch.uint8)[page, offset] = \
+            fp8.quantize(key[keep], k_scale, cache.dtype,
+                         via_input_dtype=via_input_dtype).view(torch.uint8)
+        cache.v.view(torch.uint8)[page, offset] = \
+            fp8.quantize(value[keep], v_scale, cache.dtype,
+                         via_input_dtype=via_input_dtype).view(torch.uint8)
+        return
     cache.k[page, offset] = key[keep].to(cache.dtype)
     cache.v[page, offset] = value[keep].to(cache.dtype)
 

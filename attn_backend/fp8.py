@@ -1,0 +1,91 @@
+"""FP8 KV caches: the formats served, their scales, and how values are quantised and read.
+
+The semantics every path follows (the float reference defines them; kernels will be tested
+against it, issue 19):
+- Formats: `torch.float8_e4m3fn` (largest finite 448) and `torch.float8_e5m2` (57344). The
+  engines' strings: SGLang's `fp8_e4m3` / `fp8_e5m2`, vLLM's `fp8` (= e4m3), `fp8_e4m3`,
+  `fp8_e5m2`. Both engines store the bytes as uint8; `view_as_fp8` re-views them by the string,
+  so e4m3 bytes are never read as e5m2 or the other way round.
+- Scales: K and V each have a per-tensor scale (a float, or a 0-d tensor) or one per kv head
+  (`[num_kv_heads]`, vLLM's compressed-tensors `attn_head` checkpoints); None means 1.0.
+- Write: fp8 = round-to-nearest-even(clamp(x / scale, -max, max)), x / scale computed in
+  float32: the saturating convention of vLLM's `reshape_and_cache_flash` (`__NV_SATFINITE`).
+  SGLang's pool store divides in place in the input's dtype first (`x.div_(scale)` on a bf16
+  tensor rounds the quotient to bf16, then `.to(fp8)` rounds again), which gives other bytes
+  for some values: `quantize(..., via_input_dtype=True)` is that rule, for SGLang's caches. The
+  clamp makes overflow explicit in both (torch's cast saturates e4m3fn but turns e5m2
+  overflow into inf). NaN stays NaN.
+- Read: x = fp8 * scale, in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+# The engines' KV-cache dtype strings served, and the float8 format each names.
+ENGINE_FP8_STRINGS = {
+    "fp8": torch.float8_e4m3fn,  # vLLM: "fp8 (=fp8_e4m3)"
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def fp8_dtype(kv_cache_dtype: str) -> torch.dtype:
+    """The float8 format of an engine's KV-cache dtype string; other fp8 layouts are refused
+    by name (e.g. vLLM's packed `fp8_ds_mla`, `fp8_inc`, per-token-head scales)."""
+    if kv_cache_dtype not in ENGINE_FP8_STRINGS:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not an FP8 format attn_backend "
+                         f"serves; accepted: {', '.join(ENGINE_FP8_STRINGS)}")
+    return ENGINE_FP8_STRINGS[kv_cache_dtype]
+
+
+def view_as_fp8(storage: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
+    """An engine's uint8 cache bytes (or a float8 view of them) as the format the string names."""
+    dtype = fp8_dtype(kv_cache_dtype)
+    if storage.dtype not in (torch.uint8, *FP8_DTYPES):
+        raise TypeError(f"an FP8 cache is uint8 storage or a float8 view; got {storage.dtype}")
+    return storage.view(dtype)
+
+
+def scale_per_head(name: str, scale, num_kv_heads: int, device) -> torch.Tensor:
+    """`scale` (None = 1.0, a float, a 0-d tensor, or one per kv head) as float32
+    [num_kv_heads] on `device`; refuses other shapes and values that are not finite and > 0.
+    A device tensor is read here, which synchronises: this is for the reference and checks."""
+    if scale is None:
+        return torch.ones(num_kv_heads, dtype=torch.float32, device=device)
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() > 1 or (scale.dim() == 1 and scale.numel() != num_kv_heads):
+            raise ValueError(f"{name} has shape {tuple(scale.shape)}; accepted: [] (per tensor) "
+                             f"or [{num_kv_heads}] (per kv head)")
+        values = scale.detach().to(device=device, dtype=torch.float32).reshape(-1)
+    else:
+        values = torch.tensor([float(scale)], dtype=torch.float32, device=device)
+    if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+        raise ValueError(f"{name} must be finite and > 0; got {values.tolist()}")
+    return values.expand(num_kv_heads).contiguous()
+
+
+def quantize(x: torch.Tensor, scale_heads: torch.Tensor, dtype: torch.dtype, *,
+             via_input_dtype: bool = False) -> torch.Tensor:
+    """x [..., num_kv_heads, D] to `dtype` (float8) with per-head scales [num_kv_heads]:
+    round-to-nearest-even of x / scale, saturated at the format's largest finite value.
+    `via_input_dtype`: the quotient is first rounded to x's dtype (SGLang's store)."""
+    if not is_fp8(dtype):
+        raise TypeError(f"quantize: {dtype} is not a float8 format")
+    largest = torch.finfo(dtype).max
+    scaled = x.float() / scale_heads.to(x.device)[:, None]
+    if via_input_dtype:
+        scaled = scaled.to(x.dtype).float()
+    return scaled.clamp(-largest, largest).to(dtype)
+
+
+def dequantize(x: torch.Tensor, scale_heads: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float8 x [..., num_kv_heads, D] times its per-head scales, in `dtype`."""
+    return (x.float() * scale_heads.to(x.device)[:, None]).to(dtype)
