@@ -43,6 +43,7 @@ from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from ... import fp8
 from ..._validation import KERNEL_DTYPES, MAX_GROUP_SIZE, SUPPORTED_HEAD_DIMS
 from ...decode import PagedDecode
 from ...paged_kv import PagedKVCache, PageTable
@@ -332,7 +333,15 @@ class SGLangAttnBackend(AttentionBackend):
             # one of the graph's own ops so that each replay translates its new locations.
             swa_loc = self._hybrid_pool.translate_loc_from_full_to_swa(loc) \
                 if self._is_window_layer(layer) else None
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(loc, swa_loc=swa_loc), k, v)
+            where = KVWriteLoc(loc, swa_loc=swa_loc)
+            if not fp8.is_fp8(self.kv_dtype):
+                self.token_to_kv_pool.set_kv_buffer(layer, where, k, v)
+                return
+            # The pool quantises: it divides its K/V arguments by the scales in place, so it
+            # gets copies and the model's tensors stay as they are.
+            k_scale, v_scale = _layer_scales(layer)
+            self.token_to_kv_pool.set_kv_buffer(layer, where, k.clone(), v.clone(), k_scale,
+                                                v_scale)
 
     def _is_window_layer(self, layer) -> bool:
         """Whether `layer` lives in the window pool of a hybrid pool."""
@@ -354,8 +363,10 @@ class SGLangAttnBackend(AttentionBackend):
 
     def _cache(self, layer) -> PagedKVCache:
         pool = self.token_to_kv_pool
+        k_scale, v_scale = _layer_scales(layer) if fp8.is_fp8(self.kv_dtype) else (None, None)
         return PagedKVCache.from_sglang(pool.get_key_buffer(layer.layer_id),
-                                        pool.get_value_buffer(layer.layer_id), self.page_size)
+                                        pool.get_value_buffer(layer.layer_id), self.page_size,
+                                        k_scale=k_scale, v_scale=v_scale)
 
     def _check_not_capturing(self, what: str) -> None:
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -395,6 +406,17 @@ class SGLangAttnBackend(AttentionBackend):
                 max_num_tokens=max_tokens, max_mask_elements=mask_elements,
                 use_cuda_graph=graph_sized)
         return prefill
+
+
+def _layer_scales(layer):
+    """An FP8 layer's K and V scales as SGLang keeps them: the host floats `k_scale_float` /
+    `v_scale_float` when the quantisation method set them, else `k_scale` / `v_scale` (a 0-d
+    Parameter, or the bare float `--quantization-param-path` sets); None means 1.0."""
+    def scale(name):
+        value = getattr(layer, f"{name}_float", None)
+        return getattr(layer, name, None) if value is None else value
+
+    return scale("k_scale"), scale("v_scale")
 
 
 def _is_plain_swa_pool(pool) -> bool:
