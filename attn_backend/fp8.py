@@ -53,16 +53,22 @@ def view_as_fp8(storage: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
     return storage.view(dtype)
 
 
+def check_scale_shape(name: str, scale, num_kv_heads: int) -> None:
+    """A scale is None, a float, a 0-d tensor or a tensor [num_kv_heads] (no value is read)."""
+    if isinstance(scale, torch.Tensor) and (
+            scale.dim() > 1 or (scale.dim() == 1 and scale.numel() != num_kv_heads)):
+        raise ValueError(f"{name} has shape {tuple(scale.shape)}; accepted: [] (per tensor) "
+                         f"or [{num_kv_heads}] (per kv head)")
+
+
 def scale_per_head(name: str, scale, num_kv_heads: int, device) -> torch.Tensor:
     """`scale` (None = 1.0, a float, a 0-d tensor, or one per kv head) as float32
     [num_kv_heads] on `device`; refuses other shapes and values that are not finite and > 0.
     A device tensor is read here, which synchronises: this is for the reference and checks."""
     if scale is None:
         return torch.ones(num_kv_heads, dtype=torch.float32, device=device)
+    check_scale_shape(name, scale, num_kv_heads)
     if isinstance(scale, torch.Tensor):
-        if scale.dim() > 1 or (scale.dim() == 1 and scale.numel() != num_kv_heads):
-            raise ValueError(f"{name} has shape {tuple(scale.shape)}; accepted: [] (per tensor) "
-                             f"or [{num_kv_heads}] (per kv head)")
         values = scale.detach().to(device=device, dtype=torch.float32).reshape(-1)
     else:
         values = torch.tensor([float(scale)], dtype=torch.float32, device=device)

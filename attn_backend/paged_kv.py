@@ -48,10 +48,7 @@ class PagedKVCache:
                 continue
             if not self.is_fp8:
                 raise ValueError(f"{name} applies to FP8 caches; this cache is {self.k.dtype}")
-            if isinstance(scale, torch.Tensor) and (scale.dim() > 1 or (
-                    scale.dim() == 1 and scale.numel() != self.num_kv_heads)):
-                raise ValueError(f"{name} has shape {tuple(scale.shape)}; accepted: [] (per "
-                                 f"tensor) or [{self.num_kv_heads}] (per kv head)")
+            fp8.check_scale_shape(name, scale, self.num_kv_heads)
 
     @property
     def num_pages(self) -> int:
@@ -90,14 +87,19 @@ class PagedKVCache:
         return fp8.is_fp8(self.k.dtype)
 
     def scales_per_head(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V scales as float32 [num_kv_heads] (1.0 for a 16-bit cache); synchronises
-        when a scale is a device tensor (for the reference and checks)."""
-        return (fp8.scale_per_head("k_scale", self.k_scale, self.num_kv_heads, self.device),
-                fp8.scale_per_head("v_scale", self.v_scale, self.num_kv_heads, self.device))
+        """K and V scales as float32 [num_kv_heads] (1.0 for a 16-bit cache), read once per
+        cache object (a device scale synchronises; engines build the object per call, so a
+        scale they update is read afresh): for the reference and checks."""
+        if "_scales" not in self.__dict__:  # frozen: cached beside the fields
+            object.__setattr__(self, "_scales", (
+                fp8.scale_per_head("k_scale", self.k_scale, self.num_kv_heads, self.device),
+                fp8.scale_per_head("v_scale", self.v_scale, self.num_kv_heads, self.device)))
+        return self._scales
 
-    def read(self, k: torch.Tensor, v: torch.Tensor,
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gathered rows [..., num_kv_heads, D] as values in `dtype`: dequantised for FP8."""
+    def gather_values(self, slots: torch.Tensor,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows of `slots` (as gather) as values in `dtype`: dequantised for FP8."""
+        k, v = self.gather(slots)
         if not self.is_fp8:
             return k.to(dtype), v.to(dtype)
         k_scale, v_scale = self.scales_per_head()

@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Output tolerance by dtype (as the GPU tests); LSE is float32 in both.
-TOLERANCE = {"bfloat16": 1.5e-2, "float16": 4e-3}
+from attn_backend.reference import KERNEL_TOLERANCE
+
+# LSE is float32 in both (the output's tolerance: reference.KERNEL_TOLERANCE).
 LSE_ATOL, LSE_RTOL = 2e-3, 1e-3
 MAX_KV_ELEMENTS = 1 << 26  # tokens x kv heads x head dim of one cache side
 MAX_Q_TOKENS = 8192
@@ -402,7 +403,7 @@ def reference_result(case: Case, problem: Problem) -> tuple[torch.Tensor, torch.
 
 def compare(case: Case, got_out, got_lse, want_out, want_lse) -> str | None:
     """None when they agree, else what differs."""
-    tol = TOLERANCE[case.dtype]
+    tol = KERNEL_TOLERANCE[getattr(torch, case.dtype)]
     error = (got_out.float() - want_out).abs()
     bad_out = ~(error <= tol + tol * want_out.abs())  # NaN (an unwritten element) is bad
     both_inf = torch.isinf(got_lse) & torch.isinf(want_lse) & (got_lse.sign() == want_lse.sign())
@@ -530,7 +531,8 @@ def main() -> None:
             "error_cases": [{k: r[k] for k in ("seed", "case", "detail")} for r in errors],
             "coverage": dict(sorted(coverage.items())),
             "notes": ["Reproduce a case: python -m bench.fuzz --seed SEED",
-                      f"tolerance: output {TOLERANCE} (abs + rel), lse atol {LSE_ATOL} "
+                      f"tolerance: output {({str(k): v for k, v in KERNEL_TOLERANCE.items()})} "
+                      f"(reference.KERNEL_TOLERANCE, abs + rel), lse atol {LSE_ATOL} "
                       f"rtol {LSE_RTOL}; reference: attn_backend.reference in float32"],
         }
         path = Path(args.out) / f"fuzz-{date}-{name}.json"

@@ -119,6 +119,7 @@ def bad_inputs() -> list[bool]:
 def kv_writes() -> list[bool]:
     import attn_backend
     from attn_backend import PagedKVCache, reference
+    from attn_backend._validation import debug_checks_enabled
 
     results = []
     gen = torch.Generator(device="cuda").manual_seed(5)
@@ -140,10 +141,14 @@ def kv_writes() -> list[bool]:
         ok = torch.equal(cache.k, want.k) and torch.equal(cache.v, want.v)
         print(f"{'ok' if ok else 'MISMATCH'}: kv write, {layout} layout", flush=True)
         results.append(ok)
-        attn_backend.set_debug_checks(False)
         past = torch.tensor([num_pages * page_size + 40, 1 << 40, 5], device="cuda")
-        attn_backend.write_kv(cache, past, key[:3], value[:3])  # skipped, never written
-        torch.cuda.synchronize()
+        before = debug_checks_enabled()
+        attn_backend.set_debug_checks(False)
+        try:
+            attn_backend.write_kv(cache, past, key[:3], value[:3])  # skipped, never written
+            torch.cuda.synchronize()
+        finally:
+            attn_backend.set_debug_checks(before)
         print(f"ran: kv write, {layout} layout, slots past the cache", flush=True)
     return results
 
@@ -158,7 +163,6 @@ SECTIONS = {
 def main() -> None:
     import argparse
 
-    import attn_backend
     from attn_backend import _extension
 
     parser = argparse.ArgumentParser()
@@ -173,8 +177,6 @@ def main() -> None:
             print(f"MISMATCH: section {section} stopped: {type(error).__name__}: {error}",
                   flush=True)
             results.append(False)
-        finally:
-            attn_backend.set_debug_checks(False)
     print(f"sanitizer cases: {sum(results)} of {len(results)} checks agree with the reference")
     sys.exit(0 if all(results) else 1)
 

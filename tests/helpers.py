@@ -10,8 +10,7 @@ import torch
 from attn_backend import reference
 from attn_backend.paged_kv import PagedKVCache, PageTable
 
-# Kernel vs float reference, by dtype (bf16 keeps 8 mantissa bits).
-TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
+TOLERANCE = reference.KERNEL_TOLERANCE
 
 
 @dataclass

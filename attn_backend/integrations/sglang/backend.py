@@ -130,6 +130,7 @@ class SGLangAttnBackend(AttentionBackend):
         self.forward_metadata: ForwardMetadata | None = None
         self.dtype = model_runner.dtype
         self.kv_dtype = getattr(model_runner, "kv_cache_dtype", model_runner.dtype)
+        self._fp8_pool = fp8.is_fp8(self.kv_dtype)  # the layers' scales apply
         self._check_supported(model_runner)
         self.layer_keys = collect_layer_keys(model_runner, self.dtype, self.kv_dtype)
         self._check_layer_shapes()
@@ -334,7 +335,7 @@ class SGLangAttnBackend(AttentionBackend):
             swa_loc = self._hybrid_pool.translate_loc_from_full_to_swa(loc) \
                 if self._is_window_layer(layer) else None
             where = KVWriteLoc(loc, swa_loc=swa_loc)
-            if not fp8.is_fp8(self.kv_dtype):
+            if not self._fp8_pool:
                 self.token_to_kv_pool.set_kv_buffer(layer, where, k, v)
                 return
             # The pool quantises: it divides its K/V arguments by the scales in place, so it
@@ -363,7 +364,7 @@ class SGLangAttnBackend(AttentionBackend):
 
     def _cache(self, layer) -> PagedKVCache:
         pool = self.token_to_kv_pool
-        k_scale, v_scale = _layer_scales(layer) if fp8.is_fp8(self.kv_dtype) else (None, None)
+        k_scale, v_scale = _layer_scales(layer) if self._fp8_pool else (None, None)
         return PagedKVCache.from_sglang(pool.get_key_buffer(layer.layer_id),
                                         pool.get_value_buffer(layer.layer_id), self.page_size,
                                         k_scale=k_scale, v_scale=v_scale)
