@@ -68,7 +68,8 @@ __device__ __forceinline__ void merge_partials(const TileWriter<DTypeO, kHeadDim
       max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffff, max_lse, offset));
     }
     const float reference = max_lse == kNegInf ? 0.f : max_lse;
-    float total = begin + lane < end ? ptx::fast_exp2((first_lse - reference) * kLog2e) : 0.f;
+    // A lane without a first partial holds -inf, whose exp2 is 0: no guard needed.
+    float total = ptx::fast_exp2((first_lse - reference) * kLog2e);
     for (int i = begin + lane + 32; i < end; i += 32) {
       total += ptx::fast_exp2((__ldcg(lse + i * partial_stride) - reference) * kLog2e);
     }
