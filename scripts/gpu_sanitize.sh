@@ -45,6 +45,8 @@ rc=0
       "$OUT/sanitizer_${tools[$i]}.log" | head -n 12
   done
   echo "(all four at once in $(( $(date +%s) - t0 )) s)"
+  echo "== the calls each tool ran (from the memcheck log):"
+  grep -E "^(ok|ran|MISMATCH): " "$OUT/sanitizer_memcheck.log"
 } | tee "$summary"
 for status in "${statuses[@]}"; do [ "$status" -eq 0 ] || rc=1; done
 exit $rc
