@@ -171,7 +171,7 @@ class KernelWrapper:
 
     def _launch(self, q, cache, page_table, plan: PlanRecord, mask_bits, sm_scale: float,
                 logits_soft_cap: float, out, lse) -> None:
-        self._ops.attention(q, cache.k, cache.v, page_table.table, page_table.row_index,
+        self._ops.attention(q, cache.kernel_tensors(), page_table.table, page_table.row_index,
                             page_table.slot_map, page_table.holds_token_slots,
                             self._workspace.tensor, plan.values, mask_bits, sm_scale,
                             logits_soft_cap, out, lse)

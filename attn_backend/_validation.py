@@ -16,7 +16,9 @@ import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # (query, kv cache) element types the kernels compile; the output takes the query's.
-KERNEL_DTYPE_PAIRS = ((torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16))
+# FP8 caches are read with their scales (attn_backend.fp8) and converted to the query's type.
+KERNEL_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+KERNEL_DTYPE_PAIRS = tuple((q, kv) for q in KERNEL_DTYPES for kv in (q, *KERNEL_FP8_DTYPES))
 # (qk, vo) head dims with decode and prefill kernels (tests/test_extension.py checks this
 # against the extension's configurations).
 SUPPORTED_HEAD_DIMS = ((64, 64), (128, 128), (256, 256))

@@ -95,3 +95,35 @@ def dequantize(x: torch.Tensor, scale_heads: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """float8 x [..., num_kv_heads, D] times its per-head scales, in `dtype`."""
     return (x.float() * scale_heads.to(x.device)[:, None]).to(dtype)
+
+
+_FIXED_SCALES: dict[tuple[float, torch.device], torch.Tensor] = {}
+
+
+def device_scale(name: str, scale, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """`scale` as the kernels read it: a float32 device tensor of 1 or num_kv_heads values,
+    read by each launch on the device, never synchronised on here.
+
+    A float32 tensor already on `device` is passed as is (a view), so a captured CUDA graph
+    reads whatever the engine's buffer holds at replay (vLLM replaces its scale buffers after
+    loading, before capture). A float (or None = 1.0, or a CPU tensor) is fixed for the life of
+    the process: one device tensor per value, made on first use (outside capture: the
+    engines' warm-up runs first), so every later call and every replay reads the same one.
+    Another dtype on the device is converted by a launch each call (captured with the graph).
+    """
+    check_scale_shape(name, scale, num_kv_heads)
+    if isinstance(scale, torch.Tensor) and scale.device == device:
+        flat = scale.detach().reshape(-1)
+        return flat if flat.dtype == torch.float32 and flat.is_contiguous() else \
+            flat.to(torch.float32).contiguous()
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            return scale.detach().to(device=device, dtype=torch.float32).reshape(-1)
+        scale = float(scale)
+    value = 1.0 if scale is None else float(scale)
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{name} must be finite and > 0; got {value}")
+    key = (value, device)
+    if key not in _FIXED_SCALES:
+        _FIXED_SCALES[key] = torch.tensor([value], dtype=torch.float32, device=device)
+    return _FIXED_SCALES[key]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from . import _extension, reference
-from ._validation import (INDEX_DTYPES, KERNEL_DTYPES, check_in_range, check_last_dim_contiguous,
-                          check_same_device, check_size, check_tensor, debug_checks_enabled)
+from ._validation import (INDEX_DTYPES, KERNEL_DTYPES, KERNEL_FP8_DTYPES, check_in_range,
+                          check_last_dim_contiguous, check_same_device, check_size, check_tensor,
+                          debug_checks_enabled)
 from .paged_kv import PagedKVCache
 
 
@@ -17,8 +18,10 @@ def write_kv(cache: PagedKVCache, slots: torch.Tensor, key: torch.Tensor,
     Slot -1 marks a padding token and is skipped. On CUDA tensors this runs the
     `paged_kv_write` kernel (no host synchronisation, CUDA-graph safe); on CPU
     tensors it runs the float reference. An FP8 cache stores the rows quantised with its
-    scales (`attn_backend.fp8`; `via_input_dtype`: SGLang's rounding, through the input's
-    dtype); on CUDA that kernel is not built yet (issue 19), so FP8 caches are refused there.
+    scales (`attn_backend.fp8`: x / scale in float32, rounded to nearest even, saturated;
+    `via_input_dtype`: the quotient rounded to the input's dtype first, SGLang's store), the
+    caller's `key` and `value` untouched; the kernel reads device scales when it runs
+    (`fp8.device_scale`).
     """
     check_tensor("key", key, dims=3)
     check_tensor("value", value, dims=3)
@@ -38,12 +41,17 @@ def write_kv(cache: PagedKVCache, slots: torch.Tensor, key: torch.Tensor,
     if key.device.type != "cuda":
         reference.write_kv(cache, slots, key, value, via_input_dtype=via_input_dtype)
         return
-    for name, t in (("key", key), ("value", value), ("k_cache", cache.k), ("v_cache", cache.v)):
-        check_tensor(name, t, dtypes=KERNEL_DTYPES)
+    cache_dtypes = KERNEL_DTYPES + KERNEL_FP8_DTYPES
+    for name, t, accepted in (("key", key, KERNEL_DTYPES), ("value", value, KERNEL_DTYPES),
+                              ("k_cache", cache.k, cache_dtypes),
+                              ("v_cache", cache.v, cache_dtypes)):
+        check_tensor(name, t, dtypes=accepted)
         check_last_dim_contiguous(name, t)
-    if key.dtype != cache.dtype or value.dtype != cache.dtype:
-        raise TypeError(f"key ({key.dtype}) and value ({value.dtype}) must have the cache's dtype "
-                        f"{cache.dtype}")
+    if value.dtype != key.dtype or (not cache.is_fp8 and key.dtype != cache.dtype):
+        raise TypeError(f"key ({key.dtype}) and value ({value.dtype}) must share a dtype, the "
+                        f"cache's ({cache.dtype}) unless the cache is FP8")
     if not slots.is_contiguous():
         slots = slots.contiguous()
-    _extension.load_ops().paged_kv_write(key, value, cache.k, cache.v, slots)
+    scales = cache.kernel_tensors()[2:] if cache.is_fp8 else [None, None]
+    _extension.load_ops().paged_kv_write(key, value, cache.k, cache.v, slots, *scales,
+                                         via_input_dtype)

@@ -96,6 +96,15 @@ class PagedKVCache:
                 fp8.scale_per_head("v_scale", self.v_scale, self.num_kv_heads, self.device)))
         return self._scales
 
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        """What the attention op reads: [k, v], and for an FP8 cache its K and V scales as
+        device tensors after them (fp8.device_scale: read by each launch on the device)."""
+        if not self.is_fp8:
+            return [self.k, self.v]
+        return [self.k, self.v,
+                fp8.device_scale("k_scale", self.k_scale, self.num_kv_heads, self.device),
+                fp8.device_scale("v_scale", self.v_scale, self.num_kv_heads, self.device)]
+
     def gather_values(self, slots: torch.Tensor,
                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V rows of `slots` (as gather) as values in `dtype`: dequantised for FP8."""

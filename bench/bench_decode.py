@@ -6,6 +6,10 @@ random values) viewed with page size 16 or 1; each request's pages are
 shuffled. FlashInfer reads the very same buffers through its own CSR page
 table. The SDPA and flex peers get the same K/V gathered into contiguous
 [batch, kv_heads, kv_len, 128] tensors (no paging), the best case for them.
+
+Every shape runs with a bf16 cache and with an FP8 (e4m3) cache with per-tensor K and V
+scales (`_fp8e4m3_` in the case name; half the K/V bytes); on FP8 rows FlashInfer reads the
+same FP8 buffers with the same scales, and the contiguous peers do not run.
 """
 
 from __future__ import annotations
@@ -30,8 +34,14 @@ TIMING_NOTE = ("Times are device times: a busy-wait kernel queued before each ti
                "Python launch overhead out (serving replays decode in CUDA graphs).")
 
 
-def case_name(batch, kv_len, page_size):
-    return f"b{batch}_kv{kv_len}_h{NUM_QO_HEADS}-{NUM_KV_HEADS}_d{HEAD_DIM}_bf16_p{page_size}"
+KV_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+KV_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4m3"}
+FP8_SCALES = (0.5, 2.0)  # K, V: powers of two, so values stay in range either way
+
+
+def case_name(batch, kv_len, page_size, kv_dtype=DTYPE):
+    return (f"b{batch}_kv{kv_len}_h{NUM_QO_HEADS}-{NUM_KV_HEADS}_d{HEAD_DIM}_"
+            f"{KV_DTYPE_NAMES[kv_dtype]}_p{page_size}")
 
 
 def make_problem(batch, kv_len, page_size, gen):
@@ -44,13 +54,14 @@ def make_problem(batch, kv_len, page_size, gen):
     return cache, pages, q
 
 
-def make_decode(max_batch_size, **options):
+def make_decode(max_batch_size, kv_dtype=DTYPE, **options):
     return PagedDecode(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                       dtype=DTYPE, device="cuda", max_batch_size=max_batch_size, **options)
+                       dtype=DTYPE, kv_dtype=kv_dtype, device="cuda",
+                       max_batch_size=max_batch_size, **options)
 
 
-def kv_bytes(batch, kv_len):
-    return 2 * batch * kv_len * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+def kv_bytes(batch, kv_len, kv_dtype=DTYPE):
+    return 2 * batch * kv_len * NUM_KV_HEADS * HEAD_DIM * kv_dtype.itemsize
 
 
 class Peers(OptionalPeers):
@@ -65,10 +76,13 @@ class Peers(OptionalPeers):
         last = torch.full((batch,), kv_len - (pages_per_request - 1) * page_size,
                           dtype=torch.int32, device="cuda")
         wrapper.plan(indptr, pages.reshape(-1).cuda(), last, NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM,
-                     page_size, q_data_type=DTYPE, kv_data_type=DTYPE)
+                     page_size, q_data_type=DTYPE, kv_data_type=cache.dtype)
         out = torch.empty_like(q)
         kv = (cache.k, cache.v)
-        return lambda: wrapper.run(q, kv, out=out)
+        if not cache.is_fp8:
+            return lambda: wrapper.run(q, kv, out=out)
+        k_scale, v_scale = FP8_SCALES
+        return lambda: wrapper.run(q, kv, out=out, k_scale=k_scale, v_scale=v_scale)
 
 
 def run() -> tuple[str, list[dict], list[str]]:
@@ -76,45 +90,54 @@ def run() -> tuple[str, list[dict], list[str]]:
     peers = Peers()
     gen = torch.Generator().manual_seed(0)
     rows = []
-    decode = make_decode(max(BATCHES))
-    for kv_len in KV_LENS:
-        for batch in BATCHES:
-            num_slots = batch * kv_len + 64 * 16
-            k_buffer = torch.randn(num_slots, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-            v_buffer = torch.randn_like(k_buffer)
-            q = torch.randn(batch, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-            moved = kv_bytes(batch, kv_len) + 2 * q.numel() * q.element_size()
-            iters = 20 if moved > (4 << 30) else 50
-            contiguous = None
-            for page_size in PAGE_SIZES:
-                cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size)
-                pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
-                table = PageTable.from_block_table(pages.cuda())
-                decode.plan([kv_len] * batch)
-                out = torch.empty_like(q)
-                timings = {"ours": median_ms(lambda: decode.run(q, cache, table, out=out),
-                                             iters=iters)}
-                if peers.flashinfer is not None:
-                    for name, tensor_cores in (("flashinfer", True), ("flashinfer_cuda_cores", False)):
-                        try:
-                            fn = peers.flashinfer_decode(tensor_cores, cache, pages, kv_len, q)
-                            timings[name] = median_ms(fn, iters=iters)
-                        except Exception as error:  # noqa: BLE001
-                            peers.note_once(f"{name} failed: {type(error).__name__}: {error}"[:300])
-                if contiguous is None:  # SDPA/flex: once per shape, the layout has no pages
-                    contiguous = _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters) \
-                        if peers.contiguous else {}
-                timings.update(contiguous)
-                tbs = {name: moved / (ms * 1e-3) / 1e12 for name, ms in timings.items()}
-                rows.append({
-                    "case": case_name(batch, kv_len, page_size),
-                    "ours": round(tbs.pop("ours"), 4),
-                    "peers": {name: round(value, 4) for name, value in sorted(tbs.items())},
-                    "ours_us": round(timings["ours"] * 1e3, 2),
-                })
-            del k_buffer, v_buffer
-            torch.cuda.empty_cache()
+    for kv_dtype in KV_DTYPES:
+        decode = make_decode(max(BATCHES), kv_dtype)
+        for kv_len in KV_LENS:
+            for batch in BATCHES:
+                rows += _shape_rows(peers, decode, kv_dtype, batch, kv_len, gen)
+                torch.cuda.empty_cache()
     return "TB/s", rows, peers.notes + [TIMING_NOTE]
+
+
+def _shape_rows(peers, decode, kv_dtype, batch, kv_len, gen) -> list[dict]:
+    """The rows of one shape and cache dtype, one per page size."""
+    num_slots = batch * kv_len + 64 * 16
+    k_buffer = torch.randn(num_slots, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE,
+                           device="cuda").to(kv_dtype)
+    v_buffer = torch.randn(k_buffer.shape, dtype=DTYPE, device="cuda").to(kv_dtype)
+    scales = FP8_SCALES if kv_dtype != DTYPE else (None, None)
+    q = torch.randn(batch, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    moved = kv_bytes(batch, kv_len, kv_dtype) + 2 * q.numel() * q.element_size()
+    iters = 20 if moved > (4 << 30) else 50
+    contiguous = None if kv_dtype == DTYPE else {}  # SDPA/flex read 16-bit K/V only
+    rows = []
+    for page_size in PAGE_SIZES:
+        cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size, k_scale=scales[0],
+                                         v_scale=scales[1])
+        pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
+        table = PageTable.from_block_table(pages.cuda())
+        decode.plan([kv_len] * batch)
+        out = torch.empty_like(q)
+        timings = {"ours": median_ms(lambda: decode.run(q, cache, table, out=out), iters=iters)}
+        if peers.flashinfer is not None:
+            for name, tensor_cores in (("flashinfer", True), ("flashinfer_cuda_cores", False)):
+                try:
+                    fn = peers.flashinfer_decode(tensor_cores, cache, pages, kv_len, q)
+                    timings[name] = median_ms(fn, iters=iters)
+                except Exception as error:  # noqa: BLE001
+                    peers.note_once(f"{name} failed: {type(error).__name__}: {error}"[:300])
+        if contiguous is None:  # SDPA/flex: once per shape, the layout has no pages
+            contiguous = _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters) \
+                if peers.contiguous else {}
+        timings.update(contiguous)
+        tbs = {name: moved / (ms * 1e-3) / 1e12 for name, ms in timings.items()}
+        rows.append({
+            "case": case_name(batch, kv_len, page_size, kv_dtype),
+            "ours": round(tbs.pop("ours"), 4),
+            "peers": {name: round(value, 4) for name, value in sorted(tbs.items())},
+            "ours_us": round(timings["ours"] * 1e3, 2),
+        })
+    return rows
 
 
 def _contiguous_peers(peers, batch, kv_len, cache, pages, q, iters) -> dict[str, float]:
@@ -163,36 +186,41 @@ def plot(rows, ceiling_tbs, path, device: str | None = None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(BATCHES), figsize=(5 * len(BATCHES), 4.2), sharey=True)
+    kinds = [name for name in KV_DTYPE_NAMES.values()
+             if any(f"_{name}_p" in row["case"] for row in rows)]
+    fig, grid = plt.subplots(len(kinds), len(BATCHES), figsize=(5 * len(BATCHES), 4.2 * len(kinds)),
+                             sharey=True, squeeze=False)
     styles = {"ours": ("tab:red", "-"), "flashinfer": ("tab:blue", "-"),
               "flashinfer_cuda_cores": ("tab:cyan", "--"), "sdpa_cudnn_contiguous": ("tab:green", ":"),
               "sdpa_flash_contiguous": ("tab:olive", ":"),
               "flex_attention_contiguous": ("tab:purple", ":")}
-    for ax, batch in zip(axes, BATCHES):
-        for page_size, marker in ((16, "o"), (1, "x")):
-            series = {}
-            for row in rows:
-                if not row["case"].startswith(f"b{batch}_") or not row["case"].endswith(f"_p{page_size}"):
-                    continue
-                kv_len = int(row["case"].split("_kv")[1].split("_")[0])
-                series.setdefault("ours", []).append((kv_len, row["ours"]))
-                for name, value in row["peers"].items():
-                    if page_size == 1 and name.endswith("_contiguous"):
-                        continue  # contiguous peers do not depend on the page size
-                    series.setdefault(name, []).append((kv_len, value))
-            for name, points in series.items():
-                color, line = styles.get(name, ("gray", "-"))
-                xs, ys = zip(*sorted(points))
-                label = name if name.endswith("_contiguous") else f"{name} p{page_size}"
-                ax.plot(xs, ys, line, color=color, marker=marker, label=label,
-                        alpha=1.0 if page_size == 16 else 0.6)
-        ax.axhline(ceiling_tbs, color="black", linewidth=1, label="copy ceiling")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"batch {batch}")
-        ax.set_xlabel("kv_len")
-    axes[0].set_ylabel("TB/s (K+V bytes / time)")
-    axes[-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Paged decode, GQA {NUM_QO_HEADS}/{NUM_KV_HEADS}, d{HEAD_DIM}, bf16 "
+    for axes, kind in zip(grid, kinds):
+        for ax, batch in zip(axes, BATCHES):
+            for page_size, marker in ((16, "o"), (1, "x")):
+                series = {}
+                for row in rows:
+                    if not (row["case"].startswith(f"b{batch}_")
+                            and row["case"].endswith(f"_{kind}_p{page_size}")):
+                        continue
+                    kv_len = int(row["case"].split("_kv")[1].split("_")[0])
+                    series.setdefault("ours", []).append((kv_len, row["ours"]))
+                    for name, value in row["peers"].items():
+                        if page_size == 1 and name.endswith("_contiguous"):
+                            continue  # contiguous peers do not depend on the page size
+                        series.setdefault(name, []).append((kv_len, value))
+                for name, points in series.items():
+                    color, line = styles.get(name, ("gray", "-"))
+                    xs, ys = zip(*sorted(points))
+                    label = name if name.endswith("_contiguous") else f"{name} p{page_size}"
+                    ax.plot(xs, ys, line, color=color, marker=marker, label=label,
+                            alpha=1.0 if page_size == 16 else 0.6)
+            ax.axhline(ceiling_tbs, color="black", linewidth=1, label="copy ceiling")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"batch {batch}, {kind} cache")
+            ax.set_xlabel("kv_len")
+        axes[0].set_ylabel("TB/s (K+V bytes / time)")
+        axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Paged decode, GQA {NUM_QO_HEADS}/{NUM_KV_HEADS}, d{HEAD_DIM}, bf16 queries "
                  f"({device or torch.cuda.get_device_name()})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -36,7 +36,7 @@ void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache
   PlanInfo info;
   TORCH_CHECK(PlanInfo::from_values(plan_info.data(), plan_info.size(), info), "plan_info");
   AttentionParams params = make_attention_params(
-      info, head_dim, head_dim, tile_rows, q, k_cache, v_cache, page_table, std::nullopt,
+      info, head_dim, head_dim, tile_rows, q, {k_cache, v_cache}, page_table, std::nullopt,
       std::nullopt, table_holds_slots, workspace, std::nullopt, sm_scale, 0.0, out, std::nullopt);
 #ifdef ATTN_BACKEND_DECODE_TRACE
   TORCH_CHECK(trace.has_value() && trace->scalar_type() == at::kLong && trace->is_contiguous() &&
@@ -132,6 +132,6 @@ def install_schedule(wrapper, schedule, *, partial_rows: int) -> list[int]:
 
 def run_with_plan(wrapper, plan_values: list[int], q, cache, table, out) -> None:
     """The wrapper's own kernel over `plan_values` (install_schedule) instead of its plan."""
-    wrapper._ops.attention(q, cache.k, cache.v, table.table, table.row_index, table.slot_map,
+    wrapper._ops.attention(q, [cache.k, cache.v], table.table, table.row_index, table.slot_map,
                            table.holds_token_slots, wrapper._workspace.tensor, plan_values, None,
                            q.shape[-1] ** -0.5, 0.0, out, None)

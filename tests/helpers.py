@@ -83,12 +83,13 @@ LAYOUTS = ("sglang", "vllm_nhd", "vllm_hnd")
 
 
 def build_paged_problem(q_lens, kv_lens, *, page_size, num_kv_heads, group, head_dim, dtype,
-                        layout, gen, engine="vllm", device="cuda"):
+                        layout, gen, engine="vllm", device="cuda", kv_dtype=None):
     """A random paged problem, its page table (a vLLM block table, or SGLang's req_to_token
-    with shuffled pool rows) and q [sum(q_lens), num_kv_heads * group, head_dim]."""
+    with shuffled pool rows) and q [sum(q_lens), num_kv_heads * group, head_dim]. `kv_dtype`:
+    the cache's (default `dtype`; an FP8 cache holds random values cast to it)."""
     tables, num_pages = allocate_pages(kv_lens, page_size, gen)
-    cache = make_cache(layout, num_pages, page_size, num_kv_heads, head_dim, head_dim, dtype,
-                       device, gen)
+    cache = make_cache(layout, num_pages, page_size, num_kv_heads, head_dim, head_dim,
+                       kv_dtype or dtype, device, gen)
     problem = PagedProblem(cache, tables, list(kv_lens), list(q_lens))
     batch = len(kv_lens)
     max_pages = max(len(p) for p in tables) + 1

@@ -66,6 +66,7 @@ const KernelConfig& kernel_config(int64_t id);
 void add_decode_configs(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d64(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d128(std::vector<KernelConfig>& configs);
+void add_prefill_configs_d128_wgmma_short(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d256(std::vector<KernelConfig>& configs);
 
 }  // namespace attn_backend

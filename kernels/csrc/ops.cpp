@@ -7,10 +7,11 @@ namespace {
 
 // Mutates only its cache arguments, so tracing needs no output shapes.
 void paged_kv_write_meta(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
-                         const at::Tensor&) {}
+                         const at::Tensor&, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, bool) {}
 
 // Writes into `out` (and `lse`) only.
-void attention_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+void attention_meta(const at::Tensor&, at::TensorList, const at::Tensor&,
                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
                     const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&, double,
                     double, at::Tensor&, const std::optional<at::Tensor>&) {}
@@ -20,13 +21,16 @@ void attention_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, con
 TORCH_LIBRARY(attn_backend, m) {
   m.def(
       "paged_kv_write(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-      "Tensor slots) -> ()");
+      "Tensor slots, Tensor? k_scale=None, Tensor? v_scale=None, bool via_input_dtype=False) "
+      "-> ()");
   // One launch of the kernel configuration `plan_info` was planned for (decode or prefill;
   // kernels/include/attn_backend/plan_info.h), over the paged cache through the page-table
   // view, reading the schedule from the wrapper's `workspace`; split tiles' partial states
-  // are merged in the same launch.
+  // are merged in the same launch. `kv`: [k_cache, v_cache], and for an FP8 cache
+  // [k_cache, v_cache, k_scale, v_scale] (float32, 1 or num_kv_heads values, read on the
+  // device by each launch).
   m.def(
-      "attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor? row_index, "
+      "attention(Tensor q, Tensor[] kv, Tensor page_table, Tensor? row_index, "
       "Tensor? slot_map, bool table_holds_slots, Tensor(a!) workspace, int[] plan_info, "
       "Tensor? mask_bits, float sm_scale, float logits_soft_cap, Tensor(b!) out, "
       "Tensor(c!)? lse) -> ()");

@@ -22,21 +22,26 @@ PagedKVWriteSide make_side(const at::Tensor& src, at::Tensor& cache) {
   return side;
 }
 
-// 16-byte copies need every row start aligned: base pointers and all strides.
+// Vectors of `elems` elements need every row start aligned to a vector: base pointers and all
+// strides, in the source (16-bit) and in the cache (its element size).
+bool rows_allow_vectors(const at::Tensor& src, const at::Tensor& cache, int64_t elems) {
+  auto aligned = [&](const at::Tensor& t) {
+    const int64_t bytes = elems * t.element_size();
+    bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
+    for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && t.stride(d) % elems == 0;
+    return ok;
+  };
+  return cache.size(3) % elems == 0 && aligned(src) && aligned(cache);
+}
+
 bool rows_are_16_byte_aligned(const at::Tensor& src, const at::Tensor& cache) {
-  const int64_t elems_per_16_bytes = 16 / src.element_size();
-  const bool strides_ok = src.stride(0) % elems_per_16_bytes == 0 &&
-                          src.stride(1) % elems_per_16_bytes == 0 &&
-                          cache.stride(0) % elems_per_16_bytes == 0 &&
-                          cache.stride(1) % elems_per_16_bytes == 0 &&
-                          cache.stride(2) % elems_per_16_bytes == 0 &&
-                          cache.size(3) % elems_per_16_bytes == 0;
-  return strides_ok && is_16_byte_aligned(src.data_ptr()) && is_16_byte_aligned(cache.data_ptr());
+  return rows_allow_vectors(src, cache, 16 / src.element_size());
 }
 
 template <typename SlotT>
-void launch(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
-            at::Tensor& v_cache, const at::Tensor& slots) {
+PagedKVWriteParams<SlotT> write_params(const at::Tensor& key, const at::Tensor& value,
+                                       at::Tensor& k_cache, at::Tensor& v_cache,
+                                       const at::Tensor& slots) {
   PagedKVWriteParams<SlotT> params;
   params.k = make_side(key, k_cache);
   params.v = make_side(value, v_cache);
@@ -46,6 +51,58 @@ void launch(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
   params.page_size = static_cast<int>(k_cache.size(1));
   params.num_slots = k_cache.size(0) * k_cache.size(1);
   params.element_bytes = static_cast<int>(key.element_size());
+  return params;
+}
+
+// The quantising write into an FP8 cache.
+template <typename SlotT>
+void launch_fp8(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
+                at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& k_scale,
+                const at::Tensor& v_scale, bool via_input_dtype) {
+  const PagedKVWriteParams<SlotT> params = write_params<SlotT>(key, value, k_cache, v_cache, slots);
+  if (params.num_tokens == 0) return;
+  const KVWriteScales scales{k_scale.data_ptr<float>(), v_scale.data_ptr<float>(),
+                             k_scale.numel() == 1 ? 0 : 1, v_scale.numel() == 1 ? 0 : 1};
+  const bool vectorized = rows_allow_vectors(key, k_cache, 8) && rows_allow_vectors(value, v_cache, 8);
+  const dim3 grid(params.num_tokens);
+  const dim3 block(128);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto in, auto fp8, auto via_input) {
+    using In = decltype(in);
+    using Fp8 = decltype(fp8);
+    constexpr bool kViaInput = decltype(via_input)::value;
+    if (vectorized) {
+      paged_kv_quantize_kernel<In, Fp8, kViaInput, 8, SlotT><<<grid, block, 0, stream>>>(params, scales);
+    } else {
+      paged_kv_quantize_kernel<In, Fp8, kViaInput, 1, SlotT><<<grid, block, 0, stream>>>(params, scales);
+    }
+  };
+  auto with_format = [&](auto in) {
+    auto with_rounding = [&](auto fp8) {
+      if (via_input_dtype) {
+        run(in, fp8, std::true_type{});
+      } else {
+        run(in, fp8, std::false_type{});
+      }
+    };
+    if (k_cache.scalar_type() == at::kFloat8_e4m3fn) {
+      with_rounding(__nv_fp8_e4m3{});
+    } else {
+      with_rounding(__nv_fp8_e5m2{});
+    }
+  };
+  if (key.scalar_type() == at::kHalf) {
+    with_format(__half{});
+  } else {
+    with_format(__nv_bfloat16{});
+  }
+  ATTN_BACKEND_CHECK_LAUNCH();
+}
+
+template <typename SlotT>
+void launch(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
+            at::Tensor& v_cache, const at::Tensor& slots) {
+  const PagedKVWriteParams<SlotT> params = write_params<SlotT>(key, value, k_cache, v_cache, slots);
   if (params.num_tokens == 0) return;
 
   const bool vectorized =
@@ -62,15 +119,22 @@ void launch(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
 }
 
 void paged_kv_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
-                    at::Tensor& v_cache, const at::Tensor& slots) {
+                    at::Tensor& v_cache, const at::Tensor& slots,
+                    const std::optional<at::Tensor>& k_scale,
+                    const std::optional<at::Tensor>& v_scale, bool via_input_dtype) {
   TORCH_CHECK(key.dim() == 3 && value.dim() == 3, "key and value must be [tokens, heads, dim]");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4,
               "k_cache and v_cache must be [pages, page_size, heads, dim] views");
-  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() &&
-                  value.scalar_type() == v_cache.scalar_type() &&
-                  key.scalar_type() == value.scalar_type(),
-              "key, value and the caches must share one dtype");
-  TORCH_CHECK(key.element_size() == 2, "paged_kv_write supports 2-byte dtypes (fp16, bf16)");
+  const bool fp8_cache = k_cache.scalar_type() == at::kFloat8_e4m3fn ||
+                         k_cache.scalar_type() == at::kFloat8_e5m2;
+  TORCH_CHECK(key.scalar_type() == value.scalar_type() &&
+                  k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (fp8_cache || key.scalar_type() == k_cache.scalar_type()),
+              "key and value must share a dtype, the caches theirs or an FP8 format");
+  TORCH_CHECK(key.scalar_type() == at::kHalf || key.scalar_type() == at::kBFloat16,
+              "paged_kv_write writes float16 or bfloat16 rows");
+  TORCH_CHECK(fp8_cache == (k_scale.has_value() && v_scale.has_value()),
+              "paged_kv_write: an FP8 cache needs k_scale and v_scale, a 16-bit cache neither");
   TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1 && k_cache.stride(3) == 1 &&
                   v_cache.stride(3) == 1,
               "the last dimension of key, value and the caches must be contiguous");
@@ -88,11 +152,28 @@ void paged_kv_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
     TORCH_CHECK(t->is_cuda() && t->get_device() == key.get_device(),
                 "all paged_kv_write tensors must be on one CUDA device");
   }
+  if (fp8_cache) {
+    for (const at::Tensor* scale : {&*k_scale, &*v_scale}) {
+      TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
+                      scale->is_cuda() && scale->get_device() == key.get_device() &&
+                      (scale->numel() == 1 || scale->numel() == key.size(1)),
+                  "paged_kv_write: scales must be contiguous float32 on the rows' device with 1 "
+                  "or num_kv_heads values");
+    }
+  }
   const c10::cuda::CUDAGuard device_guard(key.device());
-  if (slots.scalar_type() == at::kLong) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong || slots.scalar_type() == at::kInt,
+              "slots must be int32 or int64");
+  const bool long_slots = slots.scalar_type() == at::kLong;
+  if (fp8_cache) {
+    if (long_slots) {
+      launch_fp8<int64_t>(key, value, k_cache, v_cache, slots, *k_scale, *v_scale, via_input_dtype);
+    } else {
+      launch_fp8<int32_t>(key, value, k_cache, v_cache, slots, *k_scale, *v_scale, via_input_dtype);
+    }
+  } else if (long_slots) {
     launch<int64_t>(key, value, k_cache, v_cache, slots);
   } else {
-    TORCH_CHECK(slots.scalar_type() == at::kInt, "slots must be int32 or int64");
     launch<int32_t>(key, value, k_cache, v_cache, slots);
   }
 }

@@ -21,11 +21,13 @@
 
 namespace attn_backend {
 
+// The wgmma and short shapes are compiled in their own translation unit
+// (prefill_kernels_d128_wgmma_short.cu), beside this one: each unit instantiates every element
+// type and variant of its shapes, and two units build in parallel.
 void add_prefill_configs_d128(std::vector<KernelConfig>& configs) {
   using namespace prefill_configs;
   configs.push_back(config<PrefillShape<128, 128, 2, 64, 2, 8>>("prefill_mma"));
-  configs.push_back(config<PrefillShape<128, 128, 1, 128, 2, 12, true>>("prefill_wgmma"));
-  configs.push_back(config<PrefillShape<128, 128, 1, 64, 2>>("prefill_short"));
+  add_prefill_configs_d128_wgmma_short(configs);
 }
 
 }  // namespace attn_backend

@@ -7,6 +7,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -71,17 +72,25 @@ struct DTypes {
   at::ScalarType out;
 };
 
-// Calls fn(DTypeQ{}, DTypeKV{}, DTypeO{}) for the compiled element types of `dtypes`.
+// Calls fn(DTypeQ{}, DTypeKV{}, DTypeO{}) for the compiled element types of `dtypes`: the
+// query and output float16 or bfloat16, the cache the same or FP8 (e4m3fn, e5m2).
+template <typename Q, typename Fn>
+void dispatch_kv_dtype(const DTypes& dtypes, const char* op, Fn&& fn) {
+  if (dtypes.kv == dtypes.q) return fn(Q{}, Q{}, Q{});
+  if (dtypes.kv == at::kFloat8_e4m3fn) return fn(Q{}, __nv_fp8_e4m3{}, Q{});
+  if (dtypes.kv == at::kFloat8_e5m2) return fn(Q{}, __nv_fp8_e5m2{}, Q{});
+  TORCH_CHECK(false, op, ": element types (q ", dtypes.q, ", kv cache ", dtypes.kv, ", out ",
+              dtypes.out, ") are not compiled; compiled: q and out float16 or bfloat16, the "
+              "cache the query's type, float8_e4m3fn or float8_e5m2");
+}
+
 template <typename Fn>
 void dispatch_dtypes(const DTypes& dtypes, const char* op, Fn&& fn) {
-  if (dtypes.q == at::kBFloat16 && dtypes.kv == at::kBFloat16 && dtypes.out == at::kBFloat16) {
-    return fn(__nv_bfloat16{}, __nv_bfloat16{}, __nv_bfloat16{});
-  }
-  if (dtypes.q == at::kHalf && dtypes.kv == at::kHalf && dtypes.out == at::kHalf) {
-    return fn(__half{}, __half{}, __half{});
-  }
-  TORCH_CHECK(false, op, ": element types (q ", dtypes.q, ", kv cache ", dtypes.kv, ", out ",
-              dtypes.out, ") are not compiled; compiled: all float16 or all bfloat16");
+  TORCH_CHECK(dtypes.q == dtypes.out && (dtypes.q == at::kBFloat16 || dtypes.q == at::kHalf),
+              op, ": q (", dtypes.q, ") and out (", dtypes.out, ") must both be float16 or "
+              "both bfloat16");
+  if (dtypes.q == at::kBFloat16) return dispatch_kv_dtype<__nv_bfloat16>(dtypes, op, fn);
+  return dispatch_kv_dtype<__half>(dtypes, op, fn);
 }
 
 template <typename Kernel>

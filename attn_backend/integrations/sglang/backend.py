@@ -44,8 +44,9 @@ from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ... import fp8
-from ..._validation import KERNEL_DTYPES, MAX_GROUP_SIZE, SUPPORTED_HEAD_DIMS
+from ..._validation import KERNEL_DTYPES, KERNEL_FP8_DTYPES, MAX_GROUP_SIZE, SUPPORTED_HEAD_DIMS
 from ...decode import PagedDecode
+from ...kv_write import write_kv
 from ...paged_kv import PagedKVCache, PageTable
 from ...prefill import PagedPrefill
 from . import BACKEND_NAME
@@ -156,9 +157,10 @@ class SGLangAttnBackend(AttentionBackend):
             raise ValueError(f"{BACKEND_NAME}: hybrid KV pool {type(pool).__name__} is not "
                              "supported; supported: SWAKVPool with a full-to-SWA slot map over "
                              "MHA sub-pools (or --disable-hybrid-swa-memory)")
-        if self.device.type == "cuda" and self.kv_dtype not in KERNEL_DTYPES:
+        if self.device.type == "cuda" and self.kv_dtype not in KERNEL_DTYPES + KERNEL_FP8_DTYPES:
             raise ValueError(f"{BACKEND_NAME}: kv cache dtype {self.kv_dtype} is not supported; "
-                             "accepted: float16, bfloat16 (--kv-cache-dtype auto)")
+                             "accepted: float16, bfloat16 (--kv-cache-dtype auto), "
+                             "float8_e4m3fn (fp8_e4m3), float8_e5m2 (fp8_e5m2)")
 
     def _check_layer_shapes(self) -> None:
         if self.device.type != "cuda":
@@ -334,15 +336,16 @@ class SGLangAttnBackend(AttentionBackend):
             # one of the graph's own ops so that each replay translates its new locations.
             swa_loc = self._hybrid_pool.translate_loc_from_full_to_swa(loc) \
                 if self._is_window_layer(layer) else None
-            where = KVWriteLoc(loc, swa_loc=swa_loc)
             if not self._fp8_pool:
-                self.token_to_kv_pool.set_kv_buffer(layer, where, k, v)
+                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(loc, swa_loc=swa_loc), k, v)
                 return
-            # The pool quantises: it divides its K/V arguments by the scales in place, so it
-            # gets copies and the model's tensors stay as they are.
-            k_scale, v_scale = _layer_scales(layer)
-            self.token_to_kv_pool.set_kv_buffer(layer, where, k.clone(), v.clone(), k_scale,
-                                                v_scale)
+            # FP8: our quantising write, one launch, with the rounding of SGLang's store (its
+            # bf16/fp16 quotient, then the cast: the same bytes) but without its in-place
+            # division of the model's K/V and its copies.
+            slots = swa_loc if swa_loc is not None else loc
+            write_kv(self._cache(layer), slots,
+                     k.view(-1, layer.tp_k_head_num, layer.qk_head_dim),
+                     v.view(-1, layer.tp_v_head_num, layer.v_head_dim), via_input_dtype=True)
 
     def _is_window_layer(self, layer) -> bool:
         """Whether `layer` lives in the window pool of a hybrid pool."""

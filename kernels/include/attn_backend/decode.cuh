@@ -83,7 +83,7 @@ struct DecodeTraits : Shape {
   using LayoutV = XorSwizzledRows<chunks_per_row<DTypeKV, Shape::kHeadDimVO>()>;
   using Loader =
       PagedKVLoader<DTypeKV, Shape::kTileTokens, Shape::kStages, Shape::kThreads, LayoutK, LayoutV>;
-  using Mma = MmaSync<DTypeQ>;
+  using Mma = MmaSync<DTypeQ, DTypeKV>;
   using Merge = KeySplitMerge<Shape::kWarps, Shape::kRows, Shape::kHeadDimVO>;
   static constexpr int kQBytes = Shape::kRows * LayoutQ::kChunks * 16;
   // The query rows land in the ring's last stage, which the prologue leaves empty and the
@@ -95,7 +95,6 @@ struct DecodeTraits : Shape {
       Loader::kRingBytes > Merge::kBytes ? Loader::kRingBytes : Merge::kBytes;
   static constexpr int kSmemBytes = kRowAddressOffset + Loader::kRowAddressBytes;
   static_assert(kQBytes <= Loader::kStageBytes, "the query must fit one stage");
-  static_assert(sizeof(DTypeQ) == sizeof(DTypeKV), "Q K^T takes one operand type");
 };
 
 template <typename Traits, typename Logits>
@@ -147,7 +146,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
   for (int n = 0; n < kVONTiles; ++n) o[0][n][0] = o[0][n][1] = o[0][n][2] = o[0][n][3] = 0.f;
   OnlineSoftmax<1, 2> softmax;
-  const Logits logits(p);
+  const Logits logits(p, p.scales.key(cta.kv_head));
   const KeyRangeVisibility visibility{item.kv_end};
   const int warp_key0 = warp * Traits::kTokensPerWarp;
 
@@ -172,13 +171,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
 
   ATTN_BACKEND_TRACE_MARK(2);
+  Mma::restore_output_layout(o, lane);
   ptx::cp_async_wait<0>();
   __syncthreads();
   typename Traits::Merge merge(smem);  // the ring is free now
   merge.stash(softmax, o, warp, lane);
   const TileWriter<typename Traits::DTypeO, Traits::kHeadDimVO, HeadRows> writer{
       p, rows, cta.kv_head, item.partial};
-  const OutputIdentity output;
+  const OutputScale output{p.scales.value(cta.kv_head)};
   merge.for_each_output(num_rows, [&](int row, int col, float value, float lse) {
     writer.write(row, col, output(value));
     if (col == 0) writer.write_lse(row, lse);

@@ -80,7 +80,7 @@ struct PrefillTraits : Shape {
       PagedKVLoader<DTypeKV, Shape::kKVTile, Shape::kStages, Shape::kThreads, LayoutK, LayoutV>;
   using Mma = std::conditional_t<
       kWgmma, WgmmaMma<DTypeQ, Shape::kRows, Shape::kKVTile, Shape::kHeadDimQK, Shape::kHeadDimVO>,
-      MmaSync<DTypeQ>>;
+      MmaSync<DTypeQ, DTypeKV>>;
   static constexpr int kQBytes = Shape::kRows * kChunksQ * 16;
   static constexpr int kQOffset = Loader::kRingBytes;
   static constexpr int kRowAddressOffset = kQOffset + kQBytes;
@@ -89,7 +89,8 @@ struct PrefillTraits : Shape {
   static constexpr int kSmemBytes = kRowAddressOffset + Loader::kRowAddressBytes + kAlignPad;
   // The merge's per-row scalars reuse the ring after the main loop.
   static_assert(Loader::kRingBytes >= 2 * Shape::kRows * 4, "ring too small for the merge scalars");
-  static_assert(sizeof(DTypeQ) == sizeof(DTypeKV), "Q K^T takes one operand type");
+  static_assert(!kWgmma || std::is_same_v<DTypeQ, DTypeKV>,
+                "wgmma reads K and V from shared memory in the query's type");
 };
 
 template <typename Traits, typename Logits, bool kCustomMask>
@@ -147,7 +148,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int n = 0; n < kVONTiles; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
   }
   OnlineSoftmax<kM, kKVNTiles> softmax;
-  const Logits logits(p);
+  const Logits logits(p, p.scales.key(cta.kv_head));
 
   ptx::cp_async_wait<Traits::kStages - 1>();  // the query tile
   if constexpr (Traits::kWgmma) wgmma::fence_generic_to_async_smem();
@@ -179,11 +180,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   }
   ptx::cp_async_wait<0>();
+  if constexpr (!Traits::kWgmma) Mma::restore_output_layout(o, lane);
 
   // Epilogue: each quad holds whole rows, so no cross-warp merge is needed.
   const TileWriter<typename Traits::DTypeO, Traits::kHeadDimVO, PackedRows> writer{
       p, rows, cta.kv_head, item.partial};
-  const OutputIdentity output;
+  const OutputScale output{p.scales.value(cta.kv_head)};
 #pragma unroll
   for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll

@@ -3,7 +3,8 @@
 // (online_softmax.cuh), so the softmax, masks and epilogue are shared.
 //
 // - MmaSync (sm80+): mma.sync m16n8k16; A fragments through ldmatrix from shared memory
-//   (or held in registers), B fragments from K rows, or V rows transposed.
+//   (or held in registers), B fragments from K rows, or V rows transposed; FP8 K/V tiles
+//   converted to the query's type in registers.
 // - WgmmaMma (sm_90a): warpgroup MMAs; a warpgroup's 64 rows run S = Q K^T from shared
 //   memory and O += P V with P from registers, so no K/V fragment passes through registers.
 #pragma once
@@ -11,23 +12,46 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "attn_backend/common/fp8_convert.cuh"
 #include "attn_backend/common/ptx.cuh"
 #include "attn_backend/common/smem_layout.cuh"
 #include "attn_backend/common/wgmma.cuh"
 
 namespace attn_backend {
 
-template <typename DType>
+template <typename DType, typename DTypeKV = DType>
 struct MmaSync {
   static_assert(sizeof(DType) == 2, "mma.sync m16n8k16 takes 16-bit operands");
+  static_assert(std::is_same_v<DType, DTypeKV> || is_fp8<DTypeKV>(),
+                "K/V of the query's 16-bit type, or FP8");
+  // FP8 K/V: fragments are read from the FP8 tiles (half the bytes of ldmatrix traffic) and
+  // converted in registers. An FP8 row's 16-byte chunk holds 16 dims, so ldmatrix hands a
+  // thread 4 consecutive dims where a 16-bit B fragment has dims {2t, 2t+1, 2t+8, 2t+9}
+  // (t = lane % 4). Q K^T sums over the dims in any order, so Q's A fragments are loaded in
+  // the order K's arrive; P V's output columns arrive permuted instead and are put back in
+  // the accumulator layout once, after the main loop (restore_output_layout).
+  static constexpr bool kFp8KV = is_fp8<DTypeKV>();
 
-  // A fragment of rows [row0, row0 + 16) and columns [16 kk, 16 kk + 16) of a tile.
+  // A fragment of rows [row0, row0 + 16) and columns [16 kk, 16 kk + 16) of a tile. With FP8
+  // K/V, thread t's k-columns {2t, 2t+1, 2t+8, 2t+9} are the dims 16 kk + 4t + {0..3}.
   template <typename Layout>
   __device__ __forceinline__ static void load_a(uint32_t (&a)[4], const uint8_t* smem, int row0,
                                                 int kk, int lane) {
-    const int matrix = lane / 8;
-    const int row = row0 + (matrix % 2) * 8 + lane % 8;
-    ptx::ldmatrix_x4(a, smem + Layout::chunk_index(row, kk * 2 + matrix / 2) * 16);
+    if constexpr (kFp8KV) {
+      const int t = lane % 4;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = row0 + lane / 4 + 8 * half;
+        const uint2 dims = *reinterpret_cast<const uint2*>(
+            smem + Layout::chunk_index(row, kk * 2 + t / 2) * 16 + (t % 2) * 8);
+        a[half] = dims.x;
+        a[2 + half] = dims.y;
+      }
+    } else {
+      const int matrix = lane / 8;
+      const int row = row0 + (matrix % 2) * 8 + lane % 8;
+      ptx::ldmatrix_x4(a, smem + Layout::chunk_index(row, kk * 2 + matrix / 2) * 16);
+    }
   }
 
   // s[mt][2 nn + {0, 1}] += a[mt] (columns [16 kk, 16 kk + 16)) times the keys
@@ -41,8 +65,17 @@ struct MmaSync {
 #pragma unroll
     for (int nn = 0; nn < kKeySteps; ++nn) {
       uint32_t b[4];
-      const int key_row = key0 + nn * 16 + (matrix / 2) * 8 + lane % 8;
-      ptx::ldmatrix_x4(b, k_smem + Layout::chunk_index(key_row, kk * 2 + matrix % 2) * 16);
+      if constexpr (kFp8KV) {
+        // One FP8 chunk is the step's 16 dims: matrix 0 keys [0, 8), matrix 1 keys [8, 16).
+        const int key_row = key0 + nn * 16 + (matrix % 2) * 8 + lane % 8;
+        uint32_t quads[2];
+        ptx::ldmatrix_x2(quads, k_smem + Layout::chunk_index(key_row, kk) * 16);
+        fp8::quad_to<DType, DTypeKV>(quads[0], b[0], b[1]);
+        fp8::quad_to<DType, DTypeKV>(quads[1], b[2], b[3]);
+      } else {
+        const int key_row = key0 + nn * 16 + (matrix / 2) * 8 + lane % 8;
+        ptx::ldmatrix_x4(b, k_smem + Layout::chunk_index(key_row, kk * 2 + matrix % 2) * 16);
+      }
 #pragma unroll
       for (int mt = 0; mt < kM; ++mt) {
         ptx::mma_16x8x16<DType>(s[mt][2 * nn], a[mt], b[0], b[1]);
@@ -88,14 +121,75 @@ struct MmaSync {
         a[mt][3] = ptx::pack2<DType>(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
       }
       const int key_row = key0 + kt * 16 + (matrix % 2) * 8 + lane % 8;
+      if constexpr (kFp8KV) {
+        // 32 dims (two FP8 chunks) per ldmatrix: matrix m holds keys [8 (m % 2), +8) of chunk
+        // 2 c + m / 2, and a thread's register of it keys 2t, 2t+1 x dims 2g, 2g+1 of the
+        // chunk (g = lane / 4). Its even and odd dims are the B fragments of two output
+        // tiles: tile 4c + 2h + parity covers dims 32 c + 16 h + 2 [0, 8) + parity.
+        static_assert(kVONTiles % 4 == 0, "FP8 V: head_dim_vo a multiple of 32");
 #pragma unroll
-      for (int n16 = 0; n16 < kVONTiles / 2; ++n16) {
-        uint32_t b[4];
-        ptx::ldmatrix_x4_trans(b, v_smem + LayoutV::chunk_index(key_row, n16 * 2 + matrix / 2) * 16);
+        for (int c = 0; c < kVONTiles / 4; ++c) {
+          uint32_t quads[4];
+          ptx::ldmatrix_x4_trans(quads,
+                                 v_smem + LayoutV::chunk_index(key_row, 2 * c + matrix / 2) * 16);
 #pragma unroll
-        for (int mt = 0; mt < kM; ++mt) {
-          ptx::mma_16x8x16<DType>(o[mt][2 * n16], a[mt], b[0], b[1]);
-          ptx::mma_16x8x16<DType>(o[mt][2 * n16 + 1], a[mt], b[2], b[3]);
+          for (int h = 0; h < 2; ++h) {
+            uint32_t even_low, odd_low, even_high, odd_high;  // keys 2t.. / 2t + 8..
+            fp8::quad_to_interleaved<DType, DTypeKV>(quads[2 * h], even_low, odd_low);
+            fp8::quad_to_interleaved<DType, DTypeKV>(quads[2 * h + 1], even_high, odd_high);
+#pragma unroll
+            for (int mt = 0; mt < kM; ++mt) {
+              ptx::mma_16x8x16<DType>(o[mt][4 * c + 2 * h], a[mt], even_low, even_high);
+              ptx::mma_16x8x16<DType>(o[mt][4 * c + 2 * h + 1], a[mt], odd_low, odd_high);
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int n16 = 0; n16 < kVONTiles / 2; ++n16) {
+          uint32_t b[4];
+          ptx::ldmatrix_x4_trans(b, v_smem + LayoutV::chunk_index(key_row, n16 * 2 + matrix / 2) * 16);
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) {
+            ptx::mma_16x8x16<DType>(o[mt][2 * n16], a[mt], b[0], b[1]);
+            ptx::mma_16x8x16<DType>(o[mt][2 * n16 + 1], a[mt], b[2], b[3]);
+          }
+        }
+      }
+    }
+  }
+
+  // After the last pv: the accumulators in the m16n8 layout (column 8 n + 2t + e % 2 of
+  // tile n), which the softmax's rescaling never needed but the epilogues do. With FP8 V,
+  // thread t holds columns 32 c + 16 h + 4t + {0..3} of group c (pv above); column
+  // 32 c + 8 j + 2t + u is held by quad lane 2 (j % 2) + t / 2, in its tile 4c + 2 (j / 2) + u,
+  // element parity t % 2 of the row's pair. 16-bit V: nothing to do.
+  template <int kM, int kVONTiles>
+  __device__ __forceinline__ static void restore_output_layout(float (&o)[kM][kVONTiles][4],
+                                                               int lane) {
+    if constexpr (kFp8KV) {
+      const int t = lane % 4;
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+        for (int c = 0; c < kVONTiles / 4; ++c) {
+          float held[4][4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) held[q][e] = o[mt][4 * c + q][e];
+          }
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int source = (lane & ~3) | (2 * (j % 2) + t / 2);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {  // row half e / 2, column parity u = e % 2
+              const float* pair = held[2 * (j / 2) + e % 2] + 2 * (e / 2);
+              const float even = __shfl_sync(0xffffffff, pair[0], source);
+              const float odd = __shfl_sync(0xffffffff, pair[1], source);
+              o[mt][4 * c + j][e] = t % 2 ? odd : even;
+            }
+          }
         }
       }
     }

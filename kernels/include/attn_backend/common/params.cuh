@@ -35,6 +35,23 @@ struct SplitKVState {
   }
 };
 
+// An FP8 cache's scales (stored = value / scale): one per kv head (stride 1) or one for all
+// (stride 0), read on the device when a kernel starts, so a CUDA-graph replay reads the
+// values the buffers hold then. Null for 16-bit caches (scale 1).
+struct KVScales {
+  const float* k;
+  const float* v;
+  int k_stride;
+  int v_stride;
+
+  __device__ __forceinline__ float key(int kv_head) const {
+    return k != nullptr ? __ldg(k + kv_head * k_stride) : 1.f;
+  }
+  __device__ __forceinline__ float value(int kv_head) const {
+    return v != nullptr ? __ldg(v + kv_head * v_stride) : 1.f;
+  }
+};
+
 struct AttentionParams {
   const void* q;  // [tokens, num_qo_heads, head_dim_qk]
   int64_t q_stride_token;
@@ -45,6 +62,7 @@ struct AttentionParams {
   float* lse;  // [tokens, num_qo_heads] natural log, or null
   PagedCacheSide k;
   PagedCacheSide v;
+  KVScales scales;
   PageTableView pages;
   int page_size;
   int num_pages;

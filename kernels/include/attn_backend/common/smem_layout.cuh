@@ -13,13 +13,19 @@ constexpr int chunks_per_row() {
 }
 
 // Rows of kChunks chunks back to back; chunk c of row r is stored at chunk c ^ (r % 8)
-// of that row, which spreads the 8 rows one ldmatrix reads over all 32 banks.
+// of that row, which spreads the 8 rows one ldmatrix reads over all 32 banks. Rows of 4
+// chunks (64 bytes: FP8 rows of 64 dims) pair up in a 128-byte line, so chunk c of row r
+// sits at c ^ ((r / 2) % 4): the 8 rows again cover the line's 8 chunk positions.
 template <int kChunks_>
 struct XorSwizzledRows {
   static constexpr int kChunks = kChunks_;
-  static_assert(kChunks % 8 == 0, "rows must be whole 128-byte lines");
+  static_assert(kChunks % 8 == 0 || kChunks == 4, "rows of 64 bytes or whole 128-byte lines");
   __device__ __forceinline__ static int chunk_index(int row, int chunk) {
-    return row * kChunks + (chunk ^ (row & 7));
+    if constexpr (kChunks == 4) {
+      return row * kChunks + (chunk ^ ((row >> 1) & 3));
+    } else {
+      return row * kChunks + (chunk ^ (row & 7));
+    }
   }
 };
 

@@ -1,6 +1,6 @@
 // Attention variants: what happens to a score between q.k and the softmax, and which keys
 // a query row sees. A kernel composes one logits transform with one visibility rule; the
-// output transform (a V scale, for quantised caches) is where the epilogue scales.
+// output transform (an FP8 cache's V scale) is where the epilogue scales.
 //
 // Scores stay raw q.k where possible: the max commutes with the positive softmax scale,
 // which is folded into the exponent's FMA (OnlineSoftmax, exp_scale = sm_scale * log2 e).
@@ -14,7 +14,8 @@ namespace attn_backend {
 
 // kSoftCap: score = cap * log2(e) * tanh(q.k * sm_scale / cap), already in the log2 domain
 // (exp_scale 1); otherwise the raw q.k. Compiled in only where used: a tanh per score and
-// registers.
+// registers. An FP8 cache's K scale multiplies every q.k, so it joins sm_scale here: the
+// kernels compute q.k on the stored values.
 template <bool kSoftCap_>
 struct LogitsTransform {
   static constexpr bool kSoftCap = kSoftCap_;
@@ -22,19 +23,22 @@ struct LogitsTransform {
   float cap_scale;
   float exp_scale;  // the softmax runs on exp2(score * exp_scale - max)
 
-  __device__ __forceinline__ explicit LogitsTransform(const AttentionParams& p)
-      : score_scale(p.sm_scale / p.soft_cap),
+  __device__ __forceinline__ LogitsTransform(const AttentionParams& p, float key_scale)
+      : score_scale(p.sm_scale * key_scale / p.soft_cap),
         cap_scale(p.soft_cap * kLog2e),
-        exp_scale(kSoftCap ? 1.f : p.sm_scale * kLog2e) {}
+        exp_scale(kSoftCap ? 1.f : p.sm_scale * key_scale * kLog2e) {}
 
   __device__ __forceinline__ float operator()(float qk) const {
     return kSoftCap ? cap_scale * ptx::fast_tanh(qk * score_scale) : qk;
   }
 };
 
-// The output after the softmax's normalisation: where a V scale goes.
-struct OutputIdentity {
-  __device__ __forceinline__ float operator()(float value) const { return value; }
+// The output after the softmax's normalisation, times an FP8 cache's V scale (1 for 16-bit
+// caches): out = sum_j p_j (scale v_j) = scale sum_j p_j v_j. Partial states are written
+// scaled too, so the split-KV merge needs no scale.
+struct OutputScale {
+  float scale;
+  __device__ __forceinline__ float operator()(float value) const { return value * scale; }
 };
 
 // Decode: a work item's keys are exactly those its one query sees (the plan cut the window

@@ -1,0 +1,59 @@
+// FP8 cache elements (float8_e4m3fn, float8_e5m2) turned into the query's 16-bit type in
+// registers, two at a time, with the hardware conversion (cvt.rn.f16x2.e4m3x2 / e5m2x2 on
+// sm_89+): exact, NaN stays NaN. To bfloat16 through float32, also exact (an FP8 value has
+// at most 3 mantissa bits and lies in bfloat16's range).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace attn_backend {
+
+template <typename T>
+constexpr bool is_fp8() {
+  return std::is_same_v<T, __nv_fp8_e4m3> || std::is_same_v<T, __nv_fp8_e5m2>;
+}
+
+namespace fp8 {
+
+template <typename DTypeFp8>
+constexpr __nv_fp8_interpretation_t interpretation() {
+  return std::is_same_v<DTypeFp8, __nv_fp8_e4m3> ? __NV_E4M3 : __NV_E5M2;
+}
+
+// The two FP8 values in the low 16 bits of `pair` (element 0 in the low byte) as a packed
+// pair of T (element 0 in the low half), the layout mma.sync operands take.
+template <typename T, typename DTypeFp8>
+__device__ __forceinline__ uint32_t pair_to(uint32_t pair) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair & 0xffff),
+                                                   interpretation<DTypeFp8>());
+  if constexpr (std::is_same_v<T, __half>) {
+    return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "FP8 converts to float16 or bfloat16");
+    const float2 f = __half22float2(__half2(h));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+    return *reinterpret_cast<const uint32_t*>(&b);
+  }
+}
+
+// Four FP8 values (bytes 0..3 of `quad`) as two pairs: {0, 1} and {2, 3}.
+template <typename T, typename DTypeFp8>
+__device__ __forceinline__ void quad_to(uint32_t quad, uint32_t& low, uint32_t& high) {
+  low = pair_to<T, DTypeFp8>(quad);
+  high = pair_to<T, DTypeFp8>(quad >> 16);
+}
+
+// Four FP8 values as the pairs {0, 2} and {1, 3} (the even and the odd bytes).
+template <typename T, typename DTypeFp8>
+__device__ __forceinline__ void quad_to_interleaved(uint32_t quad, uint32_t& even, uint32_t& odd) {
+  const uint32_t regrouped = __byte_perm(quad, 0, 0x3120);  // bytes 0 2 1 3
+  quad_to<T, DTypeFp8>(regrouped, even, odd);
+}
+
+}  // namespace fp8
+}  // namespace attn_backend
