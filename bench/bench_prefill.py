@@ -6,6 +6,10 @@ SGLang-layout allocation viewed with page size 16 or 1, each request's pages shu
 FlashInfer reads the very same buffers through its own CSR page table. The SDPA and flex peers
 get the same K/V gathered into contiguous [batch, kv_heads, kv_len, 128] tensors, with the
 causal mask aligned to the bottom right (the queries are the last tokens) as ours is.
+
+Every shape runs with a bf16 cache and with an FP8 (e4m3) cache with per-tensor K and V
+scales (`_fp8e4m3_` in the case name); on FP8 rows FlashInfer reads the same FP8 buffers with
+the same scales, and the contiguous peers do not run.
 """
 
 from __future__ import annotations
@@ -32,9 +36,14 @@ TIMING_NOTE = ("Times are device times (a busy-wait kernel queued before each ti
                "Python launch overhead out). TFLOP/s counts only the unmasked (query, key) pairs.")
 
 
-def case_name(batch, q_len, kv_len, page_size):
-    return (f"b{batch}_q{q_len}_kv{kv_len}_h{NUM_QO_HEADS}-{NUM_KV_HEADS}_d{HEAD_DIM}_bf16"
-            f"_p{page_size}_causal")
+KV_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+KV_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4m3"}
+FP8_SCALES = (0.5, 2.0)  # K, V
+
+
+def case_name(batch, q_len, kv_len, page_size, kv_dtype=DTYPE):
+    return (f"b{batch}_q{q_len}_kv{kv_len}_h{NUM_QO_HEADS}-{NUM_KV_HEADS}_d{HEAD_DIM}_"
+            f"{KV_DTYPE_NAMES[kv_dtype]}_p{page_size}_causal")
 
 
 def visible_pairs(batch, q_len, kv_len):
@@ -61,10 +70,13 @@ class Peers(OptionalPeers):
                           dtype=torch.int32, device="cuda")
         wrapper.plan(qo_indptr, kv_indptr, pages.reshape(-1).cuda(), last, NUM_QO_HEADS,
                      NUM_KV_HEADS, HEAD_DIM, page_size, causal=True, q_data_type=DTYPE,
-                     kv_data_type=DTYPE)
+                     kv_data_type=cache.dtype)
         out = torch.empty_like(q)
         kv = (cache.k, cache.v)
-        return lambda: wrapper.run(q, kv, out=out), out
+        if not cache.is_fp8:
+            return lambda: wrapper.run(q, kv, out=out), out
+        k_scale, v_scale = FP8_SCALES
+        return lambda: wrapper.run(q, kv, out=out, k_scale=k_scale, v_scale=v_scale), out
 
 
 def _contiguous_peers(peers, batch, q_len, kv_len, cache, pages, q, iters) -> dict[str, float]:
@@ -115,49 +127,60 @@ def run() -> tuple[str, list[dict], list[str]]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     max_tokens = max(b * q for b, q, _ in SHAPES)
-    prefill = PagedPrefill(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS,
-                           head_dim=HEAD_DIM, dtype=DTYPE, device="cuda",
-                           max_batch_size=max(b for b, _, _ in SHAPES), max_num_tokens=max_tokens)
-    for batch, q_len, kv_len in SHAPES:
-        k_buffer = torch.randn(batch * kv_len + 64 * 16, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE,
-                               device="cuda")
-        v_buffer = torch.randn_like(k_buffer)
-        q = torch.randn(batch * q_len, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-        work = flops(batch, q_len, kv_len)
-        contiguous = None
-        for page_size in PAGE_SIZES:
-            cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size)
-            pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
-            table = PageTable.from_block_table(pages.cuda())
-            prefill.plan([q_len * r for r in range(batch + 1)], [kv_len] * batch)
-            out = torch.empty_like(q)
-            timings = {"ours": median_ms(lambda: prefill.run(q, cache, table, out=out), iters=30)}
-            if peers.flashinfer is not None:
-                for name, backend in (("flashinfer_fa2", "fa2"), ("flashinfer_fa3", "fa3")):
-                    try:
-                        fn, peer_out = peers.flashinfer_prefill(backend, cache, pages, q_len,
-                                                                kv_len, q)
-                        timings[name] = median_ms(fn, iters=30)
-                        diff = (peer_out.float() - out.float()).abs().max().item()
-                        if diff > 0.05:
-                            peers.note_once(f"{name} and ours differ by {diff:.3g} at "
-                                            f"{case_name(batch, q_len, kv_len, page_size)}")
-                    except Exception as error:  # noqa: BLE001
-                        peers.note_once(f"{name} failed: {type(error).__name__}: {error}"[:300])
-            if contiguous is None:  # SDPA/flex: once per shape, the layout has no pages
-                contiguous = _contiguous_peers(peers, batch, q_len, kv_len, cache, pages, q, 30) \
-                    if peers.contiguous else {}
-            timings.update(contiguous)
-            tflops = {name: work / (ms * 1e-3) / 1e12 for name, ms in timings.items()}
-            rows.append({
-                "case": case_name(batch, q_len, kv_len, page_size),
-                "ours": round(tflops.pop("ours"), 2),
-                "peers": {name: round(value, 2) for name, value in sorted(tflops.items())},
-                "ours_us": round(timings["ours"] * 1e3, 1),
-            })
-        del k_buffer, v_buffer
-        torch.cuda.empty_cache()
+    for kv_dtype in KV_DTYPES:
+        prefill = PagedPrefill(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS,
+                               head_dim=HEAD_DIM, dtype=DTYPE, kv_dtype=kv_dtype, device="cuda",
+                               max_batch_size=max(b for b, _, _ in SHAPES),
+                               max_num_tokens=max_tokens)
+        for batch, q_len, kv_len in SHAPES:
+            rows += _shape_rows(peers, prefill, kv_dtype, batch, q_len, kv_len, gen)
+            torch.cuda.empty_cache()
     return "TFLOP/s", rows, peers.notes + [TIMING_NOTE]
+
+
+def _shape_rows(peers, prefill, kv_dtype, batch, q_len, kv_len, gen) -> list[dict]:
+    """The rows of one shape and cache dtype, one per page size."""
+    k_buffer = torch.randn(batch * kv_len + 64 * 16, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE,
+                           device="cuda").to(kv_dtype)
+    v_buffer = torch.randn(k_buffer.shape, dtype=DTYPE, device="cuda").to(kv_dtype)
+    scales = FP8_SCALES if kv_dtype != DTYPE else (None, None)
+    q = torch.randn(batch * q_len, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    work = flops(batch, q_len, kv_len)
+    contiguous = None if kv_dtype == DTYPE else {}  # SDPA/flex read 16-bit K/V only
+    rows = []
+    for page_size in PAGE_SIZES:
+        cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size, k_scale=scales[0],
+                                         v_scale=scales[1])
+        pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
+        table = PageTable.from_block_table(pages.cuda())
+        prefill.plan([q_len * r for r in range(batch + 1)], [kv_len] * batch)
+        out = torch.empty_like(q)
+        name_of_case = case_name(batch, q_len, kv_len, page_size, kv_dtype)
+        timings = {"ours": median_ms(lambda: prefill.run(q, cache, table, out=out), iters=30)}
+        if peers.flashinfer is not None:
+            for name, backend in (("flashinfer_fa2", "fa2"), ("flashinfer_fa3", "fa3")):
+                try:
+                    fn, peer_out = peers.flashinfer_prefill(backend, cache, pages, q_len,
+                                                            kv_len, q)
+                    timings[name] = median_ms(fn, iters=30)
+                    diff = (peer_out.float() - out.float()).abs().max().item()
+                    if diff > 0.05:
+                        peers.note_once(f"{name} and ours differ by {diff:.3g} at {name_of_case}")
+                except Exception as error:  # noqa: BLE001
+                    peers.note_once(f"{name} failed ({KV_DTYPE_NAMES[kv_dtype]}): "
+                                    f"{type(error).__name__}: {error}"[:300])
+        if contiguous is None:  # SDPA/flex: once per shape, the layout has no pages
+            contiguous = _contiguous_peers(peers, batch, q_len, kv_len, cache, pages, q, 30) \
+                if peers.contiguous else {}
+        timings.update(contiguous)
+        tflops = {name: work / (ms * 1e-3) / 1e12 for name, ms in timings.items()}
+        rows.append({
+            "case": name_of_case,
+            "ours": round(tflops.pop("ours"), 2),
+            "peers": {name: round(value, 2) for name, value in sorted(tflops.items())},
+            "ours_us": round(timings["ours"] * 1e3, 1),
+        })
+    return rows
 
 
 def plot(rows, ceiling_tflops, path, device: str | None = None):
@@ -178,10 +201,11 @@ def plot(rows, ceiling_tflops, path, device: str | None = None):
         ax.bar([x + i * width for x in range(len(rows))], values, width, label=name, color=color)
     ax.axhline(ceiling_tflops, color="black", linewidth=1, label="bf16 GEMM ceiling")
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))])
-    ax.set_xticklabels([row["case"].replace("_h32-8_d128_bf16", "\n") for row in rows],
-                       fontsize=7)
+    ax.set_xticklabels([row["case"].replace("_h32-8_d128_", "\n").replace("_causal", "")
+                        for row in rows], fontsize=7)
     ax.set_ylabel("TFLOP/s (unmasked work)")
-    ax.set_title(f"Paged prefill, causal, GQA {NUM_QO_HEADS}/{NUM_KV_HEADS}, d{HEAD_DIM}, bf16 "
+    ax.set_title(f"Paged prefill, causal, GQA {NUM_QO_HEADS}/{NUM_KV_HEADS}, d{HEAD_DIM}, bf16 q, "
+                 f"bf16 and fp8e4m3 caches "
                  f"({device or torch.cuda.get_device_name()})")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -69,8 +69,10 @@ def test_kv_write_replays_in_a_cuda_graph_with_new_slots(seed):
 def test_kv_write_rejects_dtype_mismatch_and_out_of_range_slots_on_gpu(seed):
     gen = torch.Generator().manual_seed(seed)
     cache, slots, key, value = _case("sglang", 16, 2, 64, 64, torch.float16, 8, torch.int64, gen)
-    with pytest.raises(TypeError, match="must have the cache's dtype"):
+    with pytest.raises(TypeError, match=r"must share a dtype, the cache's \(torch.float16\)"):
         attn_backend.write_kv(cache, slots, key.bfloat16(), value.bfloat16())
+    with pytest.raises(TypeError, match="key .* and value .* must share a dtype"):
+        attn_backend.write_kv(cache, slots, key, value.bfloat16())
     with pytest.raises(TypeError, match="accepted: float16, bfloat16"):
         attn_backend.write_kv(attn_backend.PagedKVCache(cache.k.float(), cache.v.float()), slots,
                               key.float(), value.float())
@@ -132,15 +134,15 @@ def test_fp8_kv_write_unaligned_rows_and_nan(seed):
                                          torch.float8_e4m3fn, "per_head", gen)
     wide = torch.randn(key.shape[0], 4, 65, generator=gen).to(torch.bfloat16).cuda()
     key = wide[:, :, 1:]  # starts 2 bytes into a row
-    key[0, 0, 3] = float("nan")
-    slots[0] = 5
+    token = int((slots >= 0).nonzero()[0])  # a token that is written (slots are distinct)
+    key[token, 0, 3] = float("nan")
     want = attn_backend.PagedKVCache(cache.k.clone(), cache.v.clone(), cache.k_scale, cache.v_scale)
     reference.write_kv(want, slots, key, value)
     attn_backend.write_kv(cache, slots, key, value)
     torch.cuda.synchronize()
     got_k = cache.k.view(torch.uint8).clone()
     want_k = want.k.view(torch.uint8).clone()
-    page, offset = 5 // 16, 5 % 16
+    page, offset = divmod(int(slots[token]), 16)
     assert torch.isnan(cache.k[page, offset, 0, 3].float())
     got_k[page, offset, 0, 3] = want_k[page, offset, 0, 3] = 0  # NaN's sign bit is not specified
     assert torch.equal(got_k, want_k), f"seed={seed}"

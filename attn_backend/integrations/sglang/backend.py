@@ -345,7 +345,7 @@ class SGLangAttnBackend(AttentionBackend):
             slots = swa_loc if swa_loc is not None else loc
             write_kv(self._cache(layer), slots,
                      k.view(-1, layer.tp_k_head_num, layer.qk_head_dim),
-                     v.view(-1, layer.tp_v_head_num, layer.v_head_dim), via_input_dtype=True)
+                     v.view(-1, layer.tp_k_head_num, layer.v_head_dim), via_input_dtype=True)
 
     def _is_window_layer(self, layer) -> bool:
         """Whether `layer` lives in the window pool of a hybrid pool."""

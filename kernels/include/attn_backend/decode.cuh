@@ -136,6 +136,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   auto pending = loader.start();
   ptx::cp_async_wait<Traits::kStages - 1>();  // the query rows
   __syncthreads();
+  if constexpr (Mma::kConvertsQuery) {
+    Mma::template convert_query<Traits::kQBytes, Traits::kThreads>(q_smem, p.sm_scale);
+    __syncthreads();
+  }
   uint32_t q_frag[Traits::kHeadDimQK / 16][1][4];
 #pragma unroll
   for (int kk = 0; kk < Traits::kHeadDimQK / 16; ++kk) {
@@ -146,7 +150,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
   for (int n = 0; n < kVONTiles; ++n) o[0][n][0] = o[0][n][1] = o[0][n][2] = o[0][n][3] = 0.f;
   OnlineSoftmax<1, 2> softmax;
-  const Logits logits(p, p.scales.key(cta.kv_head));
+  const Logits logits(p, Mma::qk_scale(p.sm_scale, p.scales.key(cta.kv_head)));
   const KeyRangeVisibility visibility{item.kv_end};
   const int warp_key0 = warp * Traits::kTokensPerWarp;
 

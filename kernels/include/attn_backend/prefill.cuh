@@ -148,9 +148,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int n = 0; n < kVONTiles; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
   }
   OnlineSoftmax<kM, kKVNTiles> softmax;
-  const Logits logits(p, p.scales.key(cta.kv_head));
+  const Logits logits(p, Mma::qk_scale(p.sm_scale, p.scales.key(cta.kv_head)));
 
   ptx::cp_async_wait<Traits::kStages - 1>();  // the query tile
+  if constexpr (Mma::kConvertsQuery) {
+    __syncthreads();
+    Mma::template convert_query<Traits::kQBytes, Traits::kThreads>(q_smem, p.sm_scale);
+  }
   if constexpr (Traits::kWgmma) wgmma::fence_generic_to_async_smem();
   __syncthreads();
 

@@ -1,7 +1,6 @@
-// FP8 cache elements (float8_e4m3fn, float8_e5m2) turned into the query's 16-bit type in
-// registers, two at a time, with the hardware conversion (cvt.rn.f16x2.e4m3x2 / e5m2x2 on
-// sm_89+): exact, NaN stays NaN. To bfloat16 through float32, also exact (an FP8 value has
-// at most 3 mantissa bits and lies in bfloat16's range).
+// FP8 cache elements (float8_e4m3fn, float8_e5m2) turned into float16 in registers, two at a
+// time, with the hardware conversion (cvt.rn.f16x2.e4m3x2 / e5m2x2 on sm_89+): exact (every
+// FP8 value is a float16 value), NaN stays NaN. And the query's pairs into scaled float16.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,19 +25,27 @@ constexpr __nv_fp8_interpretation_t interpretation() {
 }
 
 // The two FP8 values in the low 16 bits of `pair` (element 0 in the low byte) as a packed
-// pair of T (element 0 in the low half), the layout mma.sync operands take.
+// float16 pair (element 0 in the low half), the layout mma.sync operands take.
 template <typename T, typename DTypeFp8>
 __device__ __forceinline__ uint32_t pair_to(uint32_t pair) {
+  static_assert(std::is_same_v<T, __half>, "FP8 converts to float16");
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair & 0xffff),
                                                    interpretation<DTypeFp8>());
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+
+// A packed pair of T (float16 or bfloat16) times `scale`, as a packed float16 pair (round to
+// nearest; NaN and infinities carry through).
+template <typename T>
+__device__ __forceinline__ uint32_t scaled_pair_to_half(uint32_t pair, float scale) {
+  float2 f;
   if constexpr (std::is_same_v<T, __half>) {
-    return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+    f = __half22float2(*reinterpret_cast<const __half2*>(&pair));
   } else {
-    static_assert(std::is_same_v<T, __nv_bfloat16>, "FP8 converts to float16 or bfloat16");
-    const float2 f = __half22float2(__half2(h));
-    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
-    return *reinterpret_cast<const uint32_t*>(&b);
+    f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pair));
   }
+  const __half2 h = __floats2half2_rn(f.x * scale, f.y * scale);
+  return *reinterpret_cast<const uint32_t*>(&h);
 }
 
 // Four FP8 values (bytes 0..3 of `quad`) as two pairs: {0, 1} and {2, 3}.

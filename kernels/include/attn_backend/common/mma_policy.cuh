@@ -19,18 +19,47 @@
 
 namespace attn_backend {
 
-template <typename DType, typename DTypeKV = DType>
+template <typename DTypeQ, typename DTypeKV = DTypeQ>
 struct MmaSync {
-  static_assert(sizeof(DType) == 2, "mma.sync m16n8k16 takes 16-bit operands");
-  static_assert(std::is_same_v<DType, DTypeKV> || is_fp8<DTypeKV>(),
+  static_assert(sizeof(DTypeQ) == 2, "mma.sync m16n8k16 takes 16-bit operands");
+  static_assert(std::is_same_v<DTypeQ, DTypeKV> || is_fp8<DTypeKV>(),
                 "K/V of the query's 16-bit type, or FP8");
   // FP8 K/V: fragments are read from the FP8 tiles (half the bytes of ldmatrix traffic) and
-  // converted in registers. An FP8 row's 16-byte chunk holds 16 dims, so ldmatrix hands a
-  // thread 4 consecutive dims where a 16-bit B fragment has dims {2t, 2t+1, 2t+8, 2t+9}
-  // (t = lane % 4). Q K^T sums over the dims in any order, so Q's A fragments are loaded in
-  // the order K's arrive; P V's output columns arrive permuted instead and are put back in
-  // the accumulator layout once, after the main loop (restore_output_layout).
+  // converted in registers, one instruction per pair (cvt.rn.f16x2.e4m3x2 / e5m2x2: exact,
+  // NaN stays NaN), so the MMAs run in float16 whatever the query's type: every FP8 value
+  // is exact in float16, and P in [0, 1] loses less than in bfloat16. The query tile is
+  // turned into float16 once, in shared memory, pre-multiplied by sm_scale (convert_query):
+  // a bfloat16 query then overflows only where |q| * sm_scale > 65504.
+  //
+  // An FP8 row's 16-byte chunk holds 16 dims, so ldmatrix hands a thread 4 consecutive dims
+  // where a 16-bit B fragment has dims {2t, 2t+1, 2t+8, 2t+9} (t = lane % 4). Q K^T sums
+  // over the dims in any order, so Q's A fragments are loaded in the order K's arrive; P V's
+  // output columns arrive permuted instead and are put back in the accumulator layout once,
+  // after the main loop (restore_output_layout).
   static constexpr bool kFp8KV = is_fp8<DTypeKV>();
+  using DType = std::conditional_t<kFp8KV, __half, DTypeQ>;  // the MMAs' operand type
+  static constexpr bool kConvertsQuery = kFp8KV;
+
+  // What one raw product q.k of the MMAs is worth: sm_scale * key_scale, or key_scale
+  // where convert_query folded sm_scale into the query.
+  __device__ __forceinline__ static float qk_scale(float sm_scale, float key_scale) {
+    return kFp8KV ? key_scale : sm_scale * key_scale;
+  }
+
+  // FP8 K/V: the query tile (kBytes of DTypeQ, any chunk layout) becomes float16 times
+  // sm_scale, in place; the caller synchronises before and after.
+  template <int kBytes, int kThreads>
+  __device__ __forceinline__ static void convert_query(uint8_t* q_smem, float sm_scale) {
+    static_assert(kBytes % 16 == 0, "whole chunks");
+    for (int chunk = threadIdx.x; chunk < kBytes / 16; chunk += kThreads) {
+      uint4* at = reinterpret_cast<uint4*>(q_smem) + chunk;
+      uint4 values = *at;
+      uint32_t* pairs = reinterpret_cast<uint32_t*>(&values);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pairs[i] = fp8::scaled_pair_to_half<DTypeQ>(pairs[i], sm_scale);
+      *at = values;
+    }
+  }
 
   // A fragment of rows [row0, row0 + 16) and columns [16 kk, 16 kk + 16) of a tile. With FP8
   // K/V, thread t's k-columns {2t, 2t+1, 2t+8, 2t+9} are the dims 16 kk + 4t + {0..3}.
@@ -204,6 +233,11 @@ struct WgmmaMma {
   static_assert((kKVTile == 64 || kKVTile == 128) && (kHeadDimVO == 64 || kHeadDimVO == 128),
                 "wgmma N of 64 or 128");
   static constexpr int kElementsPerBlock = 128 / sizeof(DType);  // columns per 128-byte block
+  static constexpr bool kConvertsQuery = false;
+
+  __device__ __forceinline__ static float qk_scale(float sm_scale, float key_scale) {
+    return sm_scale * key_scale;
+  }
   static constexpr int kStepBytes = 16 * sizeof(DType);          // 16 columns (one k-step)
 
   // S (this warpgroup's 64 rows x kKVTile keys) = Q K^T; the first k-step overwrites s.

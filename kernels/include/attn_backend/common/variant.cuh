@@ -14,8 +14,9 @@ namespace attn_backend {
 
 // kSoftCap: score = cap * log2(e) * tanh(q.k * sm_scale / cap), already in the log2 domain
 // (exp_scale 1); otherwise the raw q.k. Compiled in only where used: a tanh per score and
-// registers. An FP8 cache's K scale multiplies every q.k, so it joins sm_scale here: the
-// kernels compute q.k on the stored values.
+// registers. `qk_scale` is what one raw product of the MMAs is worth (the MMA policy's
+// qk_scale): sm_scale, times an FP8 cache's K scale, since the kernels multiply the stored
+// values.
 template <bool kSoftCap_>
 struct LogitsTransform {
   static constexpr bool kSoftCap = kSoftCap_;
@@ -23,10 +24,10 @@ struct LogitsTransform {
   float cap_scale;
   float exp_scale;  // the softmax runs on exp2(score * exp_scale - max)
 
-  __device__ __forceinline__ LogitsTransform(const AttentionParams& p, float key_scale)
-      : score_scale(p.sm_scale * key_scale / p.soft_cap),
+  __device__ __forceinline__ LogitsTransform(const AttentionParams& p, float qk_scale)
+      : score_scale(qk_scale / p.soft_cap),
         cap_scale(p.soft_cap * kLog2e),
-        exp_scale(kSoftCap ? 1.f : p.sm_scale * key_scale * kLog2e) {}
+        exp_scale(kSoftCap ? 1.f : qk_scale * kLog2e) {}
 
   __device__ __forceinline__ float operator()(float qk) const {
     return kSoftCap ? cap_scale * ptx::fast_tanh(qk * score_scale) : qk;
