@@ -8,7 +8,8 @@ small), KV lengths 0..128k, query lengths 0..2k, page sizes 1..128 including non
 shuffled pages and pages shared between requests (a common prefix), vLLM block tables or
 SGLang token-slot tables (pool rows shuffled, slot maps), garbage in the table entries past
 each request's length, GQA groups 1..128, head dims 64/128/256, fp16/bf16, causal or not,
-windows, soft-caps, tree masks, padding requests (no keys, or no queries), scaled queries
+windows, soft-caps, tree masks, padding requests (no keys, or no queries), FP8 caches (e4m3fn
+and e5m2, scales per tensor or per kv head), scaled queries
 (peaked softmax), each wrapper backend, eager or a CUDA-graph replay of a capture made with
 other lengths. Outputs are NaN-poisoned before each run; output and LSE are compared with
 `attn_backend.reference` (float32, chunked over query rows, on the GPU). Workers are separate
@@ -71,6 +72,8 @@ class Case:
     backend: str
     q_scale: float
     debug_checks: bool
+    kv_dtype: str = "same"  # "same" (the query's) | "float8_e4m3fn" | "float8_e5m2"
+    per_head_scales: bool = False  # FP8: one K and one V scale per kv head, else one each
 
     @property
     def batch(self) -> int:
@@ -87,6 +90,8 @@ class Case:
             flags.append(f"window{self.window_left}")
         if self.soft_cap:
             flags.append(f"softcap{self.soft_cap:.1f}")
+        if self.kv_dtype != "same":
+            flags.append(f"kv_{self.kv_dtype}" + ("_per_head" if self.per_head_scales else ""))
         return (f"seed {self.seed}: {self.kind} b{self.batch} {lens} p{self.page_size} "
                 f"h{self.num_kv_heads * self.group}-{self.num_kv_heads} d{self.head_dim} "
                 f"{self.dtype} {self.engine}/{self.layout} backend={self.backend} "
@@ -153,7 +158,10 @@ def draw_case(seed: int) -> Case:
         shared_prefix=rng.random() < 0.2, causal=causal, window_left=window_left,
         soft_cap=soft_cap, tree_mask=tree_mask, graph=rng.random() < 0.25,
         backend=rng.choice(backends), q_scale=rng.choice((1.0, 1.0, 2.0, 4.0)),
-        debug_checks=rng.random() < 0.1)
+        debug_checks=rng.random() < 0.1,
+        # Drawn last, so the draws of every other field stay as they were for each seed.
+        kv_dtype=rng.choice(("same", "same", "float8_e4m3fn", "float8_e5m2")),
+        per_head_scales=rng.random() < 0.5)
 
 
 # ---- the problem of a case: cache, page table, the slots the reference reads ----
@@ -197,19 +205,29 @@ def build_problem(case: Case, device) -> Problem:
     rng = np.random.default_rng(case.seed)
     gen = torch.Generator(device=device).manual_seed(case.seed)
     dtype = getattr(torch, case.dtype)
+    kv_dtype = dtype if case.kv_dtype == "same" else getattr(torch, case.kv_dtype)
     ps, h, d = case.page_size, case.num_kv_heads, case.head_dim
     pages, num_pages = request_pages(case, rng)
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    def rand(*shape, as_type=dtype):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(as_type)
 
+    scales = {}
+    if case.kv_dtype != "same":  # stored values as drawn (randn, cast), read times the scales
+        count = h if case.per_head_scales else 1
+        scales = {name: torch.from_numpy(rng.uniform(0.05, 3.0, count).astype(np.float32))
+                  .to(device).reshape(-1 if case.per_head_scales else ())
+                  for name in ("k_scale", "v_scale")}
     if case.layout == "sglang":
-        cache = PagedKVCache.from_sglang(rand(num_pages * ps, h, d), rand(num_pages * ps, h, d),
-                                         ps)
+        cache = PagedKVCache.from_sglang(rand(num_pages * ps, h, d, as_type=kv_dtype),
+                                         rand(num_pages * ps, h, d, as_type=kv_dtype), ps,
+                                         **scales)
     elif case.layout == "vllm_nhd":
-        cache = PagedKVCache.from_vllm(rand(num_pages, ps, h, 2 * d).transpose(1, 2), d)
+        cache = PagedKVCache.from_vllm(
+            rand(num_pages, ps, h, 2 * d, as_type=kv_dtype).transpose(1, 2), d, **scales)
     else:
-        cache = PagedKVCache.from_vllm(rand(num_pages, h, ps, 2 * d), d)
+        cache = PagedKVCache.from_vllm(rand(num_pages, h, ps, 2 * d, as_type=kv_dtype), d,
+                                       **scales)
     slots = [(p[np.arange(n) // ps] * ps + np.arange(n) % ps) if n else np.zeros(0, np.int64)
              for p, n in zip(pages, case.kv_lens)]
     batch = case.batch
@@ -277,13 +295,15 @@ def wrapper_for(case: Case, device, graph: bool):
     its batch (a capture keeps its buffers)."""
     from attn_backend import PagedDecode, PagedPrefill
 
-    key = (case.kind, case.num_kv_heads, case.group, case.head_dim, case.dtype, case.backend)
+    key = (case.kind, case.num_kv_heads, case.group, case.head_dim, case.dtype, case.kv_dtype,
+           case.backend)
     if key in _WRAPPERS and not graph:
         _WRAPPERS.move_to_end(key)
         return _WRAPPERS[key]
     common = dict(num_qo_heads=case.num_kv_heads * case.group, num_kv_heads=case.num_kv_heads,
                   head_dim=case.head_dim, dtype=getattr(torch, case.dtype), device=device,
-                  backend=case.backend, use_cuda_graph=graph)
+                  backend=case.backend, use_cuda_graph=graph,
+                  kv_dtype=None if case.kv_dtype == "same" else getattr(torch, case.kv_dtype))
     batch = case.batch if graph else MAX_BATCH
     if case.kind == "decode":
         wrapper = PagedDecode(max_batch_size=batch, **common)
@@ -441,6 +461,8 @@ def run_case(seed: int, device="cuda") -> dict:
 
 def features(case: Case) -> list[str]:
     names = [case.kind, case.dtype, f"engine_{case.engine}", f"layout_{case.layout}",
+             f"kv_{case.kv_dtype}" + ("_per_head" if case.per_head_scales and
+                                      case.kv_dtype != "same" else ""),
              f"p{case.page_size}",
              f"d{case.head_dim}", f"group{case.group}", f"backend_{case.backend}"]
     names += [f for f, on in (("graph", case.graph), ("slot_map", case.slot_map),

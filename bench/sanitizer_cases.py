@@ -6,11 +6,13 @@ Every kernel configuration and variant once, on problems small enough for racech
 (split shape with its in-launch split-KV merge, full-batch shape, d64/128/256, fp16/bf16, a
 group of 32 heads in row tiles, window, soft-cap, SGLang tables with slot maps and shared pages,
 page sizes 1/7/16, a CUDA-graph replay), prefill (the short-query, mma and wgmma kernels, causal
-and not, window, soft-cap, tree masks, split-KV, a graph replay), the KV write kernel in both
-layouts; then bad input with debug checks off (page ids past the cache and negative, slots past
-the slot map, table rows past the table, write slots past the cache), each followed by a normal
-call checked against the reference, which shows the context is alive. Each attention call is
-compared with the float reference (bench/fuzz.py's harness); the exit status is 1 on a mismatch.
+and not, window, soft-cap, tree masks, split-KV, a graph replay), both on FP8 caches (e4m3 and
+e5m2, per-tensor and per-head scales), the KV write kernel in both layouts (16-bit, and the
+quantising write into FP8 caches); then bad input with debug checks off (page ids past the
+cache and negative, slots past the slot map, table rows past the table, write slots past the
+cache), each followed by a normal call checked against the reference, which shows the context
+is alive. Each attention call is compared with the float reference (bench/fuzz.py's harness);
+the exit status is 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ def cases() -> list[tuple[str, Case]]:
         ("prefill d256", r(PREFILL, head_dim=256, seed=15)),
         ("prefill graph replay, tree masks", r(PREFILL, kv_lens=(200, 1000), q_lens=(4, 8),
                                                tree_mask=True, graph=True, seed=16)),
+        ("decode fp8 e4m3, per-head scales, split-KV",
+         r(BASE, kv_dtype="float8_e4m3fn", per_head_scales=True, seed=17)),
+        ("decode fp8 e5m2 fp16, full-batch shape, graph replay",
+         r(BASE, kv_dtype="float8_e5m2", dtype="float16", backend="full_batch", graph=True,
+           seed=18)),
+        ("decode fp8 e4m3 d256, soft-cap", r(BASE, kv_dtype="float8_e4m3fn", head_dim=256,
+                                             soft_cap=30.0, seed=19)),
+        ("prefill fp8 e4m3, short + long tiles, split-KV",
+         r(PREFILL, kv_dtype="float8_e4m3fn", per_head_scales=True, kv_lens=(2000, 300, 40),
+           q_lens=(300, 4, 1), seed=20)),
+        ("prefill fp8 e5m2 d64, tree masks", r(PREFILL, kv_dtype="float8_e5m2", head_dim=64,
+                                               kv_lens=(200, 1000), q_lens=(4, 8),
+                                               tree_mask=True, seed=21)),
     ]
 
 
@@ -150,6 +165,21 @@ def kv_writes() -> list[bool]:
         finally:
             attn_backend.set_debug_checks(before)
         print(f"ran: kv write, {layout} layout, slots past the cache", flush=True)
+    for fp8_dtype, per_head in ((torch.float8_e4m3fn, True), (torch.float8_e5m2, False)):
+        num_pages, page_size, heads, dim = 9, 16, 2, 128
+        scales = torch.rand(2, heads if per_head else 1, device="cuda", generator=gen) + 0.1
+        k_scale, v_scale = (scales[0], scales[1]) if per_head else (scales[0, 0], scales[1, 0])
+        cache = PagedKVCache.from_vllm(rand(num_pages, heads, page_size, 2 * dim).to(fp8_dtype),
+                                       dim, k_scale=k_scale, v_scale=v_scale)
+        slots = torch.tensor([3, 140, -1, 0, 77], device="cuda")
+        key, value = rand(5, heads, dim) * 30, rand(5, heads, dim)
+        want = PagedKVCache(cache.k.clone(), cache.v.clone(), k_scale, v_scale)
+        reference.write_kv(want, slots, key, value)
+        attn_backend.write_kv(cache, slots, key, value)
+        ok = torch.equal(cache.k.view(torch.uint8), want.k.view(torch.uint8)) and \
+            torch.equal(cache.v.view(torch.uint8), want.v.view(torch.uint8))
+        print(f"{'ok' if ok else 'MISMATCH'}: quantising kv write, {fp8_dtype}", flush=True)
+        results.append(ok)
     return results
 
 

@@ -92,13 +92,18 @@ def test_the_run_op_takes_at_most_14_arguments_and_traces_with_fake_tensors():
     ops = _extension.load_ops()
     assert len(ops.attention.default._schema.arguments) <= 14
 
-    def step(q, k, v, table, workspace, out):
-        ops.attention(q, k, v, table, None, None, False, workspace, [0] * 40, None, 0.1, 0.0,
-                      out, None)
+    def step(q, k, v, table, workspace, out, *scales):
+        ops.attention(q, [k, v, *scales], table, None, None, False, workspace, [0] * 40, None,
+                      0.1, 0.0, out, None)
         return out.sum()
 
     args = (torch.randn(3, 8, 64), torch.randn(4, 16, 2, 64), torch.randn(4, 16, 2, 64),
             torch.zeros(3, 4, dtype=torch.int32), torch.zeros(64, dtype=torch.uint8),
             torch.empty(3, 8, 64))
     graph = make_fx(step, tracing_mode="fake")(*args)
+    assert "attn_backend.attention" in graph.code
+    # An FP8 cache comes with its K and V scales in the same list.
+    fp8_args = (args[0], args[1].to(torch.float8_e4m3fn), args[2].to(torch.float8_e4m3fn),
+                *args[3:], torch.ones(1), torch.ones(2))
+    graph = make_fx(step, tracing_mode="fake")(*fp8_args)
     assert "attn_backend.attention" in graph.code

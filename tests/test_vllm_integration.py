@@ -244,7 +244,10 @@ def _validate(**overrides):
                                        {"dtype": torch.float16}, {"block_size": 1},
                                        {"block_size": 7}, {"block_size": 64},
                                        {"has_sliding_window": True},
-                                       {"device_capability": DeviceCapability(8, 0)}])
+                                       {"device_capability": DeviceCapability(8, 0)},
+                                       {"kv_cache_dtype": "fp8"}, {"kv_cache_dtype": "fp8_e4m3"},
+                                       {"kv_cache_dtype": "fp8_e5m2"},
+                                       {"kv_cache_dtype": "fp8", "use_per_head_quant_scales": True}])
 def test_validate_configuration_accepts_what_the_kernels_serve(overrides):
     assert _validate(**overrides) == []
 
@@ -252,7 +255,8 @@ def test_validate_configuration_accepts_what_the_kernels_serve(overrides):
 @pytest.mark.parametrize("overrides, reason", [
     ({"head_size": 96}, "head_size not supported"),
     ({"dtype": torch.float32}, "dtype not supported"),
-    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype not supported"),
+    ({"kv_cache_dtype": "fp8_ds_mla"}, "kv_cache_dtype not supported"),
+    ({"kv_cache_dtype": "int8_per_token_head"}, "kv_cache_dtype not supported"),
     ({"use_mla": True}, "MLA not supported"),
     ({"has_sink": True}, "attention sinks not supported"),
     ({"device_capability": DeviceCapability(7, 5)}, "compute capability not supported"),
@@ -362,9 +366,9 @@ def test_unsupported_settings_raise_with_the_reason(configs):
     with pytest.raises(NotImplementedError, match="attention type"):
         AttnBackend.get_impl_cls()(NUM_HEADS, HEAD_SIZE, 0.1, NUM_KV_HEADS,
                                    attn_type=AttentionType.ENCODER_ONLY)
-    with pytest.raises(ValueError, match="kv_cache_dtype"):
+    with pytest.raises(ValueError, match="kv_cache_dtype 'fp8_inc'; accepted: .*fp8_e5m2"):
         AttnBackend.get_impl_cls()(NUM_HEADS, HEAD_SIZE, 0.1, NUM_KV_HEADS,
-                                   kv_cache_dtype="fp8")
+                                   kv_cache_dtype="fp8_inc")
     builder, _ = _make(configs, "cpu", _spec(16))
     batch = Batch([2], [5], block_size=16, device="cpu")
     metadata = batch.metadata()
@@ -378,6 +382,74 @@ def test_unsupported_settings_raise_with_the_reason(configs):
             AttnBackend.get_builder_cls()(_spec(16), ["x"], vllm_config, torch.device("cpu"))
     finally:
         vllm_config.parallel_config.enable_dbo = False
+
+
+# ---- FP8 caches ----------------------------------------------------------------------------
+
+class _ScaledLayer(torch.nn.Module):
+    """What the impl reads of vLLM's Attention layer for FP8: its scale buffers."""
+
+    def __init__(self, k_scale, v_scale):
+        super().__init__()
+        self.register_buffer("_k_scale", k_scale)
+        self.register_buffer("_v_scale", v_scale)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["per_tensor", "per_head"])
+@pytest.mark.parametrize("name", ["decode", "mixed"])
+def test_fp8_cache(configs, device, cache_dtype, per_head, name, monkeypatch):
+    """vLLM's uint8 cache, re-viewed by the dtype string: the history stored with vLLM's
+    quantisation rule, the step's tokens written by do_kv_cache_update, the answer the
+    reference's over the dequantised cache; the scales are read from the layer at each call
+    (a replaced buffer is seen)."""
+    from attn_backend import PagedKVCache, fp8, reference
+    from attn_backend.paged_kv import slots_from_block_table
+
+    q_lens, kv_lens = BATCHES[name]
+    block_size = 16
+    vllm_config = configs(device)
+    monkeypatch.setattr(vllm_config.cache_config, "cache_dtype", cache_dtype)
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=NUM_KV_HEADS,
+                             head_size=HEAD_SIZE, dtype=torch.uint8)
+    builder = AttnBackendAsCustom.get_builder_cls()(spec, ["model.layers.0.self_attn.attn"],
+                                                    vllm_config, torch.device(device))
+    impl = AttnBackendAsCustom.get_impl_cls()(NUM_HEADS, HEAD_SIZE, 1 / math.sqrt(HEAD_SIZE),
+                                              NUM_KV_HEADS, None, None, cache_dtype)
+    batch = Batch(q_lens, kv_lens, block_size=block_size, device=device, seed=3)
+    format_ = fp8.fp8_dtype(cache_dtype)
+    shape = (NUM_KV_HEADS,) if per_head else ()
+    k_scale = torch.full(shape, 0.02, device=device) + (torch.arange(NUM_KV_HEADS, device=device)
+                                                        * 0.01 if per_head else 0)
+    v_scale = torch.full(shape, 0.015, device=device)
+    layer = _ScaledLayer(torch.full(shape, 1.0, device=device), v_scale)
+    layer._k_scale = k_scale  # replaced after construction, as compressed-tensors does
+    heads = lambda s: s.reshape(-1).expand(NUM_KV_HEADS)[None, :, None, None]  # noqa: E731
+    scales = torch.cat([heads(k_scale).expand(-1, -1, -1, HEAD_SIZE),
+                        heads(v_scale).expand(-1, -1, -1, HEAD_SIZE)], dim=-1)
+    largest = torch.finfo(format_).max
+    stored = (batch.kv_cache.float() / scales).clamp(-largest, largest).to(format_)
+    kv_cache = stored.view(torch.uint8)  # vLLM's storage
+    md = builder.build(0, batch.metadata())
+    impl.do_kv_cache_update(layer, batch.new_keys, batch.new_values, kv_cache, batch.slot_mapping)
+    output = torch.full((batch.num_tokens, NUM_HEADS * HEAD_SIZE), float("nan"),
+                        dtype=batch.dtype, device=device)
+    impl.forward(layer, batch.query, batch.new_keys, batch.new_values, kv_cache, md,
+                 output=output)
+    cache = PagedKVCache.from_vllm(kv_cache.view(format_), HEAD_SIZE, k_scale=k_scale,
+                                   v_scale=v_scale)
+    kv_indptr, kv_slots = slots_from_block_table(batch.block_table, torch.tensor(kv_lens),
+                                                 block_size)
+    want = reference.attention(batch.query[: sum(q_lens)], [0] + torch.tensor(
+        q_lens).cumsum(0).tolist(), cache, kv_indptr, kv_slots, sm_scale=1 / math.sqrt(HEAD_SIZE))
+    real = sum(q_lens)
+    torch.testing.assert_close(output[:real].view(real, NUM_HEADS, HEAD_SIZE).float().cpu(),
+                               want.out.cpu(), atol=2e-2, rtol=2e-2)
+    # The new tokens' bytes are vLLM's rule: x / scale in float32, nearest even, saturated.
+    keys = cache.gather(batch.slot_mapping[batch.slot_mapping >= 0])[0]
+    want_keys = fp8.quantize(batch.new_keys[: keys.shape[0]], cache.scales_per_head()[0], format_)
+    assert torch.equal(keys.view(torch.uint8), want_keys.view(torch.uint8))
 
 
 # ---- CUDA graphs ----------------------------------------------------------------------------

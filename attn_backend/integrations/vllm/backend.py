@@ -18,6 +18,12 @@
   the batch's mix, so one graph cannot serve all mixes.
 - K/V are written by our `paged_kv_write` kernel in `do_kv_cache_update`
   (slot -1 skipped), not by layers that share another layer's cache.
+- FP8 caches (`fp8`, `fp8_e4m3`, `fp8_e5m2`): vLLM's uint8 cache is re-viewed by the
+  string; the layer's `_k_scale` / `_v_scale` (per tensor, or per kv head for
+  compressed-tensors `attn_head` checkpoints) are read at every call, since vLLM may
+  replace those buffers after loading, and handed to the kernels as device tensors, which
+  each launch (and each graph replay) reads. Writes quantise with vLLM's convention (x / scale
+  in float32, nearest even, saturated). Queries stay in the model's dtype.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata, MultipleOf)
 
+from ... import fp8
 from ..._validation import KERNEL_DTYPES, SUPPORTED_HEAD_DIMS
 from ...decode import PagedDecode
 from ...kv_write import write_kv
@@ -43,7 +50,8 @@ from . import BACKEND_NAME
 
 class AttnBackend(AttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = list(KERNEL_DTYPES)
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16",
+                                                       *fp8.ENGINE_FP8_STRINGS]
     forward_includes_kv_cache_update: bool = False  # vLLM calls impl.do_kv_cache_update
 
     @staticmethod
@@ -69,6 +77,10 @@ class AttnBackend(AttentionBackend):
     @classmethod
     def supports_sliding_window(cls) -> bool:
         return True
+
+    @classmethod
+    def supports_per_head_quant_scales(cls) -> bool:
+        return True  # the kernels read one K and one V scale per kv head
 
     @classmethod
     def supports_compute_capability(cls, capability) -> bool:
@@ -154,7 +166,7 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
         self.head_size = kv_cache_spec.head_size
         self.head_size_v = getattr(kv_cache_spec, "head_size_v", None) or self.head_size
         self.dtype = model_config.dtype  # the queries' and outputs'
-        self.kv_dtype = kv_cache_spec.dtype
+        self.kv_dtype = kv_dtype_of(kv_cache_spec.dtype, vllm_config.cache_config.cache_dtype)
         scheduler = vllm_config.scheduler_config
         self.max_num_reqs = scheduler.max_num_seqs
         self.max_num_tokens = scheduler.max_num_batched_tokens
@@ -219,6 +231,13 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
                                graph_num_tokens=min(grid_tokens, plans.prefill.max_num_tokens))
 
 
+def kv_dtype_of(spec_dtype: torch.dtype, cache_dtype: str) -> torch.dtype:
+    """The element type the kernels read: vLLM keeps FP8 caches as uint8 bytes (its spec's
+    dtype), whose format the cache-dtype string names; layers left at `auto`
+    (--kv-cache-dtype-skip-layers) have a 16-bit spec."""
+    return fp8.fp8_dtype(cache_dtype) if spec_dtype == torch.uint8 else spec_dtype
+
+
 def window_left_of(sliding_window) -> int:
     """vLLM's window counts the query's own token: w -> keys [p - (w - 1), p]; None -> -1."""
     if sliding_window is None:
@@ -247,6 +266,8 @@ class AttnBackendImpl(AttentionImpl[AttnBackendMetadata]):
         if kv_cache_dtype not in AttnBackend.supported_kv_cache_dtypes:
             raise ValueError(f"{BACKEND_NAME}: kv_cache_dtype {kv_cache_dtype!r}; accepted: "
                              f"{', '.join(AttnBackend.supported_kv_cache_dtypes)}")
+        self.kv_cache_dtype = kv_cache_dtype
+        self.fp8_cache = kv_cache_dtype in fp8.ENGINE_FP8_STRINGS
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -266,7 +287,7 @@ class AttnBackendImpl(AttentionImpl[AttnBackendMetadata]):
         if self.kv_sharing_target_layer_name is not None:
             return  # this layer reads another layer's cache, already written
         num_slots = slot_mapping.shape[0]  # key/value may carry graph padding past it
-        write_kv(self._cache(kv_cache), slot_mapping, key[:num_slots], value[:num_slots])
+        write_kv(self._cache(layer, kv_cache), slot_mapping, key[:num_slots], value[:num_slots])
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: AttnBackendMetadata | None,
@@ -279,7 +300,7 @@ class AttnBackendImpl(AttentionImpl[AttnBackendMetadata]):
             return output.fill_(0)  # the memory-profiling run
         meta = attn_metadata
         out = output.view(output.shape[0], self.num_heads, -1)
-        cache = self._cache(kv_cache)
+        cache = self._cache(layer, kv_cache)
         plans = meta.plans.get(self.window_left)
         if plans is None:
             raise RuntimeError(f"{BACKEND_NAME}: this layer's window (window_left "
@@ -297,5 +318,10 @@ class AttnBackendImpl(AttentionImpl[AttnBackendMetadata]):
                               logits_soft_cap=soft_cap, out=out[first:last])
         return output
 
-    def _cache(self, kv_cache: torch.Tensor) -> PagedKVCache:
-        return PagedKVCache.from_vllm(kv_cache, self.head_size)
+    def _cache(self, layer, kv_cache: torch.Tensor) -> PagedKVCache:
+        if not self.fp8_cache or kv_cache.dtype != torch.uint8:
+            return PagedKVCache.from_vllm(kv_cache, self.head_size)
+        # Read at every call: vLLM re-registers the scale buffers after loading.
+        return PagedKVCache.from_vllm(fp8.view_as_fp8(kv_cache, self.kv_cache_dtype),
+                                      self.head_size, k_scale=layer._k_scale,
+                                      v_scale=layer._v_scale)
