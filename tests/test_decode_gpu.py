@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attn_backend
 from attn_backend import PagedDecode, PageTable, reference
 
 from .helpers import (PagedProblem, allocate_pages, behind_slot_map, build_paged_problem,
@@ -273,3 +274,35 @@ def test_decode_rejects_bad_gpu_inputs(seed):
     bad.table[1, 0] = problem.cache.num_pages + 5
     with pytest.raises(ValueError, match="page ids in page_table holds values"):
         decode.run(q, problem.cache, bad)
+
+
+def test_back_to_back_plans_while_the_gpu_is_behind(seed):
+    """plan() refills one of two pinned staging buffers only after the copy that last read it
+    has run: with the GPU held back by a long kernel, six plans and runs queued without a sync
+    must each reach the device with their own schedule."""
+    gen = torch.Generator().manual_seed(seed)
+    decode = PagedDecode(num_qo_heads=16, num_kv_heads=4, head_dim=128, dtype=torch.bfloat16,
+                         device="cuda", max_batch_size=8)
+    cases = []
+    for step in range(6):
+        kv_lens = torch.randint(1, 6000, (int(torch.randint(1, 9, (1,), generator=gen)),),
+                                generator=gen).tolist()
+        problem, table, q = build(kv_lens, page_size=16, num_kv_heads=4, group=4, head_dim=128,
+                                  dtype=torch.bfloat16, layout="vllm_nhd", gen=gen)
+        cases.append((problem, table, q))
+    torch.cuda.synchronize()
+    attn_backend.set_debug_checks(False)  # their checks synchronise with the GPU
+    try:
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time queued ahead of everything
+        outputs = []
+        for problem, table, q in cases:
+            decode.plan(problem.kv_lens)
+            outputs.append(decode.run(q, problem.cache, table))
+    finally:
+        attn_backend.set_debug_checks(True)
+    torch.cuda.synchronize()
+    for (problem, table, q), out in zip(cases, outputs):
+        kv_indptr, kv_slots = problem.kv_csr()
+        want = reference.attention(q, problem.qo_indptr(), problem.cache, kv_indptr, kv_slots)
+        torch.testing.assert_close(out.float(), want.out, atol=1.5e-2, rtol=1.5e-2,
+                                   msg=lambda m: f"seed={seed}: {m}")
