@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import fp8, reference
+from . import reference
 from ._plan_run import KernelWrapper, PlanRecord, host_int64
 from ._validation import check_run_call
 from .kernel_configs import KernelConfig
@@ -116,12 +116,6 @@ class PagedPrefill(KernelWrapper):
         wgmma = self._find_config("prefill_wgmma")
         on_cuda = self.device.type == "cuda"
         if backend == "mma":
-            return mma
-        if fp8.is_fp8(self.kv_dtype):
-            # The wgmma kernel reads K and V from shared memory in the query's type.
-            if backend == "wgmma":
-                raise ValueError(f"backend='wgmma' reads caches of the query's type; an "
-                                 f"{self.kv_dtype} cache runs backend='mma' (or 'auto')")
             return mma
         if backend == "wgmma":
             if self._ops is not None and (wgmma is None or (on_cuda and not wgmma.runs_here())):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attn_backend import PagedDecode, PagedPrefill, reference
+from attn_backend.kernel_configs import find
 
 from .helpers import build_paged_problem, check_against_reference
 
@@ -99,33 +100,44 @@ MIXED = ([1, 5, 17, 200, 1, 64, 333], [1, 300, 17, 2049, 1000, 70, 333])
 SHORT = ([1, 4, 3, 2], [900, 40, 3000, 7])
 
 
+@pytest.fixture(params=["wgmma", "mma"])
+def long_tiles(request):
+    """Each long-query kernel: wgmma (sm_90 GPUs; FP8 tiles turned into float16 tiles in shared
+    memory) and mma.sync (FP8 fragments converted in registers)."""
+    if request.param == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel runs on sm_90 GPUs")
+    return request.param
+
+
 @pytest.mark.parametrize("kv_dtype", FORMATS, ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lengths", [MIXED, SHORT], ids=["mixed", "short"])
 @pytest.mark.parametrize("scale_kind", ["float", "per_head"])
-def test_fp8_prefill(kv_dtype, dtype, lengths, scale_kind, seed):
+def test_fp8_prefill(kv_dtype, dtype, lengths, scale_kind, long_tiles, seed):
     for page_size, head_dim in ((1, 128), (16, 64), (64, 256)):
+        if long_tiles == "wgmma" and find("prefill_wgmma", head_dim, head_dim) is None:
+            continue  # d256 has no wgmma shape
         problem, table, q = fp8_problem(*lengths, kv_dtype=kv_dtype, scale_kind=scale_kind,
                                         seed=seed, dtype=dtype, page_size=page_size,
                                         head_dim=head_dim, layout="sglang")
-        prefill = make_prefill(q, problem)
+        prefill = make_prefill(q, problem, backend=long_tiles)
         prefill.plan([0] + torch.tensor(lengths[0]).cumsum(0).tolist(), lengths[1])
         check_against_reference(prefill, problem, table, q, seed=seed, causal=True)
 
 
 @pytest.mark.parametrize("window_left, soft_cap", [(-1, 0.0), (700, 30.0)])
-def test_fp8_prefill_long_split_kv_window_softcap(window_left, soft_cap, seed):
+def test_fp8_prefill_long_split_kv_window_softcap(window_left, soft_cap, long_tiles, seed):
     q_lens, kv_lens = [3000, 8, 1], [9000, 12000, 20000]
     problem, table, q = fp8_problem(q_lens, kv_lens, kv_dtype=E4M3, scale_kind="per_head",
                                     seed=seed, num_kv_heads=4, group=8)
-    prefill = make_prefill(q, problem)
+    prefill = make_prefill(q, problem, backend=long_tiles)
     prefill.plan([0] + torch.tensor(q_lens).cumsum(0).tolist(), kv_lens,
                  window_left=window_left)
     check_against_reference(prefill, problem, table, q, seed=seed, causal=True,
                             window_left=window_left, soft_cap=soft_cap)
 
 
-def test_fp8_prefill_tree_masks(seed):
+def test_fp8_prefill_tree_masks(long_tiles, seed):
     """Speculative verification: each request's drafts see a random tree over its prefix."""
     gen = torch.Generator().manual_seed(seed)
     q_lens, kv_lens = [4, 7, 1, 6], [500, 31, 2000, 6]
@@ -138,7 +150,7 @@ def test_fp8_prefill_tree_masks(seed):
         block[torch.arange(n), kv - n + torch.arange(n)] = True
         masks.append(block.flatten())
     mask = torch.cat(masks)
-    prefill = make_prefill(q, problem)
+    prefill = make_prefill(q, problem, backend=long_tiles)
     prefill.plan([0] + torch.tensor(q_lens).cumsum(0).tolist(), kv_lens, custom_mask=mask)
     check_against_reference(prefill, problem, table, q, seed=seed, custom_mask=mask)
 
@@ -189,11 +201,9 @@ def test_fp8_decode_graph_reads_device_scales_at_replay(seed):
 
 
 def test_fp8_refusals():
-    with pytest.raises(ValueError, match="backend='wgmma' reads caches of the query's type"):
-        PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16,
-                     kv_dtype=E4M3, device="cuda", backend="wgmma")
     with pytest.raises(TypeError, match="dtype float8_e4m3fn; accepted: float16, bfloat16"):
         PagedDecode(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=E4M3, device="cuda")
-    prefill = PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16,
-                           kv_dtype=E4M3, device="cuda")
-    assert prefill._long_config("auto").name == "prefill_mma"
+    with pytest.raises(ValueError, match=r"k_scale has shape \(3,\); accepted"):
+        dataclasses.replace(
+            fp8_problem([1], [5], kv_dtype=E4M3, scale_kind="float", seed=0)[0].cache,
+            k_scale=torch.ones(3, device="cuda"))

@@ -13,23 +13,16 @@ template <typename Shape>
 void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFlags& flags,
             dim3 grid, bool pdl, cudaStream_t stream) {
   dispatch_dtypes(dtypes, "prefill", [&](auto q, auto kv, auto o) {
-    if constexpr (Shape::kWgmma && !std::is_same_v<decltype(q), decltype(kv)>) {
-      // wgmma reads K and V from shared memory in the query's type; plan() never picks it
-      // for an FP8 cache (attn_backend/prefill.py).
-      TORCH_CHECK(false, "prefill: the wgmma kernel reads caches of the query's type, not ",
-                  dtypes.kv, "; plan FP8 caches for the mma kernel");
-    } else {
-      using Traits = PrefillTraits<Shape, decltype(q), decltype(kv), decltype(o)>;
-      // Soft-cap and custom masks are compiled in only where used: each costs registers.
-      using Plain = LogitsTransform<false>;
-      using Capped = LogitsTransform<true>;
-      auto* kernel = flags.soft_cap
-                         ? (flags.custom_mask ? &paged_prefill_kernel<Traits, Capped, true>
-                                              : &paged_prefill_kernel<Traits, Capped, false>)
-                         : (flags.custom_mask ? &paged_prefill_kernel<Traits, Plain, true>
-                                              : &paged_prefill_kernel<Traits, Plain, false>);
-      launch_with_pdl(kernel, params, grid, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
-    }
+    using Traits = PrefillTraits<Shape, decltype(q), decltype(kv), decltype(o)>;
+    // Soft-cap and custom masks are compiled in only where used: each costs registers.
+    using Plain = LogitsTransform<false>;
+    using Capped = LogitsTransform<true>;
+    auto* kernel = flags.soft_cap
+                       ? (flags.custom_mask ? &paged_prefill_kernel<Traits, Capped, true>
+                                            : &paged_prefill_kernel<Traits, Capped, false>)
+                       : (flags.custom_mask ? &paged_prefill_kernel<Traits, Plain, true>
+                                            : &paged_prefill_kernel<Traits, Plain, false>);
+    launch_with_pdl(kernel, params, grid, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
   });
 }
 

@@ -15,7 +15,8 @@
 //
 // MMAs (mma_policy.cuh): mma.sync m16n8k16 (sm80+), or with Shape::kWgmma Hopper's
 // warpgroup MMAs (sm_90a), which read K, V and Q from 128-byte-swizzled shared memory;
-// everything else is shared by the two.
+// everything else is shared by the two. FP8 caches: mma.sync converts K/V fragments in
+// registers; for wgmma each FP8 K/V tile is turned into a float16 tile in shared memory.
 //
 // Split-KV: when the tiles alone do not fill the GPU (a short extend on a long prefix), the
 // plan cuts a tile's kv range into chunks; each chunk writes a float partial state and the
@@ -26,6 +27,7 @@
 #include <type_traits>
 
 #include "attn_backend/common/epilogue.cuh"
+#include "attn_backend/common/fp8_convert.cuh"
 #include "attn_backend/common/math.cuh"
 #include "attn_backend/common/mma_policy.cuh"
 #include "attn_backend/common/online_softmax.cuh"
@@ -66,31 +68,48 @@ struct PrefillTraits : Shape {
   using DTypeKV = DTypeKV_;
   using DTypeO = DTypeO_;
   static constexpr bool kWgmma = Shape::kWgmma;
+  // wgmma reads K and V from shared memory in its operand type: FP8 tiles are turned into
+  // float16 tiles there, one K/V tile at a time, before the tile's MMAs.
+  static constexpr bool kConvertsKV = kWgmma && is_fp8<DTypeKV>();
+  using DTypeKVOperand = std::conditional_t<kConvertsKV, __half, DTypeKV>;
   static constexpr int kChunksQ = chunks_per_row<DTypeQ, Shape::kHeadDimQK>();
-  static constexpr int kChunksK = chunks_per_row<DTypeKV, Shape::kHeadDimQK>();
-  static constexpr int kChunksV = chunks_per_row<DTypeKV, Shape::kHeadDimVO>();
+  static constexpr int kChunksK = chunks_per_row<DTypeKVOperand, Shape::kHeadDimQK>();
+  static constexpr int kChunksV = chunks_per_row<DTypeKVOperand, Shape::kHeadDimVO>();
   // Q's rows are the tile's packed query rows; K's and V's the tile's keys.
   template <int kChunks, int kTileRows>
   using Layout = std::conditional_t<kWgmma, Swizzled128BBlocks<kChunks, kTileRows>,
                                     XorSwizzledRows<kChunks>>;
   using LayoutQ = Layout<kChunksQ, Shape::kRows>;
-  using LayoutK = Layout<kChunksK, Shape::kKVTile>;
+  using LayoutK = Layout<kChunksK, Shape::kKVTile>;  // the tiles the MMAs read
   using LayoutV = Layout<kChunksV, Shape::kKVTile>;
-  using Loader =
-      PagedKVLoader<DTypeKV, Shape::kKVTile, Shape::kStages, Shape::kThreads, LayoutK, LayoutV>;
+  // The ring's tiles: the MMAs' own, or the FP8 rows the conversion reads.
+  using RingLayoutK = std::conditional_t<
+      kConvertsKV, XorSwizzledRows<chunks_per_row<DTypeKV, Shape::kHeadDimQK>()>, LayoutK>;
+  using RingLayoutV = std::conditional_t<
+      kConvertsKV, XorSwizzledRows<chunks_per_row<DTypeKV, Shape::kHeadDimVO>()>, LayoutV>;
+  using Loader = PagedKVLoader<DTypeKV, Shape::kKVTile, Shape::kStages, Shape::kThreads,
+                               RingLayoutK, RingLayoutV>;
   using Mma = std::conditional_t<
-      kWgmma, WgmmaMma<DTypeQ, Shape::kRows, Shape::kKVTile, Shape::kHeadDimQK, Shape::kHeadDimVO>,
+      kWgmma,
+      WgmmaMma<std::conditional_t<kConvertsKV, __half, DTypeQ>, Shape::kRows, Shape::kKVTile,
+               Shape::kHeadDimQK, Shape::kHeadDimVO, DTypeQ, kConvertsKV>,
       MmaSync<DTypeQ, DTypeKV>>;
   static constexpr int kQBytes = Shape::kRows * kChunksQ * 16;
-  static constexpr int kQOffset = Loader::kRingBytes;
+  static constexpr int kConvertedOffset = Loader::kRingBytes;
+  static constexpr int kConvertedKBytes = kConvertsKV ? Shape::kKVTile * kChunksK * 16 : 0;
+  static constexpr int kConvertedVBytes = kConvertsKV ? Shape::kKVTile * kChunksV * 16 : 0;
+  static constexpr int kQOffset = kConvertedOffset + kConvertedKBytes + kConvertedVBytes;
   static constexpr int kRowAddressOffset = kQOffset + kQBytes;
   // wgmma operands start 1024-byte aligned; the kernel aligns the dynamic base itself.
   static constexpr int kAlignPad = kWgmma ? 1024 : 0;
   static constexpr int kSmemBytes = kRowAddressOffset + Loader::kRowAddressBytes + kAlignPad;
   // The merge's per-row scalars reuse the ring after the main loop.
   static_assert(Loader::kRingBytes >= 2 * Shape::kRows * 4, "ring too small for the merge scalars");
-  static_assert(!kWgmma || std::is_same_v<DTypeQ, DTypeKV>,
-                "wgmma reads K and V from shared memory in the query's type");
+  static_assert(!kWgmma || (kConvertedOffset % 1024 == 0 && kQOffset % 1024 == 0 &&
+                            kConvertedKBytes % 1024 == 0),
+                "wgmma operands 1024-byte aligned");
+  static_assert(!kWgmma || std::is_same_v<DTypeQ, DTypeKV> || kConvertsKV,
+                "wgmma reads K and V in the query's type or converted from FP8");
 };
 
 template <typename Traits, typename Logits, bool kCustomMask>
@@ -161,12 +180,28 @@ __global__ void __launch_bounds__(Traits::kThreads)
   for (int tile = 0; tile < loader.num_tiles; ++tile) {
     loader.template advance<Traits::kWgmma>(tile, pending);
     const int stage = tile % Traits::kStages;
+    const uint8_t* k_tile = loader.k_tile(stage);
+    const uint8_t* v_tile = loader.v_tile(stage);
+    if constexpr (Traits::kConvertsKV) {
+      // After advance()'s barrier every warpgroup is done with the last tile's MMAs, so the
+      // float16 tiles may be rewritten.
+      uint8_t* const k_half = smem + Traits::kConvertedOffset;
+      uint8_t* const v_half = k_half + Traits::kConvertedKBytes;
+      fp8::convert_tile_to_half<typename Traits::DTypeKV, typename Traits::RingLayoutK,
+                                typename Traits::LayoutK, kKV, Traits::kThreads>(k_tile, k_half);
+      fp8::convert_tile_to_half<typename Traits::DTypeKV, typename Traits::RingLayoutV,
+                                typename Traits::LayoutV, kKV, Traits::kThreads>(v_tile, v_half);
+      wgmma::fence_generic_to_async_smem();
+      __syncthreads();
+      k_tile = k_half;
+      v_tile = v_half;
+    }
     float s[kM][kKVNTiles][4];
     if constexpr (Traits::kWgmma) {
-      Mma::qk(s[0], q_smem, loader.k_tile(stage), warp / 4);
+      Mma::qk(s[0], q_smem, k_tile, warp / 4);
     } else {
       Mma::template qk<typename Traits::LayoutQ, typename Traits::LayoutK, Traits::kHeadDimQK>(
-          s, q_smem, warp_row0, loader.k_tile(stage), lane);
+          s, q_smem, warp_row0, k_tile, lane);
     }
     const int first_key = item.kv_start + tile * kKV;
     transform_scores(s, logits, visibility.tile_needs_mask(first_key, kKV),
@@ -178,9 +213,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
                      });
     softmax.update(s, o, logits.exp_scale);
     if constexpr (Traits::kWgmma) {
-      Mma::pv(o[0], s[0], loader.v_tile(stage));
+      Mma::pv(o[0], s[0], v_tile);
     } else {
-      Mma::template pv<typename Traits::LayoutV, kM, kKV / 16>(o, s, loader.v_tile(stage), 0, lane);
+      Mma::template pv<typename Traits::LayoutV, kM, kKV / 16>(o, s, v_tile, 0, lane);
     }
   }
   ptx::cp_async_wait<0>();

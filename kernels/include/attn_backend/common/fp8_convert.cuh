@@ -62,5 +62,42 @@ __device__ __forceinline__ void quad_to_interleaved(uint32_t quad, uint32_t& eve
   quad_to<T, DTypeFp8>(regrouped, even, odd);
 }
 
+// The query tile (kBytes of DTypeQ, any chunk layout) as float16 times sm_scale, in place, so
+// that MMAs in float16 can take it (FP8 caches); the caller synchronises before and after.
+template <typename DTypeQ, int kBytes, int kThreads>
+__device__ __forceinline__ void convert_query_tile(uint8_t* q_smem, float sm_scale) {
+  static_assert(kBytes % 16 == 0, "whole chunks");
+  for (int chunk = threadIdx.x; chunk < kBytes / 16; chunk += kThreads) {
+    uint4* at = reinterpret_cast<uint4*>(q_smem) + chunk;
+    uint4 values = *at;
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(&values);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pairs[i] = scaled_pair_to_half<DTypeQ>(pairs[i], sm_scale);
+    *at = values;
+  }
+}
+
+// A tile of kRows FP8 rows of kFp8Chunks 16-byte chunks (16 values each) in layout FromLayout
+// as float16 rows (2 kFp8Chunks chunks) in layout ToLayout: for MMAs that read both operands
+// from shared memory (wgmma). The caller synchronises before and after (and fences for the
+// async proxy).
+template <typename DTypeFp8, typename FromLayout, typename ToLayout, int kRows, int kThreads>
+__device__ __forceinline__ void convert_tile_to_half(const uint8_t* from, uint8_t* to) {
+  constexpr int kFp8Chunks = FromLayout::kChunks;
+  static_assert(ToLayout::kChunks == 2 * kFp8Chunks, "a float16 row is twice the bytes");
+  for (int i = threadIdx.x; i < kRows * kFp8Chunks; i += kThreads) {
+    const int row = i / kFp8Chunks;
+    const int chunk = i % kFp8Chunks;
+    const uint4 in = *reinterpret_cast<const uint4*>(from + FromLayout::chunk_index(row, chunk) * 16);
+    uint4 low, high;  // values 0-7 and 8-15 of the chunk
+    quad_to<__half, DTypeFp8>(in.x, low.x, low.y);
+    quad_to<__half, DTypeFp8>(in.y, low.z, low.w);
+    quad_to<__half, DTypeFp8>(in.z, high.x, high.y);
+    quad_to<__half, DTypeFp8>(in.w, high.z, high.w);
+    *reinterpret_cast<uint4*>(to + ToLayout::chunk_index(row, 2 * chunk) * 16) = low;
+    *reinterpret_cast<uint4*>(to + ToLayout::chunk_index(row, 2 * chunk + 1) * 16) = high;
+  }
+}
+
 }  // namespace fp8
 }  // namespace attn_backend

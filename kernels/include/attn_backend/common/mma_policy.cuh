@@ -46,19 +46,11 @@ struct MmaSync {
     return kFp8KV ? key_scale : sm_scale * key_scale;
   }
 
-  // FP8 K/V: the query tile (kBytes of DTypeQ, any chunk layout) becomes float16 times
-  // sm_scale, in place; the caller synchronises before and after.
+  // FP8 K/V: the query tile (kBytes of DTypeQ) becomes float16 times sm_scale, in place; the
+  // caller synchronises before and after.
   template <int kBytes, int kThreads>
   __device__ __forceinline__ static void convert_query(uint8_t* q_smem, float sm_scale) {
-    static_assert(kBytes % 16 == 0, "whole chunks");
-    for (int chunk = threadIdx.x; chunk < kBytes / 16; chunk += kThreads) {
-      uint4* at = reinterpret_cast<uint4*>(q_smem) + chunk;
-      uint4 values = *at;
-      uint32_t* pairs = reinterpret_cast<uint32_t*>(&values);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pairs[i] = fp8::scaled_pair_to_half<DTypeQ>(pairs[i], sm_scale);
-      *at = values;
-    }
+    fp8::convert_query_tile<DTypeQ, kBytes, kThreads>(q_smem, sm_scale);
   }
 
   // A fragment of rows [row0, row0 + 16) and columns [16 kk, 16 kk + 16) of a tile. With FP8
@@ -226,17 +218,27 @@ struct MmaSync {
 };
 
 // Warpgroup MMAs over a Q tile of kRows rows (warpgroup g owns rows [64 g, 64 g + 64)) and
-// K/V tiles of kKVTile keys, all in Swizzled128BBlocks layouts.
-template <typename DType, int kRows, int kKVTile, int kHeadDimQK, int kHeadDimVO>
+// K/V tiles of kKVTile keys, all in Swizzled128BBlocks layouts. kQueryConverted (FP8 caches,
+// whose tiles the kernel turns into float16 tiles for it): the query tile is turned into
+// float16 times sm_scale first, as MmaSync does.
+template <typename DType, int kRows, int kKVTile, int kHeadDimQK, int kHeadDimVO,
+          typename DTypeQ = DType, bool kQueryConverted = false>
 struct WgmmaMma {
   static_assert(sizeof(DType) == 2, "wgmma m64nNk16 with 16-bit operands");
   static_assert((kKVTile == 64 || kKVTile == 128) && (kHeadDimVO == 64 || kHeadDimVO == 128),
                 "wgmma N of 64 or 128");
   static constexpr int kElementsPerBlock = 128 / sizeof(DType);  // columns per 128-byte block
-  static constexpr bool kConvertsQuery = false;
+  static constexpr bool kConvertsQuery = kQueryConverted;
+  static_assert(!kQueryConverted || std::is_same_v<DType, __half>,
+                "a converted query is float16");
 
   __device__ __forceinline__ static float qk_scale(float sm_scale, float key_scale) {
-    return sm_scale * key_scale;
+    return kQueryConverted ? key_scale : sm_scale * key_scale;
+  }
+
+  template <int kBytes, int kThreads>
+  __device__ __forceinline__ static void convert_query(uint8_t* q_smem, float sm_scale) {
+    fp8::convert_query_tile<DTypeQ, kBytes, kThreads>(q_smem, sm_scale);
   }
   static constexpr int kStepBytes = 16 * sizeof(DType);          // 16 columns (one k-step)
 
