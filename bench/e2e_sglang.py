@@ -9,6 +9,7 @@ is written locally, so no hub access is needed):
     python -m bench.e2e_sglang [--backends attn_backend flashinfer triton]
         [--shapes 1x8192 16x8192 64x4096 256x1024] [--output-len 32]
         [--page16 attn_backend flashinfer] [--engines 1] [--skip-agreement]
+        [--kv-cache-dtype auto|fp8_e4m3|fp8_e5m2]
     python -m bench.e2e_sglang --plot-only bench/results/e2e_sglang-DATE-GPU.json
 
 Each engine run leaves its result in --log-dir; with --resume a later call reuses them (so
@@ -21,6 +22,10 @@ backend name. Then a sanity check of the outputs: greedy generations of random
 prompts by attn_backend and flashinfer (and triton against flashinfer as the
 baseline) on the same random weights, reported as the share of requests whose
 first generated tokens agree.
+
+With `--kv-cache-dtype fp8_e4m3` (or `fp8_e5m2`) every engine runs an FP8 KV pool (no
+checkpoint scales: 1.0), the case names carry `_fp8e4m3` before the phase, and the agreement
+check also compares each backend's FP8 generations with its own bf16 ones.
 """
 
 from __future__ import annotations
@@ -69,12 +74,20 @@ def write_model_dir(path: Path, *, layers: int = 4, vocab: int = 32000) -> Path:
     return path
 
 
-def one_batch_command(model: Path, backend: str, *, page_size: int, extra: list[str]) -> list[str]:
+def one_batch_command(model: Path, backend: str, *, page_size: int, extra: list[str],
+                      kv_cache_dtype: str = "auto") -> list[str]:
     # The launcher registers attn_backend first: one_batch parses its arguments before
     # SGLang loads plugins. It changes nothing for the built-in backends.
+    kv = [] if kv_cache_dtype == "auto" else ["--kv-cache-dtype", kv_cache_dtype]
     return [sys.executable, "-m", "attn_backend.launch", ONE_BATCH, "--model-path", str(model),
             "--load-format", "dummy", "--attention-backend", backend,
-            "--page-size", str(page_size), "--mem-fraction-static", str(MEM_FRACTION), *extra]
+            "--page-size", str(page_size), "--mem-fraction-static", str(MEM_FRACTION), *kv,
+            *extra]
+
+
+def kv_tag(kv_cache_dtype: str) -> str:
+    """The case-name tag of a KV-cache dtype string: '' for auto, `_fp8e4m3` for fp8_e4m3."""
+    return "" if kv_cache_dtype == "auto" else "_" + kv_cache_dtype.replace("_", "")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -96,17 +109,18 @@ def run_logged(command: list[str], log: Path, timeout: int) -> int:
 
 def throughput_run(model: Path, backend: str, batch: int, input_len: int, output_len: int,
                    page_size: int, log_dir: Path, timeout: int, resume: bool,
-                   repeats: int, engine: int = 0) -> dict | None:
+                   repeats: int, engine: int = 0, kv_cache_dtype: str = "auto") -> dict | None:
     """Prefill and median decode tokens/s of one shape in engine number `engine`, or None
     (the log says why)."""
-    name = f"{backend}_b{batch}_in{input_len}_p{page_size}" + (f"_e{engine}" if engine else "")
+    name = (f"{backend}_b{batch}_in{input_len}_p{page_size}{kv_tag(kv_cache_dtype)}"
+            + (f"_e{engine}" if engine else ""))
     result_file = log_dir / f"{name}.jsonl"
     if resume and result_file.exists():
         print(f"  {name}: measured by an earlier call", flush=True)
     else:
         result_file.unlink(missing_ok=True)
         _measure(model, backend, batch, input_len, output_len, page_size, log_dir, timeout,
-                 name, result_file, repeats)
+                 name, result_file, repeats, kv_cache_dtype)
     if not result_file.exists():
         return None
     results = [json.loads(line) for line in result_file.read_text().strip().splitlines()]
@@ -116,13 +130,13 @@ def throughput_run(model: Path, backend: str, batch: int, input_len: int, output
 
 
 def _measure(model, backend, batch, input_len, output_len, page_size, log_dir, timeout, name,
-             result_file, repeats) -> None:
+             result_file, repeats, kv_cache_dtype) -> None:
     # The same batch several times in one engine: one_batch measures each (one warm-up for
     # all), and the median damps the step-to-step noise of a single measurement.
     command = one_batch_command(model, backend, page_size=page_size, extra=[
         "--batch-size", *[str(batch)] * repeats, "--input-len", str(input_len), "--output-len",
         str(output_len), "--cuda-graph-bs", str(batch), "--result-filename", str(result_file),
-        "--run-name", name])
+        "--run-name", name], kv_cache_dtype=kv_cache_dtype)
     started = time.perf_counter()
     code = run_logged(command, log_dir / f"{name}.log", timeout)
     print(f"  {name}: exit {code} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -151,9 +165,10 @@ def over_engines(results: list[dict]) -> dict:
 
 
 def generations(model: Path, backend: str, prompts_file: Path, num_prompts: int, tokens: int,
-                log_dir: Path, timeout: int, resume: bool) -> list[list[str]] | None:
+                log_dir: Path, timeout: int, resume: bool,
+                kv_cache_dtype: str = "auto") -> list[list[str]] | None:
     """Greedy generations (words after each prompt) from one_batch's correctness test."""
-    log = log_dir / f"agreement_{backend}.log"
+    log = log_dir / f"agreement_{backend}{kv_tag(kv_cache_dtype)}.log"
     if resume and log.exists():
         earlier = parse_generations(log, prompts_file, num_prompts, tokens)
         if earlier is not None:
@@ -162,7 +177,8 @@ def generations(model: Path, backend: str, prompts_file: Path, num_prompts: int,
     # then decodes in a CUDA graph: the serving paths.
     command = one_batch_command(model, backend, page_size=1, extra=[
         "--correctness-test", "--prompt-filename", str(prompts_file), "--batch-size",
-        str(num_prompts), "--output-len", str(tokens), "--cuda-graph-bs", str(num_prompts)])
+        str(num_prompts), "--output-len", str(tokens), "--cuda-graph-bs", str(num_prompts)],
+        kv_cache_dtype=kv_cache_dtype)
     if run_logged(command, log, timeout) != 0:
         return None
     return parse_generations(log, prompts_file, num_prompts, tokens)
@@ -212,6 +228,9 @@ def main(argv=None) -> int:
                         help="measure only (a later --resume call writes the JSON)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--timeout", type=int, default=300, help="seconds per engine run")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        choices=["auto", "fp8_e4m3", "fp8_e5m2"],
+                        help="every engine's KV pool (SGLang's --kv-cache-dtype)")
     parser.add_argument("--plot-only", type=Path, help="redraw the PNG of a results JSON")
     args = parser.parse_args(argv)
     if args.plot_only:
@@ -224,6 +243,7 @@ def main(argv=None) -> int:
     per_engine: dict[tuple[str, str, int], list[dict]] = {}
     notes = [f"{ONE_BATCH} via `python -m attn_backend.launch`, Llama-3-8B shapes with 4 layers "
              f"and random weights (--load-format dummy), bf16, --mem-fraction-static {MEM_FRACTION}, "
+             f"--kv-cache-dtype {args.kv_cache_dtype}, "
              f"output {args.output_len} tokens, CUDA-graph decode; each engine its own process",
              "rows <case>_prefill: prefill tokens/s of the whole batch; <case>_decode: median "
              f"decode tokens/s (one_batch's result file), each the median of {args.repeats} "
@@ -233,7 +253,8 @@ def main(argv=None) -> int:
     for backend, shape, page, engine in runs:
         batch, input_len = (int(x) for x in shape.split("x"))
         result = throughput_run(model, backend, batch, input_len, args.output_len, page,
-                                args.log_dir, args.timeout, args.resume, args.repeats, engine)
+                                args.log_dir, args.timeout, args.resume, args.repeats, engine,
+                                args.kv_cache_dtype)
         if result is None:
             notes.append(f"{backend} {shape} page {page} engine {engine}: the engine run failed "
                          f"(log in {args.log_dir})")
@@ -254,7 +275,8 @@ def main(argv=None) -> int:
                           if (b, shape, page) in measured}
                 if OURS not in values:
                     continue
-                case = f"b{batch}_in{input_len}_out{args.output_len}_p{page}_{phase}"
+                case = (f"b{batch}_in{input_len}_out{args.output_len}_p{page}"
+                        f"{kv_tag(args.kv_cache_dtype)}_{phase}")
                 rows.append({"case": case, "ours": round(values.pop(OURS), 1),
                              "peers": {b: round(v, 1) for b, v in values.items()}})
 
@@ -287,12 +309,21 @@ def check_agreement(model: Path, args) -> list[str]:
                for _ in range(args.agreement_prompts)]
     prompts_file.write_text("\n".join(prompts) + "\n")
     outputs = {}
+    kv = args.kv_cache_dtype
     for backend in (OURS, "flashinfer", "triton"):
         outputs[backend] = generations(model, backend, prompts_file, args.agreement_prompts,
                                        args.agreement_tokens, args.log_dir, args.timeout,
-                                       args.resume)
-    notes = []
-    for a, b in ((OURS, "flashinfer"), ("triton", "flashinfer"), (OURS, "triton")):
+                                       args.resume, kv)
+    pairs = [(OURS, "flashinfer"), ("triton", "flashinfer"), (OURS, "triton")]
+    if kv != "auto":  # each backend's FP8 generations against its own bf16 ones
+        for backend in (OURS, "flashinfer"):
+            outputs[f"{backend} bf16"] = generations(
+                model, backend, prompts_file, args.agreement_prompts, args.agreement_tokens,
+                args.log_dir, args.timeout, args.resume)
+            pairs.append((backend, f"{backend} bf16"))
+    notes = [] if kv == "auto" else [f"agreement runs with --kv-cache-dtype {kv} unless "
+                                     "marked bf16"]
+    for a, b in pairs:
         if outputs[a] is None or outputs[b] is None:
             notes.append(f"agreement {a} vs {b}: a run failed (logs agreement_*.log)")
             continue

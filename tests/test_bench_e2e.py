@@ -56,3 +56,23 @@ def test_rows_are_the_median_over_engines(tmp_path):
     assert [r["decode"] for r in results] == [11.0, 20.0, 14.0]
     assert over_engines(results) == {"prefill": 101.0, "decode": 14.0, "measurements": 9,
                                      "engines": 3}
+
+
+def test_fp8_runs_have_their_own_names_and_the_engine_flag():
+    from pathlib import Path
+
+    from bench.e2e_sglang import kv_tag, one_batch_command
+
+    assert kv_tag("auto") == "" and kv_tag("fp8_e4m3") == "_fp8e4m3"
+    command = one_batch_command(Path("m"), "attn_backend", page_size=1, extra=["--x"],
+                                kv_cache_dtype="fp8_e4m3")
+    assert command[command.index("--kv-cache-dtype") + 1] == "fp8_e4m3"
+    assert "--kv-cache-dtype" not in one_batch_command(Path("m"), "triton", page_size=1, extra=[])
+
+
+def test_fp8_results_resume_under_their_own_name(tmp_path):
+    line = json.dumps({"prefill_throughput": 5.0, "median_decode_throughput": 7.0})
+    (tmp_path / "ours_b2_in8_p1_fp8e4m3.jsonl").write_text(line + "\n")
+    result = throughput_run(tmp_path, "ours", 2, 8, 4, 1, tmp_path, timeout=1, resume=True,
+                            repeats=1, kv_cache_dtype="fp8_e4m3")
+    assert result == {"prefill": 5.0, "decode": 7.0, "measurements": 1}
