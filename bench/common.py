@@ -191,3 +191,17 @@ class OptionalPeers:
     def note_once(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
+
+
+def bench_kv_dtypes(names: dict) -> list:
+    """The cache dtypes a benchmark runs (`names`: dtype -> case-name tag, in order): all, or
+    those whose tags ATTN_BACKEND_BENCH_KV_DTYPES lists (e.g. `bf16` for a quicker run)."""
+    wanted = os.environ.get("ATTN_BACKEND_BENCH_KV_DTYPES")
+    if not wanted:
+        return list(names)
+    tags = [t.strip() for t in wanted.split(",") if t.strip()]
+    unknown = [t for t in tags if t not in names.values()]
+    if unknown:
+        raise ValueError(f"ATTN_BACKEND_BENCH_KV_DTYPES names {unknown}; known: "
+                         f"{', '.join(names.values())}")
+    return [dtype for dtype, tag in names.items() if tag in tags]
