@@ -81,7 +81,7 @@ class Peers(OptionalPeers):
                      page_size, q_data_type=DTYPE, kv_data_type=cache.dtype)
         out = torch.empty_like(q)
         kv = (cache.k, cache.v)
-        if not cache.is_fp8:
+        if cache.k.element_size() != 1:  # 16-bit (also on builds without FP8 support)
             return lambda: wrapper.run(q, kv, out=out)
         k_scale, v_scale = FP8_SCALES
         return lambda: wrapper.run(q, kv, out=out, k_scale=k_scale, v_scale=v_scale)
@@ -111,15 +111,15 @@ def _shape_rows(peers, decode, kv_dtype, batch, kv_len, gen) -> list[dict]:
     k_buffer = torch.randn(num_slots, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE,
                            device="cuda").to(kv_dtype)
     v_buffer = torch.randn(k_buffer.shape, dtype=DTYPE, device="cuda").to(kv_dtype)
-    scales = FP8_SCALES if kv_dtype != DTYPE else (None, None)
+    # Scales only for FP8: an older build's from_sglang (a before/after run) takes none.
+    scales = dict(zip(("k_scale", "v_scale"), FP8_SCALES)) if kv_dtype != DTYPE else {}
     q = torch.randn(batch, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     moved = kv_bytes(batch, kv_len, kv_dtype) + 2 * q.numel() * q.element_size()
     iters = 20 if moved > (4 << 30) else 50
     contiguous = None if kv_dtype == DTYPE else {}  # SDPA/flex read 16-bit K/V only
     rows = []
     for page_size in PAGE_SIZES:
-        cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size, k_scale=scales[0],
-                                         v_scale=scales[1])
+        cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size, **scales)
         pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
         table = PageTable.from_block_table(pages.cuda())
         decode.plan([kv_len] * batch)
