@@ -46,11 +46,13 @@ def case_name(batch, kv_len, page_size, kv_dtype=DTYPE):
             f"{KV_DTYPE_NAMES[kv_dtype]}_p{page_size}")
 
 
-def make_problem(batch, kv_len, page_size, gen):
-    """Random K/V for `batch` requests of `kv_len` tokens on shuffled pages, and a query."""
+def make_problem(batch, kv_len, page_size, gen, kv_dtype=DTYPE):
+    """Random K/V for `batch` requests of `kv_len` tokens on shuffled pages, and a query (an
+    FP8 cache holds the random values cast, read with scale 1)."""
     k_buffer = torch.randn(batch * kv_len + 1024, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE,
                            device="cuda")
-    cache = PagedKVCache.from_sglang(k_buffer, torch.randn_like(k_buffer), page_size)
+    v_buffer = torch.randn_like(k_buffer)
+    cache = PagedKVCache.from_sglang(k_buffer.to(kv_dtype), v_buffer.to(kv_dtype), page_size)
     pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
     q = torch.randn(batch, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     return cache, pages, q

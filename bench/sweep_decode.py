@@ -1,7 +1,10 @@
-"""Time alternative shapes of the decode kernel (d128, bf16, GQA 32/8) on a few batches.
+"""Time alternative shapes of the decode kernel (d128, bf16 queries, GQA 32/8) on a few batches.
 
     python -m bench.sweep_decode [--shapes 64x4096x16,1x32768x16,64x4096x1o] [--profile VARIANT]
-        [--plans shipped,balanced] [--trace]
+        [--plans shipped,balanced] [--trace] [--kv bf16|fp8e4m3]
+
+`--kv fp8e4m3`: an e4m3 cache (scale 1) and the FP8 list of shapes (FP8_VARIANTS: half the
+bytes per key, so deeper rings and wider tiles fit where bf16's do not).
 
 Each (stages, warps) in VARIANTS is compiled (one translation unit per shape,
 built in parallel) into a side extension whose op launches it over exactly the
@@ -104,13 +107,16 @@ PLANS = {"shipped": plan_decode, "balanced": plan_decode_balanced}
 
 # (stages, warps): the ring depth and the warps of a CTA (16 tokens of a tile each).
 VARIANTS = [(2, 4), (3, 4), (3, 3), (4, 3), (3, 2), (2, 3)]
+FP8_VARIANTS = [(3, 4), (4, 4), (6, 4), (2, 8), (3, 8), (5, 3)]
+KV_TYPES = {"bf16": (torch.bfloat16, "__nv_bfloat16"),
+            "fp8e4m3": (torch.float8_e4m3fn, "__nv_fp8_e4m3")}
 
 _VARIANT_TU = """
 #include "attention_params.h"
 #include "attn_backend/decode.cuh"
 namespace attn_backend {{
 using VariantTraits{i} = DecodeTraits<DecodeShape<128, 128, {stages}, {warps}>, __nv_bfloat16,
-                                      __nv_bfloat16, __nv_bfloat16>;
+                                      {kv_type}, __nv_bfloat16>;
 constexpr auto* kVariantKernel{i} = &paged_decode_kernel<VariantTraits{i}, LogitsTransform<false>>;
 void run_variant_{i}(const AttentionParams& params, dim3 grid, cudaStream_t stream) {{
   launch_with_pdl(kVariantKernel{i}, params, grid, VariantTraits{i}::kThreads,
@@ -128,18 +134,26 @@ _TRACE_DEFINE = "#define ATTN_BACKEND_DECODE_TRACE\n"
 SHIPPED_SHAPE = (3, 4)  # kernels/csrc/decode_kernels.cu's DeepDecodeShape<128, 128>
 
 
-def build_variants():
-    units = [_VARIANT_TU.format(i=i, stages=stages, warps=warps)
-             for i, (stages, warps) in enumerate(VARIANTS)]
-    build_variant_extension("attn_backend_decode_variants", units)
-    return torch.ops.attn_backend_decode_variants
+def build_variants(kv="bf16"):
+    kv_type = KV_TYPES[kv][1]
+    units = [_VARIANT_TU.format(i=i, stages=stages, warps=warps, kv_type=kv_type)
+             for i, (stages, warps) in enumerate(variant_shapes(kv))]
+    name = f"attn_backend_decode_variants_{kv}"
+    build_variant_extension(name, units)
+    return getattr(torch.ops, name)
 
 
-def build_traced():
+def variant_shapes(kv: str) -> list[tuple[int, int]]:
+    return FP8_VARIANTS if kv != "bf16" else VARIANTS
+
+
+def build_traced(kv="bf16"):
     """The shipped shape as variant 0, with the CTA timeline compiled in."""
-    unit = _VARIANT_TU.format(i=0, stages=SHIPPED_SHAPE[0], warps=SHIPPED_SHAPE[1])
-    build_variant_extension("attn_backend_decode_trace", [unit], prefix=_TRACE_DEFINE)
-    return torch.ops.attn_backend_decode_trace
+    unit = _VARIANT_TU.format(i=0, stages=SHIPPED_SHAPE[0], warps=SHIPPED_SHAPE[1],
+                              kv_type=KV_TYPES[kv][1])
+    name = f"attn_backend_decode_trace_{kv}"
+    build_variant_extension(name, [unit], prefix=_TRACE_DEFINE)
+    return getattr(torch.ops, name)
 
 
 def launch(ops, variant, decode, plan, q, cache, table, out, trace=None):
@@ -148,10 +162,10 @@ def launch(ops, variant, decode, plan, q, cache, table, out, trace=None):
             decode._workspace.tensor, plan, HEAD_DIM, 16, 1 / HEAD_DIM ** 0.5, out, trace)
 
 
-def planned_decode(batch, kv_len, tile_tokens, cta_slots, plan_name):
+def planned_decode(batch, kv_len, tile_tokens, cta_slots, plan_name, kv_dtype=torch.bfloat16):
     """A PagedDecode whose workspace holds `plan_name`'s schedule of `batch` x `kv_len` for
     tiles of `tile_tokens` keys over `cta_slots` CTAs, and the plan-info record of it."""
-    decode = make_decode(batch, cta_slots=cta_slots, backend="split")
+    decode = make_decode(batch, kv_dtype, cta_slots=cta_slots, backend="split")
     decode.plan([kv_len] * batch)
     schedule = PLANS[plan_name](np.full(batch, kv_len), window_left=-1,
                                 num_kv_heads=NUM_KV_HEADS, group_size=GROUP,
@@ -179,7 +193,7 @@ def trace_summary(trace: np.ndarray, slots: int) -> str:
 
 
 def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, profile, plans,
-              traced, back_to_back=1):
+              traced, back_to_back=1, kv="bf16"):
     def timed(fn):
         """Device time of one call, from `back_to_back` calls queued together (as a model's
         layers run them), so that a launch may overlap the one before it (PDL)."""
@@ -188,19 +202,21 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
         return median_ms(lambda: [fn() for _ in range(back_to_back)]) / back_to_back
 
     gen = torch.Generator().manual_seed(0)
-    cache, pages, q = make_problem(batch, kv_len, page_size, gen)
+    kv_dtype = KV_TYPES[kv][0]
+    shapes = variant_shapes(kv)
+    cache, pages, q = make_problem(batch, kv_len, page_size, gen, kv_dtype)
     if ordered:  # each request's pages in address order: no random access between pages
         pages = torch.arange(pages.numel(), dtype=torch.int32).view_as(pages)
     page_size = f"{page_size}{'o' if ordered else ''}"
     table = PageTable.from_block_table(pages.cuda())
-    shipped = make_decode(batch)
+    shipped = make_decode(batch, kv_dtype)
     shipped.plan([kv_len] * batch)
     want = shipped.run(q, cache, table)
     results = {}
     if not profile:
         results[f"shipped (pdl={shipped.enable_pdl})"] = timed(
             lambda: shipped.run(q, cache, table, out=want))
-        no_pdl = make_decode(batch, enable_pdl=False)
+        no_pdl = make_decode(batch, kv_dtype, enable_pdl=False)
         no_pdl.plan([kv_len] * batch)
         out = torch.full_like(q, float("nan"))
         no_pdl.run(q, cache, table, out=out)
@@ -210,7 +226,8 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
     for v in variants:
         _, tile, ctas, _ = ops.info(v)
         for plan_name in plans:
-            decode, plan = planned_decode(batch, kv_len, tile, max(1, ctas) * num_sms, plan_name)
+            decode, plan = planned_decode(batch, kv_len, tile, max(1, ctas) * num_sms, plan_name,
+                                          kv_dtype)
             out = torch.full_like(q, float("nan"))
             items = decode._planned.plan["num_items"]
 
@@ -223,7 +240,7 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
                 for _ in range(3):
                     call()
                 continue
-            name = (f"v{v} stages={VARIANTS[v][0]} warps={VARIANTS[v][1]} ctas/SM={ctas} "
+            name = (f"v{v} stages={shapes[v][0]} warps={shapes[v][1]} ctas/SM={ctas} "
                     f"{plan_name} items={items}")
             results[f"{name} diff={diff:.2g}"] = timed(call)
     if peers.flashinfer is not None:
@@ -235,13 +252,14 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
             results["flashinfer (tensor cores)"] = timed(fn)
     torch.cuda.synchronize()
     for name, ms in results.items():
-        tbs = kv_bytes(batch, kv_len) / (ms * 1e-3) / 1e12
+        tbs = kv_bytes(batch, kv_len, kv_dtype) / (ms * 1e-3) / 1e12
         print(f"  b{batch} kv{kv_len} p{page_size}  {name:76s} {ms * 1e3:8.1f} us "
               f"{tbs:.3f} TB/s {tbs / ceiling:.2f} of copy")
     if traced is not None:
         _, tile, ctas, _ = traced.info(0)
         for plan_name in plans:
-            decode, plan = planned_decode(batch, kv_len, tile, max(1, ctas) * num_sms, plan_name)
+            decode, plan = planned_decode(batch, kv_len, tile, max(1, ctas) * num_sms, plan_name,
+                                          kv_dtype)
             items = decode._planned.plan["num_items"]
             out = torch.empty_like(q)
             lines = []
@@ -266,12 +284,13 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--back-to-back", type=int, default=1,
                         help="time N calls queued together, per call (PDL overlaps them)")
+    parser.add_argument("--kv", default="bf16", choices=list(KV_TYPES))
     args = parser.parse_args()
     plans = args.plans.split(",")
     attn_backend.set_debug_checks(False)
     # `--variants none` (e.g. with --trace) builds no variant extension at all.
-    ops = None if args.variants == "none" and args.profile is None else build_variants()
-    traced = build_traced() if args.trace else None
+    ops = None if args.variants == "none" and args.profile is None else build_variants(args.kv)
+    traced = build_traced(args.kv) if args.trace else None
     peers = Peers()
     ceiling = copy_ceiling_tbs()
     print(f"copy ceiling {ceiling:.3f} TB/s")
@@ -282,12 +301,12 @@ def main() -> None:
     elif args.variants:
         variants = [int(v) for v in args.variants.split(",")]
     else:
-        variants = list(range(len(VARIANTS)))
+        variants = list(range(len(variant_shapes(args.kv))))
     for shape in args.shapes.split(","):
         ordered = shape.endswith("o")
         batch, kv_len, page_size = map(int, shape.rstrip("o").split("x"))
         run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling,
-                  args.profile is not None, plans, traced, args.back_to_back)
+                  args.profile is not None, plans, traced, args.back_to_back, args.kv)
         torch.cuda.empty_cache()  # the shape's cache is gone with run_shape's frame
 
 

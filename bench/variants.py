@@ -35,8 +35,16 @@ void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(q.scalar_type() == at::kBFloat16, "variants: bf16 only");
   PlanInfo info;
   TORCH_CHECK(PlanInfo::from_values(plan_info.data(), plan_info.size(), info), "plan_info");
+  // An FP8 cache is read with scales of 1 (the sweeps time kernels, not scales).
+  const bool fp8 = k_cache.element_size() == 1;
+  std::vector<at::Tensor> kv = {k_cache, v_cache};
+  if (fp8) {
+    const at::Tensor one = at::ones({1}, q.options().dtype(at::kFloat));
+    kv.push_back(one);
+    kv.push_back(one);
+  }
   AttentionParams params = make_attention_params(
-      info, head_dim, head_dim, tile_rows, q, {k_cache, v_cache}, page_table, std::nullopt,
+      info, head_dim, head_dim, tile_rows, q, kv, page_table, std::nullopt,
       std::nullopt, table_holds_slots, workspace, std::nullopt, sm_scale, 0.0, out, std::nullopt);
 #ifdef ATTN_BACKEND_DECODE_TRACE
   TORCH_CHECK(trace.has_value() && trace->scalar_type() == at::kLong && trace->is_contiguous() &&
