@@ -20,10 +20,10 @@ import traceback
 import torch
 
 import attn_backend
-from attn_backend import PagedDecode, PagedKVCache, PageTable
+from attn_backend import PagedDecode, PagedKVCache
 
-from .common import (OptionalPeers, bench_kv_dtypes, contiguous_kv, median_ms,
-                     shuffled_pages)
+from .common import (FP8_SCALES, KV_DTYPE_NAMES, OptionalPeers, bench_kv_dtypes, contiguous_kv,
+                     median_ms, paged_view, random_kv_buffers, shuffled_pages)
 
 NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -35,10 +35,6 @@ TIMING_NOTE = ("Times are device times: a busy-wait kernel queued before each ti
                "Python launch overhead out (serving replays decode in CUDA graphs).")
 
 
-# The cache dtypes, in the order they run, and their case-name tags
-# (ATTN_BACKEND_BENCH_KV_DTYPES=bf16 runs the bf16 rows only).
-KV_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4m3"}
-FP8_SCALES = (0.5, 2.0)  # K, V: powers of two, so values stay in range either way
 
 
 def case_name(batch, kv_len, page_size, kv_dtype=DTYPE):
@@ -109,21 +105,16 @@ def run() -> tuple[str, list[dict], list[str]]:
 
 def _shape_rows(peers, decode, kv_dtype, batch, kv_len, gen) -> list[dict]:
     """The rows of one shape and cache dtype, one per page size."""
-    num_slots = batch * kv_len + 64 * 16
-    k_buffer = torch.randn(num_slots, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE,
-                           device="cuda").to(kv_dtype)
-    v_buffer = torch.randn(k_buffer.shape, dtype=DTYPE, device="cuda").to(kv_dtype)
-    # Scales only for FP8: an older build's from_sglang (a before/after run) takes none.
-    scales = dict(zip(("k_scale", "v_scale"), FP8_SCALES)) if kv_dtype != DTYPE else {}
+    k_buffer, v_buffer, scales = random_kv_buffers(batch * kv_len + 64 * 16, NUM_KV_HEADS,
+                                                   HEAD_DIM, kv_dtype)
     q = torch.randn(batch, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     moved = kv_bytes(batch, kv_len, kv_dtype) + 2 * q.numel() * q.element_size()
     iters = 20 if moved > (4 << 30) else 50
     contiguous = None if kv_dtype == DTYPE else {}  # SDPA/flex read 16-bit K/V only
     rows = []
     for page_size in PAGE_SIZES:
-        cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size, **scales)
-        pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
-        table = PageTable.from_block_table(pages.cuda())
+        cache, pages, table = paged_view(k_buffer, v_buffer, scales, page_size, batch, kv_len,
+                                         gen)
         decode.plan([kv_len] * batch)
         out = torch.empty_like(q)
         timings = {"ours": median_ms(lambda: decode.run(q, cache, table, out=out), iters=iters)}

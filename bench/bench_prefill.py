@@ -20,10 +20,10 @@ import traceback
 import torch
 
 import attn_backend
-from attn_backend import PagedKVCache, PagedPrefill, PageTable
+from attn_backend import PagedPrefill
 
-from .common import (OptionalPeers, bench_kv_dtypes, contiguous_kv, median_ms,
-                     shuffled_pages)
+from .common import (FP8_SCALES, KV_DTYPE_NAMES, OptionalPeers, bench_kv_dtypes, contiguous_kv,
+                     median_ms, paged_view, random_kv_buffers)
 
 CEILING = "gemm"
 NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -35,12 +35,6 @@ PAGE_SIZES = (16, 1)
 FLEX_SECONDS_BUDGET = 240.0
 TIMING_NOTE = ("Times are device times (a busy-wait kernel queued before each timed call keeps "
                "Python launch overhead out). TFLOP/s counts only the unmasked (query, key) pairs.")
-
-
-# The cache dtypes, in the order they run, and their case-name tags
-# (ATTN_BACKEND_BENCH_KV_DTYPES=bf16 runs the bf16 rows only).
-KV_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4m3"}
-FP8_SCALES = (0.5, 2.0)  # K, V
 
 
 def case_name(batch, q_len, kv_len, page_size, kv_dtype=DTYPE):
@@ -146,19 +140,15 @@ def run() -> tuple[str, list[dict], list[str]]:
 
 def _shape_rows(peers, prefill, kv_dtype, batch, q_len, kv_len, gen) -> list[dict]:
     """The rows of one shape and cache dtype, one per page size."""
-    k_buffer = torch.randn(batch * kv_len + 64 * 16, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE,
-                           device="cuda").to(kv_dtype)
-    v_buffer = torch.randn(k_buffer.shape, dtype=DTYPE, device="cuda").to(kv_dtype)
-    # Scales only for FP8: an older build's from_sglang (a before/after run) takes none.
-    scales = dict(zip(("k_scale", "v_scale"), FP8_SCALES)) if kv_dtype != DTYPE else {}
+    k_buffer, v_buffer, scales = random_kv_buffers(batch * kv_len + 64 * 16, NUM_KV_HEADS,
+                                                   HEAD_DIM, kv_dtype)
     q = torch.randn(batch * q_len, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     work = flops(batch, q_len, kv_len)
     contiguous = None if kv_dtype == DTYPE else {}  # SDPA/flex read 16-bit K/V only
     rows = []
     for page_size in PAGE_SIZES:
-        cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size, **scales)
-        pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
-        table = PageTable.from_block_table(pages.cuda())
+        cache, pages, table = paged_view(k_buffer, v_buffer, scales, page_size, batch, kv_len,
+                                         gen)
         prefill.plan([q_len * r for r in range(batch + 1)], [kv_len] * batch)
         out = torch.empty_like(q)
         name_of_case = case_name(batch, q_len, kv_len, page_size, kv_dtype)

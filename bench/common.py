@@ -205,3 +205,29 @@ def bench_kv_dtypes(names: dict) -> list:
         raise ValueError(f"ATTN_BACKEND_BENCH_KV_DTYPES names {unknown}; known: "
                          f"{', '.join(names.values())}")
     return [dtype for dtype, tag in names.items() if tag in tags]
+
+
+# The cache dtypes the kernel benchmarks run, in order, and their case-name tags; FP8 rows
+# read their cache with these K and V scales (powers of two: values stay in range).
+KV_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4m3"}
+FP8_SCALES = (0.5, 2.0)
+
+
+def random_kv_buffers(num_slots: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype):
+    """SGLang-layout K and V buffers [num_slots, heads, dim] of random bf16 values cast to
+    `kv_dtype`, and the scale keywords of a cache over them (only for FP8: an older build's
+    `from_sglang`, the before build of a before/after run, takes none)."""
+    k = torch.randn(num_slots, num_kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    scales = dict(zip(("k_scale", "v_scale"), FP8_SCALES)) if kv_dtype.itemsize == 1 else {}
+    return k.to(kv_dtype), v.to(kv_dtype), scales
+
+
+def paged_view(k_buffer, v_buffer, scales: dict, page_size: int, batch: int, kv_len: int, gen):
+    """The buffers as a paged cache of `page_size`, `batch` requests of `kv_len` keys on
+    shuffled pages, and their block table: (cache, pages [batch, pages per request], table)."""
+    from attn_backend import PagedKVCache, PageTable
+
+    cache = PagedKVCache.from_sglang(k_buffer, v_buffer, page_size, **scales)
+    pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
+    return cache, pages, PageTable.from_block_table(pages.cuda())
