@@ -65,6 +65,7 @@ const KernelConfig& kernel_config(int64_t id);
 // Each kernel family's translation units add their configurations.
 void add_decode_configs(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d64(std::vector<KernelConfig>& configs);
+void add_prefill_configs_d64_wgmma_short(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d128(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d128_wgmma_short(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d256(std::vector<KernelConfig>& configs);
