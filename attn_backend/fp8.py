@@ -125,5 +125,9 @@ def device_scale(name: str, scale, num_kv_heads: int, device: torch.device) -> t
         raise ValueError(f"{name} must be finite and > 0; got {value}")
     key = (value, device)
     if key not in _FIXED_SCALES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{name}={value} reaches the kernels for the first time inside CUDA "
+                               "graph capture, where its device copy cannot be made; run the "
+                               "layer once before capturing (the engines' warm-up does)")
         _FIXED_SCALES[key] = torch.tensor([value], dtype=torch.float32, device=device)
     return _FIXED_SCALES[key]
