@@ -103,8 +103,8 @@ def check_run_call(wrapper, q, cache, page_table, *, rows_what: str, out,
     of the wrapper's dtype and `out` like it, a cache of its kv_dtype and shape, all on its
     device, a page table that addresses every planned request with enough columns for the
     longest, rows the kernels can copy in 16-byte chunks, and sm_scale > 0. With debug checks
-    on (outside graph capture) the page ids the batch reads must be pages of the cache (this
-    synchronises).
+    on (outside graph capture) the page ids the batch reads must be pages of the cache and an
+    FP8 cache's scales finite and > 0 (this synchronises).
     """
     name = type(wrapper).__name__
     planned = wrapper._planned
@@ -157,6 +157,8 @@ def check_run_call(wrapper, q, cache, page_table, *, rows_what: str, out,
     if not sm_scale > 0:
         raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
     if debug_checks_enabled() and not capturing_cuda_graph(q.device):
+        if cache.is_fp8:
+            cache.scales_per_head()  # reads device scales: refuses values not finite and > 0
         pages = page_table.page_ids(batch, planned.kv_lens.tolist(), cache.page_size)
         if pages:
             check_in_range("page ids in page_table", torch.cat(pages), 0, cache.num_pages,

@@ -207,3 +207,17 @@ def test_fp8_refusals():
         dataclasses.replace(
             fp8_problem([1], [5], kv_dtype=E4M3, scale_kind="float", seed=0)[0].cache,
             k_scale=torch.ones(3, device="cuda"))
+
+
+def test_fp8_debug_checks_refuse_bad_device_scales(seed):
+    """Device scales are read on the device; with debug checks on, run() reads them first and
+    refuses zero, negative or non-finite values by name."""
+    problem, table, q = fp8_problem([1, 1], [40, 7], kv_dtype=E4M3, scale_kind="per_head",
+                                    seed=seed)
+    decode = make_decode(q, problem)
+    decode.plan([40, 7])
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        scale = problem.cache.k_scale.clone()
+        scale[1] = bad
+        with pytest.raises(ValueError, match="k_scale must be finite and > 0"):
+            decode.run(q, dataclasses.replace(problem.cache, k_scale=scale), table)
