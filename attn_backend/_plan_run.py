@@ -117,7 +117,7 @@ class KernelWrapper:
         if self.device.type != "cuda":
             return config, 1
         num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return config, max(1, config.ctas_per_sm()) * num_sms
+        return config, max(1, config.ctas_per_sm(self.kv_dtype)) * num_sms
 
     def _init_plans(self, main: tuple[KernelConfig, int] | None,
                     alt: tuple[KernelConfig, int] | None, max_num_tokens: int = 0) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import torch
+
 from . import _extension
 
 FAMILIES = ("decode", "prefill")
@@ -35,9 +37,11 @@ class KernelConfig:
     smem_bytes: int
     wgmma: bool
 
-    def ctas_per_sm(self) -> int:
-        """CTAs of this configuration that fit on one SM of the current CUDA device."""
-        return int(_extension.load_ops().kernel_config_occupancy(self.id))
+    def ctas_per_sm(self, kv_dtype: torch.dtype | None = None) -> int:
+        """CTAs of this configuration that fit on one SM of the current CUDA device, for caches
+        of `kv_dtype` (FP8 tiles take less shared memory; default a 16-bit cache)."""
+        fp8_kv = kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        return int(_extension.load_ops().kernel_config_occupancy(self.id, fp8_kv))
 
     def runs_here(self) -> bool:
         """Whether its code runs on the current CUDA device (wgmma: an sm_90a build on sm_90)."""

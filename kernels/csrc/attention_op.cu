@@ -48,7 +48,9 @@ void attention(const at::Tensor& q, at::TensorList kv, const at::Tensor& page_ta
                 work_grid(info.num_work_items, info.num_kv_heads), info.enable_pdl != 0, stream);
 }
 
-int64_t kernel_config_occupancy(int64_t id) { return kernel_config(id).ctas_per_sm(); }
+int64_t kernel_config_occupancy(int64_t id, bool fp8_kv) {
+  return kernel_config(id).ctas_per_sm(fp8_kv);
+}
 
 bool kernel_config_runs_here(int64_t id) { return kernel_config(id).runs_here(); }
 

@@ -34,11 +34,16 @@ void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFl
   });
 }
 
-template <typename Shape>
-int occupancy() {
-  using Traits = DecodeTraits<Shape, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>;
+template <typename Shape, typename DTypeKV>
+int occupancy_with() {
+  using Traits = DecodeTraits<Shape, __nv_bfloat16, DTypeKV, __nv_bfloat16>;
   return ctas_per_sm(&paged_decode_kernel<Traits, LogitsTransform<false>>, Traits::kThreads,
                      Traits::kSmemBytes);
+}
+
+template <typename Shape>
+int occupancy(bool fp8_kv) {
+  return fp8_kv ? occupancy_with<Shape, __nv_fp8_e4m3>() : occupancy_with<Shape, __nv_bfloat16>();
 }
 
 bool runs_everywhere() { return true; }

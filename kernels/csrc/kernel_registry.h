@@ -37,7 +37,9 @@ struct KernelConfig {
   bool wgmma;  // needs sm_90a code and an sm_90 GPU
   void (*launch)(const AttentionParams&, const DTypes&, const VariantFlags&, dim3 grid, bool pdl,
                  cudaStream_t);
-  int (*ctas_per_sm)();  // on the current device
+  // CTAs per SM on the current device, with 16-bit K/V or FP8 K/V (FP8 tiles take half the
+  // shared memory, so more CTAs may fit; plans cut split-KV work by it).
+  int (*ctas_per_sm)(bool fp8_kv);
   bool (*runs_here)();   // on the current device
 
   std::vector<int64_t> facts() const {

@@ -50,8 +50,9 @@ TORCH_LIBRARY(attn_backend, m) {
   m.def("kernel_config_names() -> str[]");
   m.def("kernel_config_fields() -> str[]");
   m.def("kernel_config_facts(int id) -> int[]");
-  // CTAs of configuration `id` that fit on one SM of the current device.
-  m.def("kernel_config_occupancy(int id) -> int");
+  // CTAs of configuration `id` that fit on one SM of the current device (fp8_kv: its kernel
+  // over FP8 caches).
+  m.def("kernel_config_occupancy(int id, bool fp8_kv=False) -> int");
   // Whether configuration `id`'s code runs on the current device (wgmma: sm_90a).
   m.def("kernel_config_runs_here(int id) -> bool");
 }

@@ -26,14 +26,19 @@ void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFl
   });
 }
 
-template <typename Shape>
-using ProbeTraits = PrefillTraits<Shape, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>;
+template <typename Shape, typename DTypeKV = __nv_bfloat16>
+using ProbeTraits = PrefillTraits<Shape, __nv_bfloat16, DTypeKV, __nv_bfloat16>;
 
-template <typename Shape>
-int occupancy() {
-  using Traits = ProbeTraits<Shape>;
+template <typename Shape, typename DTypeKV>
+int occupancy_with() {
+  using Traits = ProbeTraits<Shape, DTypeKV>;
   return ctas_per_sm(&paged_prefill_kernel<Traits, LogitsTransform<false>, false>,
                      Traits::kThreads, Traits::kSmemBytes);
+}
+
+template <typename Shape>
+int occupancy(bool fp8_kv) {
+  return fp8_kv ? occupancy_with<Shape, __nv_fp8_e4m3>() : occupancy_with<Shape, __nv_bfloat16>();
 }
 
 template <typename Shape>
