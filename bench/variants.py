@@ -23,6 +23,8 @@ from attn_backend import _sources
 # {info_cases} come from the variant units. Built with ATTN_BACKEND_DECODE_TRACE defined, a
 # `trace` tensor records the decode CTA timeline (AttentionParams::trace).
 OPS_TEMPLATE = """
+#include <ATen/ATen.h>
+
 #include "attention_params.h"
 namespace attn_backend {{
 {declarations}
@@ -37,12 +39,12 @@ void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(PlanInfo::from_values(plan_info.data(), plan_info.size(), info), "plan_info");
   // An FP8 cache is read with scales of 1 (the sweeps time kernels, not scales).
   const bool fp8 = k_cache.element_size() == 1;
-  std::vector<at::Tensor> kv = {k_cache, v_cache};
-  if (fp8) {
-    const at::Tensor one = at::ones({1}, q.options().dtype(at::kFloat));
+  std::vector<at::Tensor> kv = {{k_cache, v_cache}};
+  if (fp8) {{
+    const at::Tensor one = at::ones({{1}}, q.options().dtype(at::kFloat));
     kv.push_back(one);
     kv.push_back(one);
-  }
+  }}
   AttentionParams params = make_attention_params(
       info, head_dim, head_dim, tile_rows, q, kv, page_table, std::nullopt,
       std::nullopt, table_holds_slots, workspace, std::nullopt, sm_scale, 0.0, out, std::nullopt);
