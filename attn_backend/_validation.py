@@ -14,10 +14,13 @@ from collections.abc import Iterable
 
 import torch
 
+from .fp8 import FP8_DTYPES
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # (query, kv cache) element types the kernels compile; the output takes the query's.
-# FP8 caches are read with their scales (attn_backend.fp8) and converted to the query's type.
-KERNEL_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# FP8 caches are read with their scales (attn_backend.fp8); the kernels convert them to
+# float16 and compute in it.
+KERNEL_FP8_DTYPES = FP8_DTYPES
 KERNEL_DTYPE_PAIRS = tuple((q, kv) for q in KERNEL_DTYPES for kv in (q, *KERNEL_FP8_DTYPES))
 # (qk, vo) head dims with decode and prefill kernels (tests/test_extension.py checks this
 # against the extension's configurations).

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _extension
+from . import _extension, fp8
 
 FAMILIES = ("decode", "prefill")
 
@@ -40,8 +40,7 @@ class KernelConfig:
     def ctas_per_sm(self, kv_dtype: torch.dtype | None = None) -> int:
         """CTAs of this configuration that fit on one SM of the current CUDA device, for caches
         of `kv_dtype` (FP8 tiles take less shared memory; default a 16-bit cache)."""
-        fp8_kv = kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-        return int(_extension.load_ops().kernel_config_occupancy(self.id, fp8_kv))
+        return int(_extension.load_ops().kernel_config_occupancy(self.id, fp8.is_fp8(kv_dtype)))
 
     def runs_here(self) -> bool:
         """Whether its code runs on the current CUDA device (wgmma: an sm_90a build on sm_90)."""

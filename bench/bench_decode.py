@@ -90,7 +90,7 @@ def run() -> tuple[str, list[dict], list[str]]:
     peers = Peers()
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for kv_dtype in bench_kv_dtypes(KV_DTYPE_NAMES):
+    for kv_dtype in bench_kv_dtypes():
         try:
             decode = make_decode(max(BATCHES), kv_dtype)
         except (TypeError, ValueError) as error:  # an older build (a before/after run)

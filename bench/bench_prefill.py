@@ -123,7 +123,7 @@ def run() -> tuple[str, list[dict], list[str]]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     max_tokens = max(b * q for b, q, _ in SHAPES)
-    for kv_dtype in bench_kv_dtypes(KV_DTYPE_NAMES):
+    for kv_dtype in bench_kv_dtypes():
         try:
             prefill = PagedPrefill(num_qo_heads=NUM_QO_HEADS, num_kv_heads=NUM_KV_HEADS,
                                    head_dim=HEAD_DIM, dtype=DTYPE, kv_dtype=kv_dtype,

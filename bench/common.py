@@ -193,18 +193,18 @@ class OptionalPeers:
             self.notes.append(text)
 
 
-def bench_kv_dtypes(names: dict) -> list:
-    """The cache dtypes a benchmark runs (`names`: dtype -> case-name tag, in order): all, or
-    those whose tags ATTN_BACKEND_BENCH_KV_DTYPES lists (e.g. `bf16` for a quicker run)."""
+def bench_kv_dtypes() -> list:
+    """The cache dtypes a kernel benchmark runs (KV_DTYPE_NAMES, in order): all, or those whose
+    tags ATTN_BACKEND_BENCH_KV_DTYPES lists (e.g. `bf16` for a quicker run)."""
     wanted = os.environ.get("ATTN_BACKEND_BENCH_KV_DTYPES")
     if not wanted:
-        return list(names)
+        return list(KV_DTYPE_NAMES)
     tags = [t.strip() for t in wanted.split(",") if t.strip()]
-    unknown = [t for t in tags if t not in names.values()]
+    unknown = [t for t in tags if t not in KV_DTYPE_NAMES.values()]
     if unknown:
         raise ValueError(f"ATTN_BACKEND_BENCH_KV_DTYPES names {unknown}; known: "
-                         f"{', '.join(names.values())}")
-    return [dtype for dtype, tag in names.items() if tag in tags]
+                         f"{', '.join(KV_DTYPE_NAMES.values())}")
+    return [dtype for dtype, tag in KV_DTYPE_NAMES.items() if tag in tags]
 
 
 # The cache dtypes the kernel benchmarks run, in order, and their case-name tags; FP8 rows

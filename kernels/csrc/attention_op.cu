@@ -28,7 +28,8 @@ bool sm90a_kernel_runs_here(const void* kernel) {
 
 namespace {
 
-void attention(const at::Tensor& q, at::TensorList kv, const at::Tensor& page_table, const std::optional<at::Tensor>& row_index,
+void attention(const at::Tensor& q, at::TensorList kv, const at::Tensor& page_table,
+               const std::optional<at::Tensor>& row_index,
                const std::optional<at::Tensor>& slot_map, bool table_holds_slots,
                const at::Tensor& workspace, at::IntArrayRef plan_info,
                const std::optional<at::Tensor>& mask_bits, double sm_scale,
@@ -39,8 +40,9 @@ void attention(const at::Tensor& q, at::TensorList kv, const at::Tensor& page_ta
   TORCH_CHECK(config.family == info.kernel_family(), "attention: plan_info names a ",
               config.name, " configuration for another kernel family");
   const AttentionParams params = make_attention_params(
-      info, config.head_dim_qk, config.head_dim_vo, config.tile_rows, q, kv, page_table, row_index, slot_map, table_holds_slots, workspace, mask_bits, sm_scale,
-      logits_soft_cap, out, lse);
+      info, config.head_dim_qk, config.head_dim_vo, config.tile_rows, q, kv, page_table,
+      row_index, slot_map, table_holds_slots, workspace, mask_bits, sm_scale, logits_soft_cap,
+      out, lse);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   config.launch(params, DTypes{q.scalar_type(), kv[0].scalar_type(), out.scalar_type()},

@@ -22,19 +22,6 @@ inline void check_chunk_aligned(const at::Tensor& t, const char* name) {
               "as strides (rows are copied in 16-byte chunks)");
 }
 
-// An FP8 cache's scale of one side: float32 on the cache's device, one value or one per kv
-// head; returns its stride over kv heads (0: one for all).
-inline int scale_stride(const at::Tensor& scale, const at::Tensor& cache, int64_t num_kv_heads,
-                        const char* name) {
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  scale.device() == cache.device() &&
-                  (scale.numel() == 1 || scale.numel() == num_kv_heads),
-              "attention: ", name, " must be a contiguous float32 tensor on the cache's device "
-              "with 1 or num_kv_heads (", num_kv_heads, ") elements; got ", scale.numel(),
-              " elements of ", scale.scalar_type());
-  return scale.numel() == 1 ? 0 : 1;
-}
-
 template <typename T>
 T* region(const at::Tensor& workspace, int64_t offset) {
   return reinterpret_cast<T*>(static_cast<uint8_t*>(workspace.data_ptr()) + offset);
@@ -47,19 +34,18 @@ T* region(const at::Tensor& workspace, int64_t offset) {
 // and for an FP8 cache its K and V scales after them.
 inline AttentionParams make_attention_params(
     const PlanInfo& info, int64_t head_dim_qk, int64_t head_dim_vo, int64_t tile_rows,
-    const at::Tensor& q, at::TensorList kv, const at::Tensor& page_table, const std::optional<at::Tensor>& row_index,
+    const at::Tensor& q, at::TensorList kv, const at::Tensor& page_table,
+    const std::optional<at::Tensor>& row_index,
     const std::optional<at::Tensor>& slot_map, bool table_holds_slots,
     const at::Tensor& workspace, const std::optional<at::Tensor>& mask_bits, double sm_scale,
     double logits_soft_cap, at::Tensor& out, const std::optional<at::Tensor>& lse) {
   using attention_args::check_chunk_aligned;
   using attention_args::region;
-  using attention_args::scale_stride;
   TORCH_CHECK(kv.size() == 2 || kv.size() == 4, "attention: kv must be [k_cache, v_cache] or "
               "[k_cache, v_cache, k_scale, v_scale]; got ", kv.size(), " tensors");
   const at::Tensor& k_cache = kv[0];
   const at::Tensor& v_cache = kv[1];
-  const bool fp8_cache = k_cache.scalar_type() == at::kFloat8_e4m3fn ||
-                         k_cache.scalar_type() == at::kFloat8_e5m2;
+  const bool fp8_cache = is_fp8(k_cache.scalar_type());
   TORCH_CHECK(fp8_cache == (kv.size() == 4), "attention: an FP8 cache comes with its k_scale "
               "and v_scale, a 16-bit cache without; got a ", k_cache.scalar_type(), " cache and ",
               kv.size() - 2, " scales");
@@ -134,9 +120,11 @@ inline AttentionParams make_attention_params(
   params.k = paged_cache_side(k_cache);
   params.v = paged_cache_side(v_cache);
   if (fp8_cache) {
-    params.scales = {kv[2].data_ptr<float>(), kv[3].data_ptr<float>(),
-                     scale_stride(kv[2], k_cache, num_kv_heads, "k_scale"),
-                     scale_stride(kv[3], v_cache, num_kv_heads, "v_scale")};
+    const int k_stride = fp8_scale_stride(kv[2], k_cache.device(), num_kv_heads, "attention",
+                                          "k_scale");
+    const int v_stride = fp8_scale_stride(kv[3], k_cache.device(), num_kv_heads, "attention",
+                                          "v_scale");
+    params.scales = {kv[2].data_ptr<float>(), kv[3].data_ptr<float>(), k_stride, v_stride};
   }
   params.pages = page_table_view(page_table, row_index, slot_map, table_holds_slots);
   params.page_size = static_cast<int>(k_cache.size(1));

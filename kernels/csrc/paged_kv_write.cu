@@ -60,9 +60,13 @@ void launch_fp8(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_ca
                 at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& k_scale,
                 const at::Tensor& v_scale, bool via_input_dtype) {
   const PagedKVWriteParams<SlotT> params = write_params<SlotT>(key, value, k_cache, v_cache, slots);
+  const int k_stride =
+      fp8_scale_stride(k_scale, k_cache.device(), key.size(1), "paged_kv_write", "k_scale");
+  const int v_stride =
+      fp8_scale_stride(v_scale, k_cache.device(), key.size(1), "paged_kv_write", "v_scale");
+  const KVWriteScales scales{k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), k_stride,
+                             v_stride};
   if (params.num_tokens == 0) return;
-  const KVWriteScales scales{k_scale.data_ptr<float>(), v_scale.data_ptr<float>(),
-                             k_scale.numel() == 1 ? 0 : 1, v_scale.numel() == 1 ? 0 : 1};
   const bool vectorized = rows_allow_vectors(key, k_cache, 8) && rows_allow_vectors(value, v_cache, 8);
   const dim3 grid(params.num_tokens);
   const dim3 block(128);
@@ -125,8 +129,7 @@ void paged_kv_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
   TORCH_CHECK(key.dim() == 3 && value.dim() == 3, "key and value must be [tokens, heads, dim]");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4,
               "k_cache and v_cache must be [pages, page_size, heads, dim] views");
-  const bool fp8_cache = k_cache.scalar_type() == at::kFloat8_e4m3fn ||
-                         k_cache.scalar_type() == at::kFloat8_e5m2;
+  const bool fp8_cache = is_fp8(k_cache.scalar_type());
   TORCH_CHECK(key.scalar_type() == value.scalar_type() &&
                   k_cache.scalar_type() == v_cache.scalar_type() &&
                   (fp8_cache || key.scalar_type() == k_cache.scalar_type()),
@@ -151,15 +154,6 @@ void paged_kv_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
   for (const at::Tensor* t : all_tensors) {
     TORCH_CHECK(t->is_cuda() && t->get_device() == key.get_device(),
                 "all paged_kv_write tensors must be on one CUDA device");
-  }
-  if (fp8_cache) {
-    for (const at::Tensor* scale : {&*k_scale, &*v_scale}) {
-      TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
-                      scale->is_cuda() && scale->get_device() == key.get_device() &&
-                      (scale->numel() == 1 || scale->numel() == key.size(1)),
-                  "paged_kv_write: scales must be contiguous float32 on the rows' device with 1 "
-                  "or num_kv_heads values");
-    }
   }
   const c10::cuda::CUDAGuard device_guard(key.device());
   TORCH_CHECK(slots.scalar_type() == at::kLong || slots.scalar_type() == at::kInt,

@@ -59,5 +59,13 @@ KernelConfig config(const char* name) {
           &launch<Shape>,    &occupancy<Shape>,     &runs_here<Shape>};
 }
 
+// The wgmma and short-query shapes of head dims (kHeadDim, kHeadDim) (prefill_kernels_d128.cu
+// says why each), for the translation units that build them apart from the mma shape.
+template <int kHeadDim>
+void add_wgmma_and_short_configs(std::vector<KernelConfig>& configs) {
+  configs.push_back(config<PrefillShape<kHeadDim, kHeadDim, 1, 128, 2, 12, true>>("prefill_wgmma"));
+  configs.push_back(config<PrefillShape<kHeadDim, kHeadDim, 1, 64, 2>>("prefill_short"));
+}
+
 }  // namespace prefill_configs
 }  // namespace attn_backend

@@ -65,6 +65,23 @@ inline PageTableView page_table_view(const at::Tensor& page_table,
   return view;
 }
 
+inline bool is_fp8(at::ScalarType type) {
+  return type == at::kFloat8_e4m3fn || type == at::kFloat8_e5m2;
+}
+
+// An FP8 cache's scale of one side, as the kernels read it: contiguous float32 on `device`,
+// one value or one per kv head. Returns its stride over kv heads (0: one for all).
+inline int fp8_scale_stride(const at::Tensor& scale, const at::Device& device,
+                            int64_t num_kv_heads, const char* op, const char* name) {
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.device() == device &&
+                  (scale.numel() == 1 || scale.numel() == num_kv_heads),
+              op, ": ", name, " must be a contiguous float32 tensor on the cache's device with 1 "
+              "or num_kv_heads (", num_kv_heads, ") elements; got ", scale.numel(),
+              " elements of ", scale.scalar_type(), " on ", scale.device());
+  return scale.numel() == 1 ? 0 : 1;
+}
+
 // The element types of one call: query, K/V cache, output.
 struct DTypes {
   at::ScalarType q;

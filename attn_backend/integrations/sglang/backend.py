@@ -296,10 +296,11 @@ class SGLangAttnBackend(AttentionBackend):
         """Every mode alike: the layer's wrapper (decode or prefill, as this forward's metadata
         planned it) over the pool's buffers, after the K/V write."""
         self._check_layer(layer, kwargs)
-        self._save_kv(layer, forward_batch, k, v, save_kv_cache)
+        cache = self._cache(layer)  # the write (FP8) and the read see one cache object
+        self._save_kv(layer, forward_batch, k, v, save_kv_cache, cache)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         out = self._wrapper(layer, q3.dtype).run(
-            q3, self._cache(layer), self._page_table(layer), sm_scale=layer.scaling,
+            q3, cache, self._page_table(layer), sm_scale=layer.scaling,
             logits_soft_cap=max(layer.logit_cap, 0.0))
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -329,7 +330,7 @@ class SGLangAttnBackend(AttentionBackend):
             raise NotImplementedError(f"{BACKEND_NAME}: logit capping method "
                                       f"{layer.logit_capping_method!r}; supported: 'tanh'")
 
-    def _save_kv(self, layer, forward_batch, k, v, save_kv_cache) -> None:
+    def _save_kv(self, layer, forward_batch, k, v, save_kv_cache, cache: PagedKVCache) -> None:
         if save_kv_cache and k is not None and v is not None:
             loc = forward_batch.out_cache_loc
             # Translated at every call, never cached: inside a CUDA graph the gather must be
@@ -343,7 +344,7 @@ class SGLangAttnBackend(AttentionBackend):
             # bf16/fp16 quotient, then the cast: the same bytes) but without its in-place
             # division of the model's K/V and its copies.
             slots = swa_loc if swa_loc is not None else loc
-            write_kv(self._cache(layer), slots,
+            write_kv(cache, slots,
                      k.view(-1, layer.tp_k_head_num, layer.qk_head_dim),
                      v.view(-1, layer.tp_k_head_num, layer.v_head_dim), via_input_dtype=True)
 

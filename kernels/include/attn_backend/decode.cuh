@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "attn_backend/common/epilogue.cuh"
+#include "attn_backend/common/fp8_convert.cuh"
 #include "attn_backend/common/key_split_merge.cuh"
 #include "attn_backend/common/math.cuh"
 #include "attn_backend/common/mma_policy.cuh"
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   ptx::cp_async_wait<Traits::kStages - 1>();  // the query rows
   __syncthreads();
   if constexpr (Mma::kConvertsQuery) {
-    Mma::template convert_query<Traits::kQBytes, Traits::kThreads>(q_smem, p.sm_scale);
+    fp8::convert_query_tile<DTypeQ, Traits::kQBytes, Traits::kThreads>(q_smem, p.sm_scale);
     __syncthreads();
   }
   uint32_t q_frag[Traits::kHeadDimQK / 16][1][4];

@@ -92,7 +92,7 @@ struct PrefillTraits : Shape {
   using Mma = std::conditional_t<
       kWgmma,
       WgmmaMma<std::conditional_t<kConvertsKV, __half, DTypeQ>, Shape::kRows, Shape::kKVTile,
-               Shape::kHeadDimQK, Shape::kHeadDimVO, DTypeQ, kConvertsKV>,
+               Shape::kHeadDimQK, Shape::kHeadDimVO, kConvertsKV>,
       MmaSync<DTypeQ, DTypeKV>>;
   static constexpr int kQBytes = Shape::kRows * kChunksQ * 16;
   static constexpr int kConvertedOffset = Loader::kRingBytes;
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   ptx::cp_async_wait<Traits::kStages - 1>();  // the query tile
   if constexpr (Mma::kConvertsQuery) {
     __syncthreads();
-    Mma::template convert_query<Traits::kQBytes, Traits::kThreads>(q_smem, p.sm_scale);
+    fp8::convert_query_tile<DTypeQ, Traits::kQBytes, Traits::kThreads>(q_smem, p.sm_scale);
   }
   if constexpr (Traits::kWgmma) wgmma::fence_generic_to_async_smem();
   __syncthreads();
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   }
   ptx::cp_async_wait<0>();
-  if constexpr (!Traits::kWgmma) Mma::restore_output_layout(o, lane);
+  Mma::restore_output_layout(o, lane);
 
   // Epilogue: each quad holds whole rows, so no cross-warp merge is needed.
   const TileWriter<typename Traits::DTypeO, Traits::kHeadDimVO, PackedRows> writer{

@@ -26,9 +26,8 @@ constexpr __nv_fp8_interpretation_t interpretation() {
 
 // The two FP8 values in the low 16 bits of `pair` (element 0 in the low byte) as a packed
 // float16 pair (element 0 in the low half), the layout mma.sync operands take.
-template <typename T, typename DTypeFp8>
-__device__ __forceinline__ uint32_t pair_to(uint32_t pair) {
-  static_assert(std::is_same_v<T, __half>, "FP8 converts to float16");
+template <typename DTypeFp8>
+__device__ __forceinline__ uint32_t pair_to_half(uint32_t pair) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair & 0xffff),
                                                    interpretation<DTypeFp8>());
   return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
@@ -49,17 +48,18 @@ __device__ __forceinline__ uint32_t scaled_pair_to_half(uint32_t pair, float sca
 }
 
 // Four FP8 values (bytes 0..3 of `quad`) as two pairs: {0, 1} and {2, 3}.
-template <typename T, typename DTypeFp8>
-__device__ __forceinline__ void quad_to(uint32_t quad, uint32_t& low, uint32_t& high) {
-  low = pair_to<T, DTypeFp8>(quad);
-  high = pair_to<T, DTypeFp8>(quad >> 16);
+template <typename DTypeFp8>
+__device__ __forceinline__ void quad_to_half(uint32_t quad, uint32_t& low, uint32_t& high) {
+  low = pair_to_half<DTypeFp8>(quad);
+  high = pair_to_half<DTypeFp8>(quad >> 16);
 }
 
 // Four FP8 values as the pairs {0, 2} and {1, 3} (the even and the odd bytes).
-template <typename T, typename DTypeFp8>
-__device__ __forceinline__ void quad_to_interleaved(uint32_t quad, uint32_t& even, uint32_t& odd) {
+template <typename DTypeFp8>
+__device__ __forceinline__ void quad_to_half_interleaved(uint32_t quad, uint32_t& even,
+                                                         uint32_t& odd) {
   const uint32_t regrouped = __byte_perm(quad, 0, 0x3120);  // bytes 0 2 1 3
-  quad_to<T, DTypeFp8>(regrouped, even, odd);
+  quad_to_half<DTypeFp8>(regrouped, even, odd);
 }
 
 // The query tile (kBytes of DTypeQ, any chunk layout) as float16 times sm_scale, in place, so
@@ -90,10 +90,10 @@ __device__ __forceinline__ void convert_tile_to_half(const uint8_t* from, uint8_
     const int chunk = i % kFp8Chunks;
     const uint4 in = *reinterpret_cast<const uint4*>(from + FromLayout::chunk_index(row, chunk) * 16);
     uint4 low, high;  // values 0-7 and 8-15 of the chunk
-    quad_to<__half, DTypeFp8>(in.x, low.x, low.y);
-    quad_to<__half, DTypeFp8>(in.y, low.z, low.w);
-    quad_to<__half, DTypeFp8>(in.z, high.x, high.y);
-    quad_to<__half, DTypeFp8>(in.w, high.z, high.w);
+    quad_to_half<DTypeFp8>(in.x, low.x, low.y);
+    quad_to_half<DTypeFp8>(in.y, low.z, low.w);
+    quad_to_half<DTypeFp8>(in.z, high.x, high.y);
+    quad_to_half<DTypeFp8>(in.w, high.z, high.w);
     *reinterpret_cast<uint4*>(to + ToLayout::chunk_index(row, 2 * chunk) * 16) = low;
     *reinterpret_cast<uint4*>(to + ToLayout::chunk_index(row, 2 * chunk + 1) * 16) = high;
   }

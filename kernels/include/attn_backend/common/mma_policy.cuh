@@ -4,7 +4,7 @@
 //
 // - MmaSync (sm80+): mma.sync m16n8k16; A fragments through ldmatrix from shared memory
 //   (or held in registers), B fragments from K rows, or V rows transposed; FP8 K/V tiles
-//   converted to the query's type in registers.
+//   converted to float16 in registers (the MMAs then run in float16).
 // - WgmmaMma (sm_90a): warpgroup MMAs; a warpgroup's 64 rows run S = Q K^T from shared
 //   memory and O += P V with P from registers, so no K/V fragment passes through registers.
 #pragma once
@@ -28,7 +28,8 @@ struct MmaSync {
   // converted in registers, one instruction per pair (cvt.rn.f16x2.e4m3x2 / e5m2x2: exact,
   // NaN stays NaN), so the MMAs run in float16 whatever the query's type: every FP8 value
   // is exact in float16, and P in [0, 1] loses less than in bfloat16. The query tile is
-  // turned into float16 once, in shared memory, pre-multiplied by sm_scale (convert_query):
+  // turned into float16 once, in shared memory, pre-multiplied by sm_scale (kConvertsQuery:
+  // the kernel runs fp8::convert_query_tile):
   // a bfloat16 query then overflows only where |q| * sm_scale > 65504.
   //
   // An FP8 row's 16-byte chunk holds 16 dims, so ldmatrix hands a thread 4 consecutive dims
@@ -41,16 +42,9 @@ struct MmaSync {
   static constexpr bool kConvertsQuery = kFp8KV;
 
   // What one raw product q.k of the MMAs is worth: sm_scale * key_scale, or key_scale
-  // where convert_query folded sm_scale into the query.
+  // where the query conversion folded sm_scale into the query.
   __device__ __forceinline__ static float qk_scale(float sm_scale, float key_scale) {
     return kFp8KV ? key_scale : sm_scale * key_scale;
-  }
-
-  // FP8 K/V: the query tile (kBytes of DTypeQ) becomes float16 times sm_scale, in place; the
-  // caller synchronises before and after.
-  template <int kBytes, int kThreads>
-  __device__ __forceinline__ static void convert_query(uint8_t* q_smem, float sm_scale) {
-    fp8::convert_query_tile<DTypeQ, kBytes, kThreads>(q_smem, sm_scale);
   }
 
   // A fragment of rows [row0, row0 + 16) and columns [16 kk, 16 kk + 16) of a tile. With FP8
@@ -91,8 +85,8 @@ struct MmaSync {
         const int key_row = key0 + nn * 16 + (matrix % 2) * 8 + lane % 8;
         uint32_t quads[2];
         ptx::ldmatrix_x2(quads, k_smem + Layout::chunk_index(key_row, kk) * 16);
-        fp8::quad_to<DType, DTypeKV>(quads[0], b[0], b[1]);
-        fp8::quad_to<DType, DTypeKV>(quads[1], b[2], b[3]);
+        fp8::quad_to_half<DTypeKV>(quads[0], b[0], b[1]);
+        fp8::quad_to_half<DTypeKV>(quads[1], b[2], b[3]);
       } else {
         const int key_row = key0 + nn * 16 + (matrix / 2) * 8 + lane % 8;
         ptx::ldmatrix_x4(b, k_smem + Layout::chunk_index(key_row, kk * 2 + matrix % 2) * 16);
@@ -156,8 +150,8 @@ struct MmaSync {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t even_low, odd_low, even_high, odd_high;  // keys 2t.. / 2t + 8..
-            fp8::quad_to_interleaved<DType, DTypeKV>(quads[2 * h], even_low, odd_low);
-            fp8::quad_to_interleaved<DType, DTypeKV>(quads[2 * h + 1], even_high, odd_high);
+            fp8::quad_to_half_interleaved<DTypeKV>(quads[2 * h], even_low, odd_low);
+            fp8::quad_to_half_interleaved<DTypeKV>(quads[2 * h + 1], even_high, odd_high);
 #pragma unroll
             for (int mt = 0; mt < kM; ++mt) {
               ptx::mma_16x8x16<DType>(o[mt][4 * c + 2 * h], a[mt], even_low, even_high);
@@ -219,10 +213,10 @@ struct MmaSync {
 
 // Warpgroup MMAs over a Q tile of kRows rows (warpgroup g owns rows [64 g, 64 g + 64)) and
 // K/V tiles of kKVTile keys, all in Swizzled128BBlocks layouts. kQueryConverted (FP8 caches,
-// whose tiles the kernel turns into float16 tiles for it): the query tile is turned into
-// float16 times sm_scale first, as MmaSync does.
+// whose tiles the kernel turns into float16 tiles for it): the kernel turns the query tile into
+// float16 times sm_scale first, as for MmaSync.
 template <typename DType, int kRows, int kKVTile, int kHeadDimQK, int kHeadDimVO,
-          typename DTypeQ = DType, bool kQueryConverted = false>
+          bool kQueryConverted = false>
 struct WgmmaMma {
   static_assert(sizeof(DType) == 2, "wgmma m64nNk16 with 16-bit operands");
   static_assert((kKVTile == 64 || kKVTile == 128) && (kHeadDimVO == 64 || kHeadDimVO == 128),
@@ -236,10 +230,9 @@ struct WgmmaMma {
     return kQueryConverted ? key_scale : sm_scale * key_scale;
   }
 
-  template <int kBytes, int kThreads>
-  __device__ __forceinline__ static void convert_query(uint8_t* q_smem, float sm_scale) {
-    fp8::convert_query_tile<DTypeQ, kBytes, kThreads>(q_smem, sm_scale);
-  }
+  // The accumulators are in the m16n8 layout already (see MmaSync's).
+  template <int kM, int kVONTiles>
+  __device__ __forceinline__ static void restore_output_layout(float (&)[kM][kVONTiles][4], int) {}
   static constexpr int kStepBytes = 16 * sizeof(DType);          // 16 columns (one k-step)
 
   // S (this warpgroup's 64 rows x kKVTile keys) = Q K^T; the first k-step overwrites s.
