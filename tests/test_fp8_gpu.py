@@ -221,3 +221,27 @@ def test_fp8_debug_checks_refuse_bad_device_scales(seed):
         scale[1] = bad
         with pytest.raises(ValueError, match="k_scale must be finite and > 0"):
             decode.run(q, dataclasses.replace(problem.cache, k_scale=scale), table)
+
+
+@pytest.mark.parametrize("kind", ["decode", "mma", "wgmma"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_peaked_softmax_at_head_dim_128(kind, dtype, seed):
+    """Large logits (query x4, K scale 3) at head dim 128, whose sm_scale 1/sqrt(128) is no
+    power of two: the query's float16 conversion must not round q * sm_scale (the fuzz found
+    output errors of 2-8 bfloat16 ulps that way); the 16-bit tolerances hold."""
+    kv_lens = [3, 16, 300, 2049]
+    q_lens = [1] * len(kv_lens) if kind == "decode" else [3, 16, 77, 129]
+    problem, table, q = fp8_problem(q_lens, kv_lens, kv_dtype=E4M3, scale_kind="float",
+                                    seed=seed, dtype=dtype, num_kv_heads=4, group=8)
+    problem.cache = dataclasses.replace(problem.cache, k_scale=3.0, v_scale=2.5)
+    q = (q.float() * 4).to(dtype)
+    if kind == "decode":
+        wrapper = make_decode(q, problem)
+        wrapper.plan(kv_lens)
+        check_against_reference(wrapper, problem, table, q, seed=seed)
+    else:
+        if kind == "wgmma" and find("prefill_wgmma", 128, 128) is None:
+            pytest.skip("no prefill_wgmma kernel")
+        wrapper = make_prefill(q, problem, backend=kind)
+        wrapper.plan([0] + torch.tensor(q_lens).cumsum(0).tolist(), kv_lens)
+        check_against_reference(wrapper, problem, table, q, seed=seed, causal=True)

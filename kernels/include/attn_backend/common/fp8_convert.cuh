@@ -62,17 +62,35 @@ __device__ __forceinline__ void quad_to_half_interleaved(uint32_t quad, uint32_t
   quad_to_half<DTypeFp8>(regrouped, even, odd);
 }
 
-// The query tile (kBytes of DTypeQ, any chunk layout) as float16 times sm_scale, in place, so
-// that MMAs in float16 can take it (FP8 caches); the caller synchronises before and after.
+// The part of sm_scale that the query conversion multiplies in: its power of two,
+// 2^floor(log2 sm_scale), so that the float16 product is exact. Rounding q * sm_scale itself
+// (1/sqrt(128) is no power of two) would cost each dim of a logit a relative 2^-12, which a
+// peaked softmax turns into output errors of several bfloat16 ulps; the rest of sm_scale,
+// in [1, 2), stays in the float32 logit scale (sm_scale_after_query_conversion). Infinite or
+// subnormal scales are left whole to the logit scale.
+__device__ __forceinline__ float query_conversion_scale(float sm_scale) {
+  const uint32_t exponent_bits = __float_as_uint(sm_scale) & 0x7f800000u;
+  return exponent_bits != 0u && exponent_bits != 0x7f800000u ? __uint_as_float(exponent_bits)
+                                                             : 1.f;
+}
+
+__device__ __forceinline__ float sm_scale_after_query_conversion(float sm_scale) {
+  return sm_scale / query_conversion_scale(sm_scale);  // exact: a division by a power of two
+}
+
+// The query tile (kBytes of DTypeQ, any chunk layout) as float16 times
+// query_conversion_scale(sm_scale), in place, so that MMAs in float16 can take it (FP8
+// caches); the caller synchronises before and after.
 template <typename DTypeQ, int kBytes, int kThreads>
 __device__ __forceinline__ void convert_query_tile(uint8_t* q_smem, float sm_scale) {
   static_assert(kBytes % 16 == 0, "whole chunks");
+  const float scale = query_conversion_scale(sm_scale);
   for (int chunk = threadIdx.x; chunk < kBytes / 16; chunk += kThreads) {
     uint4* at = reinterpret_cast<uint4*>(q_smem) + chunk;
     uint4 values = *at;
     uint32_t* pairs = reinterpret_cast<uint32_t*>(&values);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) pairs[i] = scaled_pair_to_half<DTypeQ>(pairs[i], sm_scale);
+    for (int i = 0; i < 4; ++i) pairs[i] = scaled_pair_to_half<DTypeQ>(pairs[i], scale);
     *at = values;
   }
 }

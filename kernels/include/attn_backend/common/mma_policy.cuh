@@ -28,9 +28,9 @@ struct MmaSync {
   // converted in registers, one instruction per pair (cvt.rn.f16x2.e4m3x2 / e5m2x2: exact,
   // NaN stays NaN), so the MMAs run in float16 whatever the query's type: every FP8 value
   // is exact in float16, and P in [0, 1] loses less than in bfloat16. The query tile is
-  // turned into float16 once, in shared memory, pre-multiplied by sm_scale (kConvertsQuery:
-  // the kernel runs fp8::convert_query_tile):
-  // a bfloat16 query then overflows only where |q| * sm_scale > 65504.
+  // turned into float16 once, in shared memory, pre-multiplied by the power-of-two part of
+  // sm_scale (kConvertsQuery: the kernel runs fp8::convert_query_tile), exactly: a bfloat16
+  // query then overflows only where |q| * sm_scale > 65504 (at worst 32752).
   //
   // An FP8 row's 16-byte chunk holds 16 dims, so ldmatrix hands a thread 4 consecutive dims
   // where a 16-bit B fragment has dims {2t, 2t+1, 2t+8, 2t+9} (t = lane % 4). Q K^T sums
@@ -41,10 +41,10 @@ struct MmaSync {
   using DType = std::conditional_t<kFp8KV, __half, DTypeQ>;  // the MMAs' operand type
   static constexpr bool kConvertsQuery = kFp8KV;
 
-  // What one raw product q.k of the MMAs is worth: sm_scale * key_scale, or key_scale
-  // where the query conversion folded sm_scale into the query.
+  // What one raw product q.k of the MMAs is worth: sm_scale * key_scale, less the part of
+  // sm_scale that the query conversion folded into the query.
   __device__ __forceinline__ static float qk_scale(float sm_scale, float key_scale) {
-    return kFp8KV ? key_scale : sm_scale * key_scale;
+    return (kFp8KV ? fp8::sm_scale_after_query_conversion(sm_scale) : sm_scale) * key_scale;
   }
 
   // A fragment of rows [row0, row0 + 16) and columns [16 kk, 16 kk + 16) of a tile. With FP8
@@ -214,7 +214,7 @@ struct MmaSync {
 // Warpgroup MMAs over a Q tile of kRows rows (warpgroup g owns rows [64 g, 64 g + 64)) and
 // K/V tiles of kKVTile keys, all in Swizzled128BBlocks layouts. kQueryConverted (FP8 caches,
 // whose tiles the kernel turns into float16 tiles for it): the kernel turns the query tile into
-// float16 times sm_scale first, as for MmaSync.
+// float16 first, times sm_scale's power of two, as for MmaSync.
 template <typename DType, int kRows, int kKVTile, int kHeadDimQK, int kHeadDimVO,
           bool kQueryConverted = false>
 struct WgmmaMma {
@@ -227,7 +227,8 @@ struct WgmmaMma {
                 "a converted query is float16");
 
   __device__ __forceinline__ static float qk_scale(float sm_scale, float key_scale) {
-    return kQueryConverted ? key_scale : sm_scale * key_scale;
+    return (kQueryConverted ? fp8::sm_scale_after_query_conversion(sm_scale) : sm_scale) *
+           key_scale;
   }
 
   // The accumulators are in the m16n8 layout already (see MmaSync's).
