@@ -72,6 +72,7 @@ class KernelWrapper:
 
     family: str  # "decode" | "prefill"
     backends: tuple[str, ...]  # the backend= choices
+    serves_mla = False  # whether MLA's head dims (the latent kernel) run on this wrapper
 
     def _init_shape(self, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                     head_dim_vo: int | None, dtype: torch.dtype, kv_dtype: torch.dtype | None,
@@ -84,7 +85,7 @@ class KernelWrapper:
         kv_dtype = dtype if kv_dtype is None else kv_dtype
         self.device = normalize_device(device)
         check_kernel_shape(num_qo_heads, num_kv_heads, head_dim, head_dim_vo, dtype, kv_dtype,
-                           on_cuda=self.device.type == "cuda")
+                           on_cuda=self.device.type == "cuda", serves_mla=self.serves_mla)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.num_qo_heads = num_qo_heads

@@ -25,6 +25,17 @@ KERNEL_DTYPE_PAIRS = tuple((q, kv) for q in KERNEL_DTYPES for kv in (q, *KERNEL_
 # (qk, vo) head dims with decode and prefill kernels (tests/test_extension.py checks this
 # against the extension's configurations).
 SUPPORTED_HEAD_DIMS = ((64, 64), (128, 128), (256, 256))
+# MLA's absorbed form (DeepSeek's latent rows: 512 + 64 rope, V the first 512): one kv head,
+# a cache of the query's 16-bit type, on PagedPrefill (any number of query tokens per request).
+MLA_HEAD_DIMS = (576, 512)
+# The MLA kernel was written before any GPU run checked it against the reference: until one
+# has, CUDA runs of it need ATTN_BACKEND_UNVERIFIED_MLA=1 (the GPU tests set it), so that no
+# serving path reaches it unchecked.
+UNVERIFIED_MLA_ENV = "ATTN_BACKEND_UNVERIFIED_MLA"
+
+
+def unverified_mla_allowed() -> bool:
+    return os.environ.get(UNVERIFIED_MLA_ENV, "0") not in ("", "0")
 # Query heads per kv head: decode and prefill pack a group's heads into MMA rows (decode in
 # row tiles of 16), so any group works; this is the largest the tests cover.
 MAX_GROUP_SIZE = 128
@@ -146,6 +157,10 @@ def check_run_call(wrapper, q, cache, page_table, *, rows_what: str, out,
             raise ValueError("out must have q's dtype and device")
     check_tensor("q", q, dtypes=(wrapper.dtype,))
     check_tensor("k_cache", cache.k, dtypes=(wrapper.kv_dtype,))
+    if q.device.type == "cuda" and (wrapper.head_dim, wrapper.head_dim_vo) == MLA_HEAD_DIMS and \
+            (cache.v.data_ptr() != cache.k.data_ptr() or cache.v.stride() != cache.k.stride()):
+        raise ValueError("cache: the MLA kernel reads V as the first 512 columns of each K row; "
+                         "build the cache with PagedKVCache.from_mla (V a view of K)")
     if q.device.type == "cuda":
         for tensor_name, t in (("q", q), ("k_cache", cache.k), ("v_cache", cache.v)):
             check_last_dim_contiguous(tensor_name, t)
@@ -179,13 +194,29 @@ def check_chunk_aligned(name: str, t: torch.Tensor) -> None:
 
 
 def check_kernel_shape(num_qo_heads: int, num_kv_heads: int, head_dim: int, head_dim_vo: int,
-                       dtype: torch.dtype, kv_dtype: torch.dtype, *, on_cuda: bool) -> None:
+                       dtype: torch.dtype, kv_dtype: torch.dtype, *, on_cuda: bool,
+                       serves_mla: bool = False) -> None:
     """Head counts always; on CUDA also the head dims, group size and element types the
-    compiled kernels serve (the CPU reference serves any)."""
+    compiled kernels serve (the CPU reference serves any). `serves_mla`: the wrapper has the
+    MLA kernel (PagedPrefill)."""
     if num_kv_heads < 1 or num_qo_heads < 1 or num_qo_heads % num_kv_heads:
         raise ValueError(f"num_qo_heads={num_qo_heads} must be a positive multiple of "
                          f"num_kv_heads={num_kv_heads}")
     if not on_cuda:
+        return
+    if (head_dim, head_dim_vo) == MLA_HEAD_DIMS:
+        if not serves_mla:
+            raise ValueError(f"head dims {MLA_HEAD_DIMS} (MLA's latent rows) run on "
+                             "PagedPrefill, which takes any number of query tokens per request")
+        if not unverified_mla_allowed():
+            raise ValueError(f"head dims {MLA_HEAD_DIMS}: the MLA kernel has not been checked "
+                             f"on a GPU yet; set {UNVERIFIED_MLA_ENV}=1 to run it")
+        if num_kv_heads != 1 or not 1 <= num_qo_heads <= MAX_GROUP_SIZE:
+            raise ValueError(f"MLA: {num_qo_heads} query heads over {num_kv_heads} kv heads; "
+                             f"supported: 1..{MAX_GROUP_SIZE} query heads over one latent row")
+        if dtype not in KERNEL_DTYPES or kv_dtype != dtype:
+            raise TypeError(f"MLA: dtype {_names([dtype])} with kv_dtype {_names([kv_dtype])}; "
+                            f"compiled: float16 or bfloat16, the cache the query's type")
         return
     if (head_dim, head_dim_vo) not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dims (qk={head_dim}, vo={head_dim_vo}) are not compiled; "

@@ -140,11 +140,12 @@ class PagedKVCache:
 
     @classmethod
     def from_mla(cls, kv_buffer: torch.Tensor, kv_lora_rank: int, page_size: int) -> "PagedKVCache":
-        """SGLang's MLA buffer `[num_slots, 1, kv_lora_rank + rope_dim]`: K = row, V = latent part."""
+        """SGLang's MLA buffer `[num_slots, 1, kv_lora_rank + rope_dim]`: K = row, V = latent
+        part (the whole row where the model has no rope part)."""
         check_tensor("kv_buffer", kv_buffer, dims=3)
-        if not 0 < kv_lora_rank < kv_buffer.shape[2]:
-            raise ValueError(f"kv_lora_rank={kv_lora_rank} must be below the row width "
-                             f"{kv_buffer.shape[2]}")
+        if not 0 < kv_lora_rank <= kv_buffer.shape[2]:
+            raise ValueError(f"kv_lora_rank={kv_lora_rank} must be in 1..{kv_buffer.shape[2]} "
+                             "(the row width)")
         num_pages = kv_buffer.shape[0] // page_size
         pages = _as_pages(kv_buffer[: num_pages * page_size], num_pages, page_size)
         return cls(pages, pages[..., :kv_lora_rank])

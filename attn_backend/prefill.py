@@ -27,7 +27,7 @@ import torch
 
 from . import reference
 from ._plan_run import KernelWrapper, PlanRecord, host_int64
-from ._validation import check_run_call
+from ._validation import MLA_HEAD_DIMS, check_run_call
 from .kernel_configs import KernelConfig
 from .paged_kv import PagedKVCache, PageTable
 
@@ -70,6 +70,7 @@ class PagedPrefill(KernelWrapper):
 
     family = "prefill"
     backends = BACKENDS
+    serves_mla = True
 
     def __init__(self, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                  head_dim_vo: int | None = None, dtype: torch.dtype,
@@ -98,7 +99,8 @@ class PagedPrefill(KernelWrapper):
                          use_cuda_graph=use_cuda_graph, enable_pdl=enable_pdl, backend=backend)
         self.max_num_tokens = max_num_tokens
         long = self._long_config(backend)
-        short = self._find_config("prefill_short")
+        # MLA: 16 rows (decode of up to 16 heads) as the short tile, 32 as the long one.
+        short = self._find_config("prefill_mla" if self._is_mla else "prefill_short")
         main, alt = self._with_slots(long, cta_slots), self._with_slots(short, cta_slots)
         self.tile_rows, self.cta_slots = (long.tile_rows, main[1]) if long else (None, 1)
         self.short_tile_rows, self.short_cta_slots = (short.tile_rows, alt[1]) if short \
@@ -110,8 +112,14 @@ class PagedPrefill(KernelWrapper):
                                               device=self.device)
         self._planned: _PlannedBatch | None = None
 
+    @property
+    def _is_mla(self) -> bool:
+        return (self.head_dim, self.head_dim_vo) == MLA_HEAD_DIMS
+
     def _long_config(self, backend: str) -> KernelConfig | None:
         """The long-query configuration of `backend` (None: no schedule on this device)."""
+        if self._is_mla and backend != "wgmma":
+            return self._find_config("prefill_mla_wide")  # mma.sync, one latent row per key
         mma = self._find_config("prefill_mma")
         wgmma = self._find_config("prefill_wgmma")
         on_cuda = self.device.type == "cuda"

@@ -48,8 +48,10 @@ def test_cache_views_reject_mismatched_halves():
         PagedKVCache(torch.randn(4, 16, 2, 8), torch.randn(4, 16, 3, 8))
     with pytest.raises(ValueError, match="head_dim_k=16"):
         PagedKVCache.from_vllm(torch.randn(4, 2, 16, 16), 16)
-    with pytest.raises(ValueError, match="kv_lora_rank=40"):
-        PagedKVCache.from_mla(torch.randn(64, 1, 40), 40, 16)
+    with pytest.raises(ValueError, match="kv_lora_rank=41"):
+        PagedKVCache.from_mla(torch.randn(64, 1, 40), 41, 16)
+    no_rope = PagedKVCache.from_mla(torch.randn(64, 1, 40), 40, 16)  # V is the whole row
+    assert no_rope.head_dim_k == no_rope.head_dim_v == 40
 
 
 def test_cache_views_share_storage_with_engine_tensors():
@@ -103,3 +105,46 @@ def test_page_table_slots_past_the_slot_map_raise_on_the_host():
     with pytest.raises(ValueError, match=r"holds slots in \[3, 20\]; slot_map has 16 entries"):
         mapped.token_slots(1, [2], page_size=1)
     assert mapped.token_slots(1, [1], page_size=1)[1].tolist() == [3]
+
+
+def test_mla_head_dims_run_on_prefill_over_one_latent_row(monkeypatch):
+    from attn_backend._validation import MLA_HEAD_DIMS, UNVERIFIED_MLA_ENV, check_kernel_shape
+
+    bf16 = torch.bfloat16
+    monkeypatch.delenv(UNVERIFIED_MLA_ENV, raising=False)
+    with pytest.raises(ValueError, match="not been checked on a GPU yet"):
+        check_kernel_shape(16, 1, *MLA_HEAD_DIMS, bf16, bf16, on_cuda=True, serves_mla=True)
+    monkeypatch.setenv(UNVERIFIED_MLA_ENV, "1")
+    check_kernel_shape(128, 1, *MLA_HEAD_DIMS, bf16, bf16, on_cuda=True, serves_mla=True)
+    with pytest.raises(ValueError, match="run on PagedPrefill"):
+        check_kernel_shape(16, 1, *MLA_HEAD_DIMS, bf16, bf16, on_cuda=True)
+    with pytest.raises(ValueError, match="16 query heads over 2 kv heads"):
+        check_kernel_shape(16, 2, *MLA_HEAD_DIMS, bf16, bf16, on_cuda=True, serves_mla=True)
+    with pytest.raises(TypeError, match="the cache the query's type"):
+        check_kernel_shape(16, 1, *MLA_HEAD_DIMS, bf16, torch.float8_e4m3fn, on_cuda=True,
+                           serves_mla=True)
+    check_kernel_shape(16, 2, 40, 32, bf16, bf16, on_cuda=False)  # the reference serves any
+
+
+def test_mla_on_the_reference_path_matches_the_absorbed_form():
+    """PagedPrefill with MLA's head dims on CPU: the float reference over a from_mla cache,
+    the same as reference.mla_attention with the query split in its latent and rope parts."""
+    from attn_backend import PagedPrefill, PageTable, reference
+
+    gen = torch.Generator().manual_seed(5)
+    page_size, rank, rope, heads = 4, 48, 16, 8
+    latent = torch.randn(6 * page_size, 1, rank + rope, generator=gen)
+    cache = PagedKVCache.from_mla(latent, rank, page_size)
+    table = torch.tensor([[5, 2, 0], [3, 1, 4]], dtype=torch.int32)
+    kv_lens, q_lens = [9, 12], [1, 3]
+    q = torch.randn(sum(q_lens), heads, rank + rope, generator=gen)
+    mla = PagedPrefill(num_qo_heads=heads, num_kv_heads=1, head_dim=rank + rope,
+                       head_dim_vo=rank, dtype=torch.float32, device="cpu")
+    mla.plan([0, 1, 4], kv_lens)
+    got = mla.run(q, cache, PageTable.from_block_table(table), sm_scale=0.125)
+    slots = torch.cat([table[r].long().repeat_interleave(page_size)[:n] * page_size +
+                       torch.arange(n) % page_size for r, n in enumerate(kv_lens)])
+    want = reference.mla_attention(q[..., :rank], q[..., rank:], [0, 1, 4], cache, [0, 9, 21],
+                                   slots, sm_scale=0.125)
+    torch.testing.assert_close(got.float(), want.out)
+    assert got.shape == (4, heads, rank)

@@ -39,6 +39,13 @@ void attention(const at::Tensor& q, at::TensorList kv, const at::Tensor& page_ta
   const KernelConfig& config = kernel_config(info.planned_config_id);
   TORCH_CHECK(config.family == info.kernel_family(), "attention: plan_info names a ",
               config.name, " configuration for another kernel family");
+  TORCH_CHECK(!config.value_in_key ||
+                  (kv[1].data_ptr() == kv[0].data_ptr() && kv[1].dim() == 4 && kv[0].dim() == 4 &&
+                   kv[1].stride(0) == kv[0].stride(0) && kv[1].stride(1) == kv[0].stride(1) &&
+                   kv[1].stride(2) == kv[0].stride(2)),
+              "attention: ", config.name, " reads V as the first ", config.head_dim_vo,
+              " columns of each K row; v_cache must be that view of k_cache "
+              "(PagedKVCache.from_mla)");
   const AttentionParams params = make_attention_params(
       info, config.head_dim_qk, config.head_dim_vo, config.tile_rows, q, kv, page_table,
       row_index, slot_map, table_holds_slots, workspace, mask_bits, sm_scale, logits_soft_cap,

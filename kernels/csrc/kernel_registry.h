@@ -26,7 +26,8 @@ struct VariantFlags {
 };
 
 struct KernelConfig {
-  std::string name;  // decode | decode_full_batch | prefill_mma | prefill_wgmma | prefill_short
+  std::string name;  // decode | decode_full_batch | prefill_mma | prefill_wgmma | prefill_short |
+                    // prefill_mla | prefill_mla_wide
   KernelFamily family;
   int64_t head_dim_qk;
   int64_t head_dim_vo;
@@ -41,6 +42,9 @@ struct KernelConfig {
   // shared memory, so more CTAs may fit; plans cut split-KV work by it).
   int (*ctas_per_sm)(bool fp8_kv);
   bool (*runs_here)();   // on the current device
+  // MLA: V is the first head_dim_vo columns of each K row, read from the K tile, so the run
+  // op requires v_cache to be that view of k_cache.
+  bool value_in_key = false;
 
   std::vector<int64_t> facts() const {
     return {static_cast<int64_t>(family), head_dim_qk, head_dim_vo, tile_rows, kv_tile_tokens,
@@ -71,5 +75,6 @@ void add_prefill_configs_d64_wgmma_short(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d128(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d128_wgmma_short(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d256(std::vector<KernelConfig>& configs);
+void add_mla_configs(std::vector<KernelConfig>& configs);
 
 }  // namespace attn_backend

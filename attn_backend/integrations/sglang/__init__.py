@@ -28,3 +28,25 @@ def register() -> None:
             from .backend import SGLangAttnBackend  # kernels load only when a backend is built
 
             return SGLangAttnBackend(model_runner)
+    _register_mla_forward_method()
+
+
+def _register_mla_forward_method() -> None:
+    """DeepSeek-class models ask SGLang's AttentionBackendRegistry which attention method to
+    run per batch, by backend name (an unknown name silently gets the triton backend's
+    choice). Ours: on CUDA always the absorbed form (the latent kernel; MLA's MHA prefill
+    has no kernel yet), on CPU the triton backend's choice (the reference serves both)."""
+    try:
+        from sglang.srt.models.deepseek_common.attention_backend_handler import (
+            AttentionBackendRegistry, handle_attention_triton)
+        from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import (
+            AttnForwardMethod)
+    except ImportError:  # an SGLang without DeepSeek's common code: nothing asks
+        return
+
+    def handle_attention_attn_backend(attn, forward_batch):
+        if forward_batch.seq_lens.is_cuda:
+            return AttnForwardMethod.MLA
+        return handle_attention_triton(attn, forward_batch)
+
+    AttentionBackendRegistry.register(BACKEND_NAME, handle_attention_attn_backend)

@@ -25,8 +25,16 @@ with window layers): window layers read their K/V in the window pool through
 the pool's full-to-window slot map (applied per token by the kernels, so the
 graph reads the live map) and write through `KVWriteLoc.swa_loc`.
 
+MLA models (DeepSeek-class, `MLATokenToKVPool`): on CPU every path runs the float
+reference: the absorbed layers (concatenated inputs, as SGLang hands them to a backend
+outside its FORWARD_ABSORB_CORE list, or split `q_rope`/`k_rope`) read the pool's latent
+rows (K = the 576-wide row, V = its first 512 columns), and the MHA layers of prefill
+(`forward_normal`: K/V from `kv_b_proj` in the call, `save_kv_cache=False`) attend over the
+K/V they are given, over the new tokens or, one-shot, over the whole sequence. On CUDA MLA
+is refused at construction until its kernels exist (issue 18).
+
 Not yet (they raise with the reason, never a wrong result): other hybrid pool
-kinds, MLA, cross-attention and quantised KV caches. SGLang picks draft-model backends
+kinds, MLA on CUDA, MLA's chunked prefix cache, cross-attention and quantised MLA caches. SGLang picks draft-model backends
 from its own list (--speculative-draft-attention-backend), so DRAFT_EXTEND_V2
 reaches this backend where a harness builds it for the draft model (SGLang's
 attention kit does).
@@ -44,7 +52,8 @@ from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ... import fp8
-from ..._validation import KERNEL_DTYPES, KERNEL_FP8_DTYPES, MAX_GROUP_SIZE, SUPPORTED_HEAD_DIMS
+from ..._validation import (KERNEL_DTYPES, KERNEL_FP8_DTYPES, MAX_GROUP_SIZE, MLA_HEAD_DIMS,
+                             SUPPORTED_HEAD_DIMS, UNVERIFIED_MLA_ENV, unverified_mla_allowed)
 from ...decode import PagedDecode
 from ...kv_write import write_kv
 from ...paged_kv import PagedKVCache, PageTable
@@ -132,8 +141,21 @@ class SGLangAttnBackend(AttentionBackend):
         self.dtype = model_runner.dtype
         self.kv_dtype = getattr(model_runner, "kv_cache_dtype", model_runner.dtype)
         self._fp8_pool = fp8.is_fp8(self.kv_dtype)  # the layers' scales apply
+        self.mla = bool(getattr(model_runner, "use_mla_backend", False))
         self._check_supported(model_runner)
+        if self.mla:
+            config = model_runner.model_config
+            self.kv_lora_rank = config.kv_lora_rank
+            self.qk_rope_head_dim = config.qk_rope_head_dim
         self.layer_keys = collect_layer_keys(model_runner, self.dtype, self.kv_dtype)
+        if self.mla:  # MHA layers attend over the K/V of the call, without a plan
+            self.layer_keys = frozenset(k for k in self.layer_keys if self._is_absorbed_key(k))
+            if not self.layer_keys:
+                self.layer_keys = frozenset({WrapperKey(
+                    model_runner.model_config.get_num_attention_heads(
+                        getattr(model_runner, "tp_size", 1) or 1), 1,
+                    self.kv_lora_rank + self.qk_rope_head_dim, self.kv_lora_rank, self.dtype,
+                    self.kv_dtype, -1, True)})
         self._check_layer_shapes()
         self._decoders: dict[WrapperKey, PagedDecode] = {}
         self._prefills: dict[WrapperKey, PagedPrefill] = {}  # eager: grow with the batch
@@ -147,9 +169,14 @@ class SGLangAttnBackend(AttentionBackend):
 
     def _check_supported(self, model_runner) -> None:
         """Reject at construction what this version cannot serve, naming the setting."""
-        if getattr(model_runner, "use_mla_backend", False):
-            raise ValueError(f"{BACKEND_NAME}: MLA models are not supported yet; use "
-                             "--attention-backend flashinfer or triton for this model")
+        if self.mla and self.device.type == "cuda" and not unverified_mla_allowed():
+            raise ValueError(f"{BACKEND_NAME}: MLA models are not supported on CUDA yet (the "
+                             "latent kernel awaits its first GPU check; the float reference "
+                             "serves them on CPU); use --attention-backend flashinfer, fa3 or "
+                             f"triton for this model (or {UNVERIFIED_MLA_ENV}=1 to try it)")
+        if self.mla and self._fp8_pool:
+            raise ValueError(f"{BACKEND_NAME}: FP8 MLA caches are not supported yet; supported "
+                             "for MLA: --kv-cache-dtype auto")
         pool = model_runner.token_to_kv_pool
         if isinstance(pool, BaseSWAKVPool) and not _is_plain_swa_pool(pool):
             # Other hybrid kinds (request windows, unified or draft pools) address their
@@ -165,6 +192,12 @@ class SGLangAttnBackend(AttentionBackend):
     def _check_layer_shapes(self) -> None:
         if self.device.type != "cuda":
             return  # the float reference serves any head size and group
+        if self.mla:
+            if (self.kv_lora_rank + self.qk_rope_head_dim, self.kv_lora_rank) != MLA_HEAD_DIMS:
+                raise ValueError(f"{BACKEND_NAME}: MLA with kv_lora_rank {self.kv_lora_rank} and "
+                                 f"rope {self.qk_rope_head_dim} is not compiled; supported: "
+                                 f"{MLA_HEAD_DIMS[1]} + {MLA_HEAD_DIMS[0] - MLA_HEAD_DIMS[1]}")
+            return
         for key in self.layer_keys:
             if (key.head_dim, key.head_dim_vo) not in SUPPORTED_HEAD_DIMS:
                 raise ValueError(f"{BACKEND_NAME}: head dims (qk={key.head_dim}, "
@@ -223,18 +256,18 @@ class SGLangAttnBackend(AttentionBackend):
             if self._hybrid_pool is not None else None,
         )
         self.forward_metadata = meta
-        if mode.is_decode():
+        if mode.is_decode() and not self.mla:  # MLA decodes on the prefill-family kernel
             for key in self.layer_keys:
                 if key.causal:
                     decoder = self._decoder(key)
                     decoder.plan(kv_lens, window_left=key.window_left)
                     meta.wrappers[key] = decoder
         else:
-            # Only verify and draft-extend batches replay in captured graphs; extends run
-            # eagerly (also between the pieces of SGLang's piecewise and breakable graphs),
-            # so their wrappers grow.
+            # Only verify, draft-extend and (MLA's) decode batches replay in captured graphs;
+            # extends run eagerly (also between the pieces of SGLang's piecewise and breakable
+            # graphs), so their wrappers grow.
             graph_sized = self._cuda_graphs and (mode.is_target_verify() or
-                                                 mode.is_draft_extend_v2())
+                                                 mode.is_draft_extend_v2() or mode.is_decode())
             for key in self.layer_keys:
                 prefill = self._prefill(key, graph_sized, int(meta.qo_indptr[-1]))
                 prefill.plan(meta.qo_indptr, kv_lens, causal=key.causal,
@@ -295,6 +328,8 @@ class SGLangAttnBackend(AttentionBackend):
     def _forward(self, q, k, v, layer, forward_batch, save_kv_cache, kwargs):
         """Every mode alike: the layer's wrapper (decode or prefill, as this forward's metadata
         planned it) over the pool's buffers, after the K/V write."""
+        if self.mla:
+            return self._forward_mla(q, k, v, layer, forward_batch, save_kv_cache, kwargs)
         self._check_layer(layer, kwargs)
         cache = self._cache(layer)  # the write (FP8) and the read see one cache object
         self._save_kv(layer, forward_batch, k, v, save_kv_cache, cache)
@@ -303,6 +338,75 @@ class SGLangAttnBackend(AttentionBackend):
             q3, cache, self._page_table(layer), sm_scale=layer.scaling,
             logits_soft_cap=max(layer.logit_cap, 0.0))
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _forward_mla(self, q, k, v, layer, forward_batch, save_kv_cache, kwargs):
+        """An MLA model's layer: absorbed (latent rows of the pool) or MHA (prefill's
+        decompressed K/V, given in the call)."""
+        if layer.is_cross_attention:
+            raise NotImplementedError(f"{BACKEND_NAME}: cross-attention layers are not supported")
+        if not self._is_absorbed_layer(layer):
+            return self._forward_mla_mha(q, k, v, layer, forward_batch)
+        q_rope, k_rope = kwargs.get("q_rope"), kwargs.get("k_rope")
+        pool = self.token_to_kv_pool
+        if save_kv_cache and k is not None:
+            loc = KVWriteLoc(forward_batch.out_cache_loc)
+            if k_rope is not None:  # split form: the latent and its rope part
+                pool.set_mla_kv_buffer(layer, loc, k.reshape(-1, 1, self.kv_lora_rank),
+                                       k_rope.reshape(-1, 1, self.qk_rope_head_dim))
+            else:  # concatenated form: k is the whole row (the pool stores k only)
+                pool.set_kv_buffer(layer, loc, k, v)
+        heads = layer.tp_q_head_num
+        if q_rope is not None:
+            q3 = torch.cat([q.reshape(-1, heads, self.kv_lora_rank),
+                            q_rope.reshape(-1, heads, self.qk_rope_head_dim)], dim=-1)
+        else:
+            q3 = q.reshape(-1, heads, layer.qk_head_dim)
+        cache = PagedKVCache.from_mla(pool.get_key_buffer(layer.layer_id), self.kv_lora_rank,
+                                      self.page_size)
+        out = self._wrapper(layer, q3.dtype).run(q3, cache, self._page_table(layer),
+                                                 sm_scale=layer.scaling)
+        return out.reshape(-1, heads * layer.v_head_dim)
+
+    def _forward_mla_mha(self, q, k, v, layer, forward_batch):
+        """SGLang's MHA prefill of an MLA model (forward_normal): causal attention of the new
+        tokens over the K/V the model decompressed for this call, which cover the new tokens
+        (MHA) or, with `mha_one_shot`, each request's whole sequence. Returns (out, lse)
+        where the model asks (`mha_return_lse`)."""
+        if getattr(forward_batch, "attn_attend_prefix_cache", None):
+            raise NotImplementedError(f"{BACKEND_NAME}: MLA's chunked prefix cache is not "
+                                      "supported yet (SGLang keeps it off for this backend)")
+        if self.device.type == "cuda":
+            raise NotImplementedError(f"{BACKEND_NAME}: MLA's MHA prefill has no kernel yet")
+        from ... import reference
+
+        heads, kv_heads = layer.tp_q_head_num, layer.tp_k_head_num
+        q3 = q.reshape(-1, heads, layer.qk_head_dim)
+        k3 = k.reshape(-1, kv_heads, layer.qk_head_dim)
+        v3 = v.reshape(-1, kv_heads, layer.v_head_dim)
+        q_lens = self._extend_lens(forward_batch)
+        kv_lens = np.asarray(forward_batch.seq_lens_cpu, dtype=np.int64) \
+            if getattr(forward_batch, "mha_one_shot", False) else q_lens
+        if int(kv_lens.sum()) != k3.shape[0]:
+            raise ValueError(f"{BACKEND_NAME}: the MHA call has {k3.shape[0]} K/V rows, the "
+                             f"batch's lengths need {int(kv_lens.sum())}")
+        cache = PagedKVCache.from_sglang(k3, v3, 1)
+        want = reference.attention(q3, np.concatenate([[0], np.cumsum(q_lens)]).tolist(), cache,
+                                   np.concatenate([[0], np.cumsum(kv_lens)]).tolist(),
+                                   torch.arange(k3.shape[0], device=k3.device),
+                                   sm_scale=layer.scaling, causal=True)
+        out = want.out.to(q.dtype).reshape(-1, heads * layer.v_head_dim)
+        if getattr(forward_batch, "mha_return_lse", False):
+            return out, want.lse
+        return out
+
+    def _is_absorbed_key(self, key: WrapperKey) -> bool:
+        return key.num_kv_heads == 1 and key.head_dim_vo == self.kv_lora_rank and \
+            key.head_dim == self.kv_lora_rank + self.qk_rope_head_dim
+
+    def _is_absorbed_layer(self, layer) -> bool:
+        """An MLA model's attention over the latent cache (attn_mqa), not its MHA prefill."""
+        return layer.tp_k_head_num == 1 and layer.v_head_dim == self.kv_lora_rank and \
+            layer.qk_head_dim == self.kv_lora_rank + self.qk_rope_head_dim
 
     # ---- helpers --------------------------------------------------------------------------
 

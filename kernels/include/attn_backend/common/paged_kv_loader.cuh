@@ -8,9 +8,12 @@
 // its slot-map entry, for SGLang's hybrid pools). A key outside the range, or on a page id
 // outside the cache, is zero-filled rather than read, so a stage never holds stale or NaN
 // bit patterns (the mask hides those scores). Any element type: rows are 16-byte chunks.
+// kValueInKey (MLA's latent rows): V is the first columns of each K row, so only K is
+// loaded and the V tile is the K tile.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attn_backend/common/params.cuh"
 #include "attn_backend/common/ptx.cuh"
@@ -19,12 +22,12 @@
 namespace attn_backend {
 
 template <typename DTypeKV, int kTileTokens_, int kStages_, int kThreads, typename LayoutK,
-          typename LayoutV>
+          typename LayoutV, bool kValueInKey = false>
 struct PagedKVLoader {
   static constexpr int kTileTokens = kTileTokens_;
   static constexpr int kStages = kStages_;
   static constexpr int kKTileBytes = kTileTokens * LayoutK::kChunks * 16;
-  static constexpr int kVTileBytes = kTileTokens * LayoutV::kChunks * 16;
+  static constexpr int kVTileBytes = kValueInKey ? 0 : kTileTokens * LayoutV::kChunks * 16;
   static constexpr int kStageBytes = kKTileBytes + kVTileBytes;
   static constexpr int kRingBytes = kStages * kStageBytes;
   // Per stage and key: the global addresses of its K and V rows (null: not read).
@@ -32,8 +35,8 @@ struct PagedKVLoader {
   static_assert(kStages >= 2, "a ring of at least two stages");
   static_assert(kTileTokens % 16 == 0 && kTileTokens <= kThreads,
                 "tiles of whole 16-key MMA steps, one page-id fetch per thread");
-  static_assert(kThreads % LayoutK::kChunks == 0 && kThreads % LayoutV::kChunks == 0,
-                "each thread copies one chunk column of the rows");
+  static_assert(!kValueInKey || std::is_same_v<LayoutK, LayoutV>,
+                "a V tile inside the K tile has its layout");
 
   struct PendingRow {
     int page;  // -1: outside the range (or an out-of-range id, never dereferenced)
@@ -67,7 +70,7 @@ struct PagedKVLoader {
 
   __device__ __forceinline__ uint8_t* k_tile(int stage) const { return ring + stage * kStageBytes; }
   __device__ __forceinline__ uint8_t* v_tile(int stage) const {
-    return ring + stage * kStageBytes + kKTileBytes;
+    return kValueInKey ? k_tile(stage) : ring + stage * kStageBytes + kKTileBytes;
   }
 
   // The page of this thread's key of `tile` (read from the table now, used a tile later).
@@ -88,28 +91,45 @@ struct PagedKVLoader {
       dst[0] = valid ? k_base + (row.page * p.k.stride_page + row.slot_in_page * p.k.stride_slot) *
                                     static_cast<int64_t>(sizeof(DTypeKV))
                      : nullptr;
-      dst[1] = valid ? v_base + (row.page * p.v.stride_page + row.slot_in_page * p.v.stride_slot) *
+      dst[1] = valid && !kValueInKey ? v_base + (row.page * p.v.stride_page + row.slot_in_page * p.v.stride_slot) *
                                     static_cast<int64_t>(sizeof(DTypeKV))
                      : nullptr;
     }
   }
 
-  // Thread `tid` copies chunk tid % kChunks of rows tid / kChunks + j * (kThreads / kChunks).
+  // Thread `tid` copies chunk tid % kChunks of rows tid / kChunks + j * (kThreads / kChunks)
+  // (rows whose chunk count divides the threads), or the chunks tid + j * kThreads of the
+  // tile in row-major order (MLA's 72-chunk rows).
   template <typename Layout>
   __device__ __forceinline__ void load_side(uint8_t* tile_smem, int stage, int side) const {
     constexpr int kChunks = Layout::kChunks;
-    constexpr int kRowsPerPass = kThreads / kChunks;
-    const int chunk = tid % kChunks;
-    const int first_row = tid / kChunks;
     const char* const* addresses = row_addresses + stage * kTileTokens * 2 + side;
+    if constexpr (kThreads % kChunks != 0) {
 #pragma unroll
-    for (int j = 0; j < (kTileTokens + kRowsPerPass - 1) / kRowsPerPass; ++j) {
-      const int row = first_row + j * kRowsPerPass;
-      if (kTileTokens % kRowsPerPass == 0 || row < kTileTokens) {
-        const char* src = addresses[row * 2];
-        const bool valid = src != nullptr;
-        ptx::cp_async_16(tile_smem + Layout::chunk_index(row, chunk) * 16,
-                         (valid ? src : k_base) + chunk * 16, valid);
+      for (int j = 0; j < (kTileTokens * kChunks + kThreads - 1) / kThreads; ++j) {
+        const int i = tid + j * kThreads;
+        if ((kTileTokens * kChunks) % kThreads == 0 || i < kTileTokens * kChunks) {
+          const int row = i / kChunks;
+          const int chunk = i % kChunks;
+          const char* src = addresses[row * 2];
+          const bool valid = src != nullptr;
+          ptx::cp_async_16(tile_smem + Layout::chunk_index(row, chunk) * 16,
+                           (valid ? src : k_base) + chunk * 16, valid);
+        }
+      }
+    } else {
+      constexpr int kRowsPerPass = kThreads / kChunks;
+      const int chunk = tid % kChunks;
+      const int first_row = tid / kChunks;
+#pragma unroll
+      for (int j = 0; j < (kTileTokens + kRowsPerPass - 1) / kRowsPerPass; ++j) {
+        const int row = first_row + j * kRowsPerPass;
+        if (kTileTokens % kRowsPerPass == 0 || row < kTileTokens) {
+          const char* src = addresses[row * 2];
+          const bool valid = src != nullptr;
+          ptx::cp_async_16(tile_smem + Layout::chunk_index(row, chunk) * 16,
+                           (valid ? src : k_base) + chunk * 16, valid);
+        }
       }
     }
   }
@@ -117,7 +137,7 @@ struct PagedKVLoader {
   __device__ __forceinline__ void load(int tile) const {
     const int stage = tile % kStages;
     load_side<LayoutK>(k_tile(stage), stage, 0);
-    load_side<LayoutV>(v_tile(stage), stage, 1);
+    if constexpr (!kValueInKey) load_side<LayoutV>(v_tile(stage), stage, 1);
   }
 
   // Prologue: row addresses of the first kStages - 1 tiles, their loads in flight (a commit

@@ -1,0 +1,71 @@
+// The MLA latent kernel's configurations (kernels/include/attn_backend/mla.cuh): prefill-family
+// work items (any number of query tokens per request) over DeepSeek's 576-wide latent rows.
+//
+// prefill_mla: 16 packed rows (16 heads of one token: DeepSeek-V3 at TP 8), 2 stages of
+// 64-key tiles, one CTA per SM (173 KB). prefill_mla_wide: 32 rows (32+ heads, or 16 heads
+// of two tokens), 200 KB; the planner takes the wide shape where the rows fill it. Not yet
+// timed on a GPU: shapes from the shared-memory budget only.
+#include "attn_backend/mla.cuh"
+#include "kernel_registry.h"
+#include "torch_utils.h"
+
+namespace attn_backend {
+namespace {
+
+// The latent cache holds the query's 16-bit type (FP8 MLA caches are not compiled yet).
+template <typename Fn>
+void dispatch_mla_dtypes(const DTypes& dtypes, Fn&& fn) {
+  TORCH_CHECK(dtypes.q == dtypes.out && dtypes.kv == dtypes.q &&
+                  (dtypes.q == at::kBFloat16 || dtypes.q == at::kHalf),
+              "prefill_mla: element types (q ", dtypes.q, ", kv cache ", dtypes.kv, ", out ",
+              dtypes.out, ") are not compiled; compiled: all float16 or all bfloat16");
+  if (dtypes.q == at::kBFloat16) return fn(__nv_bfloat16{});
+  return fn(__half{});
+}
+
+template <typename Shape>
+void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFlags& flags,
+            dim3 grid, bool pdl, cudaStream_t stream) {
+  dispatch_mla_dtypes(dtypes, [&](auto t) {
+    using T = decltype(t);
+    using Traits = MlaTraits<Shape, T, T, T>;
+    using Plain = LogitsTransform<false>;
+    using Capped = LogitsTransform<true>;
+    auto* kernel = flags.soft_cap
+                       ? (flags.custom_mask ? &paged_mla_kernel<Traits, Capped, true>
+                                            : &paged_mla_kernel<Traits, Capped, false>)
+                       : (flags.custom_mask ? &paged_mla_kernel<Traits, Plain, true>
+                                            : &paged_mla_kernel<Traits, Plain, false>);
+    launch_with_pdl(kernel, params, grid, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
+  });
+}
+
+template <typename Shape>
+using ProbeTraits = MlaTraits<Shape, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>;
+
+template <typename Shape>
+int occupancy(bool fp8_kv) {
+  if (fp8_kv) return 0;  // no FP8 MLA kernel
+  using Traits = ProbeTraits<Shape>;
+  return ctas_per_sm(&paged_mla_kernel<Traits, LogitsTransform<false>, false>, Traits::kThreads,
+                     Traits::kSmemBytes);
+}
+
+bool runs_everywhere() { return true; }
+
+template <typename Shape>
+KernelConfig config(const char* name) {
+  return {name,          KernelFamily::kPrefill, Shape::kHeadDimQK,
+          Shape::kHeadDimVO, Shape::kRows,         Shape::kKVTile,
+          Shape::kThreads,   ProbeTraits<Shape>::kSmemBytes, false,
+          &launch<Shape>,    &occupancy<Shape>,    &runs_everywhere, /*value_in_key=*/true};
+}
+
+}  // namespace
+
+void add_mla_configs(std::vector<KernelConfig>& configs) {
+  configs.push_back(config<MlaShape<1, 2>>("prefill_mla"));
+  configs.push_back(config<MlaShape<2, 2>>("prefill_mla_wide"));
+}
+
+}  // namespace attn_backend

@@ -1,0 +1,300 @@
+// MLA (multi-head latent attention: DeepSeek-V2/V3, Kimi-K2 class models) in its absorbed
+// form, on tensor cores (mma.sync, sm80+): every query head attends over one latent row per
+// token, 576 values (512 latent + 64 rope) read as K, and V is the row's first 512 values,
+// read from the same shared-memory tile (one load per key serves both products).
+//
+// Work items are the prefill planner's (prefill.cuh): packed rows token * H + head of one
+// request (one kv head, a group of all H heads), a kv range, split-KV chunks merged in the
+// same launch (split_kv_merge.cuh). So decode (one token), speculative verify (several, with
+// causal placement or a tree mask) and draft extends are one kernel.
+//
+// A 512-wide output does not fit one warp's registers (16 rows x 512 floats is 256 per
+// thread), so the CTA's 8 warps split each 64-key tile's work differently for the products:
+// - S = Q K^T: warp w computes keys [16 (w % 4), +16) over half of the 576 dims (w / 4) and
+//   stores its partial sums in shared memory;
+// - the softmax runs over the whole tile, kThreads / kRows threads per row: it adds the two
+//   halves, applies the logits transform and the mask, keeps each row's running max and sum
+//   in shared memory, and leaves the tile's probabilities there;
+// - O += P V: warp w owns output dims [64 w, 64 w + 64) of every row, over all 64 keys.
+// Three barriers per tile: the ring's, after the partial sums, after the probabilities.
+//
+// Composed of: work_item (the plan), paged_kv_loader (the ring, V inside K), mma_policy
+// (MmaSync fragments and products), variant (logits transform, prefill visibility),
+// epilogue and split_kv_merge.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "attn_backend/common/epilogue.cuh"
+#include "attn_backend/common/math.cuh"
+#include "attn_backend/common/mma_policy.cuh"
+#include "attn_backend/common/paged_kv_loader.cuh"
+#include "attn_backend/common/params.cuh"
+#include "attn_backend/common/ptx.cuh"
+#include "attn_backend/common/query_rows.cuh"
+#include "attn_backend/common/smem_layout.cuh"
+#include "attn_backend/common/split_kv_merge.cuh"
+#include "attn_backend/common/variant.cuh"
+
+namespace attn_backend {
+
+// DeepSeek's latent row: kv_lora_rank 512 and rope 64.
+constexpr int kMlaHeadDimQK = 576;
+constexpr int kMlaHeadDimVO = 512;
+
+// The CTA shape: 16-row m-tiles (kMTiles of them: up to 32 packed rows) and the ring depth;
+// 8 warps and 64-key tiles always (the warp split above is built on them).
+template <int kMTiles_, int kStages_>
+struct MlaShape {
+  static constexpr int kHeadDimQK = kMlaHeadDimQK;
+  static constexpr int kHeadDimVO = kMlaHeadDimVO;
+  static constexpr int kMTiles = kMTiles_;
+  static constexpr int kRows = 16 * kMTiles;
+  static constexpr int kKVTile = 64;
+  static constexpr int kStages = kStages_;
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+};
+
+template <typename Shape, typename DTypeQ_, typename DTypeKV_, typename DTypeO_>
+struct MlaTraits : Shape {
+  using DTypeQ = DTypeQ_;
+  using DTypeKV = DTypeKV_;
+  using DTypeO = DTypeO_;
+  static_assert(std::is_same_v<DTypeQ, DTypeKV> && sizeof(DTypeQ) == 2,
+                "MLA: a 16-bit latent cache of the query's type");
+  static constexpr int kChunks = chunks_per_row<DTypeQ, Shape::kHeadDimQK>();  // 72
+  using LayoutQ = XorSwizzledRows<kChunks>;
+  using LayoutK = XorSwizzledRows<kChunks>;
+  using Loader = PagedKVLoader<DTypeKV, Shape::kKVTile, Shape::kStages, Shape::kThreads,
+                               LayoutK, LayoutK, /*kValueInKey=*/true>;
+  using Mma = MmaSync<DTypeQ, DTypeKV>;
+  static constexpr int kKeyGroups = Shape::kKVTile / 16;  // S: 16-key groups of a tile
+  static constexpr int kDimHalves = Shape::kWarps / kKeyGroups;
+  static constexpr int kStepsPerHalf = Shape::kHeadDimQK / 16 / kDimHalves;
+  static constexpr int kColsPerWarp = Shape::kHeadDimVO / Shape::kWarps;  // P V's dims
+  static constexpr int kThreadsPerRow = Shape::kThreads / Shape::kRows;  // the softmax's
+  static constexpr int kKeysPerThread = Shape::kKVTile / kThreadsPerRow;
+  // Floats per score row: the 8 rows a quad pattern touches start 8 banks apart, so the
+  // warps' float2 stores and loads of a 16-row tile hit each bank pair once per half-warp.
+  static constexpr int kScorePitch = Shape::kKVTile + 8;
+  static constexpr int kQBytes = Shape::kRows * kChunks * 16;
+  static constexpr int kQOffset = Loader::kRingBytes;
+  static constexpr int kScoreOffset = kQOffset + kQBytes;
+  static constexpr int kScoreBytes = kDimHalves * Shape::kRows * kScorePitch * 4;
+  static constexpr int kRowStateOffset = kScoreOffset + kScoreBytes;
+  static constexpr int kRowStateBytes = 3 * Shape::kRows * 4;  // max, sum, this tile's rescale
+  static constexpr int kRowAddressOffset = kRowStateOffset + kRowStateBytes;
+  static constexpr int kSmemBytes = kRowAddressOffset + Loader::kRowAddressBytes;
+  static_assert(kKeyGroups * kDimHalves == Shape::kWarps && kDimHalves == 2 &&
+                    (Shape::kHeadDimQK / 16) % kDimHalves == 0,
+                "S: every warp one 16-key group over half the dims");
+  static_assert(kColsPerWarp == 64, "P V: 8 column tiles of 8 dims per warp");
+  static_assert(kThreadsPerRow <= 32 && 32 % kThreadsPerRow == 0 && kKeysPerThread >= 1,
+                "softmax: a row's threads within one warp");
+  static_assert(Loader::kRingBytes >= 2 * Shape::kRows * 4, "ring too small for the merge scalars");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
+};
+
+template <typename Traits, typename Logits, bool kCustomMask>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    paged_mla_kernel(const __grid_constant__ AttentionParams p) {
+  using DTypeKV = typename Traits::DTypeKV;
+  using Mma = typename Traits::Mma;
+  constexpr int kKV = Traits::kKVTile;
+  constexpr int kM = Traits::kMTiles;
+  constexpr int kRows = Traits::kRows;
+  constexpr int kPitch = Traits::kScorePitch;
+
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* const q_smem = smem + Traits::kQOffset;
+  float* const scores = reinterpret_cast<float*>(smem + Traits::kScoreOffset);  // [half][row][key]
+  float* const row_max = reinterpret_cast<float*>(smem + Traits::kRowStateOffset);  // log2 domain
+  float* const row_sum = row_max + kRows;
+  float* const row_rescale = row_sum + kRows;
+
+  const CtaWork cta = cta_work();
+  // The schedule and request info are plan() buffers (decode.cuh says why they may be read
+  // before the previous kernel finishes); everything else only after wait_for_prior_grids().
+  if (!p.work.holds(cta.item)) return;
+  const WorkItem item = p.work[cta.item];
+  if (item.request < 0) return;
+  const int qo_start = p.requests.qo_start[item.request];
+  const int q_len = p.requests.q_len[item.request];
+  const int kv_len = p.requests.kv_len[item.request];
+  ptx::wait_for_prior_grids();
+  ptx::allow_dependent_grids();
+  const int group = p.group_size;
+  const int num_rows = min(kRows, q_len * group - item.row_start);
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const PackedRows rows{qo_start, item.row_start, group, cta.kv_head * group};
+
+  load_query_rows<typename Traits::DTypeQ, typename Traits::LayoutQ, kRows, Traits::kThreads>(
+      p, rows, num_rows, q_smem);
+  for (int row = tid; row < kRows; row += Traits::kThreads) {
+    row_max[row] = kNegInf;
+    row_sum[row] = 0.f;
+  }
+  const typename Traits::Loader loader(p, smem, smem + Traits::kRowAddressOffset, cta.kv_head,
+                                       item.request, item.kv_start, item.kv_end);
+  auto pending = loader.start();  // its barrier also publishes the row state
+  ptx::cp_async_wait<Traits::kStages - 1>();  // the query rows
+  __syncthreads();
+
+  const PrefillVisibility<kCustomMask> visibility(p, item.request, item.kv_end, q_len, kv_len,
+                                                  item.row_start, num_rows);
+  const Logits logits(p, Mma::qk_scale(p.sm_scale, p.scales.key(cta.kv_head)));
+  // S: this warp's 16 keys and half of the dims.
+  const int key0 = 16 * (warp % Traits::kKeyGroups);
+  const int dim_half = warp / Traits::kKeyGroups;
+  float* const my_partial = scores + dim_half * kRows * kPitch;
+  // Softmax: this thread's row and keys.
+  const int soft_row = tid / Traits::kThreadsPerRow;
+  const int soft_key0 = (tid % Traits::kThreadsPerRow) * Traits::kKeysPerThread;
+  const int soft_token = (item.row_start + soft_row) / group;
+  // P V: this warp's output dims, a 128-byte column block of V rows (the XOR swizzle keeps
+  // each 8-chunk block in place, so the block's tile is the tile from chunk 8 w on).
+  const int col0 = warp * Traits::kColsPerWarp;
+  float o[kM][Traits::kColsPerWarp / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+    for (int n = 0; n < Traits::kColsPerWarp / 8; ++n) {
+      o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+    }
+  }
+
+  for (int tile = 0; tile < loader.num_tiles; ++tile) {
+    loader.template advance<false>(tile, pending);  // every warp is done with the last tile
+    const uint8_t* const k_tile = loader.k_tile(tile % Traits::kStages);
+    {
+      float s[kM][2][4];
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+      }
+#pragma unroll
+      for (int step = 0; step < Traits::kStepsPerHalf; ++step) {
+        const int kk = dim_half * Traits::kStepsPerHalf + step;
+        uint32_t a[kM][4];
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+          Mma::template load_a<typename Traits::LayoutQ>(a[mt], q_smem, mt * 16, kk, lane);
+        }
+        Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s, a, k_tile, key0, kk, lane);
+      }
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int row = mt * 16 + lane / 4 + 8 * half;
+            *reinterpret_cast<float2*>(my_partial + row * kPitch + key0 + 8 * n + 2 * (lane % 4)) =
+                make_float2(s[mt][n][2 * half], s[mt][n][2 * half + 1]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the partial sums of every key group and half
+
+    {
+      const int first_key = item.kv_start + tile * kKV;
+      const bool masked = visibility.tile_needs_mask(first_key, kKV);
+      float* const sums = scores + soft_row * kPitch + soft_key0;  // half 0, then the probabilities
+      const float* const other = sums + kRows * kPitch;
+      float x[Traits::kKeysPerThread];
+      float tile_max = kNegInf;
+#pragma unroll
+      for (int k = 0; k < Traits::kKeysPerThread; ++k) {
+        float value = logits(sums[k] + other[k]);
+        if (masked && !visibility.visible(soft_token, first_key + soft_key0 + k)) value = kNegInf;
+        x[k] = value;
+        tile_max = fmaxf(tile_max, value);
+      }
+#pragma unroll
+      for (int offset = Traits::kThreadsPerRow / 2; offset > 0; offset /= 2) {
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, offset));
+      }
+      const float old_max = row_max[soft_row];
+      const float new_max = fmaxf(old_max, tile_max * logits.exp_scale);
+      // With nothing seen yet the max is -inf; subtracting 0 keeps exp2 at 0.
+      const float reference = new_max == kNegInf ? 0.f : new_max;
+      float sum = 0.f;
+#pragma unroll
+      for (int k = 0; k < Traits::kKeysPerThread; ++k) {
+        const float prob = ptx::fast_exp2(fmaf(x[k], logits.exp_scale, -reference));
+        sums[k] = prob;
+        sum += prob;
+      }
+#pragma unroll
+      for (int offset = Traits::kThreadsPerRow / 2; offset > 0; offset /= 2) {
+        sum += __shfl_xor_sync(0xffffffff, sum, offset);
+      }
+      __syncwarp();  // every lane of the row has read the old max
+      if (tid % Traits::kThreadsPerRow == 0) {
+        const float rescale = ptx::fast_exp2(old_max - reference);
+        row_rescale[soft_row] = rescale;
+        row_sum[soft_row] = row_sum[soft_row] * rescale + sum;
+        row_max[soft_row] = new_max;
+      }
+    }
+    __syncthreads();  // the probabilities and the rows' rescales
+
+    {
+      float prob[kM][kKV / 8][4];
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = mt * 16 + lane / 4 + 8 * half;
+          const float rescale = row_rescale[row];
+#pragma unroll
+          for (int n = 0; n < Traits::kColsPerWarp / 8; ++n) {
+            o[mt][n][2 * half] *= rescale;
+            o[mt][n][2 * half + 1] *= rescale;
+          }
+#pragma unroll
+          for (int n = 0; n < kKV / 8; ++n) {
+            const float2 pair =
+                *reinterpret_cast<const float2*>(scores + row * kPitch + 8 * n + 2 * (lane % 4));
+            prob[mt][n][2 * half] = pair.x;
+            prob[mt][n][2 * half + 1] = pair.y;
+          }
+        }
+      }
+      Mma::template pv<typename Traits::LayoutK, kM, kKV / 16>(
+          o, prob, loader.v_tile(tile % Traits::kStages) + col0 * sizeof(DTypeKV), 0, lane);
+    }
+  }
+  ptx::cp_async_wait<0>();
+
+  const TileWriter<typename Traits::DTypeO, Traits::kHeadDimVO, PackedRows> writer{
+      p, rows, cta.kv_head, item.partial};
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = mt * 16 + lane / 4 + 8 * half;
+      if (row >= num_rows) continue;
+      const float total = row_sum[row];
+      const float scale = total != 0.f ? 1.f / total : 0.f;
+      writer.template write_pairs<Traits::kColsPerWarp / 8>(row, col0 + 2 * (lane % 4), [&](int n) {
+        return make_float2(o[mt][n][2 * half] * scale, o[mt][n][2 * half + 1] * scale);
+      });
+      if (warp == 0 && lane % 4 == 0) {
+        writer.write_lse(row, total != 0.f ? (row_max[row] + __log2f(total)) * kLn2 : kNegInf);
+      }
+    }
+  }
+  if (!item.writes_partial() || !finish_split_chunk(p, item.merge_group, cta.kv_head)) return;
+  // The ring is free: every warp's last reads of it were before finish_split_chunk's barrier.
+  float* const merge_scratch = reinterpret_cast<float*>(smem);
+  merge_partials(writer, item.merge_group, num_rows, merge_scratch, merge_scratch + kRows);
+}
+
+}  // namespace attn_backend

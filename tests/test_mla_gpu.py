@@ -1,0 +1,147 @@
+"""The MLA latent kernel (absorbed form: one 576-wide latent row per token, V its first 512
+values) against the float reference: decode and verify (causal chains, tree masks), heads
+16..128, page sizes 1/7/16/64 on shuffled pages, both engines' table forms, split-KV on long
+contexts, CUDA-graph replay with new lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attn_backend import PagedKVCache, PagedPrefill, PageTable
+
+from .helpers import PagedProblem, allocate_pages, check_against_reference
+
+pytestmark = pytest.mark.gpu
+
+RANK, ROPE = 512, 64
+
+
+@pytest.fixture(autouse=True)
+def _run_the_unverified_kernel(monkeypatch):
+    """These tests are what verifies it (attn_backend._validation.UNVERIFIED_MLA_ENV)."""
+    monkeypatch.setenv("ATTN_BACKEND_UNVERIFIED_MLA", "1")
+
+
+def mla_problem(q_lens, kv_lens, *, heads, page_size, seed, dtype=torch.bfloat16,
+                engine="vllm"):
+    gen = torch.Generator().manual_seed(seed)
+    tables, num_pages = allocate_pages(kv_lens, page_size, gen)
+    latent = torch.randn(num_pages * page_size, 1, RANK + ROPE, generator=gen).to(dtype).cuda()
+    cache = PagedKVCache.from_mla(latent, RANK, page_size)
+    problem = PagedProblem(cache, tables, list(kv_lens), list(q_lens))
+    batch = len(kv_lens)
+    max_pages = max(len(p) for p in tables) + 1
+    if engine == "vllm":
+        table = torch.zeros(batch, max_pages, dtype=torch.int32)
+        for r, pages in enumerate(tables):
+            table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        page_table = PageTable.from_block_table(table.cuda())
+    else:  # SGLang: req_to_token rows of token slots, shuffled pool rows
+        rows = torch.randperm(batch + 2, generator=gen)[:batch] + 1
+        req_to_token = torch.zeros(batch + 3, max_pages * page_size, dtype=torch.int32)
+        for r in range(batch):
+            req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int()
+        page_table = PageTable.from_req_to_token(req_to_token.cuda(), rows.cuda())
+    q = torch.randn(sum(q_lens), heads, RANK + ROPE, generator=gen).to(dtype).cuda()
+    return problem, page_table, q
+
+
+def make_mla(q, problem, **kwargs):
+    return PagedPrefill(num_qo_heads=q.shape[1], num_kv_heads=1, head_dim=RANK + ROPE,
+                        head_dim_vo=RANK, dtype=q.dtype, device="cuda",
+                        max_batch_size=max(8, len(problem.kv_lens)),
+                        max_num_tokens=max(64, q.shape[0]), **kwargs)
+
+
+def qo_indptr(q_lens):
+    return [0] + torch.tensor(q_lens).cumsum(0).tolist()
+
+
+@pytest.mark.parametrize("heads", [16, 32, 128])
+@pytest.mark.parametrize("page_size", [1, 7, 16, 64])
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_mla_decode(heads, page_size, engine, seed):
+    kv_lens = [1, 17, 300, 2049, 64, 5000]
+    q_lens = [1] * len(kv_lens)
+    problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=page_size,
+                                    seed=seed, engine=engine)
+    mla = make_mla(q, problem)
+    mla.plan(qo_indptr(q_lens), kv_lens)
+    check_against_reference(mla, problem, table, q, seed=seed, causal=True)
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mla_verify_chains(heads, dtype, seed):
+    """Speculative verify with a chain of drafts: q_len 2..8, causal over the drafts."""
+    q_lens = [2, 4, 8, 3, 1]
+    kv_lens = [40, 1000, 64, 9, 3000]
+    problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=16, seed=seed,
+                                    dtype=dtype)
+    mla = make_mla(q, problem)
+    mla.plan(qo_indptr(q_lens), kv_lens)
+    check_against_reference(mla, problem, table, q, seed=seed, causal=True)
+
+
+@pytest.mark.parametrize("heads", [16, 64])
+def test_mla_tree_masks(heads, seed):
+    """Tree verification: each draft sees the prefix and a random set of earlier drafts."""
+    gen = torch.Generator().manual_seed(seed)
+    q_lens, kv_lens = [4, 8, 6], [100, 37, 2000]
+    blocks = []
+    for n, length in zip(q_lens, kv_lens):
+        block = torch.ones(n, length, dtype=torch.bool)
+        drafts = torch.rand(n, n, generator=gen) < 0.5
+        block[:, length - n:] = torch.tril(drafts, diagonal=-1) | torch.eye(n, dtype=torch.bool)
+        blocks.append(block.flatten())
+    mask = torch.cat(blocks)
+    problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=64, seed=seed)
+    mla = make_mla(q, problem)
+    mla.plan(qo_indptr(q_lens), kv_lens, custom_mask=mask)
+    check_against_reference(mla, problem, table, q, seed=seed, custom_mask=mask.cuda())
+
+
+@pytest.mark.parametrize("kv_lens", [[32768], [20000, 15], [32768, 32768]])
+def test_mla_split_kv_long_contexts(kv_lens, seed):
+    """Few requests on long contexts: the plan splits their keys; the last chunk merges."""
+    q_lens = [1] * len(kv_lens)
+    problem, table, q = mla_problem(q_lens, kv_lens, heads=16, page_size=64, seed=seed)
+    mla = make_mla(q, problem)
+    mla.plan(qo_indptr(q_lens), kv_lens)
+    assert mla._planned.plan["num_work_items"] > len(kv_lens)  # split
+    check_against_reference(mla, problem, table, q, seed=seed, causal=True)
+
+
+def test_mla_graph_replay_with_new_lengths(seed):
+    batch, heads = 4, 16
+    longest = [3000] * batch
+    problem, table, q = mla_problem([1] * batch, longest, heads=heads, page_size=16, seed=seed)
+    mla = make_mla(q, problem, use_cuda_graph=True)
+    mla.plan(qo_indptr([1] * batch), longest)
+    out = torch.empty(batch, heads, RANK, dtype=q.dtype, device="cuda")
+    mla.run(q, problem.cache, table, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mla.run(q, problem.cache, table, out=out)
+    from attn_backend import reference
+
+    for lengths in ([1, 2999, 64, 700], [3000, 3000, 3000, 3000], [5, 6, 7, 8]):
+        mla.plan(qo_indptr([1] * batch), lengths)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        shorter = PagedProblem(problem.cache, problem.page_table, lengths, [1] * batch)
+        kv_indptr, kv_slots = shorter.kv_csr()
+        want = reference.attention(q, shorter.qo_indptr(), problem.cache, kv_indptr, kv_slots)
+        torch.testing.assert_close(out.float(), want.out, atol=1.5e-2, rtol=1.5e-2,
+                                   msg=lambda m: f"lengths={lengths}: {m}")
+
+
+def test_mla_refuses_a_value_cache_apart_from_the_keys(seed):
+    problem, table, q = mla_problem([1], [40], heads=16, page_size=16, seed=seed)
+    apart = PagedKVCache(problem.cache.k, problem.cache.k[..., :RANK].clone())
+    mla = make_mla(q, problem)
+    mla.plan([0, 1], [40])
+    with pytest.raises(ValueError, match="reads V as the first 512 columns"):
+        mla.run(q, apart, table)

@@ -1,0 +1,154 @@
+"""MLA models (DeepSeek-class) through the SGLang backend on CPU (the float reference): SGLang's
+own MLA attention kit (its tiny DeepSeek attention, the real MLATokenToKVPool, shuffled pages)
+and the MHA prefill path of the model's forward_normal."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("sglang", reason="sglang is not installed")
+
+from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
+from sglang.test.kits.attention_unittest.attention_methods import mla_attention as kit  # noqa: E402
+
+from attn_backend import paged_kv  # noqa: E402
+from attn_backend.integrations.sglang import BACKEND_NAME, register  # noqa: E402
+
+register()
+MLA_CASES = kit.make_mla_cases(BACKEND_NAME)
+
+
+class _KitTestCase:
+    def skipTest(self, reason):  # noqa: N802
+        pytest.fail(f"the kit skipped {BACKEND_NAME}: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.mark.parametrize("rope", [0, 16], ids=["no_rope", "rope16"])
+@pytest.mark.parametrize("layout", ["shuffled_pages", "interleaved_pages"])
+@pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: c.name)
+def test_kit_mla_cases_on_cpu(case, layout, rope):
+    kit.run_mla_attention_case(_KitTestCase(), case, device="cpu", dtype=torch.float32,
+                               qk_rope_head_dim=rope, loc_layout=layout)
+
+
+def test_kit_mla_cases_fail_on_a_wrong_value_row(monkeypatch):
+    """The kit's comparison catches a backend that reads V from the wrong columns."""
+    real = paged_kv.PagedKVCache.from_mla
+
+    def shifted(buffer, rank, page_size):
+        cache = real(buffer, rank, page_size)
+        return paged_kv.PagedKVCache(cache.k, cache.k[..., cache.k.shape[-1] - rank:])
+
+    monkeypatch.setattr(paged_kv.PagedKVCache, "from_mla", staticmethod(shifted))
+    with pytest.raises(AssertionError):
+        kit.run_mla_attention_case(_KitTestCase(), MLA_CASES[-1], device="cpu",
+                                   dtype=torch.float32, qk_rope_head_dim=16)
+
+
+def _mha_inputs(q_lens, kv_lens, heads=4, qk_dim=24, v_dim=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(q_lens), heads, qk_dim, generator=gen)
+    k = torch.randn(sum(kv_lens), heads, qk_dim, generator=gen)
+    kv = torch.randn(sum(kv_lens), heads, 2 * v_dim, generator=gen)
+    return q, k, kv[..., v_dim:]  # v strided, as SGLang's kv_b_proj split gives it
+
+
+def _expected_mha(q, k, v, q_lens, kv_lens, scale):
+    """Causal, the queries the last tokens of each sequence: plain softmax per request."""
+    outs, lses, qi, ki = [], [], 0, 0
+    for n, length in zip(q_lens, kv_lens):
+        scores = torch.einsum("qhd,khd->hqk", q[qi:qi + n], k[ki:ki + length]) * scale
+        q_pos = torch.arange(length - n, length)[:, None]
+        scores = scores.masked_fill(torch.arange(length)[None, :] > q_pos, float("-inf"))
+        outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[ki:ki + length]))
+        lses.append(scores.logsumexp(-1).T)
+        qi, ki = qi + n, ki + length
+    return torch.cat(outs), torch.cat(lses)
+
+
+@pytest.mark.parametrize("one_shot", [False, True], ids=["new_tokens", "one_shot"])
+def test_mha_prefill_of_an_mla_model(one_shot):
+    """forward_normal's MHA layer: K/V given in the call (no cache write), causal over the new
+    tokens, or with mha_one_shot over each whole sequence; (out, lse) when asked."""
+    fixture = kit.build_mla_attention_fixture(_KitTestCase(), MLA_CASES[0], device="cpu",
+                                              dtype=torch.float32, qk_rope_head_dim=8)
+    backend = fixture.backend
+    heads, qk_dim, v_dim = MLA_CASES[0].num_heads, 24, 16
+    layer = RadixAttention(num_heads=heads, head_dim=qk_dim, scaling=qk_dim ** -0.5,
+                           num_kv_heads=heads, layer_id=0, v_head_dim=v_dim)
+    q_lens = [3, 1, 5]
+    kv_lens = [7, 1, 9] if one_shot else q_lens
+    q, k, v = _mha_inputs(q_lens, kv_lens, heads, qk_dim, v_dim)
+    batch = SimpleNamespace(extend_seq_lens_cpu=q_lens, seq_lens_cpu=torch.tensor(kv_lens),
+                            mha_one_shot=one_shot, mha_return_lse=True,
+                            attn_attend_prefix_cache=None)
+    out, lse = backend.forward_extend(q.flatten(1), k, v, layer, batch, save_kv_cache=False)
+    want_out, want_lse = _expected_mha(q, k, v, q_lens, kv_lens, qk_dim ** -0.5)
+    torch.testing.assert_close(out.view(-1, heads, v_dim), want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    batch.mha_return_lse = False
+    only_out = backend.forward_extend(q.flatten(1), k, v, layer, batch, save_kv_cache=False)
+    assert torch.equal(only_out, out)
+    batch.attn_attend_prefix_cache = True
+    with pytest.raises(NotImplementedError, match="chunked prefix cache"):
+        backend.forward_extend(q.flatten(1), k, v, layer, batch, save_kv_cache=False)
+    batch.attn_attend_prefix_cache, batch.seq_lens_cpu = None, torch.tensor([7, 1, 8])
+    batch.mha_one_shot = True
+    with pytest.raises(ValueError, match="K/V rows"):
+        backend.forward_extend(q.flatten(1), k, v, layer, batch, save_kv_cache=False)
+
+
+def test_mla_refusals_name_the_setting():
+    case = MLA_CASES[0]
+    config = kit.TinyMLAModelConfig(num_heads=4, kv_lora_rank=32, qk_rope_head_dim=16,
+                                    hidden_size=64, context_len=64)
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    runner = kit.MockMLAModelRunner(case=case, model_config=config, dtype=torch.float32,
+                                    device="cpu", max_context_len=64, kv_lora_rank=32,
+                                    qk_rope_head_dim=16)
+    runner.device = "cuda"
+    with pytest.raises(ValueError, match="MLA models are not supported on CUDA yet"):
+        SGLangAttnBackend(runner)
+    runner.device, runner.kv_cache_dtype = "cpu", torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="FP8 MLA caches are not supported yet"):
+        SGLangAttnBackend(runner)
+
+
+def test_deepseek_models_ask_our_forward_method_handler():
+    """SGLang's DeepSeek attention asks AttentionBackendRegistry by backend name: ours picks
+    the absorbed form on CUDA (no MHA prefill kernel yet), the triton backend's choice on CPU."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.models.deepseek_common.attention_backend_handler import (
+        AttentionBackendRegistry, handle_attention_triton)
+    from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import (
+        AttnForwardMethod)
+
+    handler = AttentionBackendRegistry.get_handler(BACKEND_NAME)
+    assert handler is not handle_attention_triton
+    on_cuda = SimpleNamespace(seq_lens=SimpleNamespace(is_cuda=True))
+    assert handler(None, on_cuda) == AttnForwardMethod.MLA
+    fixture = kit.build_mla_attention_fixture(_KitTestCase(), MLA_CASES[1], device="cpu",
+                                              dtype=torch.float32)
+    batch = fixture.forward_batch  # an extend without a cached prefix
+    assert batch.forward_mode == ForwardMode.EXTEND
+    assert handler(fixture.actual_module, batch) == handle_attention_triton(
+        fixture.actual_module, batch) == AttnForwardMethod.MHA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: c.name)
+def test_kit_mla_cases_on_the_gpu(case, monkeypatch):
+    """The kit's cases at DeepSeek's latent width (512 + 64 rope) on the MLA kernel."""
+    monkeypatch.setenv("ATTN_BACKEND_UNVERIFIED_MLA", "1")
+    kit.run_mla_attention_case(_KitTestCase(), case, device="cuda", dtype=torch.bfloat16,
+                               kv_lora_rank=512, qk_rope_head_dim=64, hidden_size=256)
