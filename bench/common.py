@@ -138,8 +138,8 @@ def contiguous_kv(cache, pages: torch.Tensor, kv_len: int) -> tuple[torch.Tensor
 
 # Which peers the benchmarks run, from ATTN_BACKEND_BENCH_PEERS: "all" (the default), "none"
 # (ours alone: before/after runs of our own builds, bench/before_after.py), or a comma list
-# of "flashinfer", "sdpa", "flex".
-PEER_GROUPS = ("flashinfer", "sdpa", "flex")
+# of "flashinfer", "sdpa", "flex", "flashmla" (the MLA benchmark's FlashMLA).
+PEER_GROUPS = ("flashinfer", "sdpa", "flex", "flashmla")
 
 
 def selected_peers() -> set[str]:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from . import bench_decode, bench_kv_write, bench_prefill
+from . import bench_decode, bench_kv_write, bench_mla, bench_prefill
 from .common import (RESULTS_DIR, copy_ceiling_tbs, format_table, gemm_ceiling_tflops,
                      write_results)
 
-BENCHMARKS = {"decode": bench_decode, "kv_write": bench_kv_write, "prefill": bench_prefill}
+BENCHMARKS = {"decode": bench_decode, "kv_write": bench_kv_write, "prefill": bench_prefill,
+              "mla_decode": bench_mla}
 
 
 def measure_ceiling(kind: str) -> dict:

@@ -1,0 +1,185 @@
+"""MLA decode and verify (benchmark `mla_decode`): ours against FlashMLA and FlashInfer's MLA.
+
+DeepSeek's latent cache: one row of 576 bf16 values per token (512 latent + 64 rope), one
+allocation `[slots, 1, 576]` viewed with page size 64 or 1, each request's pages shuffled;
+queries `[tokens, heads, 576]` (16 heads: DeepSeek-V3 at TP 8; 128: TP 1). Decode rows have
+one query token per request, verify rows (`_q4`) four, causal. Bandwidth = (latent bytes read
++ query and output bytes) / median time, against the copy ceiling; each row also carries
+TFLOP/s (2 (576 + 512) flops per visible (query head, key) pair), against the GEMM ceiling
+where the heads make it compute-bound.
+
+Peers on the identical cache: `flashmla` (sgl_kernel.flash_mla, from the sglang-kernel wheel;
+it takes page 64 only) and `flashinfer_mla` (BatchMLAPagedAttentionWrapper over strided
+views of the latent and rope columns). A peer that is missing or fails says so in the notes.
+The latent kernel is new: the GPU tests (tests/test_mla_gpu.py) check it before this runs in
+scripts/gpu_check.sh, and this benchmark sets ATTN_BACKEND_UNVERIFIED_MLA for its own calls.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import attn_backend
+from attn_backend import PagedKVCache, PagedPrefill, PageTable
+
+from .common import OptionalPeers, median_ms, selected_peers, shuffled_pages
+
+RANK, ROPE = 512, 64
+DTYPE = torch.bfloat16
+BATCHES = (1, 16, 64, 128)
+KV_LENS = (1024, 4096, 32768)
+HEADS = (16, 128)
+PAGE_SIZES = (64, 1)
+VERIFY_TOKENS = 4
+VERIFY_SHAPES = ((16, 4096), (64, 4096))  # (batch, kv_len) with 4 draft tokens
+TIMING_NOTE = ("Times are device times (a busy-wait kernel queued before each timed call keeps "
+               "Python launch overhead out); bytes: the latent rows each request reads once.")
+
+
+def case_name(batch, kv_len, heads, page_size, q_len=1):
+    tail = f"_q{q_len}" if q_len > 1 else ""
+    return f"b{batch}_kv{kv_len}_h{heads}_mla{RANK}-{ROPE}_bf16_p{page_size}{tail}"
+
+
+def latent_bytes(batch, kv_len):
+    return batch * kv_len * (RANK + ROPE) * DTYPE.itemsize
+
+
+def flops(batch, kv_len, heads, q_len):
+    """Causal: draft i of q_len (position kv_len - q_len + i) sees kv_len - q_len + i + 1 keys."""
+    pairs = batch * (q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2)
+    return 2 * (RANK + ROPE + RANK) * heads * pairs
+
+
+class Peers(OptionalPeers):
+    def __init__(self):
+        super().__init__()
+        self.flash_mla = None
+        if "flashmla" in selected_peers():
+            try:
+                from sgl_kernel import flash_mla
+                self.flash_mla = flash_mla
+            except Exception as error:  # noqa: BLE001 - reported in the results
+                self.notes.append(f"flashmla not run: {type(error).__name__}: {error}"[:300])
+
+    def flashmla(self, latent, pages, kv_len, q, q_len):
+        """FlashMLA's decode over pages of 64 (q [batch, q_len, heads, 576])."""
+        batch = pages.shape[0]
+        heads = q.shape[1]
+        q4 = q.view(batch, q_len, heads, RANK + ROPE)
+        seqlens = torch.full((batch,), kv_len, dtype=torch.int32, device="cuda")
+        metadata, splits = self.flash_mla.get_mla_metadata(seqlens, q_len * heads, 1)
+        blocks = latent.view(-1, 64, 1, RANK + ROPE)
+        table = pages.cuda()
+        scale = (RANK + ROPE) ** -0.5
+        return lambda: self.flash_mla.flash_mla_with_kvcache(
+            q4, blocks, table, seqlens, RANK, metadata, splits, softmax_scale=scale,
+            causal=q_len > 1)
+
+    def flashinfer_mla(self, latent, pages, page_size, kv_len, q, q_len):
+        batch, pages_per_request = pages.shape
+        heads = q.shape[1]
+        wrapper = self.flashinfer.mla.BatchMLAPagedAttentionWrapper(self.workspace)
+        rows = latent.view(-1, page_size, RANK + ROPE)
+        qo_indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * q_len
+        kv_indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * pages_per_request
+        kv_lens = torch.full((batch,), kv_len, dtype=torch.int32, device="cuda")
+        wrapper.plan(qo_indptr, kv_indptr, pages.reshape(-1).cuda(), kv_lens, heads, RANK, ROPE,
+                     page_size, q_len > 1, (RANK + ROPE) ** -0.5, DTYPE, DTYPE)
+        q_nope, q_pe = q[..., :RANK], q[..., RANK:]
+        out = torch.empty(q.shape[0], heads, RANK, dtype=DTYPE, device="cuda")
+        return lambda: wrapper.run(q_nope, q_pe, rows[..., :RANK], rows[..., RANK:], out=out)
+
+
+def run() -> tuple[str, list[dict], list[str]]:
+    attn_backend.set_debug_checks(False)
+    os.environ.setdefault("ATTN_BACKEND_UNVERIFIED_MLA", "1")
+    peers = Peers()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    shapes = [(b, kv, h, 1) for kv in KV_LENS for b in BATCHES for h in HEADS]
+    shapes += [(b, kv, h, VERIFY_TOKENS) for b, kv in VERIFY_SHAPES for h in HEADS]
+    for batch, kv_len, heads, q_len in shapes:
+        rows += _shape_rows(peers, batch, kv_len, heads, q_len, gen)
+        torch.cuda.empty_cache()
+    return "TB/s", rows, peers.notes + [TIMING_NOTE]
+
+
+def _shape_rows(peers, batch, kv_len, heads, q_len, gen) -> list[dict]:
+    latent = torch.randn(batch * kv_len + 64 * 64, 1, RANK + ROPE, dtype=DTYPE, device="cuda")
+    q = torch.randn(batch * q_len, heads, RANK + ROPE, dtype=DTYPE, device="cuda")
+    moved = latent_bytes(batch, kv_len) + q.numel() * 2 + batch * q_len * heads * RANK * 2
+    work = flops(batch, kv_len, heads, q_len)
+    iters = 20 if moved > (4 << 30) else 50
+    mla = PagedPrefill(num_qo_heads=heads, num_kv_heads=1, head_dim=RANK + ROPE,
+                       head_dim_vo=RANK, dtype=DTYPE, device="cuda", max_batch_size=batch,
+                       max_num_tokens=batch * q_len)
+    qo_indptr = [q_len * r for r in range(batch + 1)]
+    rows = []
+    for page_size in PAGE_SIZES:
+        cache = PagedKVCache.from_mla(latent, RANK, page_size)
+        pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
+        table = PageTable.from_block_table(pages.cuda())
+        mla.plan(qo_indptr, [kv_len] * batch)
+        out = torch.empty(q.shape[0], heads, RANK, dtype=DTYPE, device="cuda")
+        timings = {"ours": median_ms(lambda: mla.run(q, cache, table, out=out), iters=iters)}
+        if peers.flash_mla is not None and page_size == 64:
+            try:
+                timings["flashmla"] = median_ms(peers.flashmla(latent, pages, kv_len, q, q_len),
+                                                iters=iters)
+            except Exception as error:  # noqa: BLE001
+                peers.note_once(f"flashmla failed: {type(error).__name__}: {error}"[:300])
+        if peers.flashinfer is not None:
+            try:
+                timings["flashinfer_mla"] = median_ms(
+                    peers.flashinfer_mla(latent, pages, page_size, kv_len, q, q_len), iters=iters)
+            except Exception as error:  # noqa: BLE001
+                peers.note_once(f"flashinfer_mla failed: {type(error).__name__}: {error}"[:300])
+        tbs = {name: moved / (ms * 1e-3) / 1e12 for name, ms in timings.items()}
+        rows.append({
+            "case": case_name(batch, kv_len, heads, page_size, q_len),
+            "ours": round(tbs.pop("ours"), 4),
+            "peers": {name: round(value, 4) for name, value in sorted(tbs.items())},
+            "ours_us": round(timings["ours"] * 1e3, 2),
+            "tflops": {name: round(work / (ms * 1e-3) / 1e12, 2) for name, ms in timings.items()},
+        })
+    return rows
+
+
+def plot(rows, ceiling_tbs, path, device: str | None = None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, grid = plt.subplots(len(HEADS), len(BATCHES), figsize=(5 * len(BATCHES), 8.4),
+                             sharey=True, squeeze=False)
+    colors = {"ours": "tab:red", "flashmla": "tab:green", "flashinfer_mla": "tab:blue"}
+    for axes, heads in zip(grid, HEADS):
+        for ax, batch in zip(axes, BATCHES):
+            for page_size, marker in ((64, "o"), (1, "x")):
+                series: dict[str, list] = {}
+                for row in rows:
+                    if row["case"].startswith(f"b{batch}_kv") and f"_h{heads}_" in row["case"] \
+                            and row["case"].endswith(f"_p{page_size}"):
+                        kv_len = int(row["case"].split("_kv")[1].split("_")[0])
+                        values = {"ours": row["ours"], **row["peers"]}
+                        for name, value in values.items():
+                            series.setdefault(name, []).append((kv_len, value))
+                for name, points in series.items():
+                    points.sort()
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker,
+                            color=colors.get(name, "gray"), label=f"{name} p{page_size}")
+            ax.axhline(ceiling_tbs, color="black", linewidth=1, label="copy ceiling")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"batch {batch}, {heads} heads")
+            ax.set_xlabel("kv_len")
+    grid[0][0].set_ylabel("TB/s (latent bytes / time)")
+    grid[-1][0].set_ylabel("TB/s (latent bytes / time)")
+    grid[0][-1].legend(fontsize=7)
+    fig.suptitle(f"MLA decode, latent 512 + rope 64, bf16 ({device or torch.cuda.get_device_name()})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
