@@ -152,3 +152,33 @@ def test_kit_mla_cases_on_the_gpu(case, monkeypatch):
     monkeypatch.setenv("ATTN_BACKEND_UNVERIFIED_MLA", "1")
     kit.run_mla_attention_case(_KitTestCase(), case, device="cuda", dtype=torch.bfloat16,
                                kv_lora_rank=512, qk_rope_head_dim=64, hidden_size=256)
+
+
+@pytest.mark.parametrize("case", [MLA_CASES[-1], MLA_CASES[6]], ids=lambda c: c.name)
+def test_split_absorbed_inputs_match_the_concatenated_form(case):
+    """SGLang hands backends on its absorb list q_nope (a strided bmm output) with q_rope, and
+    k_nope with k_rope (written through set_mla_kv_buffer); the result and the pool rows are
+    those of the concatenated call."""
+    fixture = kit.build_mla_attention_fixture(_KitTestCase(), case, device="cpu",
+                                              dtype=torch.float32, qk_rope_head_dim=16)
+    backend, batch = fixture.backend, fixture.forward_batch
+    layer = fixture.actual_module.attn_mqa
+    pool = backend.token_to_kv_pool
+    backend.init_forward_metadata(batch)
+    tokens, heads, rank, rope = batch.out_cache_loc.numel(), case.num_heads, 32, 16
+    gen = torch.Generator().manual_seed(11)
+    q_nope = torch.randn(heads, tokens, rank, generator=gen).transpose(0, 1)  # not contiguous
+    q_rope = torch.randn(tokens, heads, rope, generator=gen)
+    k_nope = torch.randn(tokens, 1, rank, generator=gen)
+    k_rope = torch.randn(tokens, 1, rope, generator=gen)
+    forward = backend.forward_decode if case.forward_mode.is_decode() else backend.forward_extend
+    split = forward(q_nope, k_nope, k_nope, layer, batch, save_kv_cache=True, q_rope=q_rope,
+                    k_rope=k_rope)
+    rows_after_split = pool.get_key_buffer(0)[batch.out_cache_loc].clone()
+    pool.get_key_buffer(0)[batch.out_cache_loc] = 0
+    concatenated = forward(torch.cat([q_nope, q_rope], -1).flatten(1),
+                           torch.cat([k_nope, k_rope], -1), k_nope, layer, batch,
+                           save_kv_cache=True)
+    torch.testing.assert_close(split, concatenated)
+    assert torch.equal(pool.get_key_buffer(0)[batch.out_cache_loc], rows_after_split)
+    assert torch.equal(rows_after_split, torch.cat([k_nope, k_rope], -1))
