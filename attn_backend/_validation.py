@@ -28,9 +28,13 @@ SUPPORTED_HEAD_DIMS = ((64, 64), (128, 128), (256, 256))
 # MLA's absorbed form (DeepSeek's latent rows: 512 + 64 rope, V the first 512): one kv head,
 # a cache of the query's 16-bit type, on PagedPrefill (any number of query tokens per request).
 MLA_HEAD_DIMS = (576, 512)
-# The MLA kernel was written before any GPU run checked it against the reference: until one
-# has, CUDA runs of it need ATTN_BACKEND_UNVERIFIED_MLA=1 (the GPU tests set it), so that no
-# serving path reaches it unchecked.
+# The MHA prefill of the same models (K = 128 decompressed dims + 64 rope, V = 128): the
+# prefill kernels, 16-bit caches, on PagedPrefill.
+MLA_MHA_HEAD_DIMS = (192, 128)
+# The MLA kernels (the latent kernel and the (192, 128) prefill shapes) were written before any
+# GPU run checked them against the reference: until one has, CUDA runs of them need
+# ATTN_BACKEND_UNVERIFIED_MLA=1 (the GPU tests set it), so that no serving path reaches them
+# unchecked.
 UNVERIFIED_MLA_ENV = "ATTN_BACKEND_UNVERIFIED_MLA"
 
 
@@ -203,6 +207,21 @@ def check_kernel_shape(num_qo_heads: int, num_kv_heads: int, head_dim: int, head
         raise ValueError(f"num_qo_heads={num_qo_heads} must be a positive multiple of "
                          f"num_kv_heads={num_kv_heads}")
     if not on_cuda:
+        return
+    if (head_dim, head_dim_vo) == MLA_MHA_HEAD_DIMS:
+        if not serves_mla:
+            raise ValueError(f"head dims {MLA_MHA_HEAD_DIMS} (MLA models' MHA prefill) run on "
+                             "PagedPrefill")
+        if not unverified_mla_allowed():
+            raise ValueError(f"head dims {MLA_MHA_HEAD_DIMS}: these prefill shapes have not been "
+                             f"checked on a GPU yet; set {UNVERIFIED_MLA_ENV}=1 to run them")
+        if dtype not in KERNEL_DTYPES or kv_dtype != dtype:
+            raise TypeError(f"head dims {MLA_MHA_HEAD_DIMS}: dtype {_names([dtype])} with "
+                            f"kv_dtype {_names([kv_dtype])}; compiled: float16 or bfloat16, the "
+                            "cache the query's type")
+        if not 1 <= num_qo_heads // num_kv_heads <= MAX_GROUP_SIZE:
+            raise ValueError(f"group size {num_qo_heads // num_kv_heads}; supported: "
+                             f"1..{MAX_GROUP_SIZE}")
         return
     if (head_dim, head_dim_vo) == MLA_HEAD_DIMS:
         if not serves_mla:

@@ -9,7 +9,9 @@ shuffled pages and pages shared between requests (a common prefix), vLLM block t
 SGLang token-slot tables (pool rows shuffled, slot maps), garbage in the table entries past
 each request's length, GQA groups 1..128, head dims 64/128/256, fp16/bf16, causal or not,
 windows, soft-caps, tree masks, padding requests (no keys, or no queries), FP8 caches (e4m3fn
-and e5m2, scales per tensor or per kv head), scaled queries
+and e5m2, scales per tensor or per kv head), MLA (15% of seeds: all heads, up to 128, over
+one 576-wide latent row per token on PagedPrefill; drawn last, so the other seeds' cases are
+those of earlier campaigns), scaled queries
 (peaked softmax), each wrapper backend, eager or a CUDA-graph replay of a capture made with
 other lengths. Outputs are NaN-poisoned before each run; output and LSE are compared with
 `attn_backend.reference` (float32, chunked over query rows, on the GPU). Workers are separate
@@ -74,6 +76,9 @@ class Case:
     debug_checks: bool
     kv_dtype: str = "same"  # "same" (the query's) | "float8_e4m3fn" | "float8_e5m2"
     per_head_scales: bool = False  # FP8: one K and one V scale per kv head, else one each
+    # MLA (absorbed): one latent row of 576 per token (V its first 512), all heads over it,
+    # on PagedPrefill (a decode is a prefill of one token per request); layout "mla".
+    mla: bool = False
 
     @property
     def batch(self) -> int:
@@ -92,6 +97,8 @@ class Case:
             flags.append(f"softcap{self.soft_cap:.1f}")
         if self.kv_dtype != "same":
             flags.append(f"kv_{self.kv_dtype}" + ("_per_head" if self.per_head_scales else ""))
+        if self.mla:
+            flags.append("mla")
         return (f"seed {self.seed}: {self.kind} b{self.batch} {lens} p{self.page_size} "
                 f"h{self.num_kv_heads * self.group}-{self.num_kv_heads} d{self.head_dim} "
                 f"{self.dtype} {self.engine}/{self.layout} backend={self.backend} "
@@ -150,7 +157,7 @@ def draw_case(seed: int) -> Case:
         tree_mask = False  # the mask is built on the host: keep it small
     engine = rng.choice(("vllm", "sglang"))
     layout = "sglang" if engine == "sglang" else rng.choice(("vllm_nhd", "vllm_hnd"))
-    return Case(
+    case = Case(
         seed=seed, kind=kind, kv_lens=tuple(kv_lens), q_lens=tuple(q_lens), page_size=page_size,
         num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
         dtype=rng.choice(("bfloat16", "float16")), engine=engine, layout=layout,
@@ -162,6 +169,39 @@ def draw_case(seed: int) -> Case:
         # Drawn last, so the draws of every other field stay as they were for each seed.
         kv_dtype=rng.choice(("same", "same", "float8_e4m3fn", "float8_e5m2")),
         per_head_scales=rng.random() < 0.5)
+    if rng.random() < MLA_SHARE:
+        case = as_mla_case(case)
+    return case
+
+
+MLA_SHARE = 0.15
+MLA_HEAD_DIMS = (576, 512)
+
+
+def as_mla_case(case: Case) -> Case:
+    """The case's batch as MLA: its heads (up to 128) over one latent row per token, 16-bit,
+    on PagedPrefill (decode requests become one-token prefills, none for a request without
+    keys), lengths rescaled into the cache and reference budgets of 576-wide rows."""
+    heads = min(case.num_kv_heads * case.group, 128)
+    kv_lens = list(case.kv_lens)
+    budget = MAX_KV_ELEMENTS // MLA_HEAD_DIMS[0]
+    if sum(kv_lens) > budget:
+        kv_lens = [int(n * budget / sum(kv_lens)) for n in kv_lens]
+    if case.kind == "decode":
+        q_lens = [1 if n else 0 for n in kv_lens]
+    else:
+        q_lens = [min(q, k) if ordered(case) else q for q, k in zip(case.q_lens, kv_lens)]
+    macs = sum(q * k for q, k in zip(q_lens, kv_lens)) * heads * sum(MLA_HEAD_DIMS)
+    if macs > MAX_REFERENCE_MACS:
+        scale = math.sqrt(MAX_REFERENCE_MACS / macs)
+        kv_lens = [int(n * scale) for n in kv_lens]
+        q_lens = [min(int(q * scale) if case.kind == "prefill" else q, k) if ordered(case)
+                  else int(q * scale) for q, k in zip(q_lens, kv_lens)]
+    return dataclasses.replace(
+        case, kind="prefill", kv_lens=tuple(kv_lens), q_lens=tuple(q_lens), num_kv_heads=1,
+        group=heads, head_dim=MLA_HEAD_DIMS[0], layout="mla", slot_map=False,
+        backend="mma" if case.backend == "mma" else "auto", kv_dtype="same",
+        per_head_scales=False, tree_mask=case.tree_mask and case.kind == "prefill", mla=True)
 
 
 # ---- the problem of a case: cache, page table, the slots the reference reads ----
@@ -218,7 +258,10 @@ def build_problem(case: Case, device) -> Problem:
         scales = {name: torch.from_numpy(rng.uniform(0.05, 3.0, count).astype(np.float32))
                   .to(device).reshape(-1 if case.per_head_scales else ())
                   for name in ("k_scale", "v_scale")}
-    if case.layout == "sglang":
+    if case.mla:  # SGLang's [slots, 1, 576] pool row, or vLLM's [blocks, block, 576]: one memory
+        cache = PagedKVCache.from_mla(rand(num_pages * ps, 1, MLA_HEAD_DIMS[0]),
+                                      MLA_HEAD_DIMS[1], ps)
+    elif case.layout == "sglang":
         cache = PagedKVCache.from_sglang(rand(num_pages * ps, h, d, as_type=kv_dtype),
                                          rand(num_pages * ps, h, d, as_type=kv_dtype), ps,
                                          **scales)
@@ -297,11 +340,13 @@ def wrapper_for(case: Case, device, graph: bool):
 
     key = (case.kind, case.num_kv_heads, case.group, case.head_dim, case.dtype, case.kv_dtype,
            case.backend)
+
     if key in _WRAPPERS and not graph:
         _WRAPPERS.move_to_end(key)
         return _WRAPPERS[key]
     common = dict(num_qo_heads=case.num_kv_heads * case.group, num_kv_heads=case.num_kv_heads,
-                  head_dim=case.head_dim, dtype=getattr(torch, case.dtype), device=device,
+                  head_dim=case.head_dim, head_dim_vo=MLA_HEAD_DIMS[1] if case.mla else None,
+                  dtype=getattr(torch, case.dtype), device=device,
                   backend=case.backend, use_cuda_graph=graph,
                   kv_dtype=None if case.kv_dtype == "same" else getattr(torch, case.kv_dtype))
     batch = case.batch if graph else MAX_BATCH
@@ -309,9 +354,19 @@ def wrapper_for(case: Case, device, graph: bool):
         wrapper = PagedDecode(max_batch_size=batch, **common)
     else:
         mask_elements = sum(q * k for q, k in zip(case.q_lens, case.kv_lens))
-        wrapper = PagedPrefill(max_batch_size=batch,
-                               max_num_tokens=max(1, sum(case.q_lens)) if graph else MAX_Q_TOKENS,
-                               max_mask_elements=mask_elements if graph else 0, **common)
+        # The MLA kernel's gate (attn_backend._validation): this campaign is one of its checks.
+        gate = os.environ.get("ATTN_BACKEND_UNVERIFIED_MLA")
+        os.environ["ATTN_BACKEND_UNVERIFIED_MLA"] = "1" if case.mla else (gate or "0")
+        try:
+            wrapper = PagedPrefill(
+                max_batch_size=batch,
+                max_num_tokens=max(1, sum(case.q_lens)) if graph else MAX_Q_TOKENS,
+                max_mask_elements=mask_elements if graph else 0, **common)
+        finally:
+            if gate is None:
+                del os.environ["ATTN_BACKEND_UNVERIFIED_MLA"]
+            else:
+                os.environ["ATTN_BACKEND_UNVERIFIED_MLA"] = gate
     if not graph:
         _WRAPPERS[key] = wrapper
         while len(_WRAPPERS) > _KEPT_WRAPPERS:
@@ -472,7 +527,7 @@ def features(case: Case) -> list[str]:
                               ("non_causal", case.kind == "prefill" and not case.causal),
                               ("padding_request", 0 in case.kv_lens or 0 in case.q_lens),
                               ("kv_over_32k", max(case.kv_lens) > 32768),
-                              ("batch_over_128", case.batch > 128)) if on]
+                              ("batch_over_128", case.batch > 128), ("mla", case.mla)) if on]
     return names
 
 

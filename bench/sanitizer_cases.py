@@ -8,7 +8,8 @@ group of 32 heads in row tiles, window, soft-cap, SGLang tables with slot maps a
 page sizes 1/7/16, a CUDA-graph replay), prefill (the short-query, mma and wgmma kernels, causal
 and not, window, soft-cap, tree masks, split-KV, a graph replay), both on FP8 caches (e4m3 and
 e5m2, per-tensor and per-head scales), the KV write kernel in both layouts (16-bit, and the
-quantising write into FP8 caches); then bad input with debug checks off (page ids past the
+quantising write into FP8 caches), the MLA latent kernel and MLA models' (192, 128) prefill
+shapes; then bad input with debug checks off (page ids past the
 cache and negative, slots past the slot map, table rows past the table, write slots past the
 cache), each followed by a normal call checked against the reference, which shows the context
 is alive. Each attention call is compared with the float reference (bench/fuzz.py's harness);
@@ -183,8 +184,78 @@ def kv_writes() -> list[bool]:
     return results
 
 
+def mla_calls() -> list[bool]:
+    """The MLA latent kernel (16- and 32-row tiles: decode with split-KV, a verify batch with
+    tree masks over 64 heads) and MLA models' (192, 128) prefill shapes, against the
+    reference. (They are new: ATTN_BACKEND_UNVERIFIED_MLA is set for these calls.)"""
+    import os
+
+    from attn_backend import PagedKVCache, PagedPrefill, PageTable, reference
+    from attn_backend.reference import KERNEL_TOLERANCE
+
+    os.environ["ATTN_BACKEND_UNVERIFIED_MLA"] = "1"
+    gen = torch.Generator().manual_seed(31)
+    results = []
+
+    def check(name, q, cache, kv_lens, q_lens, page_size, head_dim_vo, mask=None, **plan_args):
+        batch = len(kv_lens)
+        pages_per = [-(-n // page_size) for n in kv_lens]
+        order = torch.randperm(sum(pages_per) + 2, generator=gen).tolist()
+        table = torch.zeros(batch, max(pages_per) + 1, dtype=torch.int32)
+        slots, start = [], 0
+        for r, count in enumerate(pages_per):
+            pages = torch.tensor(order[start:start + count])
+            table[r, :count] = pages.int()
+            t = torch.arange(kv_lens[r])
+            slots.append(pages[t // page_size] * page_size + t % page_size)
+            start += count
+        qo = [0] + torch.tensor(q_lens).cumsum(0).tolist()
+        prefill = PagedPrefill(num_qo_heads=q.shape[1], num_kv_heads=cache.num_kv_heads,
+                               head_dim=q.shape[2], head_dim_vo=head_dim_vo, dtype=q.dtype,
+                               device="cuda", max_batch_size=batch, max_num_tokens=q.shape[0],
+                               **plan_args)
+        prefill.plan(qo, kv_lens, custom_mask=mask)
+        out, lse = prefill.run(q, cache, PageTable.from_block_table(table.cuda()),
+                               return_lse=True)
+        kv_indptr = [0] + torch.tensor(kv_lens).cumsum(0).tolist()
+        want = reference.attention(q, qo, cache, kv_indptr, torch.cat(slots).cuda(),
+                                   custom_mask=None if mask is None else mask.cuda())
+        tol = KERNEL_TOLERANCE[q.dtype]
+        ok = bool(((out.float() - want.out).abs() <= tol + tol * want.out.abs()).all()) and \
+            bool(torch.isclose(lse, want.lse, atol=2e-3, rtol=1e-3).all())
+        print(f"{'ok' if ok else 'MISMATCH'}: {name}", flush=True)
+        results.append(ok)
+
+    def latent(slots):
+        return PagedKVCache.from_mla(torch.randn(slots, 1, 576, generator=gen).to(
+            torch.bfloat16).cuda(), 512, 16)
+
+    kv_lens = [3000, 40, 1]
+    check("mla decode, 16 heads, split-KV", torch.randn(3, 16, 576, generator=gen).to(
+        torch.bfloat16).cuda(), latent(4000), kv_lens, [1, 1, 1], 16, 512)
+    q_lens, kv_lens = [4, 2], [300, 70]
+    blocks = []
+    for n, length in zip(q_lens, kv_lens):
+        block = torch.ones(n, length, dtype=torch.bool)
+        block[:, length - n:] = torch.tril(torch.rand(n, n, generator=gen) < 0.5, -1) | \
+            torch.eye(n, dtype=torch.bool)
+        blocks.append(block.flatten())
+    check("mla verify, 64 heads (32-row tiles), tree masks",
+          torch.randn(6, 64, 576, generator=gen).to(torch.bfloat16).cuda(), latent(500), kv_lens,
+          q_lens, 16, 512, mask=torch.cat(blocks))
+    k = torch.randn(1200, 4, 192, generator=gen).to(torch.bfloat16).cuda()
+    v = torch.randn(1200, 4, 128, generator=gen).to(torch.bfloat16).cuda()
+    for backend in ("mma", "wgmma") if torch.cuda.get_device_capability()[0] == 9 else ("mma",):
+        check(f"mla models' mha prefill (192, 128), {backend}",
+              torch.randn(400, 4, 192, generator=gen).to(torch.bfloat16).cuda(),
+              PagedKVCache.from_sglang(k, v, 16), [600, 250], [300, 100], 16, 128,
+              backend=backend)
+    return results
+
+
 SECTIONS = {
     "attention": lambda: [check_case(name, case) for name, case in cases()],
+    "mla": mla_calls,
     "kv_writes": kv_writes,
     "bad_inputs": bad_inputs,
 }

@@ -72,14 +72,16 @@ def test_every_served_head_dim_has_its_kernel_configurations():
     """The head dims the wrappers accept on CUDA (_validation.SUPPORTED_HEAD_DIMS) are exactly
     those with a decode and the three prefill roles compiled, plus MLA's with its two prefill
     shapes; tile facts are the kernels'."""
-    from attn_backend._validation import MLA_HEAD_DIMS, SUPPORTED_HEAD_DIMS
+    from attn_backend._validation import MLA_HEAD_DIMS, MLA_MHA_HEAD_DIMS, SUPPORTED_HEAD_DIMS
     from attn_backend.kernel_configs import all_configs, find
 
     for qk, vo in SUPPORTED_HEAD_DIMS:
         for name in ("decode", "prefill_mma", "prefill_short"):
             assert find(name, qk, vo) is not None, (name, qk, vo)
     assert {(c.head_dim_qk, c.head_dim_vo) for c in all_configs()} == \
-        set(SUPPORTED_HEAD_DIMS) | {MLA_HEAD_DIMS}
+        set(SUPPORTED_HEAD_DIMS) | {MLA_HEAD_DIMS, MLA_MHA_HEAD_DIMS}
+    assert {c.name for c in all_configs() if (c.head_dim_qk, c.head_dim_vo) == MLA_MHA_HEAD_DIMS} \
+        == {"prefill_mma", "prefill_wgmma", "prefill_short"}
     mla, wide = find("prefill_mla", *MLA_HEAD_DIMS), find("prefill_mla_wide", *MLA_HEAD_DIMS)
     assert (mla.family, mla.tile_rows, wide.tile_rows) == ("prefill", 16, 32)
     assert {c.name for c in all_configs() if (c.head_dim_qk, c.head_dim_vo) == MLA_HEAD_DIMS} \

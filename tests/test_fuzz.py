@@ -120,7 +120,7 @@ FOUND_BY_THE_CAMPAIGN = {
     1379: "prefill b7 p3 bfloat16 e4m3 per-head, shared pages",
     8419: "decode b10 p2 bfloat16 e5m2 full_batch",
     5411: "decode b13 p16 bfloat16 e5m2 per-head split, window 64",
-    217: "prefill b11 p64 bfloat16 e5m2 slot map",
+    1945: "prefill b12 p8 float16 e4m3 slot map, graph",
 }
 
 

@@ -145,3 +145,32 @@ def test_mla_refuses_a_value_cache_apart_from_the_keys(seed):
     mla.plan([0, 1], [40])
     with pytest.raises(ValueError, match="reads V as the first 512 columns"):
         mla.run(q, apart, table)
+
+
+@pytest.mark.parametrize("backend", ["mma", "wgmma"])
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("causal", [True, False], ids=["new_tokens", "prefix_chunk"])
+def test_mha_prefill_of_mla_models(backend, page_size, causal, seed):
+    """The (192, 128) prefill shapes of MLA models' MHA path: causal over new tokens (and a
+    cached prefix, as one-shot), or non-causal over a prefix chunk, with LSE for the merge."""
+    if backend == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel runs on sm_90 GPUs")
+    gen = torch.Generator().manual_seed(seed)
+    heads = 16
+    q_lens, kv_lens = ([300, 1, 77, 1000], [300, 513, 77, 2100]) if causal else \
+        ([50, 3, 200], [4096, 10, 700])
+    tables, num_pages = allocate_pages(kv_lens, page_size, gen)
+    k = torch.randn(num_pages * page_size, heads, 192, generator=gen).to(torch.bfloat16).cuda()
+    v = torch.randn(num_pages * page_size, heads, 128, generator=gen).to(torch.bfloat16).cuda()
+    cache = PagedKVCache.from_sglang(k, v, page_size)
+    problem = PagedProblem(cache, tables, kv_lens, q_lens)
+    table = torch.zeros(len(kv_lens), max(len(p) for p in tables) + 1, dtype=torch.int32)
+    for r, pages in enumerate(tables):
+        table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+    q = torch.randn(sum(q_lens), heads, 192, generator=gen).to(torch.bfloat16).cuda()
+    prefill = PagedPrefill(num_qo_heads=heads, num_kv_heads=heads, head_dim=192, head_dim_vo=128,
+                           dtype=torch.bfloat16, device="cuda", max_batch_size=8,
+                           max_num_tokens=sum(q_lens), backend=backend)
+    prefill.plan(qo_indptr(q_lens), kv_lens, causal=causal)
+    check_against_reference(prefill, problem, PageTable.from_block_table(table.cuda()), q,
+                            seed=seed, causal=causal)

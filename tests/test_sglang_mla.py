@@ -107,7 +107,8 @@ def test_mha_prefill_of_an_mla_model(one_shot):
         backend.forward_extend(q.flatten(1), k, v, layer, batch, save_kv_cache=False)
 
 
-def test_mla_refusals_name_the_setting():
+def test_mla_refusals_name_the_setting(monkeypatch):
+    monkeypatch.delenv("ATTN_BACKEND_UNVERIFIED_MLA", raising=False)
     case = MLA_CASES[0]
     config = kit.TinyMLAModelConfig(num_heads=4, kv_lora_rank=32, qk_rope_head_dim=16,
                                     hidden_size=64, context_len=64)

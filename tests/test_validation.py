@@ -124,6 +124,16 @@ def test_mla_head_dims_run_on_prefill_over_one_latent_row(monkeypatch):
         check_kernel_shape(16, 1, *MLA_HEAD_DIMS, bf16, torch.float8_e4m3fn, on_cuda=True,
                            serves_mla=True)
     check_kernel_shape(16, 2, 40, 32, bf16, bf16, on_cuda=False)  # the reference serves any
+    # the MHA prefill of the same models: prefill shapes, 16-bit caches
+    check_kernel_shape(16, 16, 192, 128, bf16, bf16, on_cuda=True, serves_mla=True)
+    with pytest.raises(ValueError, match=r"\(192, 128\).*run on PagedPrefill"):
+        check_kernel_shape(16, 16, 192, 128, bf16, bf16, on_cuda=True)
+    with pytest.raises(TypeError, match="the cache the query's type"):
+        check_kernel_shape(16, 16, 192, 128, bf16, torch.float8_e5m2, on_cuda=True,
+                           serves_mla=True)
+    monkeypatch.delenv(UNVERIFIED_MLA_ENV)
+    with pytest.raises(ValueError, match="not been checked on a GPU yet"):
+        check_kernel_shape(16, 16, 192, 128, bf16, bf16, on_cuda=True, serves_mla=True)
 
 
 def test_mla_on_the_reference_path_matches_the_absorbed_form():

@@ -75,6 +75,7 @@ void add_prefill_configs_d64_wgmma_short(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d128(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d128_wgmma_short(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d256(std::vector<KernelConfig>& configs);
+void add_prefill_configs_d192(std::vector<KernelConfig>& configs);
 void add_mla_configs(std::vector<KernelConfig>& configs);
 
 }  // namespace attn_backend

@@ -12,23 +12,12 @@
 namespace attn_backend {
 namespace {
 
-// The latent cache holds the query's 16-bit type (FP8 MLA caches are not compiled yet).
-template <typename Fn>
-void dispatch_mla_dtypes(const DTypes& dtypes, Fn&& fn) {
-  TORCH_CHECK(dtypes.q == dtypes.out && dtypes.kv == dtypes.q &&
-                  (dtypes.q == at::kBFloat16 || dtypes.q == at::kHalf),
-              "prefill_mla: element types (q ", dtypes.q, ", kv cache ", dtypes.kv, ", out ",
-              dtypes.out, ") are not compiled; compiled: all float16 or all bfloat16");
-  if (dtypes.q == at::kBFloat16) return fn(__nv_bfloat16{});
-  return fn(__half{});
-}
-
 template <typename Shape>
 void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFlags& flags,
             dim3 grid, bool pdl, cudaStream_t stream) {
-  dispatch_mla_dtypes(dtypes, [&](auto t) {
-    using T = decltype(t);
-    using Traits = MlaTraits<Shape, T, T, T>;
+  // The latent cache holds the query's 16-bit type (FP8 MLA caches are not compiled yet).
+  dispatch_16bit_dtypes(dtypes, "prefill_mla", [&](auto q, auto kv, auto o) {
+    using Traits = MlaTraits<Shape, decltype(q), decltype(kv), decltype(o)>;
     using Plain = LogitsTransform<false>;
     using Capped = LogitsTransform<true>;
     auto* kernel = flags.soft_cap

@@ -9,10 +9,12 @@
 namespace attn_backend {
 namespace prefill_configs {
 
-template <typename Shape>
+// kFp8Caches: the shape is also compiled for FP8 caches (its FP8 rows are whole 128-byte
+// lines, or 64 bytes); (192, 128) is not (a 192-value FP8 key row is 12 chunks).
+template <typename Shape, bool kFp8Caches = true>
 void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFlags& flags,
             dim3 grid, bool pdl, cudaStream_t stream) {
-  dispatch_dtypes(dtypes, "prefill", [&](auto q, auto kv, auto o) {
+  auto body = [&](auto q, auto kv, auto o) {
     using Traits = PrefillTraits<Shape, decltype(q), decltype(kv), decltype(o)>;
     // Soft-cap and custom masks are compiled in only where used: each costs registers.
     using Plain = LogitsTransform<false>;
@@ -23,7 +25,12 @@ void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFl
                        : (flags.custom_mask ? &paged_prefill_kernel<Traits, Plain, true>
                                             : &paged_prefill_kernel<Traits, Plain, false>);
     launch_with_pdl(kernel, params, grid, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
-  });
+  };
+  if constexpr (kFp8Caches) {
+    dispatch_dtypes(dtypes, "prefill", body);
+  } else {
+    dispatch_16bit_dtypes(dtypes, "prefill", body);
+  }
 }
 
 template <typename Shape, typename DTypeKV = __nv_bfloat16>
@@ -36,9 +43,14 @@ int occupancy_with() {
                      Traits::kThreads, Traits::kSmemBytes);
 }
 
-template <typename Shape>
+template <typename Shape, bool kFp8Caches = true>
 int occupancy(bool fp8_kv) {
-  return fp8_kv ? occupancy_with<Shape, __nv_fp8_e4m3>() : occupancy_with<Shape, __nv_bfloat16>();
+  if constexpr (kFp8Caches) {
+    if (fp8_kv) return occupancy_with<Shape, __nv_fp8_e4m3>();
+  } else if (fp8_kv) {
+    return 0;  // not compiled for FP8 caches
+  }
+  return occupancy_with<Shape, __nv_bfloat16>();
 }
 
 template <typename Shape>
@@ -51,12 +63,12 @@ bool runs_here() {
   }
 }
 
-template <typename Shape>
+template <typename Shape, bool kFp8Caches = true>
 KernelConfig config(const char* name) {
   return {name,          KernelFamily::kPrefill,  Shape::kHeadDimQK,
           Shape::kHeadDimVO, Shape::kRows,          Shape::kKVTile,
           Shape::kThreads,   ProbeTraits<Shape>::kSmemBytes, Shape::kWgmma,
-          &launch<Shape>,    &occupancy<Shape>,     &runs_here<Shape>};
+          &launch<Shape, kFp8Caches>, &occupancy<Shape, kFp8Caches>, &runs_here<Shape>};
 }
 
 // The wgmma and short-query shapes of head dims (kHeadDim, kHeadDim) (prefill_kernels_d128.cu

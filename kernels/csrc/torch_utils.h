@@ -110,6 +110,19 @@ void dispatch_dtypes(const DTypes& dtypes, const char* op, Fn&& fn) {
   return dispatch_kv_dtype<__half>(dtypes, op, fn);
 }
 
+// Calls fn(T{}, T{}, T{}) where the query, the cache and the output are all float16 or all
+// bfloat16: the kernels compiled without FP8 caches (their rows are no whole 128-byte lines
+// in FP8, or the family has no FP8 path yet).
+template <typename Fn>
+void dispatch_16bit_dtypes(const DTypes& dtypes, const char* op, Fn&& fn) {
+  TORCH_CHECK(dtypes.q == dtypes.out && dtypes.kv == dtypes.q &&
+                  (dtypes.q == at::kBFloat16 || dtypes.q == at::kHalf),
+              op, ": element types (q ", dtypes.q, ", kv cache ", dtypes.kv, ", out ",
+              dtypes.out, ") are not compiled; compiled: all float16 or all bfloat16");
+  if (dtypes.q == at::kBFloat16) return fn(__nv_bfloat16{}, __nv_bfloat16{}, __nv_bfloat16{});
+  return fn(__half{}, __half{}, __half{});
+}
+
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, int bytes) {
   ATTN_BACKEND_CUDA_CHECK(
