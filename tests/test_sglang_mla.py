@@ -82,6 +82,7 @@ def test_mha_prefill_of_an_mla_model(one_shot):
     fixture = kit.build_mla_attention_fixture(_KitTestCase(), MLA_CASES[0], device="cpu",
                                               dtype=torch.float32, qk_rope_head_dim=8)
     backend = fixture.backend
+    backend.init_forward_metadata(fixture.forward_batch)  # the forward the MHA layers run in
     heads, qk_dim, v_dim = MLA_CASES[0].num_heads, 24, 16
     layer = RadixAttention(num_heads=heads, head_dim=qk_dim, scaling=qk_dim ** -0.5,
                            num_kv_heads=heads, layer_id=0, v_head_dim=v_dim)

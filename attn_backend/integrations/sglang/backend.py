@@ -30,8 +30,11 @@ reference: the absorbed layers (concatenated inputs, as SGLang hands them to a b
 outside its FORWARD_ABSORB_CORE list, or split `q_rope`/`k_rope`) read the pool's latent
 rows (K = the 576-wide row, V = its first 512 columns), and the MHA layers of prefill
 (`forward_normal`: K/V from `kv_b_proj` in the call, `save_kv_cache=False`) attend over the
-K/V they are given, over the new tokens or, one-shot, over the whole sequence. On CUDA MLA
-is refused at construction until its kernels exist (issue 18).
+K/V they are given, over the new tokens or, one-shot, over the whole sequence (PagedPrefill
+at head dims (192, 128) over the call's K/V as one-token pages, planned once per forward). On
+CUDA MLA models are refused at construction until the MLA kernels' first GPU check (issue 18;
+ATTN_BACKEND_UNVERIFIED_MLA=1 overrides), and our forward-method handler keeps DeepSeek on the
+absorbed form there.
 
 Not yet (they raise with the reason, never a wrong result): other hybrid pool
 kinds, MLA on CUDA, MLA's chunked prefix cache, cross-attention and quantised MLA caches. SGLang picks draft-model backends
@@ -127,6 +130,8 @@ class ForwardMetadata:
     custom_mask: torch.Tensor | None = None  # verify tree mask: flat [n, kv_len] blocks
     window_page_table: PageTable | None = None  # window layers of a hybrid pool: slots mapped
     wrappers: dict = field(default_factory=dict)  # WrapperKey -> wrapper planned for the batch
+    # MLA models' MHA prefill: (key, one-shot) -> (wrapper planned, table over the call's K/V)
+    mha_plans: dict = field(default_factory=dict)
 
 
 class SGLangAttnBackend(AttentionBackend):
@@ -375,29 +380,38 @@ class SGLangAttnBackend(AttentionBackend):
         if getattr(forward_batch, "attn_attend_prefix_cache", None):
             raise NotImplementedError(f"{BACKEND_NAME}: MLA's chunked prefix cache is not "
                                       "supported yet (SGLang keeps it off for this backend)")
-        if self.device.type == "cuda":
-            raise NotImplementedError(f"{BACKEND_NAME}: MLA's MHA prefill has no kernel yet")
-        from ... import reference
-
         heads, kv_heads = layer.tp_q_head_num, layer.tp_k_head_num
         q3 = q.reshape(-1, heads, layer.qk_head_dim)
         k3 = k.reshape(-1, kv_heads, layer.qk_head_dim)
         v3 = v.reshape(-1, kv_heads, layer.v_head_dim)
+        one_shot = bool(getattr(forward_batch, "mha_one_shot", False))
         q_lens = self._extend_lens(forward_batch)
-        kv_lens = np.asarray(forward_batch.seq_lens_cpu, dtype=np.int64) \
-            if getattr(forward_batch, "mha_one_shot", False) else q_lens
+        kv_lens = np.asarray(forward_batch.seq_lens_cpu, dtype=np.int64) if one_shot else q_lens
         if int(kv_lens.sum()) != k3.shape[0]:
             raise ValueError(f"{BACKEND_NAME}: the MHA call has {k3.shape[0]} K/V rows, the "
                              f"batch's lengths need {int(kv_lens.sum())}")
-        cache = PagedKVCache.from_sglang(k3, v3, 1)
-        want = reference.attention(q3, np.concatenate([[0], np.cumsum(q_lens)]).tolist(), cache,
-                                   np.concatenate([[0], np.cumsum(kv_lens)]).tolist(),
-                                   torch.arange(k3.shape[0], device=k3.device),
-                                   sm_scale=layer.scaling, causal=True)
-        out = want.out.to(q.dtype).reshape(-1, heads * layer.v_head_dim)
-        if getattr(forward_batch, "mha_return_lse", False):
-            return out, want.lse
-        return out
+        key = WrapperKey(heads, kv_heads, layer.qk_head_dim, layer.v_head_dim, q3.dtype,
+                         k3.dtype, -1, True)
+        # Planned once per forward: every MHA layer of the model has this shape and lengths.
+        plans = self.forward_metadata.mha_plans
+        if (key, one_shot) not in plans:
+            prefill = self._prefill(key, False, int(q_lens.sum()))
+            prefill.plan(np.concatenate([[0], np.cumsum(q_lens)]), kv_lens, causal=True)
+            plans[(key, one_shot)] = (prefill, self._contiguous_kv_table(kv_lens))
+        prefill, table = plans[(key, one_shot)]
+        # The call's K/V as a cache of one-token pages: request r's keys are its rows in order.
+        out, lse = prefill.run(q3, PagedKVCache.from_sglang(k3, v3, 1), table,
+                               sm_scale=layer.scaling, return_lse=True)
+        out = out.reshape(-1, heads * layer.v_head_dim)
+        return (out, lse) if getattr(forward_batch, "mha_return_lse", False) else out
+
+    def _contiguous_kv_table(self, kv_lens: np.ndarray) -> PageTable:
+        """A block table of one-token pages over K/V rows laid out request after request."""
+        starts = np.concatenate([[0], np.cumsum(kv_lens)[:-1]])
+        table = np.zeros((len(kv_lens), max(1, int(kv_lens.max(initial=0)))), dtype=np.int32)
+        for r, (start, n) in enumerate(zip(starts, kv_lens)):
+            table[r, :n] = np.arange(start, start + n, dtype=np.int32)
+        return PageTable.from_block_table(torch.from_numpy(table).to(self.device))
 
     def _is_absorbed_key(self, key: WrapperKey) -> bool:
         return key.num_kv_heads == 1 and key.head_dim_vo == self.kv_lora_rank and \
