@@ -197,6 +197,32 @@ def check_chunk_aligned(name: str, t: torch.Tensor) -> None:
                          f"bytes (got strides {t.stride()} of {element}-byte elements)")
 
 
+# MLA's head dims: what each serves, and whether it reads one latent row for all heads.
+_MLA_SHAPES = {MLA_HEAD_DIMS: ("MLA's latent rows", True),
+               MLA_MHA_HEAD_DIMS: ("MLA models' MHA prefill", False)}
+
+
+def _check_mla_shape(dims, num_qo_heads: int, num_kv_heads: int, dtype: torch.dtype,
+                     kv_dtype: torch.dtype, serves_mla: bool) -> None:
+    what, one_latent_row = _MLA_SHAPES[dims]
+    if not serves_mla:
+        raise ValueError(f"head dims {dims} ({what}) run on PagedPrefill, which takes any "
+                         "number of query tokens per request")
+    if not unverified_mla_allowed():
+        raise ValueError(f"head dims {dims} ({what}): these kernels have not been checked on a "
+                         f"GPU yet; set {UNVERIFIED_MLA_ENV}=1 to run them")
+    if one_latent_row and num_kv_heads != 1:
+        raise ValueError(f"MLA: {num_qo_heads} query heads over {num_kv_heads} kv heads; "
+                         f"supported: 1..{MAX_GROUP_SIZE} query heads over one latent row")
+    if not 1 <= num_qo_heads // num_kv_heads <= MAX_GROUP_SIZE:
+        raise ValueError(f"head dims {dims}: group size {num_qo_heads // num_kv_heads}; "
+                         f"supported: 1..{MAX_GROUP_SIZE}")
+    if dtype not in KERNEL_DTYPES or kv_dtype != dtype:
+        raise TypeError(f"head dims {dims} ({what}): dtype {_names([dtype])} with kv_dtype "
+                        f"{_names([kv_dtype])}; compiled: float16 or bfloat16, the cache the "
+                        "query's type")
+
+
 def check_kernel_shape(num_qo_heads: int, num_kv_heads: int, head_dim: int, head_dim_vo: int,
                        dtype: torch.dtype, kv_dtype: torch.dtype, *, on_cuda: bool,
                        serves_mla: bool = False) -> None:
@@ -208,34 +234,9 @@ def check_kernel_shape(num_qo_heads: int, num_kv_heads: int, head_dim: int, head
                          f"num_kv_heads={num_kv_heads}")
     if not on_cuda:
         return
-    if (head_dim, head_dim_vo) == MLA_MHA_HEAD_DIMS:
-        if not serves_mla:
-            raise ValueError(f"head dims {MLA_MHA_HEAD_DIMS} (MLA models' MHA prefill) run on "
-                             "PagedPrefill")
-        if not unverified_mla_allowed():
-            raise ValueError(f"head dims {MLA_MHA_HEAD_DIMS}: these prefill shapes have not been "
-                             f"checked on a GPU yet; set {UNVERIFIED_MLA_ENV}=1 to run them")
-        if dtype not in KERNEL_DTYPES or kv_dtype != dtype:
-            raise TypeError(f"head dims {MLA_MHA_HEAD_DIMS}: dtype {_names([dtype])} with "
-                            f"kv_dtype {_names([kv_dtype])}; compiled: float16 or bfloat16, the "
-                            "cache the query's type")
-        if not 1 <= num_qo_heads // num_kv_heads <= MAX_GROUP_SIZE:
-            raise ValueError(f"group size {num_qo_heads // num_kv_heads}; supported: "
-                             f"1..{MAX_GROUP_SIZE}")
-        return
-    if (head_dim, head_dim_vo) == MLA_HEAD_DIMS:
-        if not serves_mla:
-            raise ValueError(f"head dims {MLA_HEAD_DIMS} (MLA's latent rows) run on "
-                             "PagedPrefill, which takes any number of query tokens per request")
-        if not unverified_mla_allowed():
-            raise ValueError(f"head dims {MLA_HEAD_DIMS}: the MLA kernel has not been checked "
-                             f"on a GPU yet; set {UNVERIFIED_MLA_ENV}=1 to run it")
-        if num_kv_heads != 1 or not 1 <= num_qo_heads <= MAX_GROUP_SIZE:
-            raise ValueError(f"MLA: {num_qo_heads} query heads over {num_kv_heads} kv heads; "
-                             f"supported: 1..{MAX_GROUP_SIZE} query heads over one latent row")
-        if dtype not in KERNEL_DTYPES or kv_dtype != dtype:
-            raise TypeError(f"MLA: dtype {_names([dtype])} with kv_dtype {_names([kv_dtype])}; "
-                            f"compiled: float16 or bfloat16, the cache the query's type")
+    dims = (head_dim, head_dim_vo)
+    if dims in _MLA_SHAPES:
+        _check_mla_shape(dims, num_qo_heads, num_kv_heads, dtype, kv_dtype, serves_mla)
         return
     if (head_dim, head_dim_vo) not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dims (qk={head_dim}, vo={head_dim_vo}) are not compiled; "

@@ -91,21 +91,27 @@ def build_paged_problem(q_lens, kv_lens, *, page_size, num_kv_heads, group, head
     cache = make_cache(layout, num_pages, page_size, num_kv_heads, head_dim, head_dim,
                        kv_dtype or dtype, device, gen)
     problem = PagedProblem(cache, tables, list(kv_lens), list(q_lens))
-    batch = len(kv_lens)
-    max_pages = max(len(p) for p in tables) + 1
-    if engine == "vllm":
-        table = torch.zeros(batch, max_pages, dtype=torch.int32)
-        for r, pages in enumerate(tables):
-            table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        page_table = PageTable.from_block_table(table.to(device))
-    else:
-        rows = torch.randperm(batch + 2, generator=gen)[:batch] + 1
-        req_to_token = torch.zeros(batch + 3, max_pages * page_size, dtype=torch.int32)
-        for r in range(batch):
-            req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int()
-        page_table = PageTable.from_req_to_token(req_to_token.to(device), rows.to(device))
+    page_table = engine_page_table(problem, engine, gen, device)
     q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype).to(device)
     return problem, page_table, q
+
+
+def engine_page_table(problem: PagedProblem, engine: str, gen: torch.Generator,
+                      device) -> PageTable:
+    """The problem's pages as an engine hands them over: a vLLM block table (one spare
+    column), or SGLang's req_to_token of token slots with shuffled pool rows."""
+    batch, page_size = len(problem.kv_lens), problem.page_size
+    max_pages = max(len(p) for p in problem.page_table) + 1
+    if engine == "vllm":
+        table = torch.zeros(batch, max_pages, dtype=torch.int32)
+        for r, pages in enumerate(problem.page_table):
+            table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        return PageTable.from_block_table(table.to(device))
+    rows = torch.randperm(batch + 2, generator=gen)[:batch] + 1
+    req_to_token = torch.zeros(batch + 3, max_pages * page_size, dtype=torch.int32)
+    for r in range(batch):
+        req_to_token[rows[r], : problem.kv_lens[r]] = problem.slots(r).int()
+    return PageTable.from_req_to_token(req_to_token.to(device), rows.to(device))
 
 
 def check_against_reference(wrapper, problem: "PagedProblem", page_table, q, *, seed=None,

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn_backend import PagedKVCache, PagedPrefill, PageTable
+from attn_backend import PagedKVCache, PagedPrefill
 
-from .helpers import PagedProblem, allocate_pages, check_against_reference
+from .helpers import PagedProblem, allocate_pages, check_against_reference, engine_page_table
 
 pytestmark = pytest.mark.gpu
 
@@ -30,19 +30,7 @@ def mla_problem(q_lens, kv_lens, *, heads, page_size, seed, dtype=torch.bfloat16
     latent = torch.randn(num_pages * page_size, 1, RANK + ROPE, generator=gen).to(dtype).cuda()
     cache = PagedKVCache.from_mla(latent, RANK, page_size)
     problem = PagedProblem(cache, tables, list(kv_lens), list(q_lens))
-    batch = len(kv_lens)
-    max_pages = max(len(p) for p in tables) + 1
-    if engine == "vllm":
-        table = torch.zeros(batch, max_pages, dtype=torch.int32)
-        for r, pages in enumerate(tables):
-            table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        page_table = PageTable.from_block_table(table.cuda())
-    else:  # SGLang: req_to_token rows of token slots, shuffled pool rows
-        rows = torch.randperm(batch + 2, generator=gen)[:batch] + 1
-        req_to_token = torch.zeros(batch + 3, max_pages * page_size, dtype=torch.int32)
-        for r in range(batch):
-            req_to_token[rows[r], : kv_lens[r]] = problem.slots(r).int()
-        page_table = PageTable.from_req_to_token(req_to_token.cuda(), rows.cuda())
+    page_table = engine_page_table(problem, engine, gen, "cuda")
     q = torch.randn(sum(q_lens), heads, RANK + ROPE, generator=gen).to(dtype).cuda()
     return problem, page_table, q
 
@@ -164,13 +152,10 @@ def test_mha_prefill_of_mla_models(backend, page_size, causal, seed):
     v = torch.randn(num_pages * page_size, heads, 128, generator=gen).to(torch.bfloat16).cuda()
     cache = PagedKVCache.from_sglang(k, v, page_size)
     problem = PagedProblem(cache, tables, kv_lens, q_lens)
-    table = torch.zeros(len(kv_lens), max(len(p) for p in tables) + 1, dtype=torch.int32)
-    for r, pages in enumerate(tables):
-        table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
     q = torch.randn(sum(q_lens), heads, 192, generator=gen).to(torch.bfloat16).cuda()
     prefill = PagedPrefill(num_qo_heads=heads, num_kv_heads=heads, head_dim=192, head_dim_vo=128,
                            dtype=torch.bfloat16, device="cuda", max_batch_size=8,
                            max_num_tokens=sum(q_lens), backend=backend)
     prefill.plan(qo_indptr(q_lens), kv_lens, causal=causal)
-    check_against_reference(prefill, problem, PageTable.from_block_table(table.cuda()), q,
-                            seed=seed, causal=causal)
+    check_against_reference(prefill, problem, engine_page_table(problem, "vllm", gen, "cuda"),
+                            q, seed=seed, causal=causal)
