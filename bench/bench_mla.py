@@ -8,8 +8,8 @@ one query token per request, verify rows (`_q4`) four, causal. Bandwidth = (late
 TFLOP/s (2 (576 + 512) flops per visible (query head, key) pair), against the GEMM ceiling
 where the heads make it compute-bound.
 
-Peers on the identical cache: `flashmla` (sgl_kernel.flash_mla, from the sglang-kernel wheel;
-it takes page 64 only) and `flashinfer_mla` (BatchMLAPagedAttentionWrapper over strided
+Peers on the identical cache: `flashmla` (the `flash_mla` package of the sgl-flash-mla wheel,
+SGLang 0.5.23's pin, 10 MB, stable-ABI extensions; else sgl_kernel.flash_mla; page 64 only) and `flashinfer_mla` (BatchMLAPagedAttentionWrapper over strided
 views of the latent and rope columns). A peer that is missing or fails says so in the notes.
 The latent kernel is new: the GPU tests (tests/test_mla_gpu.py) check it before this runs in
 scripts/gpu_check.sh, and this benchmark sets ATTN_BACKEND_UNVERIFIED_MLA for its own calls.
@@ -58,11 +58,15 @@ class Peers(OptionalPeers):
         super().__init__()
         self.flash_mla = None
         if "flashmla" in selected_peers():
-            try:
-                from sgl_kernel import flash_mla
-                self.flash_mla = flash_mla
+            try:  # sgl-flash-mla (SGLang 0.5.23's pin), else sglang-kernel's older copy
+                import flash_mla
+                self.flash_mla, self.flash_mla_legacy_api = flash_mla, False
             except Exception as error:  # noqa: BLE001 - reported in the results
-                self.notes.append(f"flashmla not run: {type(error).__name__}: {error}"[:300])
+                try:
+                    from sgl_kernel import flash_mla
+                    self.flash_mla, self.flash_mla_legacy_api = flash_mla, True
+                except Exception:  # noqa: BLE001
+                    self.notes.append(f"flashmla not run: {type(error).__name__}: {error}"[:300])
 
     def flashmla(self, latent, pages, kv_len, q, q_len):
         """FlashMLA's decode over pages of 64 (q [batch, q_len, heads, 576])."""
@@ -70,13 +74,20 @@ class Peers(OptionalPeers):
         heads = q.shape[1]
         q4 = q.view(batch, q_len, heads, RANK + ROPE)
         seqlens = torch.full((batch,), kv_len, dtype=torch.int32, device="cuda")
-        metadata, splits = self.flash_mla.get_mla_metadata(seqlens, q_len * heads, 1)
         blocks = latent.view(-1, 64, 1, RANK + ROPE)
         table = pages.cuda()
         scale = (RANK + ROPE) ** -0.5
+        if self.flash_mla_legacy_api:  # sgl_kernel: the scheduler's metadata up front
+            metadata, splits = self.flash_mla.get_mla_metadata(seqlens, q_len * heads, 1)
+            return lambda: self.flash_mla.flash_mla_with_kvcache(
+                q4, blocks, table, seqlens, RANK, metadata, splits, softmax_scale=scale,
+                causal=q_len > 1)
+        # sgl-flash-mla: the metadata fills on the first call; SM90's dense kernels are its
+        # "legacy" half.
+        metadata, _ = self.flash_mla.get_mla_metadata()
         return lambda: self.flash_mla.flash_mla_with_kvcache(
-            q4, blocks, table, seqlens, RANK, metadata, splits, softmax_scale=scale,
-            causal=q_len > 1)
+            q4, blocks, table, seqlens, RANK, metadata, None, softmax_scale=scale,
+            causal=q_len > 1, use_legacy=True)
 
     def flashinfer_mla(self, latent, pages, page_size, kv_len, q, q_len):
         batch, pages_per_request = pages.shape
