@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from .fuzz import Case, build_problem, compare, reference_result, run_kernels
+from .fuzz import MLA_HEAD_DIMS, Case, build_problem, compare, reference_result, run_kernels
 
 BASE = Case(seed=1, kind="decode", kv_lens=(700, 33, 1, 0), q_lens=(1, 1, 1, 1), page_size=16,
             num_kv_heads=2, group=4, head_dim=128, dtype="bfloat16", engine="vllm",
@@ -32,6 +32,9 @@ BASE = Case(seed=1, kind="decode", kv_lens=(700, 33, 1, 0), q_lens=(1, 1, 1, 1),
             debug_checks=False)
 PREFILL = dataclasses.replace(BASE, kind="prefill", kv_lens=(300, 900, 40, 1),
                               q_lens=(5, 100, 0, 1))
+# The MLA latent kernel: all heads over one 576-wide row per token (bench/fuzz.py's MLA cases).
+MLA = dataclasses.replace(PREFILL, num_kv_heads=1, group=16, head_dim=MLA_HEAD_DIMS[0],
+                          layout="mla", mla=True)
 
 
 def cases() -> list[tuple[str, Case]]:
@@ -74,6 +77,11 @@ def cases() -> list[tuple[str, Case]]:
         ("prefill fp8 e5m2 d64, tree masks", r(PREFILL, kv_dtype="float8_e5m2", head_dim=64,
                                                kv_lens=(200, 1000), q_lens=(4, 8),
                                                tree_mask=True, seed=21)),
+        ("mla decode, 16 heads, split-KV", r(MLA, kv_lens=(3000, 40, 1), q_lens=(1, 1, 1),
+                                             seed=25)),
+        ("mla verify, 64 heads (32-row tiles), tree masks",
+         r(MLA, group=64, kv_lens=(300, 70), q_lens=(4, 2), tree_mask=True, engine="sglang",
+           seed=26)),
     ]
 
 
@@ -184,10 +192,9 @@ def kv_writes() -> list[bool]:
     return results
 
 
-def mla_calls() -> list[bool]:
-    """The MLA latent kernel (16- and 32-row tiles: decode with split-KV, a verify batch with
-    tree masks over 64 heads) and MLA models' (192, 128) prefill shapes, against the
-    reference. (They are new: ATTN_BACKEND_UNVERIFIED_MLA is set for these calls.)"""
+def mla_mha_prefill() -> list[bool]:
+    """MLA models' (192, 128) prefill shapes (mma, and wgmma on sm_90), against the reference.
+    (New: ATTN_BACKEND_UNVERIFIED_MLA is set for these calls.)"""
     import os
 
     from attn_backend import PagedKVCache, PagedPrefill, PageTable, reference
@@ -195,67 +202,47 @@ def mla_calls() -> list[bool]:
 
     os.environ["ATTN_BACKEND_UNVERIFIED_MLA"] = "1"
     gen = torch.Generator().manual_seed(31)
-    results = []
+    page_size, heads, q_lens, kv_lens = 16, 4, [300, 100], [600, 250]
+    pages_per = [-(-n // page_size) for n in kv_lens]
+    order = torch.randperm(sum(pages_per) + 2, generator=gen)
+    table = torch.zeros(len(kv_lens), max(pages_per) + 1, dtype=torch.int32)
+    slots, start = [], 0
+    for r, count in enumerate(pages_per):
+        pages = order[start:start + count]
+        table[r, :count] = pages.int()
+        t = torch.arange(kv_lens[r])
+        slots.append(pages[t // page_size] * page_size + t % page_size)
+        start += count
+    num_slots = (sum(pages_per) + 2) * page_size
 
-    def check(name, q, cache, kv_lens, q_lens, page_size, head_dim_vo, mask=None, **plan_args):
-        batch = len(kv_lens)
-        pages_per = [-(-n // page_size) for n in kv_lens]
-        order = torch.randperm(sum(pages_per) + 2, generator=gen).tolist()
-        table = torch.zeros(batch, max(pages_per) + 1, dtype=torch.int32)
-        slots, start = [], 0
-        for r, count in enumerate(pages_per):
-            pages = torch.tensor(order[start:start + count])
-            table[r, :count] = pages.int()
-            t = torch.arange(kv_lens[r])
-            slots.append(pages[t // page_size] * page_size + t % page_size)
-            start += count
-        qo = [0] + torch.tensor(q_lens).cumsum(0).tolist()
-        prefill = PagedPrefill(num_qo_heads=q.shape[1], num_kv_heads=cache.num_kv_heads,
-                               head_dim=q.shape[2], head_dim_vo=head_dim_vo, dtype=q.dtype,
-                               device="cuda", max_batch_size=batch, max_num_tokens=q.shape[0],
-                               **plan_args)
-        prefill.plan(qo, kv_lens, custom_mask=mask)
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(torch.bfloat16).cuda()
+
+    cache = PagedKVCache.from_sglang(rand(num_slots, heads, 192), rand(num_slots, heads, 128),
+                                     page_size)
+    q = rand(sum(q_lens), heads, 192)
+    qo, kv_indptr = [0, 300, 400], [0, 600, 850]
+    want = reference.attention(q, qo, cache, kv_indptr, torch.cat(slots).cuda())
+    results = []
+    for backend in ("mma", "wgmma") if torch.cuda.get_device_capability()[0] == 9 else ("mma",):
+        prefill = PagedPrefill(num_qo_heads=heads, num_kv_heads=heads, head_dim=192,
+                               head_dim_vo=128, dtype=torch.bfloat16, device="cuda",
+                               max_batch_size=2, max_num_tokens=q.shape[0], backend=backend)
+        prefill.plan(qo, kv_lens)
         out, lse = prefill.run(q, cache, PageTable.from_block_table(table.cuda()),
                                return_lse=True)
-        kv_indptr = [0] + torch.tensor(kv_lens).cumsum(0).tolist()
-        want = reference.attention(q, qo, cache, kv_indptr, torch.cat(slots).cuda(),
-                                   custom_mask=None if mask is None else mask.cuda())
         tol = KERNEL_TOLERANCE[q.dtype]
         ok = bool(((out.float() - want.out).abs() <= tol + tol * want.out.abs()).all()) and \
             bool(torch.isclose(lse, want.lse, atol=2e-3, rtol=1e-3).all())
-        print(f"{'ok' if ok else 'MISMATCH'}: {name}", flush=True)
+        print(f"{'ok' if ok else 'MISMATCH'}: mla models' mha prefill (192, 128), {backend}",
+              flush=True)
         results.append(ok)
-
-    def latent(slots):
-        return PagedKVCache.from_mla(torch.randn(slots, 1, 576, generator=gen).to(
-            torch.bfloat16).cuda(), 512, 16)
-
-    kv_lens = [3000, 40, 1]
-    check("mla decode, 16 heads, split-KV", torch.randn(3, 16, 576, generator=gen).to(
-        torch.bfloat16).cuda(), latent(4000), kv_lens, [1, 1, 1], 16, 512)
-    q_lens, kv_lens = [4, 2], [300, 70]
-    blocks = []
-    for n, length in zip(q_lens, kv_lens):
-        block = torch.ones(n, length, dtype=torch.bool)
-        block[:, length - n:] = torch.tril(torch.rand(n, n, generator=gen) < 0.5, -1) | \
-            torch.eye(n, dtype=torch.bool)
-        blocks.append(block.flatten())
-    check("mla verify, 64 heads (32-row tiles), tree masks",
-          torch.randn(6, 64, 576, generator=gen).to(torch.bfloat16).cuda(), latent(500), kv_lens,
-          q_lens, 16, 512, mask=torch.cat(blocks))
-    k = torch.randn(1200, 4, 192, generator=gen).to(torch.bfloat16).cuda()
-    v = torch.randn(1200, 4, 128, generator=gen).to(torch.bfloat16).cuda()
-    for backend in ("mma", "wgmma") if torch.cuda.get_device_capability()[0] == 9 else ("mma",):
-        check(f"mla models' mha prefill (192, 128), {backend}",
-              torch.randn(400, 4, 192, generator=gen).to(torch.bfloat16).cuda(),
-              PagedKVCache.from_sglang(k, v, 16), [600, 250], [300, 100], 16, 128,
-              backend=backend)
     return results
 
 
 SECTIONS = {
     "attention": lambda: [check_case(name, case) for name, case in cases()],
-    "mla": mla_calls,
+    "mla_mha_prefill": mla_mha_prefill,
     "kv_writes": kv_writes,
     "bad_inputs": bad_inputs,
 }

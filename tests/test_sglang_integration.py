@@ -17,16 +17,11 @@ from sglang.test.kits.attention_unittest.attention_methods.dense_attention impor
 
 from attn_backend.integrations.sglang import BACKEND_NAME, register  # noqa: E402
 
+from .helpers import KitTestCase  # noqa: E402
+
 register()
 DENSE_CASES = make_dense_cases(BACKEND_NAME)
 LAYOUTS = ("shuffled_pages", "interleaved_pages", "non_monotonic_extend")
-
-
-class _KitTestCase:
-    """The kit calls testcase.skipTest(reason) when a backend is unavailable; that must fail here."""
-
-    def skipTest(self, reason):  # noqa: N802
-        pytest.fail(f"the kit skipped {BACKEND_NAME}: {reason}")
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +35,7 @@ def _no_grad():
 def test_kit_dense_cases_on_cpu(case, layout):
     if layout == "non_monotonic_extend" and case.forward_mode.is_decode():
         pytest.skip("the kit applies non_monotonic_extend to extend cases only")
-    run_dense_attention_case(_KitTestCase(), case, device="cpu", dtype=torch.float32,
+    run_dense_attention_case(KitTestCase(), case, device="cpu", dtype=torch.float32,
                              loc_layout=layout)
 
 
@@ -119,7 +114,7 @@ def _our_window_rule(monkeypatch):
 def test_windows_with_pages_and_mixed_batches(case, device, dtype, head_dim, hidden,
                                               _our_window_rule):
     hidden = hidden or case.num_heads * head_dim
-    run_dense_attention_case(_KitTestCase(), case, device=device, dtype=dtype, head_dim=head_dim,
+    run_dense_attention_case(KitTestCase(), case, device=device, dtype=dtype, head_dim=head_dim,
                              hidden_size=hidden)
 
 
@@ -254,7 +249,7 @@ VERIFY_CASES = _verify_cases()
 @pytest.mark.parametrize("device, dtype, head_dim, hidden", DEVICES)
 @pytest.mark.parametrize("case, topk", VERIFY_CASES)
 def test_kit_target_verify_eager(case, topk, device, dtype, head_dim, hidden, _our_window_rule):
-    run_dense_spec_verify_case(_KitTestCase(), case, topk=topk, device=device, dtype=dtype,
+    run_dense_spec_verify_case(KitTestCase(), case, topk=topk, device=device, dtype=dtype,
                                head_dim=head_dim, hidden_size=hidden or case.num_heads * head_dim)
 
 
@@ -282,7 +277,7 @@ def _prefix_at_the_batch_slots(monkeypatch):
 def test_kit_target_verify_cuda_graph(case, topk, device, dtype, head_dim, hidden,
                                       _our_window_rule, _prefix_at_the_batch_slots):
     """Capture at batch 4, replay with the case's (smaller) batch and padded rows."""
-    run_dense_spec_verify_cuda_graph_case(_KitTestCase(), case, topk=topk, device=device,
+    run_dense_spec_verify_cuda_graph_case(KitTestCase(), case, topk=topk, device=device,
                                           dtype=dtype, head_dim=head_dim,
                                           hidden_size=hidden or case.num_heads * head_dim)
 
@@ -294,7 +289,7 @@ def test_save_kv_cache_false_leaves_the_pool_to_the_model(case):
     must not write (here it is handed garbage K/V, which would corrupt the pool)."""
     from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
-    fixture = kit.build_dense_attention_fixture(_KitTestCase(), case, head_dim=16, hidden_size=64,
+    fixture = kit.build_dense_attention_fixture(KitTestCase(), case, head_dim=16, hidden_size=64,
                                                 dtype=torch.float32, device="cpu")
     module, batch = fixture.actual_module, fixture.forward_batch
     with torch.no_grad(), forward_context(ForwardContext(attn_backend=fixture.backend)):
@@ -346,7 +341,7 @@ DRAFT_EXTEND_CASES = _draft_extend_cases()
                        page_size=16, prefix_lens=(5, 40, 16), extend_lens=(1, 4, 2)),),
     ids=lambda c: c.name)
 def test_kit_draft_extend_eager(case, device, dtype, head_dim, hidden, _our_window_rule):
-    run_dense_attention_case(_KitTestCase(), case, device=device, dtype=dtype, head_dim=head_dim,
+    run_dense_attention_case(KitTestCase(), case, device=device, dtype=dtype, head_dim=head_dim,
                              hidden_size=hidden or case.num_heads * head_dim)
 
 
@@ -367,7 +362,7 @@ def _draft_extend_prefix_at_the_batch_slots(monkeypatch, _prefix_at_the_batch_sl
 def test_kit_draft_extend_cuda_graph(case, device, dtype, head_dim, hidden, _our_window_rule,
                                      _draft_extend_prefix_at_the_batch_slots):
     """Capture at batch 4, replay with the case's batch and padded rows (fill-value lengths)."""
-    run_dense_draft_extend_v2_cuda_graph_case(_KitTestCase(), case, device=device, dtype=dtype,
+    run_dense_draft_extend_v2_cuda_graph_case(KitTestCase(), case, device=device, dtype=dtype,
                                               head_dim=head_dim,
                                               hidden_size=hidden or case.num_heads * head_dim)
 

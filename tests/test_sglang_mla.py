@@ -17,13 +17,10 @@ from sglang.test.kits.attention_unittest.attention_methods import mla_attention 
 from attn_backend import paged_kv  # noqa: E402
 from attn_backend.integrations.sglang import BACKEND_NAME, register  # noqa: E402
 
+from .helpers import KitTestCase  # noqa: E402
+
 register()
 MLA_CASES = kit.make_mla_cases(BACKEND_NAME)
-
-
-class _KitTestCase:
-    def skipTest(self, reason):  # noqa: N802
-        pytest.fail(f"the kit skipped {BACKEND_NAME}: {reason}")
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +33,7 @@ def _no_grad():
 @pytest.mark.parametrize("layout", ["shuffled_pages", "interleaved_pages"])
 @pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: c.name)
 def test_kit_mla_cases_on_cpu(case, layout, rope):
-    kit.run_mla_attention_case(_KitTestCase(), case, device="cpu", dtype=torch.float32,
+    kit.run_mla_attention_case(KitTestCase(), case, device="cpu", dtype=torch.float32,
                                qk_rope_head_dim=rope, loc_layout=layout)
 
 
@@ -50,7 +47,7 @@ def test_kit_mla_cases_fail_on_a_wrong_value_row(monkeypatch):
 
     monkeypatch.setattr(paged_kv.PagedKVCache, "from_mla", staticmethod(shifted))
     with pytest.raises(AssertionError):
-        kit.run_mla_attention_case(_KitTestCase(), MLA_CASES[-1], device="cpu",
+        kit.run_mla_attention_case(KitTestCase(), MLA_CASES[-1], device="cpu",
                                    dtype=torch.float32, qk_rope_head_dim=16)
 
 
@@ -79,7 +76,7 @@ def _expected_mha(q, k, v, q_lens, kv_lens, scale):
 def test_mha_prefill_of_an_mla_model(one_shot):
     """forward_normal's MHA layer: K/V given in the call (no cache write), causal over the new
     tokens, or with mha_one_shot over each whole sequence; (out, lse) when asked."""
-    fixture = kit.build_mla_attention_fixture(_KitTestCase(), MLA_CASES[0], device="cpu",
+    fixture = kit.build_mla_attention_fixture(KitTestCase(), MLA_CASES[0], device="cpu",
                                               dtype=torch.float32, qk_rope_head_dim=8)
     backend = fixture.backend
     backend.init_forward_metadata(fixture.forward_batch)  # the forward the MHA layers run in
@@ -139,7 +136,7 @@ def test_deepseek_models_ask_our_forward_method_handler():
     assert handler is not handle_attention_triton
     on_cuda = SimpleNamespace(seq_lens=SimpleNamespace(is_cuda=True))
     assert handler(None, on_cuda) == AttnForwardMethod.MLA
-    fixture = kit.build_mla_attention_fixture(_KitTestCase(), MLA_CASES[1], device="cpu",
+    fixture = kit.build_mla_attention_fixture(KitTestCase(), MLA_CASES[1], device="cpu",
                                               dtype=torch.float32)
     batch = fixture.forward_batch  # an extend without a cached prefix
     assert batch.forward_mode == ForwardMode.EXTEND
@@ -152,7 +149,7 @@ def test_deepseek_models_ask_our_forward_method_handler():
 def test_kit_mla_cases_on_the_gpu(case, monkeypatch):
     """The kit's cases at DeepSeek's latent width (512 + 64 rope) on the MLA kernel."""
     monkeypatch.setenv("ATTN_BACKEND_UNVERIFIED_MLA", "1")
-    kit.run_mla_attention_case(_KitTestCase(), case, device="cuda", dtype=torch.bfloat16,
+    kit.run_mla_attention_case(KitTestCase(), case, device="cuda", dtype=torch.bfloat16,
                                kv_lora_rank=512, qk_rope_head_dim=64, hidden_size=256)
 
 
@@ -161,7 +158,7 @@ def test_split_absorbed_inputs_match_the_concatenated_form(case):
     """SGLang hands backends on its absorb list q_nope (a strided bmm output) with q_rope, and
     k_nope with k_rope (written through set_mla_kv_buffer); the result and the pool rows are
     those of the concatenated call."""
-    fixture = kit.build_mla_attention_fixture(_KitTestCase(), case, device="cpu",
+    fixture = kit.build_mla_attention_fixture(KitTestCase(), case, device="cpu",
                                               dtype=torch.float32, qk_rope_head_dim=16)
     backend, batch = fixture.backend, fixture.forward_batch
     layer = fixture.actual_module.attn_mqa

@@ -152,15 +152,8 @@ class SGLangAttnBackend(AttentionBackend):
             config = model_runner.model_config
             self.kv_lora_rank = config.kv_lora_rank
             self.qk_rope_head_dim = config.qk_rope_head_dim
-        self.layer_keys = collect_layer_keys(model_runner, self.dtype, self.kv_dtype)
-        if self.mla:  # MHA layers attend over the K/V of the call, without a plan
-            self.layer_keys = frozenset(k for k in self.layer_keys if self._is_absorbed_key(k))
-            if not self.layer_keys:
-                self.layer_keys = frozenset({WrapperKey(
-                    model_runner.model_config.get_num_attention_heads(
-                        getattr(model_runner, "tp_size", 1) or 1), 1,
-                    self.kv_lora_rank + self.qk_rope_head_dim, self.kv_lora_rank, self.dtype,
-                    self.kv_dtype, -1, True)})
+        self.layer_keys = self._mla_layer_keys(model_runner) if self.mla else \
+            collect_layer_keys(model_runner, self.dtype, self.kv_dtype)
         self._check_layer_shapes()
         self._decoders: dict[WrapperKey, PagedDecode] = {}
         self._prefills: dict[WrapperKey, PagedPrefill] = {}  # eager: grow with the batch
@@ -349,7 +342,7 @@ class SGLangAttnBackend(AttentionBackend):
         decompressed K/V, given in the call)."""
         if layer.is_cross_attention:
             raise NotImplementedError(f"{BACKEND_NAME}: cross-attention layers are not supported")
-        if not self._is_absorbed_layer(layer):
+        if not self._is_absorbed(layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim):
             return self._forward_mla_mha(q, k, v, layer, forward_batch)
         q_rope, k_rope = kwargs.get("q_rope"), kwargs.get("k_rope")
         pool = self.token_to_kv_pool
@@ -408,19 +401,28 @@ class SGLangAttnBackend(AttentionBackend):
     def _contiguous_kv_table(self, kv_lens: np.ndarray) -> PageTable:
         """A block table of one-token pages over K/V rows laid out request after request."""
         starts = np.concatenate([[0], np.cumsum(kv_lens)[:-1]])
-        table = np.zeros((len(kv_lens), max(1, int(kv_lens.max(initial=0)))), dtype=np.int32)
-        for r, (start, n) in enumerate(zip(starts, kv_lens)):
-            table[r, :n] = np.arange(start, start + n, dtype=np.int32)
-        return PageTable.from_block_table(torch.from_numpy(table).to(self.device))
+        columns = np.arange(max(1, int(kv_lens.max(initial=0))))
+        table = np.where(columns < kv_lens[:, None], starts[:, None] + columns, 0)
+        return PageTable.from_block_table(torch.from_numpy(table.astype(np.int32)).to(self.device))
 
-    def _is_absorbed_key(self, key: WrapperKey) -> bool:
-        return key.num_kv_heads == 1 and key.head_dim_vo == self.kv_lora_rank and \
-            key.head_dim == self.kv_lora_rank + self.qk_rope_head_dim
+    def _mla_layer_keys(self, model_runner) -> frozenset:
+        """An MLA model's planned shapes: its absorbed layers' (the MHA layers attend over the
+        K/V of their call, planned when they first run in a forward). From the model's modules,
+        or where it has none yet from the config: SGLang's model config gives MLA models other
+        head dims (256 / 128) than the absorbed layers' (rank + rope / rank)."""
+        keys = frozenset(k for k in collect_layer_keys(model_runner, self.dtype, self.kv_dtype)
+                         if self._is_absorbed(k.num_kv_heads, k.head_dim, k.head_dim_vo))
+        if keys:
+            return keys
+        heads = model_runner.model_config.get_num_attention_heads(
+            getattr(model_runner, "tp_size", 1) or 1)
+        return frozenset({WrapperKey(heads, 1, self.kv_lora_rank + self.qk_rope_head_dim,
+                                     self.kv_lora_rank, self.dtype, self.kv_dtype, -1, True)})
 
-    def _is_absorbed_layer(self, layer) -> bool:
+    def _is_absorbed(self, num_kv_heads: int, head_dim: int, head_dim_vo: int) -> bool:
         """An MLA model's attention over the latent cache (attn_mqa), not its MHA prefill."""
-        return layer.tp_k_head_num == 1 and layer.v_head_dim == self.kv_lora_rank and \
-            layer.qk_head_dim == self.kv_lora_rank + self.qk_rope_head_dim
+        return num_kv_heads == 1 and head_dim_vo == self.kv_lora_rank and \
+            head_dim == self.kv_lora_rank + self.qk_rope_head_dim
 
     # ---- helpers --------------------------------------------------------------------------
 

@@ -99,7 +99,10 @@ struct PagedKVLoader {
 
   // Thread `tid` copies chunk tid % kChunks of rows tid / kChunks + j * (kThreads / kChunks)
   // (rows whose chunk count divides the threads), or the chunks tid + j * kThreads of the
-  // tile in row-major order (MLA's 72-chunk rows).
+  // tile in row-major order (MLA's 72-chunk rows). The second form would serve both, with
+  // the same addresses, but compiles to longer code for the first (the chunk is no longer a
+  // per-thread constant for ptxas: 5% more SASS and a larger stack frame in the decode and
+  // prefill kernels), so the first keeps its own loop.
   template <typename Layout>
   __device__ __forceinline__ void load_side(uint8_t* tile_smem, int stage, int side) const {
     constexpr int kChunks = Layout::kChunks;
