@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import fp8
@@ -150,6 +151,24 @@ class PagedKVCache:
         pages = _as_pages(kv_buffer[: num_pages * page_size], num_pages, page_size)
         return cls(pages, pages[..., :kv_lora_rank])
 
+    @classmethod
+    def from_vllm_mla(cls, kv_cache: torch.Tensor, kv_lora_rank: int) -> "PagedKVCache":
+        """vLLM's MLA cache `[num_blocks, block_size, kv_lora_rank + rope_dim]` (the layer's
+        view, its one head squeezed out): K = row, V = latent part."""
+        check_tensor("kv_cache", kv_cache, dims=3)
+        if not 0 < kv_lora_rank <= kv_cache.shape[2]:
+            raise ValueError(f"kv_lora_rank={kv_lora_rank} must be in 1..{kv_cache.shape[2]} "
+                             "(the row width)")
+        pages = kv_cache.unsqueeze(2)
+        return cls(pages, pages[..., :kv_lora_rank])
+
+    @classmethod
+    def from_token_rows(cls, k: torch.Tensor, v: torch.Tensor) -> "PagedKVCache":
+        """K and V rows `[tokens, H, D]` as pages of one token each, so that a
+        `PageTable.over_rows` table addresses them where they are (the K/V an engine hands
+        over in the call, e.g. MLA's decompressed prefill K/V)."""
+        return cls.from_sglang(k, v, 1)
+
     def page_and_offset(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         slots = slots.to(device=self.device, dtype=torch.long)
         return slots // self.page_size, slots % self.page_size
@@ -240,6 +259,17 @@ class PageTable:
         full-to-window slot map of a hybrid sliding-window pool, for its window layers."""
         return cls(req_to_token, holds_token_slots=True, row_index=req_pool_indices,
                    slot_map=slot_map)
+
+    @classmethod
+    def over_rows(cls, lens, device) -> "PageTable":
+        """A table of one-token pages over rows laid out request after request: request r's
+        tokens are rows [sum(lens[:r]), sum(lens[:r + 1])) (see PagedKVCache.from_token_rows).
+        Built on the host, one copy to `device`."""
+        lens = np.asarray(lens, dtype=np.int64).reshape(-1)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        columns = np.arange(max(1, int(lens.max(initial=0))))
+        table = np.where(columns < lens[:, None], starts[:, None] + columns, 0)
+        return cls(torch.from_numpy(table.astype(np.int32)).to(device))
 
     def columns_needed(self, kv_len: int, page_size: int) -> int:
         """Columns of the table that a request of `kv_len` keys reads: one per token slot (SGLang)

@@ -390,20 +390,13 @@ class SGLangAttnBackend(AttentionBackend):
         if (key, one_shot) not in plans:
             prefill = self._prefill(key, False, int(q_lens.sum()))
             prefill.plan(np.concatenate([[0], np.cumsum(q_lens)]), kv_lens, causal=True)
-            plans[(key, one_shot)] = (prefill, self._contiguous_kv_table(kv_lens))
+            plans[(key, one_shot)] = (prefill, PageTable.over_rows(kv_lens, self.device))
         prefill, table = plans[(key, one_shot)]
         # The call's K/V as a cache of one-token pages: request r's keys are its rows in order.
-        out, lse = prefill.run(q3, PagedKVCache.from_sglang(k3, v3, 1), table,
+        out, lse = prefill.run(q3, PagedKVCache.from_token_rows(k3, v3), table,
                                sm_scale=layer.scaling, return_lse=True)
         out = out.reshape(-1, heads * layer.v_head_dim)
         return (out, lse) if getattr(forward_batch, "mha_return_lse", False) else out
-
-    def _contiguous_kv_table(self, kv_lens: np.ndarray) -> PageTable:
-        """A block table of one-token pages over K/V rows laid out request after request."""
-        starts = np.concatenate([[0], np.cumsum(kv_lens)[:-1]])
-        columns = np.arange(max(1, int(kv_lens.max(initial=0))))
-        table = np.where(columns < kv_lens[:, None], starts[:, None] + columns, 0)
-        return PageTable.from_block_table(torch.from_numpy(table.astype(np.int32)).to(self.device))
 
     def _mla_layer_keys(self, model_runner) -> frozenset:
         """An MLA model's planned shapes: its absorbed layers' (the MHA layers attend over the

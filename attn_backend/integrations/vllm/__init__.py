@@ -10,22 +10,36 @@ survives any process start method, and `ATTN_BACKEND`, an enum member added at
 registration (safe where the CLI loads plugins before parsing, as `vllm serve`
 and `vllm bench` do). vLLM looks a backend up by its `get_name()`, so each name
 has its own class.
+
+MLA models (DeepSeek-class) need an MLA class (`mla.AttnBackendMLA`): vLLM's selector
+checks `is_mla()`, so one class cannot serve both kinds. It is the member `ATTN_BACKEND_MLA`
+(`--attention-backend ATTN_BACKEND_MLA`, or per kind through `backend_per_kind`).
 """
 
 from __future__ import annotations
 
 BACKEND_NAME = "ATTN_BACKEND"
+MLA_BACKEND_NAME = "ATTN_BACKEND_MLA"
 SUPPORTED_VLLM = ">=0.32,<0.34"  # the V1 backend API of the contract (K||V-packed caches)
 
 _MODULE = "attn_backend.integrations.vllm.backend"
 CUSTOM_CLASS_PATH = f"{_MODULE}.AttnBackendAsCustom"
 NAMED_CLASS_PATH = f"{_MODULE}.AttnBackend"
+MLA_CLASS_PATH = "attn_backend.integrations.vllm.mla.AttnBackendMLA"
+MLA_PREFILL_CLASS_PATH = "attn_backend.integrations.vllm.mla.AttnBackendMLAPrefill"
 
 
 def register() -> None:
     """Make the backend selectable in this vLLM process (idempotent)."""
+    from vllm.v1.attention.backends.mla.prefill.registry import (MLAPrefillBackendEnum,
+                                                                 register_mla_prefill_backend)
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CUSTOM, CUSTOM_CLASS_PATH)
-    if BACKEND_NAME not in AttentionBackendEnum.__members__:
-        register_backend(BACKEND_NAME, NAMED_CLASS_PATH)
+    for name, path in ((BACKEND_NAME, NAMED_CLASS_PATH), (MLA_BACKEND_NAME, MLA_CLASS_PATH)):
+        if name not in AttentionBackendEnum.__members__:
+            register_backend(name, path)
+    # MLA models' prefill kernel, vLLM's other extension point: our MLA backend takes it by
+    # itself; `--attention-config '{"mla_prefill_backend": "CUSTOM"}'` also makes the layers
+    # pick it (vLLM's platform default otherwise, which must then import).
+    register_mla_prefill_backend(MLAPrefillBackendEnum.CUSTOM, MLA_PREFILL_CLASS_PATH)
