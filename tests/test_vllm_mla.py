@@ -184,11 +184,11 @@ class Batch:
     the step's new tokens (the last q_len of each history) with their queries."""
 
     def __init__(self, q_lens, kv_lens, *, block_size, device, seed=0, pad_reqs=0,
-                 pad_tokens=0):
+                 pad_tokens=0, num_blocks=None):
         gen = torch.Generator().manual_seed(seed)
         self.q_lens, self.kv_lens, self.device = list(q_lens), list(kv_lens), device
         blocks_per_req = [-(-n // block_size) for n in kv_lens]
-        num_blocks = sum(blocks_per_req) + 4
+        num_blocks = max(num_blocks or 0, sum(blocks_per_req) + 4)
         order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
         self.block_table = torch.zeros(len(q_lens) + pad_reqs, max(blocks_per_req) + 2,
                                        dtype=torch.int32)
@@ -202,13 +202,10 @@ class Batch:
         self.rope = [torch.randn(n, ROPE, generator=gen).to(torch.bfloat16) for n in kv_lens]
         slots = []
         for r, (q, n) in enumerate(zip(q_lens, kv_lens)):
-            for t in range(n):
-                slot = int(self.block_table[r, t // block_size]) * block_size + t % block_size
-                if t >= n - q:
-                    slots.append(slot)  # written by the step
-                else:
-                    page, offset = divmod(slot, block_size)
-                    self.kv_cache[page, offset] = torch.cat([self.latent[r][t], self.rope[r][t]])
+            for t in range(n - q, n):  # written by the step
+                slots.append(int(self.block_table[r, t // block_size]) * block_size
+                             + t % block_size)
+        self.write_history(self.kv_cache)
         self.num_tokens = sum(q_lens) + pad_tokens
         self.slot_mapping = torch.tensor(slots + [-1] * pad_tokens, dtype=torch.int64)
         pad_latent = torch.randn(pad_tokens, RANK, generator=gen).to(torch.bfloat16)
@@ -227,6 +224,16 @@ class Batch:
         for name in ("block_table", "kv_cache", "query", "slot_mapping", "new_latent",
                      "new_rope"):
             setattr(self, name, getattr(self, name).to(device))
+
+    def write_history(self, kv_cache: torch.Tensor) -> None:
+        """Every token but the step's new ones, as if earlier steps had cached them."""
+        block_size = kv_cache.shape[1]
+        for r, (q, n) in enumerate(zip(self.q_lens, self.kv_lens)):
+            t = torch.arange(n - q)
+            pages = self.block_table[r].cpu()[t // block_size].long()
+            rows = torch.cat([self.latent[r][: n - q], self.rope[r][: n - q]], dim=-1)
+            kv_cache[pages.to(kv_cache.device), (t % block_size).to(kv_cache.device)] = \
+                rows.to(kv_cache.device)
 
     def metadata(self) -> CommonAttentionMetadata:
         return CommonAttentionMetadata(
@@ -428,3 +435,61 @@ def test_a_chosen_prefill_backend_runs_through_vllms_own_path(model_dir,
     batch = Batch([1, 50, 9], [300, 50, 9], block_size=16, device="cpu", seed=11)
     _, output = model.step(batch)
     _check(model, batch, output)
+
+
+# ---- CUDA graphs ----------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_cuda_graph_capture_and_replay(models, q_len):
+    """Capture a uniform decode (or verify) step once, the latent write and the layer's
+    forward_impl, then replay it with other lengths, block tables and padding, as vLLM's FULL
+    graphs do (build() re-plans outside the graph before each replay)."""
+    device, reqs, block_size = "cuda", 8, 16
+    model = models(device, num_speculative_tokens=q_len - 1)
+    capture = Batch([q_len] * reqs, [q_len + 40] * reqs, block_size=block_size, device=device,
+                    num_blocks=2000)
+    static = {name: getattr(capture, name).clone() for name in
+              ("query", "new_latent", "new_rope", "slot_mapping")}
+    static["block_table"] = torch.zeros(reqs, 200, dtype=torch.int32, device=device)
+    static["block_table"][:, :capture.block_table.shape[1]] = capture.block_table
+    kv_cache = capture.kv_cache
+    output = torch.empty(reqs * q_len, HEADS * V_DIM, dtype=torch.bfloat16, device=device)
+    layer = model.layer
+
+    def metadata_of(batch: Batch):
+        md = batch.metadata()
+        md.block_table_tensor = static["block_table"]
+        md.slot_mapping = static["slot_mapping"]
+        return md
+
+    def step(md):
+        layer.update_kv_cache(static["new_latent"], static["new_rope"], kv_cache,
+                              static["slot_mapping"], md, layer.kv_cache_dtype, layer._k_scale)
+        layer.forward_impl(static["query"], static["new_latent"], static["new_rope"], kv_cache,
+                           md, output)
+
+    with set_current_vllm_config(model.vllm_config):
+        md = model.builder.build_for_cudagraph_capture(metadata_of(capture))
+        step(md)  # warm-up outside the graph
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(md)
+        for seed, kv_lens in enumerate([[q_len + 100, 3000, 17 + q_len, 900, 1 + q_len],
+                                        [2048] * reqs, [q_len] * 6]):
+            live = len(kv_lens)
+            batch = Batch([q_len] * live, kv_lens, block_size=block_size, device=device,
+                          seed=10 + seed, num_blocks=2000, pad_reqs=reqs - live,
+                          pad_tokens=(reqs - live) * q_len)
+            batch.write_history(kv_cache)  # into the cache the graph captured
+            static["block_table"].zero_()
+            static["block_table"][:, :batch.block_table.shape[1]] = batch.block_table
+            for name in ("query", "new_latent", "new_rope", "slot_mapping"):
+                static[name].copy_(getattr(batch, name))
+            output.fill_(float("nan"))
+            model.builder.build(0, metadata_of(batch))
+            graph.replay()
+            torch.cuda.synchronize()
+            _check(model, batch, output)
