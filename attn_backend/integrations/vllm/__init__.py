@@ -5,15 +5,17 @@ vLLM calls it in every process (front end, engine core, workers) before it
 resolves `--attention-backend`. It registers class paths only, so it imports
 neither the backend module nor any CUDA code.
 
-Two names select the same backend: vLLM's static `CUSTOM` member, which
-survives any process start method, and `ATTN_BACKEND`, an enum member added at
-registration (safe where the CLI loads plugins before parsing, as `vllm serve`
-and `vllm bench` do). vLLM looks a backend up by its `get_name()`, so each name
-has its own class.
+Two names select the backend: vLLM's static `CUSTOM` member, which survives any process start
+method, and `ATTN_BACKEND` (`ATTN_BACKEND_MLA` for MLA models), enum members added at
+registration: vLLM pickles its config into its engine and worker processes, and a spawned process
+unpickles it before it loads plugins, so those names work only where vLLM forks (its default
+while CUDA is not initialised in the parent; tests/test_vllm_processes.py). vLLM looks a
+backend up by its `get_name()`, so each name has its own class.
 
-MLA models (DeepSeek-class) need an MLA class (`mla.AttnBackendMLA`): vLLM's selector
-checks `is_mla()`, so one class cannot serve both kinds. It is the member `ATTN_BACKEND_MLA`
-(`--attention-backend ATTN_BACKEND_MLA`, or per kind through `backend_per_kind`).
+MLA models (DeepSeek-class) need an MLA class (`mla.AttnBackendMLA`): vLLM's selector checks
+`is_mla()`, so one class cannot serve both kinds. `CUSTOM`'s class path is resolved when a
+layer is built, and answers by the model (`custom.py`), so `--attention-backend CUSTOM` serves
+both.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ MLA_BACKEND_NAME = "ATTN_BACKEND_MLA"
 SUPPORTED_VLLM = ">=0.32,<0.34"  # the V1 backend API of the contract (K||V-packed caches)
 
 _MODULE = "attn_backend.integrations.vllm.backend"
-CUSTOM_CLASS_PATH = f"{_MODULE}.AttnBackendAsCustom"
+# CUSTOM resolves by the model being built: the MLA class for MLA models (custom.py).
+CUSTOM_CLASS_PATH = "attn_backend.integrations.vllm.custom.Backend"
 NAMED_CLASS_PATH = f"{_MODULE}.AttnBackend"
 MLA_CLASS_PATH = "attn_backend.integrations.vllm.mla.AttnBackendMLA"
 MLA_PREFILL_CLASS_PATH = "attn_backend.integrations.vllm.mla.AttnBackendMLAPrefill"

@@ -21,9 +21,9 @@ The builder takes our prefill backend unless `--attention-config` names another
 our `paged_kv_write` kernel (latent to the first 512 columns, rope to the last 64: what
 vLLM's `concat_and_cache_mla` stores). On CPU every wrapper runs the float reference.
 
-Selection: `--attention-backend ATTN_BACKEND_MLA`, or for a model with MLA and other
-layers `--attention-config '{"backend_per_kind": {"mla_attention": "ATTN_BACKEND_MLA"}}'`
-(vLLM's `CUSTOM` member holds the non-MLA backend: one class is MLA or not). Not served
+Selection: `--attention-backend CUSTOM` (vLLM's static member resolves to this class for MLA
+models, `custom.py`), or the name `ATTN_BACKEND_MLA` (a member added at registration: only
+where vLLM forks its processes, see `custom.py`). Not served
 (refused when vLLM validates the configuration or builds the impl, with the reason): FP8
 latent caches, sparse MLA (DeepSeek-V3.2), decode/prefill context parallelism, sliding
 windows, fused output quantisation, and dims other than 512 + 64 latent and 128 + 64 / 128.
@@ -101,6 +101,14 @@ class AttnBackendMLA(MLACommonBackend):
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
+
+
+class AttnBackendMLAAsCustom(AttnBackendMLA):
+    """The same backend under vLLM's static `CUSTOM` member (`custom.Backend` for MLA models)."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
 
 
 @dataclass
