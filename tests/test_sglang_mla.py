@@ -96,13 +96,55 @@ def test_mha_prefill_of_an_mla_model(one_shot):
     batch.mha_return_lse = False
     only_out = backend.forward_extend(q.flatten(1), k, v, layer, batch, save_kv_cache=False)
     assert torch.equal(only_out, out)
-    batch.attn_attend_prefix_cache = True
-    with pytest.raises(NotImplementedError, match="chunked prefix cache"):
-        backend.forward_extend(q.flatten(1), k, v, layer, batch, save_kv_cache=False)
-    batch.attn_attend_prefix_cache, batch.seq_lens_cpu = None, torch.tensor([7, 1, 8])
+    batch.seq_lens_cpu = torch.tensor([7, 1, 8])
     batch.mha_one_shot = True
     with pytest.raises(ValueError, match="K/V rows"):
         backend.forward_extend(q.flatten(1), k, v, layer, batch, save_kv_cache=False)
+
+
+def test_mha_chunked_prefix_cache_of_an_mla_model():
+    """MHA_CHUNKED_KV: the new tokens causal over themselves (with LSE), then each chunk of
+    the cached prefixes (SGLang's prefix_chunk_len per request and chunk, some requests empty
+    in later chunks) with all keys visible; merged by LSE they are causal attention over the
+    whole sequences."""
+    from attn_backend import reference
+
+    fixture = kit.build_mla_attention_fixture(KitTestCase(), MLA_CASES[0], device="cpu",
+                                              dtype=torch.float32, qk_rope_head_dim=8)
+    backend = fixture.backend
+    backend.init_forward_metadata(fixture.forward_batch)
+    heads, qk_dim, v_dim = MLA_CASES[0].num_heads, 24, 16
+    layer = RadixAttention(num_heads=heads, head_dim=qk_dim, scaling=qk_dim ** -0.5,
+                           num_kv_heads=heads, layer_id=0, v_head_dim=v_dim)
+    q_lens, prefix_lens, chunk_len = [3, 1, 5], [10, 0, 7], 4
+    kv_lens = [p + n for p, n in zip(prefix_lens, q_lens)]
+    q, k_all, v_all = _mha_inputs(q_lens, kv_lens, heads, qk_dim, v_dim, seed=3)
+    starts = [0]
+    for n in kv_lens:
+        starts.append(starts[-1] + n)
+    new_rows = torch.cat([torch.arange(starts[r] + p, starts[r + 1])
+                          for r, p in enumerate(prefix_lens)])
+    batch = SimpleNamespace(extend_seq_lens_cpu=q_lens, mha_one_shot=False, mha_return_lse=True,
+                            attn_attend_prefix_cache=False)
+    out, lse = backend.forward_extend(q.flatten(1), k_all[new_rows], v_all[new_rows], layer,
+                                      batch, save_kv_cache=False)
+    out = out.view(-1, heads, v_dim)
+    num_chunks = -(-max(prefix_lens) // chunk_len)
+    chunk_lens = torch.tensor([[max(0, min(p, (c + 1) * chunk_len) - c * chunk_len)
+                                for p in prefix_lens] for c in range(num_chunks)])
+    batch.attn_attend_prefix_cache, batch.prefix_chunk_seq_lens_cpu = True, chunk_lens
+    for chunk in range(num_chunks):
+        batch.prefix_chunk_idx = chunk
+        first = chunk * chunk_len  # the chunk's K/V, request after request
+        picked = torch.cat([torch.arange(starts[r] + first, starts[r] + first + n)
+                            for r, n in enumerate(chunk_lens[chunk].tolist())])
+        chunk_out, chunk_lse = backend.forward_extend(q.flatten(1), k_all[picked], v_all[picked],
+                                                      layer, batch, save_kv_cache=False)
+        merged = reference.merge_states(out, lse, chunk_out.view(-1, heads, v_dim), chunk_lse)
+        out, lse = merged.out, merged.lse
+    want_out, want_lse = _expected_mha(q, k_all, v_all, q_lens, kv_lens, qk_dim ** -0.5)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
 
 
 def test_mla_refusals_name_the_setting(monkeypatch):
@@ -123,25 +165,44 @@ def test_mla_refusals_name_the_setting(monkeypatch):
         SGLangAttnBackend(runner)
 
 
-def test_deepseek_models_ask_our_forward_method_handler():
-    """SGLang's DeepSeek attention asks AttentionBackendRegistry by backend name: ours picks
-    the absorbed form on CUDA (no MHA prefill kernel yet), the triton backend's choice on CPU."""
+def test_deepseek_models_ask_our_forward_method_handler(monkeypatch):
+    """SGLang's DeepSeek attention asks AttentionBackendRegistry by backend name: ours makes
+    SGLang's own choice for backends with every MHA form (we are on its one-shot and chunked
+    prefix cache lists): prefills without a prefix, or with one past the threshold, take MHA
+    (one-shot while the sequences fit a chunk, else chunked), the rest the absorbed MLA."""
+    import copy
+
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
-    from sglang.srt.models.deepseek_common.attention_backend_handler import (
-        AttentionBackendRegistry, handle_attention_triton)
+    from sglang.srt.models.deepseek_common import attention_backend_handler as handlers
     from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import (
         AttnForwardMethod)
+    from sglang.srt.server_args import CHUNKED_PREFIX_CACHE_SUPPORTED_ATTENTION_BACKENDS
 
-    handler = AttentionBackendRegistry.get_handler(BACKEND_NAME)
-    assert handler is not handle_attention_triton
-    on_cuda = SimpleNamespace(seq_lens=SimpleNamespace(is_cuda=True))
-    assert handler(None, on_cuda) == AttnForwardMethod.MLA
+    assert BACKEND_NAME in handlers.MHA_ONE_SHOT_SUPPORTED_BACKENDS
+    assert BACKEND_NAME in CHUNKED_PREFIX_CACHE_SUPPORTED_ATTENTION_BACKENDS
+    handler = handlers.AttentionBackendRegistry.get_handler(BACKEND_NAME)
+    assert handler is not handlers.handle_attention_triton
     fixture = kit.build_mla_attention_fixture(KitTestCase(), MLA_CASES[1], device="cpu",
                                               dtype=torch.float32)
-    batch = fixture.forward_batch  # an extend without a cached prefix
-    assert batch.forward_mode == ForwardMode.EXTEND
-    assert handler(fixture.actual_module, batch) == handle_attention_triton(
-        fixture.actual_module, batch) == AttnForwardMethod.MHA
+    batch = fixture.forward_batch
+    # What the chooser reads of DeepSeek's attention module (DeepseekV2AttentionMLA).
+    attn = SimpleNamespace(qk_rope_head_dim=64, flashinfer_mla_disable_ragged=False,
+                           chunked_prefix_cache_threshold=8192,
+                           disable_chunked_prefix_cache=False)
+    assert batch.forward_mode == ForwardMode.EXTEND and not any(batch.extend_prefix_lens_cpu)
+    assert handler(attn, batch) == AttnForwardMethod.MHA_ONE_SHOT
+    long_prefix = copy.copy(batch)
+    long_prefix.extend_prefix_lens_cpu = [attn.chunked_prefix_cache_threshold] + \
+        [0] * (len(batch.extend_prefix_lens_cpu) - 1)
+    assert handler(attn, long_prefix) == AttnForwardMethod.MHA_ONE_SHOT
+    monkeypatch.setattr(type(long_prefix), "get_max_chunk_capacity", lambda self: 1)
+    assert handler(attn, long_prefix) == AttnForwardMethod.MHA_CHUNKED_KV
+    short_prefix = copy.copy(long_prefix)
+    short_prefix.extend_prefix_lens_cpu = [1] + long_prefix.extend_prefix_lens_cpu[1:]
+    assert handler(attn, short_prefix) == AttnForwardMethod.MLA  # a short prefix hit
+    decode = copy.copy(batch)
+    decode.forward_mode = ForwardMode.DECODE
+    assert handler(attn, decode) == AttnForwardMethod.MLA
 
 
 @pytest.mark.gpu

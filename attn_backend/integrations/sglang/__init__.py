@@ -34,19 +34,30 @@ def register() -> None:
 def _register_mla_forward_method() -> None:
     """DeepSeek-class models ask SGLang's AttentionBackendRegistry which attention method to
     run per batch, by backend name (an unknown name silently gets the triton backend's
-    choice). Ours: on CUDA always the absorbed form (the latent kernel; MLA's MHA prefill
-    has no kernel yet), on CPU the triton backend's choice (the reference serves both)."""
+    choice, which never takes the chunked prefix cache). Ours is SGLang's own choice for the
+    backends with every MHA form (flashinfer's, under our name): MHA / MHA_ONE_SHOT /
+    MHA_CHUNKED_KV for prefills without speculation, the absorbed MLA otherwise. The backend
+    serves the three MHA forms (PagedPrefill at head dims (192, 128)); SGLang keeps one-shot and
+    the chunked prefix cache for the backends on its two lists, so we join them."""
     try:
-        from sglang.srt.models.deepseek_common.attention_backend_handler import (
-            AttentionBackendRegistry, handle_attention_triton)
-        from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import (
-            AttnForwardMethod)
+        from sglang.srt.models.deepseek_common import attention_backend_handler as handlers
     except ImportError:  # an SGLang without DeepSeek's common code: nothing asks
         return
+    one_shot = getattr(handlers, "MHA_ONE_SHOT_SUPPORTED_BACKENDS", None)
+    if one_shot is not None and BACKEND_NAME not in one_shot:
+        one_shot.append(BACKEND_NAME)
+    try:
+        from sglang.srt.server_args import CHUNKED_PREFIX_CACHE_SUPPORTED_ATTENTION_BACKENDS
+    except ImportError:  # older SGLang: the chunked prefix cache stays off for plugins
+        pass
+    else:
+        if BACKEND_NAME not in CHUNKED_PREFIX_CACHE_SUPPORTED_ATTENTION_BACKENDS:
+            CHUNKED_PREFIX_CACHE_SUPPORTED_ATTENTION_BACKENDS.append(BACKEND_NAME)
+    choose = getattr(handlers, "_handle_attention_backend", None)
 
     def handle_attention_attn_backend(attn, forward_batch):
-        if forward_batch.seq_lens.is_cuda:
-            return AttnForwardMethod.MLA
-        return handle_attention_triton(attn, forward_batch)
+        if choose is None:  # an SGLang without the shared chooser: flashinfer's choices
+            return handlers.handle_attention_flashinfer(attn, forward_batch)
+        return choose(attn, forward_batch, BACKEND_NAME)
 
-    AttentionBackendRegistry.register(BACKEND_NAME, handle_attention_attn_backend)
+    handlers.AttentionBackendRegistry.register(BACKEND_NAME, handle_attention_attn_backend)

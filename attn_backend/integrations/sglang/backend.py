@@ -30,14 +30,15 @@ reference: the absorbed layers (concatenated inputs, as SGLang hands them to a b
 outside its FORWARD_ABSORB_CORE list, or split `q_rope`/`k_rope`) read the pool's latent
 rows (K = the 576-wide row, V = its first 512 columns), and the MHA layers of prefill
 (`forward_normal`: K/V from `kv_b_proj` in the call, `save_kv_cache=False`) attend over the
-K/V they are given, over the new tokens or, one-shot, over the whole sequence (PagedPrefill
-at head dims (192, 128) over the call's K/V as one-token pages, planned once per forward). On
+K/V they are given: the new tokens, one-shot the whole sequences, or one chunk of the cached
+prefixes (MHA_CHUNKED_KV, all keys visible, with LSE for SGLang's merge) (PagedPrefill at head
+dims (192, 128) over the call's K/V as one-token pages, each kind planned once per forward).
+Our forward-method handler makes SGLang's own MHA / one-shot / chunked / absorbed choice. On
 CUDA MLA models are refused at construction until the MLA kernels' first GPU check (issue 18;
-ATTN_BACKEND_UNVERIFIED_MLA=1 overrides), and our forward-method handler keeps DeepSeek on the
-absorbed form there.
+ATTN_BACKEND_UNVERIFIED_MLA=1 overrides).
 
 Not yet (they raise with the reason, never a wrong result): other hybrid pool
-kinds, MLA on CUDA, MLA's chunked prefix cache, cross-attention and quantised MLA caches. SGLang picks draft-model backends
+kinds, MLA on CUDA, cross-attention and quantised MLA caches. SGLang picks draft-model backends
 from its own list (--speculative-draft-attention-backend), so DRAFT_EXTEND_V2
 reaches this backend where a harness builds it for the draft model (SGLang's
 attention kit does).
@@ -156,8 +157,8 @@ class SGLangAttnBackend(AttentionBackend):
             collect_layer_keys(model_runner, self.dtype, self.kv_dtype)
         self._check_layer_shapes()
         self._decoders: dict[WrapperKey, PagedDecode] = {}
-        self._prefills: dict[WrapperKey, PagedPrefill] = {}  # eager: grow with the batch
-        self._graph_prefills: dict[WrapperKey, PagedPrefill] = {}  # verify / draft-extend graphs
+        self._prefills: dict[tuple, PagedPrefill] = {}  # eager: grow with the batch
+        self._graph_prefills: dict[tuple, PagedPrefill] = {}  # verify / draft-extend graphs
         self._layer_key_cache: dict[tuple, WrapperKey] = {}
         self._cuda_graphs = False  # set by init_cuda_graph_state: wrappers use fixed grids
         self._graph_max_tokens = 0
@@ -366,32 +367,38 @@ class SGLangAttnBackend(AttentionBackend):
         return out.reshape(-1, heads * layer.v_head_dim)
 
     def _forward_mla_mha(self, q, k, v, layer, forward_batch):
-        """SGLang's MHA prefill of an MLA model (forward_normal): causal attention of the new
-        tokens over the K/V the model decompressed for this call, which cover the new tokens
-        (MHA) or, with `mha_one_shot`, each request's whole sequence. Returns (out, lse)
-        where the model asks (`mha_return_lse`)."""
-        if getattr(forward_batch, "attn_attend_prefix_cache", None):
-            raise NotImplementedError(f"{BACKEND_NAME}: MLA's chunked prefix cache is not "
-                                      "supported yet (SGLang keeps it off for this backend)")
+        """SGLang's MHA prefill of an MLA model (forward_normal): attention of the new tokens
+        over the K/V the model decompressed for this call. Those cover the new tokens (MHA:
+        causal), each request's whole sequence (`mha_one_shot`: causal), or one chunk of the
+        cached prefixes (`attn_attend_prefix_cache`, MHA_CHUNKED_KV: all keys of the chunk,
+        `prefix_chunk_idx`; SGLang merges the chunks' and the new tokens' results by LSE).
+        Returns (out, lse) where the model asks (`mha_return_lse`)."""
         heads, kv_heads = layer.tp_q_head_num, layer.tp_k_head_num
         q3 = q.reshape(-1, heads, layer.qk_head_dim)
         k3 = k.reshape(-1, kv_heads, layer.qk_head_dim)
         v3 = v.reshape(-1, kv_heads, layer.v_head_dim)
-        one_shot = bool(getattr(forward_batch, "mha_one_shot", False))
         q_lens = self._extend_lens(forward_batch)
-        kv_lens = np.asarray(forward_batch.seq_lens_cpu, dtype=np.int64) if one_shot else q_lens
+        if getattr(forward_batch, "attn_attend_prefix_cache", None):
+            chunk = int(forward_batch.prefix_chunk_idx)
+            kind, causal = ("prefix_chunk", chunk), False
+            kv_lens = np.asarray(forward_batch.prefix_chunk_seq_lens_cpu[chunk], dtype=np.int64)
+        elif getattr(forward_batch, "mha_one_shot", False):
+            kind, causal = "one_shot", True
+            kv_lens = np.asarray(forward_batch.seq_lens_cpu, dtype=np.int64)
+        else:
+            kind, causal, kv_lens = "new_tokens", True, q_lens
         if int(kv_lens.sum()) != k3.shape[0]:
             raise ValueError(f"{BACKEND_NAME}: the MHA call has {k3.shape[0]} K/V rows, the "
                              f"batch's lengths need {int(kv_lens.sum())}")
         key = WrapperKey(heads, kv_heads, layer.qk_head_dim, layer.v_head_dim, q3.dtype,
-                         k3.dtype, -1, True)
+                         k3.dtype, -1, causal)
         # Planned once per forward: every MHA layer of the model has this shape and lengths.
         plans = self.forward_metadata.mha_plans
-        if (key, one_shot) not in plans:
-            prefill = self._prefill(key, False, int(q_lens.sum()))
-            prefill.plan(np.concatenate([[0], np.cumsum(q_lens)]), kv_lens, causal=True)
-            plans[(key, one_shot)] = (prefill, PageTable.over_rows(kv_lens, self.device))
-        prefill, table = plans[(key, one_shot)]
+        if (key, kind) not in plans:
+            prefill = self._prefill(key, False, int(q_lens.sum()), slot=kind)
+            prefill.plan(np.concatenate([[0], np.cumsum(q_lens)]), kv_lens, causal=causal)
+            plans[(key, kind)] = (prefill, PageTable.over_rows(kv_lens, self.device))
+        prefill, table = plans[(key, kind)]
         # The call's K/V as a cache of one-token pages: request r's keys are its rows in order.
         out, lse = prefill.run(q3, PagedKVCache.from_token_rows(k3, v3), table,
                                sm_scale=layer.scaling, return_lse=True)
@@ -503,12 +510,14 @@ class SGLangAttnBackend(AttentionBackend):
                 use_cuda_graph=self._cuda_graphs)
         return decoder
 
-    def _prefill(self, key: WrapperKey, graph_sized: bool, num_tokens: int) -> PagedPrefill:
+    def _prefill(self, key: WrapperKey, graph_sized: bool, num_tokens: int,
+                 slot=None) -> PagedPrefill:
         """The prefill wrapper of `key`: graph-sized ones (verify and draft-extend graphs) are
         sized for the captured batches; eager ones grow by powers of two when a batch brings
-        more tokens."""
+        more tokens. `slot`: a wrapper of its own for each plan that must live beside the
+        others of its shape in one forward (an MLA model's new-token and prefix-chunk plans)."""
         wrappers = self._graph_prefills if graph_sized else self._prefills
-        prefill = wrappers.get(key)
+        prefill = wrappers.get((key, slot))
         if prefill is None or (not graph_sized and num_tokens > prefill.max_num_tokens):
             self._check_not_capturing("prefill")
             if graph_sized:
@@ -517,7 +526,7 @@ class SGLangAttnBackend(AttentionBackend):
             else:
                 max_tokens = max(_EAGER_MIN_TOKENS, 1 << (num_tokens - 1).bit_length())
                 mask_elements = 0  # grows on demand
-            prefill = wrappers[key] = PagedPrefill(
+            prefill = wrappers[(key, slot)] = PagedPrefill(
                 num_qo_heads=key.num_qo_heads, num_kv_heads=key.num_kv_heads,
                 head_dim=key.head_dim, head_dim_vo=key.head_dim_vo, dtype=key.dtype,
                 kv_dtype=key.kv_dtype, device=self.device, max_batch_size=self.max_batch_size,
