@@ -9,7 +9,7 @@ is written locally, so no hub access is needed):
     python -m bench.e2e_sglang [--backends attn_backend flashinfer triton]
         [--shapes 1x8192 16x8192 64x4096 256x1024] [--output-len 32]
         [--page16 attn_backend flashinfer] [--engines 1] [--skip-agreement]
-        [--kv-cache-dtype auto|fp8_e4m3|fp8_e5m2]
+        [--kv-cache-dtype auto|fp8_e4m3|fp8_e5m2] [--model-kind llama|deepseek]
     python -m bench.e2e_sglang --plot-only bench/results/e2e_sglang-DATE-GPU.json
 
 Each engine run leaves its result in --log-dir; with --resume a later call reuses them (so
@@ -22,6 +22,11 @@ backend name. Then a sanity check of the outputs: greedy generations of random
 prompts by attn_backend and flashinfer (and triton against flashinfer as the
 baseline) on the same random weights, reported as the share of requests whose
 first generated tokens agree.
+
+With `--model-kind deepseek` the model is one TP-8 rank's share of DeepSeek-V3 (MLA attention,
+every MLP dense) and the results are `e2e_sglang_mla-<date>-<gpu>.json`; until the MLA kernels
+have passed their GPU tests, attn_backend serves MLA on CUDA only with
+ATTN_BACKEND_UNVERIFIED_MLA=1 in the environment.
 
 With `--kv-cache-dtype fp8_e4m3` (or `fp8_e5m2`) every engine runs an FP8 KV pool (no
 checkpoint scales: 1.0), the case names carry `_fp8e4m3` before the phase, and the agreement
@@ -51,10 +56,22 @@ ONE_BATCH = "sglang.benchmark.one_batch"
 MEM_FRACTION = 0.25
 
 
-def write_model_dir(path: Path, *, layers: int = 4, vocab: int = 32000) -> Path:
-    """Llama-3-8B attention and MLP shapes with `layers` layers, and a word-level tokenizer."""
+MODEL_KINDS = {
+    "llama": "Llama-3-8B shapes (32 query / 8 kv heads, head dim 128, MLP 14336)",
+    # One rank's share of DeepSeek-V3 at TP 8: 16 of its 128 MLA heads (latent 512 + rope 64,
+    # nope 128, v 128, q_lora 1536) and of its dense MLP (18432 / 8); every layer dense
+    # (first_k_dense_replace), so no MoE kernel runs.
+    "deepseek": "DeepSeek-V3 shapes at TP 8 per rank (16 MLA heads: latent 512 + rope 64, nope "
+                "128, v 128; q_lora 1536; hidden 7168; dense MLP 2304 in every layer)",
+}
+
+
+def write_model_dir(path: Path, *, layers: int = 4, vocab: int = 32000,
+                    kind: str = "llama") -> Path:
+    """A random-weight model of `kind` (MODEL_KINDS) with `layers` layers, and a word-level
+    tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     if (path / "config.json").exists():
         return path
@@ -66,12 +83,31 @@ def write_model_dir(path: Path, *, layers: int = 4, vocab: int = 32000) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(path)
-    LlamaConfig(vocab_size=vocab + 3, hidden_size=4096, intermediate_size=14336,
-                num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
-                max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=500000.0,
-                torch_dtype="bfloat16", bos_token_id=bos, eos_token_id=eos,
-                architectures=["LlamaForCausalLM"]).save_pretrained(path)
+    model_config(kind, layers=layers, vocab_size=vocab + 3, bos_token_id=bos,
+                 eos_token_id=eos).save_pretrained(path)
     return path
+
+
+def model_config(kind: str, *, layers: int, **tokens):
+    """The transformers config of a MODEL_KINDS model."""
+    import transformers
+
+    common = dict(num_hidden_layers=layers, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                  torch_dtype="bfloat16", **tokens)
+    if kind == "llama":
+        return transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336,
+                                        num_attention_heads=32, num_key_value_heads=8,
+                                        rope_theta=500000.0,
+                                        architectures=["LlamaForCausalLM"], **common)
+    if kind == "deepseek":
+        return transformers.DeepseekV3Config(
+            hidden_size=7168, intermediate_size=2304, num_attention_heads=16,
+            num_key_value_heads=16, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+            qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=layers,
+            n_routed_experts=8, moe_intermediate_size=256, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=1, topk_group=1, rope_theta=10000.0,
+            rope_scaling=None, architectures=["DeepseekV3ForCausalLM"], **common)
+    raise ValueError(f"model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
 
 
 def one_batch_command(model: Path, backend: str, *, page_size: int, extra: list[str],
@@ -219,7 +255,10 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--agreement-prompts", type=int, default=32)
     parser.add_argument("--agreement-tokens", type=int, default=8)
-    parser.add_argument("--model", type=Path, default=Path(tempfile.gettempdir()) / "e2e_llama")
+    parser.add_argument("--model-kind", choices=list(MODEL_KINDS), default="llama",
+                        help="llama (GQA) or deepseek (MLA; results as e2e_sglang_mla)")
+    parser.add_argument("--model", type=Path,
+                        help="the model directory (default: e2e_<kind> in the temp dir)")
     parser.add_argument("--log-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "attn_backend_e2e")
     parser.add_argument("--resume", action="store_true",
@@ -238,11 +277,13 @@ def main(argv=None) -> int:
         return 0
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    model = write_model_dir(args.model)
+    model = write_model_dir(args.model or Path(tempfile.gettempdir()) / f"e2e_{args.model_kind}",
+                            kind=args.model_kind)
     runs = engine_turns(args.shapes, args.backends, args.page16, args.engines)
     per_engine: dict[tuple[str, str, int], list[dict]] = {}
-    notes = [f"{ONE_BATCH} via `python -m attn_backend.launch`, Llama-3-8B shapes with 4 layers "
-             f"and random weights (--load-format dummy), bf16, --mem-fraction-static {MEM_FRACTION}, "
+    notes = [f"{ONE_BATCH} via `python -m attn_backend.launch`, {MODEL_KINDS[args.model_kind]}, "
+             f"4 layers and random weights (--load-format dummy), bf16, "
+             f"--mem-fraction-static {MEM_FRACTION}, "
              f"--kv-cache-dtype {args.kv_cache_dtype}, "
              f"output {args.output_len} tokens, CUDA-graph decode; each engine its own process",
              "rows <case>_prefill: prefill tokens/s of the whole batch; <case>_decode: median "
@@ -287,7 +328,7 @@ def main(argv=None) -> int:
     if not rows:
         print("no attn_backend run succeeded; logs in", args.log_dir, file=sys.stderr)
         return 1
-    path = write_results(rows, notes, args.out)
+    path = write_results(rows, notes, args.out, benchmark=BENCHMARKS[args.model_kind])
     try:
         plot(rows, path.with_suffix(".png"))
     except ImportError as error:  # the JSON is the result; --plot-only redraws elsewhere
@@ -334,10 +375,14 @@ def check_agreement(model: Path, args) -> list[str]:
     return notes
 
 
-def write_results(rows: list[dict], notes: list[str], out_dir: Path) -> Path:
+BENCHMARKS = {"llama": "e2e_sglang", "deepseek": "e2e_sglang_mla"}
+
+
+def write_results(rows: list[dict], notes: list[str], out_dir: Path,
+                  benchmark: str = "e2e_sglang") -> Path:
     from .common import write_results as write
 
-    return write("e2e_sglang", "tokens/s", {"name": "none (end to end)", "value": None},
+    return write(benchmark, "tokens/s", {"name": "none (end to end)", "value": None},
                  rows, out_dir, notes)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.e2e_sglang import agreement, parse_generations, throughput_run
 
 
@@ -76,3 +78,23 @@ def test_fp8_results_resume_under_their_own_name(tmp_path):
     result = throughput_run(tmp_path, "ours", 2, 8, 4, 1, tmp_path, timeout=1, resume=True,
                             repeats=1, kv_cache_dtype="fp8_e4m3")
     assert result == {"prefill": 5.0, "decode": 7.0, "measurements": 1}
+
+
+def test_the_deepseek_model_is_an_mla_model_with_dense_mlps(tmp_path):
+    """--model-kind deepseek: SGLang reads the written directory as an MLA model with one TP-8
+    rank's 16 heads, DeepSeek-V3's latent dims and no MoE layer."""
+    pytest.importorskip("sglang")
+    from sglang.srt.configs.model_config import AttentionArch, ModelConfig
+
+    from bench.e2e_sglang import BENCHMARKS, write_model_dir
+
+    path = write_model_dir(tmp_path / "deepseek", kind="deepseek", vocab=64)
+    config = ModelConfig(model_path=str(path))
+    assert config.attention_arch == AttentionArch.MLA
+    assert (config.num_attention_heads, config.kv_lora_rank, config.qk_rope_head_dim,
+            config.qk_nope_head_dim, config.v_head_dim) == (16, 512, 64, 128, 128)
+    hf = config.hf_config
+    assert hf.first_k_dense_replace >= hf.num_hidden_layers  # every layer's MLP is dense
+    assert BENCHMARKS["deepseek"] == "e2e_sglang_mla"
+    with pytest.raises(ValueError, match="model kind"):
+        write_model_dir(tmp_path / "other", kind="mamba")
