@@ -28,9 +28,15 @@ while [ $# -gt 0 ]; do
 done
 summary=()
 # Peers (FlashInfer) travel as wheels in .whl_* folders (see .gpu/README.md).
+# vLLM travels as .whl_vllm + .whl_vllm_dep (scripts/fetch_vllm_wheels.sh), in two calls.
 if ls .whl_*/*.whl >/dev/null 2>&1 && [ -f .gpu/install_wheels.sh ]; then
   source .gpu/install_wheels.sh .whl_*/*.whl || exit 1
 fi
+# The checkout runs uninstalled: declare its plugin entry points where the wheels went, so the
+# engines' plugin loading (in every process they start) finds them.
+SITE=${SITE:-/tmp/site}
+python3 scripts/declare_entry_points.py "$SITE" >/dev/null && \
+  case ":$PYTHONPATH:" in *":$SITE:"*) ;; *) export PYTHONPATH=$SITE:$PYTHONPATH ;; esac
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
 t0=$(date +%s)
