@@ -90,6 +90,16 @@ if [ "$run_tests" -eq 1 ] && [ -d .gpu/sglang_kit ] && python3 -c "import sglang
   summary+=("sglang kit: rc=$kit_rc in $(( $(date +%s) - t0 )) s: $(tail -n 1 "$OUT/sglang_kit.log")")
 fi
 
+# vLLM's own attention-backend tests against attn_backend, when vLLM is installed
+# (scripts/fetch_vllm_wheels.sh) and its test modules came along (scripts/vllm_suite/fetch_tests.sh).
+vllm_rc=0
+if [ "$run_tests" -eq 1 ] && [ -d .vllm_tests ] && python3 -c "import vllm" 2>/dev/null; then
+  t0=$(date +%s)
+  OUT=$OUT bash scripts/vllm_suite/run.sh .vllm_tests > "$OUT/vllm_suite.log" 2>&1
+  vllm_rc=$?
+  summary+=("vllm's attention suites: rc=$vllm_rc in $(( $(date +%s) - t0 )) s: $(grep '^vllm suite' "$OUT/vllm_suite.log" | tr '\n' ' ')")
+fi
+
 bench_rc=0
 if [ "$run_bench" -eq 1 ]; then
   t0=$(date +%s)
@@ -103,4 +113,4 @@ echo
 echo "==== gpu_check summary ===="
 printf '%s\n' "${summary[@]}"
 [ "$test_rc" -eq 0 ] && [ "$fuzz_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$kit_rc" -eq 0 ] && \
-  [ "$bench_rc" -eq 0 ]
+  [ "$vllm_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

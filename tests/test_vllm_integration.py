@@ -399,8 +399,10 @@ class _ScaledLayer(torch.nn.Module):
 @pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e5m2"])
 @pytest.mark.parametrize("per_head", [False, True], ids=["per_tensor", "per_head"])
 @pytest.mark.parametrize("name", ["decode", "mixed"])
-def test_fp8_cache(configs, device, cache_dtype, per_head, name, monkeypatch):
-    """vLLM's uint8 cache, re-viewed by the dtype string: the history stored with vLLM's
+@pytest.mark.parametrize("storage", ["uint8", "float8"])
+def test_fp8_cache(configs, device, cache_dtype, per_head, name, storage, monkeypatch):
+    """vLLM's uint8 cache (or, as vLLM's own backend tests hand it over, a float8 tensor under
+    a 16-bit spec), read as the dtype string's format: the history stored with vLLM's
     quantisation rule, the step's tokens written by do_kv_cache_update, the answer the
     reference's over the dequantised cache; the scales are read from the layer at each call
     (a replaced buffer is seen)."""
@@ -412,7 +414,8 @@ def test_fp8_cache(configs, device, cache_dtype, per_head, name, monkeypatch):
     vllm_config = configs(device)
     monkeypatch.setattr(vllm_config.cache_config, "cache_dtype", cache_dtype)
     spec = FullAttentionSpec(block_size=block_size, num_kv_heads=NUM_KV_HEADS,
-                             head_size=HEAD_SIZE, dtype=torch.uint8)
+                             head_size=HEAD_SIZE,
+                             dtype=torch.uint8 if storage == "uint8" else torch.bfloat16)
     builder = AttnBackendAsCustom.get_builder_cls()(spec, ["model.layers.0.self_attn.attn"],
                                                     vllm_config, torch.device(device))
     impl = AttnBackendAsCustom.get_impl_cls()(NUM_HEADS, HEAD_SIZE, 1 / math.sqrt(HEAD_SIZE),
@@ -430,7 +433,7 @@ def test_fp8_cache(configs, device, cache_dtype, per_head, name, monkeypatch):
                         heads(v_scale).expand(-1, -1, -1, HEAD_SIZE)], dim=-1)
     largest = torch.finfo(format_).max
     stored = (batch.kv_cache.float() / scales).clamp(-largest, largest).to(format_)
-    kv_cache = stored.view(torch.uint8)  # vLLM's storage
+    kv_cache = stored.view(torch.uint8) if storage == "uint8" else stored  # vLLM's storage
     md = builder.build(0, batch.metadata())
     impl.do_kv_cache_update(layer, batch.new_keys, batch.new_values, kv_cache, batch.slot_mapping)
     output = torch.full((batch.num_tokens, NUM_HEADS * HEAD_SIZE), float("nan"),
@@ -450,6 +453,19 @@ def test_fp8_cache(configs, device, cache_dtype, per_head, name, monkeypatch):
     keys = cache.gather(batch.slot_mapping[batch.slot_mapping >= 0])[0]
     want_keys = fp8.quantize(batch.new_keys[: keys.shape[0]], cache.scales_per_head()[0], format_)
     assert torch.equal(keys.view(torch.uint8), want_keys.view(torch.uint8))
+
+
+def test_kv_element_type_follows_the_layers_cache_string():
+    """FP8 strings name the format whatever the spec's storage type; a 16-bit spec under "auto"
+    (a layer --kv-cache-dtype-skip-layers keeps unquantised) stays 16-bit; uint8 bytes without
+    an FP8 string are refused."""
+    from attn_backend.integrations.vllm.backend import kv_dtype_of
+
+    assert kv_dtype_of(torch.uint8, "fp8") == torch.float8_e4m3fn
+    assert kv_dtype_of(torch.bfloat16, "fp8_e5m2") == torch.float8_e5m2
+    assert kv_dtype_of(torch.bfloat16, "auto") == torch.bfloat16
+    with pytest.raises(ValueError, match="uint8 KV cache with kv_cache_dtype 'auto'"):
+        kv_dtype_of(torch.uint8, "auto")
 
 
 # ---- CUDA graphs ----------------------------------------------------------------------------

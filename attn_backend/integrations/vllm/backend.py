@@ -166,7 +166,13 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
         self.head_size = kv_cache_spec.head_size
         self.head_size_v = getattr(kv_cache_spec, "head_size_v", None) or self.head_size
         self.dtype = model_config.dtype  # the queries' and outputs'
-        self.kv_dtype = kv_dtype_of(kv_cache_spec.dtype, vllm_config.cache_config.cache_dtype)
+        # The group's layers name their cache's format (layers skipped by
+        # --kv-cache-dtype-skip-layers say "auto"); without registered layers the config does.
+        cache_strings = {layer.impl.kv_cache_dtype for layer in layers.values()
+                         if hasattr(layer, "impl")}
+        cache_string = cache_strings.pop() if len(cache_strings) == 1 else \
+            vllm_config.cache_config.cache_dtype
+        self.kv_dtype = kv_dtype_of(kv_cache_spec.dtype, cache_string)
         scheduler = vllm_config.scheduler_config
         self.max_num_reqs = scheduler.max_num_seqs
         self.max_num_tokens = scheduler.max_num_batched_tokens
@@ -232,10 +238,15 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
 
 
 def kv_dtype_of(spec_dtype: torch.dtype, cache_dtype: str) -> torch.dtype:
-    """The element type the kernels read: vLLM keeps FP8 caches as uint8 bytes (its spec's
-    dtype), whose format the cache-dtype string names; layers left at `auto`
-    (--kv-cache-dtype-skip-layers) have a 16-bit spec."""
-    return fp8.fp8_dtype(cache_dtype) if spec_dtype == torch.uint8 else spec_dtype
+    """The element type the kernels read: the format an FP8 cache-dtype string names (vLLM's
+    engine keeps those caches as uint8 bytes, its spec's dtype; vLLM's own backend tests hand
+    over float8 tensors under a 16-bit spec), else the spec's dtype."""
+    if cache_dtype in fp8.ENGINE_FP8_STRINGS:
+        return fp8.fp8_dtype(cache_dtype)
+    if spec_dtype == torch.uint8:
+        raise ValueError(f"{BACKEND_NAME}: a uint8 KV cache with kv_cache_dtype {cache_dtype!r}; "
+                         f"accepted FP8 formats: {', '.join(fp8.ENGINE_FP8_STRINGS)}")
+    return spec_dtype
 
 
 def window_left_of(sliding_window) -> int:
@@ -319,9 +330,10 @@ class AttnBackendImpl(AttentionImpl[AttnBackendMetadata]):
         return output
 
     def _cache(self, layer, kv_cache: torch.Tensor) -> PagedKVCache:
-        if not self.fp8_cache or kv_cache.dtype != torch.uint8:
+        if not self.fp8_cache:
             return PagedKVCache.from_vllm(kv_cache, self.head_size)
-        # Read at every call: vLLM re-registers the scale buffers after loading.
+        # uint8 bytes (the engine's) or a float8 tensor, read as the string's format. Scales are
+        # read at every call: vLLM re-registers the scale buffers after loading.
         return PagedKVCache.from_vllm(fp8.view_as_fp8(kv_cache, self.kv_cache_dtype),
                                       self.head_size, k_scale=layer._k_scale,
                                       v_scale=layer._v_scale)
