@@ -398,7 +398,7 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, engine: str = "SGLang") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -420,7 +420,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("tokens/s")
         if phase == "decode":
             ax.set_yscale("log")  # batch 1 and batch 256 differ by 100x
-        ax.set_title(f"SGLang end to end, {phase}")
+        ax.set_title(f"{engine} end to end, {phase}")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,0 +1,221 @@
+"""End-to-end vLLM throughput: attn_backend (`CUSTOM`) against vLLM's built-in backends.
+
+Each (backend, shape) runs in its own process (`--worker`), an offline `vllm.LLM` engine on a
+random-weight model (`--load-format dummy`; the model directory is written locally, as for
+bench/e2e_sglang.py: Llama-3-8B shapes with 4 layers, or with `--model-kind deepseek` one TP-8
+rank's share of DeepSeek-V3, MLA): the batch's random prompts generated greedily with
+`ignore_eos`, CUDA graphs on (FULL decode graphs through UNIFORM_BATCH for ours), once with one
+output token (the prefill) and once with all of them:
+
+    python -m bench.e2e_vllm [--backends CUSTOM FLASH_ATTN TRITON_ATTN FLASHINFER]
+        [--shapes 64x1024 64x4096 256x1024] [--output-len 128] [--model-kind llama|deepseek]
+
+`<case>_prefill` is batch x input / prefill time; `<case>_decode` is batch x (output - 1) over
+the rest of the run. Peers are vLLM's backend names; one that cannot start on the machine is
+left out and its reason noted (its log in --log-dir). Then greedy agreement: the share of
+prompts whose first generated tokens are the same with attn_backend and the first peer that
+ran, on the same weights (`--load-format dummy` seeds them identically).
+
+Writes `bench/results/e2e_vllm-<date>-<gpu>.json` (+ .png). vLLM on the project's GPU
+machine: scripts/fetch_vllm_wheels.sh (its engine also needs FlashInfer at vLLM's pin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import RESULTS_DIR
+from .e2e_sglang import MODEL_KINDS, format_rows, plot, write_model_dir
+
+OURS = "CUSTOM"
+DEFAULT_BACKENDS = [OURS, "FLASH_ATTN", "TRITON_ATTN", "FLASHINFER"]
+DEFAULT_SHAPES = ["64x1024", "64x4096", "256x1024"]
+GPU_MEMORY = 0.6
+# One engine process, in-process scheduling: the worker's timings are the engine's own.
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
+              "PYTHONUNBUFFERED": "1"}
+
+
+def prompts(batch: int, input_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random token-id prompts, the same for every backend (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab - 10) for _ in range(input_len)] for _ in range(batch)]
+
+
+def worker(args) -> int:
+    """One engine: time a prefill-only generate and a full one; write one JSON line."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    batch, input_len = (int(x) for x in args.shape.split("x"))
+    llm = LLM(model=str(args.model), load_format="dummy", dtype="bfloat16", seed=0,
+              max_model_len=input_len + args.output_len + 8, max_num_seqs=batch,
+              max_num_batched_tokens=max(8192, input_len), gpu_memory_utilization=GPU_MEMORY,
+              attention_config={"backend": args.backend}, enable_prefix_caching=False,
+              skip_tokenizer_init=True)  # token-id prompts, token-id outputs
+    requests = [TokensPrompt(prompt_token_ids=p)
+                for p in prompts(batch, input_len, args.vocab, seed=args.seed)]
+
+    def run(tokens: int):
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True,
+                                detokenize=False)
+        started = time.perf_counter()
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        return time.perf_counter() - started, outputs
+
+    run(2)  # warm-up: compiles, graph capture already done at start-up
+    times = []
+    for _ in range(args.repeats):
+        prefill_s, _ = run(1)
+        total_s, outputs = run(args.output_len)
+        times.append((prefill_s, total_s))
+    prefill_s = statistics.median(t[0] for t in times)
+    total_s = statistics.median(t[1] for t in times)
+    result = {"backend": args.backend, "shape": args.shape,
+              "prefill": batch * input_len / prefill_s,
+              "decode": batch * (args.output_len - 1) / max(total_s - prefill_s, 1e-9),
+              "tokens": [list(o.outputs[0].token_ids) for o in outputs[: args.agreement_prompts]]}
+    args.result.write_text(json.dumps(result) + "\n")
+    return 0
+
+
+def run_worker(model: Path, backend: str, shape: str, args, log: Path, result: Path) -> int:
+    command = [sys.executable, "-m", "bench.e2e_vllm", "--worker", "--model", str(model),
+               "--backend", backend, "--shape", shape, "--output-len", str(args.output_len),
+               "--repeats", str(args.repeats), "--vocab", str(args.vocab), "--result",
+               str(result), "--agreement-prompts", str(args.agreement_prompts)]
+    env = dict(os.environ, **ENGINE_ENV)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    with open(log, "w") as handle:
+        handle.write(" ".join(command) + "\n")
+        handle.flush()
+        try:
+            return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                  timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            handle.write(f"\n[timed out after {args.timeout} s]\n")
+            return 124
+
+
+def last_error(log: Path) -> str:
+    """The last line of a failed run's log that names an error, for the notes."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors or lines or ["(empty log)"])[-1][:200]
+
+
+def agreement(a: list[list[int]], b: list[list[int]], first: int) -> float:
+    same = sum(x[:first] == y[:first] for x, y in zip(a, b))
+    return same / max(1, min(len(a), len(b)))
+
+
+def build_rows(measured: dict, shapes: list[str], backends: list[str],
+               output_len: int) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        batch, input_len = shape.split("x")
+        for phase in ("prefill", "decode"):
+            values = {b: measured[(b, shape)][phase] for b in backends if (b, shape) in measured}
+            if OURS not in values:
+                continue
+            rows.append({"case": f"b{batch}_in{input_len}_out{output_len}_{phase}",
+                         "ours": round(values.pop(OURS), 1),
+                         "peers": {b: round(v, 1) for b, v in values.items()}})
+    return rows
+
+
+def agreement_notes(measured: dict, shapes: list[str], backends: list[str]) -> list[str]:
+    notes = []
+    for shape in shapes:
+        ours = measured.get((OURS, shape))
+        peer = next((b for b in backends if b != OURS and (b, shape) in measured), None)
+        if ours is None or peer is None:
+            continue
+        theirs = measured[(peer, shape)]["tokens"]
+        for first in (1, 8):
+            share = agreement(ours["tokens"], theirs, first)
+            notes.append(f"agreement {OURS} vs {peer} at {shape}: first {first} greedy tokens "
+                         f"identical in {share:.0%} of {len(ours['tokens'])} prompts")
+    return notes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS)
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BATCHxINPUT")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model-kind", choices=list(MODEL_KINDS), default="llama")
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--agreement-prompts", type=int, default=32)
+    parser.add_argument("--log-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "attn_backend_e2e_vllm")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per engine run")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    model = write_model_dir(args.model or Path(tempfile.gettempdir()) / f"e2e_{args.model_kind}",
+                            kind=args.model_kind, vocab=args.vocab - 3)
+    measured, notes = {}, [
+        f"vllm.LLM offline, {MODEL_KINDS[args.model_kind]}, 4 layers, random weights "
+        f"(--load-format dummy), bf16, {args.output_len} output tokens, greedy with ignore_eos, "
+        f"CUDA graphs on, one engine process per row (VLLM_ENABLE_V1_MULTIPROCESSING=0); "
+        f"medians of {args.repeats} measurements"]
+    for shape in args.shapes:
+        for backend in args.backends:
+            name = f"{backend}_{shape}"
+            result = args.log_dir / f"{name}.json"
+            result.unlink(missing_ok=True)
+            started = time.perf_counter()
+            code = run_worker(model, backend, shape, args, args.log_dir / f"{name}.log", result)
+            print(f"  {name}: exit {code} in {time.perf_counter() - started:.0f} s", flush=True)
+            if code == 0 and result.exists():
+                measured[(backend, shape)] = json.loads(result.read_text())
+            else:
+                notes.append(f"{backend} {shape}: did not run "
+                             f"({last_error(args.log_dir / f'{name}.log')})")
+    rows = build_rows(measured, args.shapes, args.backends, args.output_len)
+    notes += agreement_notes(measured, args.shapes, args.backends)
+    if not rows:
+        print("no attn_backend run succeeded; logs in", args.log_dir, file=sys.stderr)
+        for note in notes:
+            print("note:", note)
+        return 1
+    from .common import write_results
+
+    path = write_results("e2e_vllm", "tokens/s", {"name": "none (end to end)", "value": None},
+                         rows, args.out, notes)
+    try:
+        plot(rows, path.with_suffix(".png"), engine="vLLM")
+    except ImportError as error:
+        print(f"no plot ({error})", file=sys.stderr)
+    print(f"-> {path}")
+    print(format_rows(rows))
+    for note in notes:
+        print("note:", note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
