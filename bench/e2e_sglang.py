@@ -272,8 +272,10 @@ def main(argv=None) -> int:
                         help="every engine's KV pool (SGLang's --kv-cache-dtype)")
     parser.add_argument("--plot-only", type=Path, help="redraw the PNG of a results JSON")
     args = parser.parse_args(argv)
-    if args.plot_only:
-        plot(json.loads(args.plot_only.read_text())["rows"], args.plot_only.with_suffix(".png"))
+    if args.plot_only:  # any end-to-end results JSON (e2e_sglang*, e2e_vllm)
+        result = json.loads(args.plot_only.read_text())
+        engine = "vLLM" if result["benchmark"].startswith("e2e_vllm") else "SGLang"
+        plot(result["rows"], args.plot_only.with_suffix(".png"), engine=engine)
         return 0
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -328,16 +330,23 @@ def main(argv=None) -> int:
     if not rows:
         print("no attn_backend run succeeded; logs in", args.log_dir, file=sys.stderr)
         return 1
-    path = write_results(rows, notes, args.out, benchmark=BENCHMARKS[args.model_kind])
+    publish(rows, notes, BENCHMARKS[args.model_kind], args.out, engine="SGLang")
+    return 0
+
+
+def publish(rows: list[dict], notes: list[str], benchmark: str, out_dir: Path,
+            engine: str) -> Path:
+    """The end-to-end results JSON (+ PNG), and the table and notes on stdout."""
+    path = write_results(rows, notes, out_dir, benchmark=benchmark)
     try:
-        plot(rows, path.with_suffix(".png"))
+        plot(rows, path.with_suffix(".png"), engine=engine)
     except ImportError as error:  # the JSON is the result; --plot-only redraws elsewhere
         print(f"no plot ({error}); redraw with --plot-only {path}", file=sys.stderr)
     print(f"-> {path}")
     print(format_rows(rows))
     for note in notes:
         print("note:", note)
-    return 0
+    return path
 
 
 def check_agreement(model: Path, args) -> list[str]:

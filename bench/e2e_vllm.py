@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from .common import RESULTS_DIR
-from .e2e_sglang import MODEL_KINDS, format_rows, plot, write_model_dir
+from .e2e_sglang import MODEL_KINDS, publish, write_model_dir
 
 OURS = "CUSTOM"
 DEFAULT_BACKENDS = [OURS, "FLASH_ATTN", "TRITON_ATTN", "FLASHINFER"]
@@ -202,20 +202,8 @@ def main(argv=None) -> int:
         for note in notes:
             print("note:", note)
         return 1
-    from .common import write_results
-
-    path = write_results("e2e_vllm", "tokens/s", {"name": "none (end to end)", "value": None},
-                         rows, args.out, notes)
-    try:
-        plot(rows, path.with_suffix(".png"), engine="vLLM")
-    except ImportError as error:
-        print(f"no plot ({error})", file=sys.stderr)
-    print(f"-> {path}")
-    print(format_rows(rows))
-    for note in notes:
-        print("note:", note)
+    publish(rows, notes, "e2e_vllm", args.out, engine="vLLM")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

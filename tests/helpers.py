@@ -187,3 +187,20 @@ class KitTestCase:
 
     def skipTest(self, reason):  # noqa: N802
         pytest.fail(f"the kit skipped {SGLANG_BACKEND_NAME}: {reason}")
+
+
+def run_in_processes(method: str, target, args_of_rank: list[tuple]) -> list[tuple]:
+    """Start one process per rank with `multiprocessing`'s `method` ("spawn" or "fork"), as
+    the engines start their TP workers; `target(*args, results)` puts one tuple, its rank
+    first, on `results`. Returns the tuples sorted by rank."""
+    import multiprocessing
+
+    context = multiprocessing.get_context(method)
+    results = context.Queue()
+    workers = [context.Process(target=target, args=(*args, results)) for args in args_of_rank]
+    for worker in workers:
+        worker.start()
+    got = sorted(results.get(timeout=240) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+    return got

@@ -9,10 +9,11 @@ heads from SGLang's own model config.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 
 import pytest
+
+from .helpers import run_in_processes
 
 pytest.importorskip("sglang", reason="sglang is not installed")
 
@@ -63,16 +64,8 @@ def _scheduler(rank: int, model_dir: str, tp_size: int, results) -> None:
 @pytest.mark.parametrize("model", list(MODELS))
 def test_attn_backend_is_registered_in_every_scheduler(model_dirs, method, model):
     _, tp_size, want_heads = MODELS[model]
-    context = multiprocessing.get_context(method)
-    results = context.Queue()
-    workers = [context.Process(target=_scheduler,
-                               args=(rank, model_dirs[model], tp_size, results))
-               for rank in range(tp_size)]
-    for worker in workers:
-        worker.start()
-    got = sorted(results.get(timeout=240) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
+    got = run_in_processes(method, _scheduler,
+                           [(rank, model_dirs[model], tp_size) for rank in range(tp_size)])
     assert len({pid for *_, pid in got}) == tp_size and os.getpid() not in {p for *_, p in got}
     for rank, (got_rank, registered, choice, heads, kv_heads, _) in enumerate(got):
         assert (got_rank, registered, choice, (heads, kv_heads)) == \

@@ -11,7 +11,6 @@ the class for both kinds, and the names added at registration are shown to need 
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 
@@ -28,6 +27,8 @@ from vllm.platforms.interface import DeviceCapability  # noqa: E402
 from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
 
 from attn_backend.integrations import vllm as integration  # noqa: E402
+
+from .helpers import run_in_processes  # noqa: E402
 
 START_METHODS = ["fork", "spawn"]
 # (name, config class, kwargs, heads per rank at TP 2: query, kv)
@@ -88,17 +89,8 @@ def _worker(rank: int, config_bytes: bytes, results) -> None:
 
 
 def _start_workers(method: str, config: VllmConfig, num_workers: int = 2):
-    context = multiprocessing.get_context(method)
-    results = context.Queue()
-    config_bytes = pickle.dumps(config)
-    workers = [context.Process(target=_worker, args=(rank, config_bytes, results))
-               for rank in range(num_workers)]
-    for worker in workers:
-        worker.start()
-    got = sorted(results.get(timeout=240) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
-    return got
+    config_bytes = pickle.dumps(config)  # as vLLM hands each worker its config
+    return run_in_processes(method, _worker, [(rank, config_bytes) for rank in range(num_workers)])
 
 
 @pytest.mark.parametrize("method", START_METHODS)

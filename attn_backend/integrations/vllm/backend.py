@@ -48,7 +48,26 @@ from ...prefill import PagedPrefill
 from . import BACKEND_NAME
 
 
-class AttnBackend(AttentionBackend):
+class KernelCapabilities:
+    """What the kernels need of vLLM's configuration, for both backend classes (MHA and MLA):
+    listed first among their bases, so these answer vLLM's validate_configuration."""
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        # mma.sync and cp.async: Ampere and newer (sm_90 adds the wgmma prefill).
+        return capability is None or (capability.major, capability.minor) >= (8, 0)
+
+    @classmethod
+    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
+        return False  # build() plans from the host query lengths
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        # Encoder-only and cross attention have no paged self-KV to read.
+        return attn_type == AttentionType.DECODER
+
+
+class AttnBackend(KernelCapabilities, AttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = list(KERNEL_DTYPES)
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16",
                                                        *fp8.ENGINE_FP8_STRINGS]
@@ -81,21 +100,6 @@ class AttnBackend(AttentionBackend):
     @classmethod
     def supports_per_head_quant_scales(cls) -> bool:
         return True  # the kernels read one K and one V scale per kv head
-
-    @classmethod
-    def supports_compute_capability(cls, capability) -> bool:
-        # mma.sync and cp.async: Ampere and newer.
-        return capability is None or (capability.major, capability.minor) >= (8, 0)
-
-    @classmethod
-    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
-        return False  # plan() schedules from the host query lengths
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        # Encoder-only and cross attention have no paged self-KV to read.
-        return attn_type == AttentionType.DECODER
-
 
 class AttnBackendAsCustom(AttnBackend):
     """The same backend under vLLM's static `CUSTOM` member (vLLM looks it up by name)."""

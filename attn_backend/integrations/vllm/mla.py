@@ -54,6 +54,7 @@ from ...kv_write import write_kv
 from ...paged_kv import PagedKVCache, PageTable
 from ...prefill import PagedPrefill
 from . import MLA_BACKEND_NAME
+from .backend import KernelCapabilities
 
 KV_LORA_RANK = MLA_HEAD_DIMS[1]  # 512
 ROPE_DIM = MLA_HEAD_DIMS[0] - MLA_HEAD_DIMS[1]  # 64
@@ -61,12 +62,7 @@ NOPE_DIM = MLA_MHA_HEAD_DIMS[0] - ROPE_DIM  # 128
 V_HEAD_DIM = MLA_MHA_HEAD_DIMS[1]  # 128
 
 
-def _supports_capability(capability) -> bool:
-    # mma.sync and cp.async: Ampere and newer (sm_90 adds the wgmma prefill).
-    return capability is None or (capability.major, capability.minor) >= (8, 0)
-
-
-class AttnBackendMLA(MLACommonBackend):
+class AttnBackendMLA(KernelCapabilities, MLACommonBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = list(KERNEL_DTYPES)
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
 
@@ -89,18 +85,6 @@ class AttnBackendMLA(MLACommonBackend):
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
         return [MultipleOf(1)]  # the kernels address any page size
-
-    @classmethod
-    def supports_compute_capability(cls, capability) -> bool:
-        return _supports_capability(capability)
-
-    @classmethod
-    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
-        return False  # build() plans from the host query lengths
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
 
 
 class AttnBackendMLAAsCustom(AttnBackendMLA):
@@ -217,7 +201,7 @@ class AttnBackendMLAPrefill(MLAPrefillBackend):
 
     @classmethod
     def supports_compute_capability(cls, device_capability) -> bool:
-        return _supports_capability(device_capability)
+        return KernelCapabilities.supports_compute_capability(device_capability)
 
     def supports_out(self) -> bool:
         return True
