@@ -116,3 +116,44 @@ def test_sglang_per_replay_host_work_verify_batch_64(benchmark):
     benchmark(backend.init_forward_metadata_out_graph, replay_view)
     (prefill,) = backend.forward_metadata.wrappers.values()
     assert prefill.use_cuda_graph and prefill._planned.num_tokens == batch * drafts
+
+
+def _ops_of(fn, calls: int = 5) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    return {event.key for event in prof.key_averages()}
+
+
+# What allocates or copies tensors on the host: none of it belongs in a graph replay's plan.
+_ALLOCATING_OPS = {"aten::empty", "aten::empty_strided", "aten::zeros", "aten::ones",
+                   "aten::full", "aten::pin_memory", "aten::_pin_memory", "aten::copy_",
+                   "aten::_to_copy", "aten::clone", "aten::cat", "aten::tensor"}
+
+
+@needs_extension
+@pytest.mark.parametrize("mode", ["decode", "verify"])
+def test_sglang_replay_plans_allocate_nothing(mode):
+    """The per-replay host work of SGLang's decode and verify graphs (the backend's
+    init_forward_metadata_out_graph) calls the C++ planner and views only: no tensor is
+    allocated, pinned or copied per step on the host (a pin_memory() per plan once cost the
+    engine's decode steps; the device-side upload, one copy per plan, is GPU-tested)."""
+    pytest.importorskip("sglang")
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    batch = 64
+    backend = _sglang_backend(batch)
+    seq_lens = torch.from_numpy(np.random.default_rng(0).integers(4, 4000, size=batch))
+    view = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens=seq_lens,
+                           seq_lens_cpu=seq_lens, req_pool_indices=torch.arange(1, batch + 1))
+    if mode == "verify":
+        view.forward_mode = ForwardMode.TARGET_VERIFY
+        view.spec_info = SimpleNamespace(draft_token_num=4, topk=1, custom_mask=None)
+    backend.init_forward_metadata_out_graph(view)  # builds the wrappers
+    ops = _ops_of(lambda: backend.init_forward_metadata_out_graph(view))
+    assert any("plan_" in op for op in ops), ops  # the planner ran
+    assert not ops & _ALLOCATING_OPS, sorted(ops & _ALLOCATING_OPS)
