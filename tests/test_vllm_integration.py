@@ -148,7 +148,7 @@ class Batch:
             slot_mapping=self.slot_mapping, causal=True,
             seq_lens_cpu_upper_bound=self.seq_lens.clone() if with_upper_bound else None)
 
-    def expected(self, *, scale, window=None, soft_cap=None) -> torch.Tensor:
+    def expected(self, *, scale, window=None, soft_cap=None, causal=True) -> torch.Tensor:
         """Dense float attention of each request's queries over its whole K/V."""
         outs = []
         group = NUM_HEADS // NUM_KV_HEADS
@@ -163,7 +163,7 @@ class Batch:
                 scores = soft_cap * torch.tanh(scores / soft_cap)
             pos = torch.arange(kv_len - q_len, kv_len)[:, None]
             key = torch.arange(kv_len)[None, :]
-            visible = key <= pos
+            visible = key <= pos if causal else torch.ones_like(key <= pos)
             if window is not None:
                 visible &= key > pos - window
             scores = scores.masked_fill(~visible, float("-inf"))
@@ -247,7 +247,8 @@ def _validate(**overrides):
                                        {"device_capability": DeviceCapability(8, 0)},
                                        {"kv_cache_dtype": "fp8"}, {"kv_cache_dtype": "fp8_e4m3"},
                                        {"kv_cache_dtype": "fp8_e5m2"},
-                                       {"kv_cache_dtype": "fp8", "use_per_head_quant_scales": True}])
+                                       {"kv_cache_dtype": "fp8", "use_per_head_quant_scales": True},
+                                       {"use_non_causal": True}])
 def test_validate_configuration_accepts_what_the_kernels_serve(overrides):
     assert _validate(**overrides) == []
 
@@ -261,7 +262,6 @@ def test_validate_configuration_accepts_what_the_kernels_serve(overrides):
     ({"has_sink": True}, "attention sinks not supported"),
     ({"device_capability": DeviceCapability(7, 5)}, "compute capability not supported"),
     ({"attn_type": AttentionType.ENCODER_ONLY}, "attention type"),
-    ({"use_non_causal": True}, "non-causal attention not supported"),
     ({"use_adaptive_verification": True}, "device-cpu query lens mismatch"),
 ])
 def test_validate_configuration_names_what_it_rejects(overrides, reason):
@@ -372,8 +372,8 @@ def test_unsupported_settings_raise_with_the_reason(configs):
     builder, _ = _make(configs, "cpu", _spec(16))
     batch = Batch([2], [5], block_size=16, device="cpu")
     metadata = batch.metadata()
-    metadata.causal = False
-    with pytest.raises(NotImplementedError, match="non-causal"):
+    metadata.causal = torch.tensor([False])
+    with pytest.raises(NotImplementedError, match="per-request causality"):
         builder.build(0, metadata)
     vllm_config = configs("cpu")
     vllm_config.parallel_config.enable_dbo = True
@@ -453,6 +453,25 @@ def test_fp8_cache(configs, device, cache_dtype, per_head, name, storage, monkey
     keys = cache.gather(batch.slot_mapping[batch.slot_mapping >= 0])[0]
     want_keys = fp8.quantize(batch.new_keys[: keys.shape[0]], cache.scales_per_head()[0], format_)
     assert torch.equal(keys.view(torch.uint8), want_keys.view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_non_causal_blocks_see_all_of_their_keys(configs, device):
+    """Bidirectional decoder blocks (causal=False: DFlash's drafts): every query of a block
+    sees all of its request's keys, its own block's included; one-token rows are unchanged."""
+    q_lens, kv_lens = [1, 1, 5, 16, 3], [90, 4000, 300, 16, 1200]
+    builder, impl = _make(configs, device, _spec(16))
+    batch = Batch(q_lens, kv_lens, block_size=16, device=device, seed=21)
+    metadata = batch.metadata()
+    metadata.causal = False
+    md, output = _run_step(builder, impl, batch, metadata)
+    assert not md.causal and md.num_decodes == 2
+    real = sum(q_lens)
+    got = output[:real].view(real, NUM_HEADS, HEAD_SIZE).float().cpu()
+    want = batch.expected(scale=1 / math.sqrt(HEAD_SIZE), causal=False)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    causal_want = batch.expected(scale=1 / math.sqrt(HEAD_SIZE))
+    assert not torch.allclose(got[2:], causal_want[2:], atol=2e-2, rtol=2e-2)
 
 
 def test_kv_element_type_follows_the_layers_cache_string():

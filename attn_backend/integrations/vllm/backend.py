@@ -98,6 +98,10 @@ class AttnBackend(KernelCapabilities, AttentionBackend):
         return True
 
     @classmethod
+    def supports_non_causal(cls) -> bool:
+        return True  # bidirectional decoder blocks: the prefill kernel's non-causal plan
+
+    @classmethod
     def supports_per_head_quant_scales(cls) -> bool:
         return True  # the kernels read one K and one V scale per kv head
 
@@ -126,6 +130,9 @@ class AttnBackendMetadata:
     kv_lens: np.ndarray  # int64 [num_reqs], host: each request's KV, its new tokens included
     num_decodes: int  # the leading requests with at most one query token (decode kernel)
     plans: dict[int, _Plans] = field(repr=False)  # by window_left, planned for this batch
+    # False: bidirectional blocks (DFlash drafts): each query sees all of its request's keys.
+    # One query token sees them all either way, so only the prefill kernel's plan differs.
+    causal: bool = True
     # The block-table rows of the decodes and of the rest, made once for all layers.
     decode_pages: PageTable | None = field(default=None, repr=False)
     prefill_pages: PageTable | None = field(default=None, repr=False)
@@ -192,9 +199,9 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> AttnBackendMetadata:
         cm = common_attn_metadata
-        if isinstance(cm.causal, torch.Tensor) or cm.causal is not True:
-            raise NotImplementedError(f"{BACKEND_NAME}: non-causal decoder batches are not "
-                                      "supported (causal must be True)")
+        if not isinstance(cm.causal, bool):
+            raise NotImplementedError(f"{BACKEND_NAME}: per-request causality (a causal "
+                                      "tensor) is not supported; causal must be True or False")
         num_reqs = cm.num_reqs
         query_start_loc = cm.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
         upper_bound = cm.seq_lens_cpu_upper_bound
@@ -209,7 +216,7 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
         metadata = AttnBackendMetadata(
             num_actual_tokens=cm.num_actual_tokens, slot_mapping=cm.slot_mapping,
             block_table=cm.block_table_tensor, query_start_loc=query_start_loc, kv_lens=kv_lens,
-            num_decodes=num_decodes, plans=self._plans)
+            num_decodes=num_decodes, plans=self._plans, causal=cm.causal)
         for window_left, plans in self._plans.items():
             self._plan(plans, metadata, window_left)
         return metadata
@@ -237,7 +244,8 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
             qo = metadata.query_start_loc[nd:] - metadata.query_start_loc[nd]
             # The grid covers every token after the decodes, padding included, as at capture.
             grid_tokens = max(int(qo[-1]), metadata.num_actual_tokens - metadata.num_decode_tokens)
-            plans.prefill.plan(qo, metadata.kv_lens[nd:], causal=True, window_left=window_left,
+            plans.prefill.plan(qo, metadata.kv_lens[nd:], causal=metadata.causal,
+                               window_left=window_left,
                                graph_num_tokens=min(grid_tokens, plans.prefill.max_num_tokens))
 
 
