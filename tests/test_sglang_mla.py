@@ -147,6 +147,21 @@ def test_mha_chunked_prefix_cache_of_an_mla_model():
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
 
 
+def test_the_chunked_prefix_cache_finds_the_runners_translator():
+    """SGLang builds each prefix chunk's K/V indices through `backend.kv_index_translator`
+    (prepare_chunked_kv_indices reads its `reads_are_translated`): the MLA backend hands over
+    the model runner's."""
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    config = kit.TinyMLAModelConfig(num_heads=4, kv_lora_rank=32, qk_rope_head_dim=16,
+                                    hidden_size=64, context_len=64)
+    runner = kit.MockMLAModelRunner(case=MLA_CASES[0], model_config=config, dtype=torch.float32,
+                                    device="cpu", max_context_len=64, kv_lora_rank=32,
+                                    qk_rope_head_dim=16)
+    runner.kv_index_translator = translator = SimpleNamespace(reads_are_translated=False)
+    assert SGLangAttnBackend(runner).kv_index_translator is translator
+
+
 def test_mla_refusals_name_the_setting(monkeypatch):
     monkeypatch.delenv("ATTN_BACKEND_UNVERIFIED_MLA", raising=False)
     case = MLA_CASES[0]

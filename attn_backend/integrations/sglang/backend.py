@@ -153,6 +153,10 @@ class SGLangAttnBackend(AttentionBackend):
             config = model_runner.model_config
             self.kv_lora_rank = config.kv_lora_rank
             self.qk_rope_head_dim = config.qk_rope_head_dim
+            # DeepSeek's chunked prefix cache builds each chunk's K/V indices through the
+            # backend's translator (the runner's; None is SGLang's own default and breaks that
+            # path). Our kernels read req_to_token in place, which a plain pool's ids name.
+            self.kv_index_translator = getattr(model_runner, "kv_index_translator", None)
         self.layer_keys = self._mla_layer_keys(model_runner) if self.mla else \
             collect_layer_keys(model_runner, self.dtype, self.kv_dtype)
         self._check_layer_shapes()
