@@ -35,14 +35,16 @@ download() { # download DIR SPEC...
     "${PLATFORMS[@]}" -d "$dir" "$@"
 }
 
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 if [ -z "${VLLM_WHEEL:-}" ]; then
-  full=$(mktemp -d)
+  full=$scratch/full
   download "$full" vllm==0.33.0
   VLLM_WHEEL=$(ls "$full"/vllm-0.33.0-*.whl)
 fi
 "$PY" "$HERE/slim_vllm_wheel.py" "$VLLM_WHEEL" "$OUT"
 
-deps=$(mktemp -d)
+deps=$scratch/deps
 download "$deps" \
   aiohappyeyeballs==2.7.1 aiohttp==3.14.5 aiosignal==1.4.0 annotated-doc==0.0.7 \
   annotated-types==0.7.0 anyio==4.16.0 apache-tvm-ffi==0.1.11 attrs==26.1.0 cachetools==8.0.2 \
