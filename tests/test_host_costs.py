@@ -1,6 +1,7 @@
 """Host-side costs of planning (pytest-benchmark; CPU only): the C++ planner plan() runs, the
-whole plan() of each wrapper, and what SGLang's graph replays cost on the host. The numpy
-specification is timed too, for scale."""
+whole plan() of each wrapper, what SGLang's graph replays and vLLM's per-step build() cost on
+the host, and that none of those allocates host tensors. The numpy specification is timed too,
+for scale."""
 
 from __future__ import annotations
 
@@ -156,4 +157,57 @@ def test_sglang_replay_plans_allocate_nothing(mode):
     backend.init_forward_metadata_out_graph(view)  # builds the wrappers
     ops = _ops_of(lambda: backend.init_forward_metadata_out_graph(view))
     assert any("plan_" in op for op in ops), ops  # the planner ran
+    assert not ops & _ALLOCATING_OPS, sorted(ops & _ALLOCATING_OPS)
+
+
+def _vllm_decode_step(tmp_path, batch: int):
+    """Our vLLM builder for a Llama-3-8B-shaped group, and a decode step's metadata."""
+    pytest.importorskip("vllm")
+    from transformers import LlamaConfig
+    from vllm.config import (CacheConfig, DeviceConfig, ModelConfig, ParallelConfig,
+                             SchedulerConfig, VllmConfig)
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from attn_backend.integrations.vllm.backend import AttnBackendAsCustom
+
+    LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                num_hidden_layers=1, intermediate_size=256, vocab_size=512,
+                max_position_embeddings=8192, torch_dtype="bfloat16").save_pretrained(tmp_path)
+    model = ModelConfig(model=str(tmp_path), skip_tokenizer_init=True, dtype="bfloat16",
+                        max_model_len=8192)
+    config = VllmConfig(model_config=model, cache_config=CacheConfig(block_size=16),
+                        scheduler_config=SchedulerConfig(max_num_seqs=batch,
+                                                         max_num_batched_tokens=8192,
+                                                         max_model_len=8192,
+                                                         is_encoder_decoder=False),
+                        device_config=DeviceConfig(device="cpu"), parallel_config=ParallelConfig())
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
+    builder = AttnBackendAsCustom.get_builder_cls()(spec, ["layer"], config, torch.device("cpu"))
+    lens = torch.from_numpy(np.random.default_rng(0).integers(1, 4096, size=batch)).int()
+    starts = torch.arange(batch + 1, dtype=torch.int32)
+    metadata = CommonAttentionMetadata(
+        query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=lens, num_reqs=batch,
+        num_actual_tokens=batch, max_query_len=1, max_seq_len=int(lens.max()),
+        block_table_tensor=torch.zeros(batch, 256, dtype=torch.int32),
+        slot_mapping=torch.zeros(batch, dtype=torch.int64), causal=True,
+        seq_lens_cpu_upper_bound=lens.clone())
+    return builder, metadata
+
+
+@needs_extension
+def test_vllm_per_step_build_decode_batch_256(benchmark, tmp_path):
+    """What vLLM's step costs our backend on the host at batch 256 (decode, also what a FULL
+    graph replay runs): the builder's build(), the decode plan included."""
+    builder, metadata = _vllm_decode_step(tmp_path, 256)
+    built = benchmark(builder.build, 0, metadata)
+    assert built.num_decodes == 256
+
+
+@needs_extension
+def test_vllm_per_step_build_allocates_nothing(tmp_path):
+    builder, metadata = _vllm_decode_step(tmp_path, 64)
+    builder.build(0, metadata)
+    ops = _ops_of(lambda: builder.build(0, metadata))
+    assert "attn_backend::plan_decode" in ops, ops
     assert not ops & _ALLOCATING_OPS, sorted(ops & _ALLOCATING_OPS)
