@@ -119,7 +119,9 @@ def check_against_reference(wrapper, problem: "PagedProblem", page_table, q, *, 
                             soft_cap: float = 0.0, **reference_kwargs) -> None:
     """Run a planned PagedDecode/PagedPrefill into a NaN-poisoned output and compare output and
     lse with the float reference (`reference_kwargs`: causal, window_left, masks)."""
-    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    # Poisoned: every element must be written. V's head dim may differ from Q's (MLA).
+    out = torch.full((*q.shape[:-1], wrapper.head_dim_vo), float("nan"), dtype=q.dtype,
+                     device=q.device)
     got, lse = wrapper.run(q, problem.cache, page_table, out=out, return_lse=True,
                            logits_soft_cap=soft_cap)
     kv_indptr, kv_slots = problem.kv_csr()

@@ -16,8 +16,10 @@ DIR=$(cd "${1:-$ROOT/.vllm_tests}" && pwd); shift || true
 K=${VLLM_SUITE_K:-test_causal_backend_correctness or test_non_causal_backend_correctness or test_sliding_window_backend_correctness or spec_as_decode}
 OUT=${OUT:-/tmp/attn_backend_out}
 mkdir -p "$OUT"
-# vLLM's `tests` package first: the checkout has a `tests` package of its own.
+# vLLM's `tests` package first: the checkout has a `tests` package of its own, and
+# `python -m` puts the working directory ahead of PYTHONPATH, so run from DIR.
 export PYTHONPATH=$DIR:$ROOT:$ROOT/scripts/vllm_suite${PYTHONPATH:+:$PYTHONPATH}
+cd "$DIR" || exit 2
 suite=test_attention_backends
 python3 -m pytest -p attn_backend_plugin -p no:cacheprovider -q -rfEs --rootdir "$DIR" \
   "$DIR/tests/v1/attention/$suite.py" -k "$K" --junitxml="$OUT/vllm_$suite.xml" "$@" \
