@@ -31,15 +31,6 @@ MLA_HEAD_DIMS = (576, 512)
 # The MHA prefill of the same models (K = 128 decompressed dims + 64 rope, V = 128): the
 # prefill kernels, 16-bit caches, on PagedPrefill.
 MLA_MHA_HEAD_DIMS = (192, 128)
-# The MLA kernels (the latent kernel and the (192, 128) prefill shapes) were written before any
-# GPU run checked them against the reference: until one has, CUDA runs of them need
-# ATTN_BACKEND_UNVERIFIED_MLA=1 (the GPU tests set it), so that no serving path reaches them
-# unchecked.
-UNVERIFIED_MLA_ENV = "ATTN_BACKEND_UNVERIFIED_MLA"
-
-
-def unverified_mla_allowed() -> bool:
-    return os.environ.get(UNVERIFIED_MLA_ENV, "0") not in ("", "0")
 # Query heads per kv head: decode and prefill pack a group's heads into MMA rows (decode in
 # row tiles of 16), so any group works; this is the largest the tests cover.
 MAX_GROUP_SIZE = 128
@@ -208,9 +199,6 @@ def _check_mla_shape(dims, num_qo_heads: int, num_kv_heads: int, dtype: torch.dt
     if not serves_mla:
         raise ValueError(f"head dims {dims} ({what}) run on PagedPrefill, which takes any "
                          "number of query tokens per request")
-    if not unverified_mla_allowed():
-        raise ValueError(f"head dims {dims} ({what}): these kernels have not been checked on a "
-                         f"GPU yet; set {UNVERIFIED_MLA_ENV}=1 to run them")
     if one_latent_row and num_kv_heads != 1:
         raise ValueError(f"MLA: {num_qo_heads} query heads over {num_kv_heads} kv heads; "
                          f"supported: 1..{MAX_GROUP_SIZE} query heads over one latent row")

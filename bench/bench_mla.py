@@ -11,13 +11,11 @@ where the heads make it compute-bound.
 Peers on the identical cache: `flashmla` (the `flash_mla` package of the sgl-flash-mla wheel,
 SGLang 0.5.23's pin, 10 MB, stable-ABI extensions; else sgl_kernel.flash_mla; page 64 only) and `flashinfer_mla` (BatchMLAPagedAttentionWrapper over strided
 views of the latent and rope columns). A peer that is missing or fails says so in the notes.
-The latent kernel is new: the GPU tests (tests/test_mla_gpu.py) check it before this runs in
-scripts/gpu_check.sh, and this benchmark sets ATTN_BACKEND_UNVERIFIED_MLA for its own calls.
+The GPU tests (tests/test_mla_gpu.py) check the latent kernel before this runs in
+scripts/gpu_check.sh.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -106,7 +104,6 @@ class Peers(OptionalPeers):
 
 def run() -> tuple[str, list[dict], list[str]]:
     attn_backend.set_debug_checks(False)
-    os.environ.setdefault("ATTN_BACKEND_UNVERIFIED_MLA", "1")
     peers = Peers()
     gen = torch.Generator().manual_seed(0)
     rows = []

@@ -24,9 +24,7 @@ baseline) on the same random weights, reported as the share of requests whose
 first generated tokens agree.
 
 With `--model-kind deepseek` the model is one TP-8 rank's share of DeepSeek-V3 (MLA attention,
-every MLP dense) and the results are `e2e_sglang_mla-<date>-<gpu>.json`; until the MLA kernels
-have passed their GPU tests, attn_backend serves MLA on CUDA only with
-ATTN_BACKEND_UNVERIFIED_MLA=1 in the environment.
+every MLP dense) and the results are `e2e_sglang_mla-<date>-<gpu>.json`.
 
 With `--kv-cache-dtype fp8_e4m3` (or `fp8_e5m2`) every engine runs an FP8 KV pool (no
 checkpoint scales: 1.0), the case names carry `_fp8e4m3` before the phase, and the agreement

@@ -34,7 +34,6 @@ import time
 import traceback
 from collections import Counter, OrderedDict
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -355,14 +354,10 @@ def wrapper_for(case: Case, device, graph: bool):
         wrapper = PagedDecode(max_batch_size=batch, **common)
     else:
         mask_elements = sum(q * k for q, k in zip(case.q_lens, case.kv_lens))
-        # The MLA kernel's gate (attn_backend._validation), open for the construction only:
-        # this campaign is one of the kernel's checks.
-        gate = {"ATTN_BACKEND_UNVERIFIED_MLA": "1"} if case.mla else {}
-        with mock.patch.dict(os.environ, gate):
-            wrapper = PagedPrefill(
-                max_batch_size=batch,
-                max_num_tokens=max(1, sum(case.q_lens)) if graph else MAX_Q_TOKENS,
-                max_mask_elements=mask_elements if graph else 0, **common)
+        wrapper = PagedPrefill(
+            max_batch_size=batch,
+            max_num_tokens=max(1, sum(case.q_lens)) if graph else MAX_Q_TOKENS,
+            max_mask_elements=mask_elements if graph else 0, **common)
     if not graph:
         _WRAPPERS[key] = wrapper
         while len(_WRAPPERS) > _KEPT_WRAPPERS:

@@ -18,10 +18,8 @@ from .common import (RESULTS_DIR, copy_ceiling_tbs, format_table, gemm_ceiling_t
 
 BENCHMARKS = {"decode": bench_decode, "kv_write": bench_kv_write, "prefill": bench_prefill,
               "mla_decode": bench_mla}
-# The default suite: mla_decode runs only when asked for (`--only mla_decode`) until the MLA
-# kernel has passed its first GPU tests (attn_backend._validation.UNVERIFIED_MLA_ENV), so that
-# an unchecked kernel cannot take the suite down with it.
-DEFAULT_BENCHMARKS = ("decode", "kv_write", "prefill")
+# The default suite (mla_decode too: the MLA kernel passed its first H200 run, 2026-12-01).
+DEFAULT_BENCHMARKS = ("decode", "kv_write", "prefill", "mla_decode")
 
 
 def measure_ceiling(kind: str) -> dict:

@@ -193,14 +193,10 @@ def kv_writes() -> list[bool]:
 
 
 def mla_mha_prefill() -> list[bool]:
-    """MLA models' (192, 128) prefill shapes (mma, and wgmma on sm_90), against the reference.
-    (New: ATTN_BACKEND_UNVERIFIED_MLA is set for these calls.)"""
-    import os
-
+    """MLA models' (192, 128) prefill shapes (mma, and wgmma on sm_90), against the reference."""
     from attn_backend import PagedKVCache, PagedPrefill, PageTable, reference
     from attn_backend.reference import KERNEL_TOLERANCE
 
-    os.environ["ATTN_BACKEND_UNVERIFIED_MLA"] = "1"
     gen = torch.Generator().manual_seed(31)
     page_size, heads, q_lens, kv_lens = 16, 4, [300, 100], [600, 250]
     pages_per = [-(-n // page_size) for n in kv_lens]

@@ -17,12 +17,6 @@ pytestmark = pytest.mark.gpu
 RANK, ROPE = 512, 64
 
 
-@pytest.fixture(autouse=True)
-def _run_the_unverified_kernel(monkeypatch):
-    """These tests are what verifies it (attn_backend._validation.UNVERIFIED_MLA_ENV)."""
-    monkeypatch.setenv("ATTN_BACKEND_UNVERIFIED_MLA", "1")
-
-
 def mla_problem(q_lens, kv_lens, *, heads, page_size, seed, dtype=torch.bfloat16,
                 engine="vllm"):
     gen = torch.Generator().manual_seed(seed)

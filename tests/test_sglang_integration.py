@@ -133,7 +133,6 @@ def _runner(device="cuda", **config):
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(use_mla_backend=True), "MLA models are not supported"),
     (dict(kv_cache_dtype=torch.float32), r"kv cache dtype .* accepted: float16, bfloat16 .*, "
      r"float8_e4m3fn \(fp8_e4m3\), float8_e5m2"),
     (dict(head_dim=96, v_head_dim=96), r"head dims \(qk=96, v=96\) are not compiled"),

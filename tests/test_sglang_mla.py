@@ -162,18 +162,17 @@ def test_the_chunked_prefix_cache_finds_the_runners_translator():
     assert SGLangAttnBackend(runner).kv_index_translator is translator
 
 
-def test_mla_refusals_name_the_setting(monkeypatch):
-    monkeypatch.delenv("ATTN_BACKEND_UNVERIFIED_MLA", raising=False)
+def test_mla_refusals_name_the_setting():
     case = MLA_CASES[0]
     config = kit.TinyMLAModelConfig(num_heads=4, kv_lora_rank=32, qk_rope_head_dim=16,
                                     hidden_size=64, context_len=64)
     from attn_backend.integrations.sglang.backend import SGLangAttnBackend
 
-    runner = kit.MockMLAModelRunner(case=case, model_config=config, dtype=torch.float32,
+    runner = kit.MockMLAModelRunner(case=case, model_config=config, dtype=torch.bfloat16,
                                     device="cpu", max_context_len=64, kv_lora_rank=32,
                                     qk_rope_head_dim=16)
-    runner.device = "cuda"
-    with pytest.raises(ValueError, match="MLA models are not supported on CUDA yet"):
+    runner.device = "cuda"  # refused before any GPU work: the kernels take 512 + 64 only
+    with pytest.raises(ValueError, match="MLA with kv_lora_rank 32 and rope 16 is not compiled"):
         SGLangAttnBackend(runner)
     runner.device, runner.kv_cache_dtype = "cpu", torch.float8_e4m3fn
     with pytest.raises(ValueError, match="FP8 MLA caches are not supported yet"):
@@ -222,9 +221,8 @@ def test_deepseek_models_ask_our_forward_method_handler(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: c.name)
-def test_kit_mla_cases_on_the_gpu(case, monkeypatch):
+def test_kit_mla_cases_on_the_gpu(case):
     """The kit's cases at DeepSeek's latent width (512 + 64 rope) on the MLA kernel."""
-    monkeypatch.setenv("ATTN_BACKEND_UNVERIFIED_MLA", "1")
     kit.run_mla_attention_case(KitTestCase(), case, device="cuda", dtype=torch.bfloat16,
                                kv_lora_rank=512, qk_rope_head_dim=64, hidden_size=256)
 

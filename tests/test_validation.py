@@ -107,14 +107,11 @@ def test_page_table_slots_past_the_slot_map_raise_on_the_host():
     assert mapped.token_slots(1, [1], page_size=1)[1].tolist() == [3]
 
 
-def test_mla_head_dims_run_on_prefill_over_one_latent_row(monkeypatch):
-    from attn_backend._validation import MLA_HEAD_DIMS, UNVERIFIED_MLA_ENV, check_kernel_shape
+def test_mla_head_dims_run_on_prefill_over_one_latent_row():
+    from attn_backend._validation import MLA_HEAD_DIMS, check_kernel_shape
 
     bf16 = torch.bfloat16
-    monkeypatch.delenv(UNVERIFIED_MLA_ENV, raising=False)
-    with pytest.raises(ValueError, match="not been checked on a GPU yet"):
-        check_kernel_shape(16, 1, *MLA_HEAD_DIMS, bf16, bf16, on_cuda=True, serves_mla=True)
-    monkeypatch.setenv(UNVERIFIED_MLA_ENV, "1")
+    check_kernel_shape(16, 1, *MLA_HEAD_DIMS, bf16, bf16, on_cuda=True, serves_mla=True)
     check_kernel_shape(128, 1, *MLA_HEAD_DIMS, bf16, bf16, on_cuda=True, serves_mla=True)
     with pytest.raises(ValueError, match="run on PagedPrefill"):
         check_kernel_shape(16, 1, *MLA_HEAD_DIMS, bf16, bf16, on_cuda=True)
@@ -131,9 +128,6 @@ def test_mla_head_dims_run_on_prefill_over_one_latent_row(monkeypatch):
     with pytest.raises(TypeError, match="the cache the query's type"):
         check_kernel_shape(16, 16, 192, 128, bf16, torch.float8_e5m2, on_cuda=True,
                            serves_mla=True)
-    monkeypatch.delenv(UNVERIFIED_MLA_ENV)
-    with pytest.raises(ValueError, match="not been checked on a GPU yet"):
-        check_kernel_shape(16, 16, 192, 128, bf16, bf16, on_cuda=True, serves_mla=True)
 
 
 def test_mla_on_the_reference_path_matches_the_absorbed_form():

@@ -44,12 +44,6 @@ def _devices():
 
 
 @pytest.fixture(autouse=True)
-def _run_the_unverified_kernel(monkeypatch):
-    """These tests are part of what verifies the MLA kernels (see tests/test_mla_gpu.py)."""
-    monkeypatch.setenv("ATTN_BACKEND_UNVERIFIED_MLA", "1")
-
-
-@pytest.fixture(autouse=True)
 def _no_pinned_memory_without_a_gpu(monkeypatch):
     """vLLM decides at import whether to pin host buffers; with no platform detected (this CPU
     machine without vLLM's CPU build) it answers yes, and pinning needs a driver."""

@@ -25,7 +25,7 @@ with window layers): window layers read their K/V in the window pool through
 the pool's full-to-window slot map (applied per token by the kernels, so the
 graph reads the live map) and write through `KVWriteLoc.swa_loc`.
 
-MLA models (DeepSeek-class, `MLATokenToKVPool`): on CPU every path runs the float
+MLA models (DeepSeek-class, `MLATokenToKVPool`), on the kernels or (CPU) the float
 reference: the absorbed layers (concatenated inputs, as SGLang hands them to a backend
 outside its FORWARD_ABSORB_CORE list, or split `q_rope`/`k_rope`) read the pool's latent
 rows (K = the 576-wide row, V = its first 512 columns), and the MHA layers of prefill
@@ -34,11 +34,11 @@ K/V they are given: the new tokens, one-shot the whole sequences, or one chunk o
 prefixes (MHA_CHUNKED_KV, all keys visible, with LSE for SGLang's merge) (PagedPrefill at head
 dims (192, 128) over the call's K/V as one-token pages, each kind planned once per forward).
 Our forward-method handler makes SGLang's own MHA / one-shot / chunked / absorbed choice. On
-CUDA MLA models are refused at construction until the MLA kernels' first GPU check (issue 18;
-ATTN_BACKEND_UNVERIFIED_MLA=1 overrides).
+CUDA the same wrappers run the MLA kernels (the latent kernel at (576, 512), the prefill
+kernels at (192, 128)).
 
 Not yet (they raise with the reason, never a wrong result): other hybrid pool
-kinds, MLA on CUDA, cross-attention and quantised MLA caches. SGLang picks draft-model backends
+kinds, cross-attention and quantised MLA caches. SGLang picks draft-model backends
 from its own list (--speculative-draft-attention-backend), so DRAFT_EXTEND_V2
 reaches this backend where a harness builds it for the draft model (SGLang's
 attention kit does).
@@ -57,7 +57,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ... import fp8
 from ..._validation import (KERNEL_DTYPES, KERNEL_FP8_DTYPES, MAX_GROUP_SIZE, MLA_HEAD_DIMS,
-                             SUPPORTED_HEAD_DIMS, UNVERIFIED_MLA_ENV, unverified_mla_allowed)
+                             SUPPORTED_HEAD_DIMS)
 from ...decode import PagedDecode
 from ...kv_write import write_kv
 from ...paged_kv import PagedKVCache, PageTable
@@ -172,11 +172,6 @@ class SGLangAttnBackend(AttentionBackend):
 
     def _check_supported(self, model_runner) -> None:
         """Reject at construction what this version cannot serve, naming the setting."""
-        if self.mla and self.device.type == "cuda" and not unverified_mla_allowed():
-            raise ValueError(f"{BACKEND_NAME}: MLA models are not supported on CUDA yet (the "
-                             "latent kernel awaits its first GPU check; the float reference "
-                             "serves them on CPU); use --attention-backend flashinfer, fa3 or "
-                             f"triton for this model (or {UNVERIFIED_MLA_ENV}=1 to try it)")
         if self.mla and self._fp8_pool:
             raise ValueError(f"{BACKEND_NAME}: FP8 MLA caches are not supported yet; supported "
                              "for MLA: --kv-cache-dtype auto")
