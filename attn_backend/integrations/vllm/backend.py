@@ -204,12 +204,7 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
                                       "tensor) is not supported; causal must be True or False")
         num_reqs = cm.num_reqs
         query_start_loc = cm.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
-        upper_bound = cm.seq_lens_cpu_upper_bound
-        if upper_bound is not None and self._no_speculation():
-            kv_lens = upper_bound[:num_reqs].numpy().astype(np.int64)
-        else:
-            # With speculation only the device knows how many drafts were kept.
-            kv_lens = cm.seq_lens[:num_reqs].cpu().numpy().astype(np.int64)
+        kv_lens = host_kv_lens(cm, num_reqs, self.vllm_config)
         q_lens = np.diff(query_start_loc)
         longer = np.flatnonzero(q_lens > 1)
         num_decodes = int(longer[0]) if longer.size else num_reqs
@@ -220,10 +215,6 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
         for window_left, plans in self._plans.items():
             self._plan(plans, metadata, window_left)
         return metadata
-
-    def _no_speculation(self) -> bool:
-        spec = self.vllm_config.speculative_config
-        return spec is None or not spec.num_speculative_tokens
 
     def _make_plans(self) -> _Plans:
         shape = dict(num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads,
@@ -247,6 +238,17 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
             plans.prefill.plan(qo, metadata.kv_lens[nd:], causal=metadata.causal,
                                window_left=window_left,
                                graph_num_tokens=min(grid_tokens, plans.prefill.max_num_tokens))
+
+
+def host_kv_lens(cm: CommonAttentionMetadata, num_reqs: int, vllm_config: VllmConfig) -> np.ndarray:
+    """The first `num_reqs` requests' KV lengths on the host, for plan(): vLLM's exact host
+    upper bound, except with speculation, where only the device knows how many drafts were
+    kept (one copy to the host, which waits for the device)."""
+    spec = vllm_config.speculative_config
+    upper_bound = cm.seq_lens_cpu_upper_bound
+    if upper_bound is not None and (spec is None or not spec.num_speculative_tokens):
+        return upper_bound[:num_reqs].numpy().astype(np.int64)
+    return cm.seq_lens[:num_reqs].cpu().numpy().astype(np.int64)
 
 
 def kv_dtype_of(spec_dtype: torch.dtype, cache_dtype: str) -> torch.dtype:

@@ -54,7 +54,7 @@ from ...kv_write import write_kv
 from ...paged_kv import PagedKVCache, PageTable
 from ...prefill import PagedPrefill
 from . import MLA_BACKEND_NAME
-from .backend import KernelCapabilities
+from .backend import KernelCapabilities, host_kv_lens
 
 KV_LORA_RANK = MLA_HEAD_DIMS[1]  # 512
 ROPE_DIM = MLA_HEAD_DIMS[0] - MLA_HEAD_DIMS[1]  # 64
@@ -147,7 +147,7 @@ class AttnBackendMLAMetadataBuilder(MLACommonMetadataBuilder[AttnBackendMLAMetad
         nd = metadata.num_decodes
         if nd:
             qo = cm.query_start_loc_cpu[: nd + 1].numpy().astype(np.int64)
-            kv_lens = self._decode_kv_lens(cm, nd)
+            kv_lens = host_kv_lens(cm, nd, self.vllm_config)
             # vLLM counts a decode-only step's graph padding among the decode tokens (all of
             # them reach forward_mqa): the grid covers them, as at capture.
             self._latent.plan(qo, kv_lens, causal=True,
@@ -157,13 +157,6 @@ class AttnBackendMLAMetadataBuilder(MLACommonMetadataBuilder[AttnBackendMLAMetad
             metadata.latent_pages = PageTable.from_block_table(cm.block_table_tensor[:nd])
         return metadata
 
-    def _decode_kv_lens(self, cm: CommonAttentionMetadata, nd: int) -> np.ndarray:
-        upper_bound = cm.seq_lens_cpu_upper_bound
-        spec = self.vllm_config.speculative_config
-        if upper_bound is not None and (spec is None or not spec.num_speculative_tokens):
-            return upper_bound[:nd].numpy().astype(np.int64)
-        # With speculation only the device knows how many drafts were kept.
-        return cm.seq_lens[:nd].cpu().numpy().astype(np.int64)
 
 
 class AttnBackendMLAPrefill(MLAPrefillBackend):
@@ -336,8 +329,9 @@ class AttnBackendMLAImpl(MLACommonImpl[AttnBackendMLAMetadata]):
         cache = PagedKVCache.from_vllm_mla(kv_c_and_k_pe_cache, self.kv_lora_rank)
         # Padding rows (a padded graph step) get zeros: they flow through the rest of the
         # layer like real rows, and are dropped at the end of the step.
-        out = q.new_zeros(q.shape[0], self.num_heads, self.kv_lora_rank)
+        out = q.new_empty(q.shape[0], self.num_heads, self.kv_lora_rank)
         rows = meta.latent_tokens
+        out[rows:].zero_()
         meta.latent.run(q[:rows], cache, meta.latent_pages, sm_scale=self.scale, out=out[:rows])
         return out, None
 
