@@ -90,7 +90,9 @@ class PagedPrefill(KernelWrapper):
         with an sm_90a build), "mma" (mma.sync, any GPU from sm_80), or "auto" (wgmma where
         it runs and is compiled for these head dims, else mma). Requests of at most one
         short tile of query rows (speculative verify, short extends) take the short-query
-        kernel either way."""
+        kernel either way. MLA's latent rows (576 / 512): "wgmma" runs every request on the
+        64-row warpgroup kernel, "mma" on the mma.sync ones (16-row tiles for requests of
+        up to 16 rows, 32-row tiles otherwise)."""
         if max_num_tokens < 1:
             raise ValueError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
         self._init_shape(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
@@ -98,9 +100,10 @@ class PagedPrefill(KernelWrapper):
                          kv_dtype=kv_dtype, device=device, max_batch_size=max_batch_size,
                          use_cuda_graph=use_cuda_graph, enable_pdl=enable_pdl, backend=backend)
         self.max_num_tokens = max_num_tokens
-        long = self._long_config(backend)
-        # MLA: 16 rows (decode of up to 16 heads) as the short tile, 32 as the long one.
-        short = self._find_config("prefill_mla" if self._is_mla else "prefill_short")
+        if self._is_mla:
+            long, short = self._mla_configs(backend)
+        else:
+            long, short = self._long_config(backend), self._find_config("prefill_short")
         main, alt = self._with_slots(long, cta_slots), self._with_slots(short, cta_slots)
         self.tile_rows, self.cta_slots = (long.tile_rows, main[1]) if long else (None, 1)
         self.short_tile_rows, self.short_cta_slots = (short.tile_rows, alt[1]) if short \
@@ -116,10 +119,24 @@ class PagedPrefill(KernelWrapper):
     def _is_mla(self) -> bool:
         return (self.head_dim, self.head_dim_vo) == MLA_HEAD_DIMS
 
+    def _mla_configs(self, backend: str) -> tuple[KernelConfig | None, KernelConfig | None]:
+        """MLA's (long, short) configurations: on mma.sync 32-row tiles, and 16-row ones for
+        requests of at most 16 rows (a decode of 16 heads); on wgmma one 64-row shape for
+        both. "auto" takes wgmma where it runs."""
+        mma = self._find_config("prefill_mla_wide"), self._find_config("prefill_mla")
+        wgmma = self._find_config("prefill_mla_wgmma")
+        on_cuda = self.device.type == "cuda"
+        runs = wgmma is not None and on_cuda and wgmma.runs_here()
+        if backend == "wgmma" and self._ops is not None and (wgmma is None or
+                                                             (on_cuda and not runs)):
+            raise ValueError(f"backend='wgmma' needs an sm_90 GPU and an sm_90a build; "
+                             f"MLA on {self.device} has none (use backend='mma' or 'auto')")
+        if backend == "wgmma" or (backend == "auto" and runs):
+            return wgmma, wgmma
+        return mma
+
     def _long_config(self, backend: str) -> KernelConfig | None:
         """The long-query configuration of `backend` (None: no schedule on this device)."""
-        if self._is_mla and backend != "wgmma":
-            return self._find_config("prefill_mla_wide")  # mma.sync, one latent row per key
         mma = self._find_config("prefill_mma")
         wgmma = self._find_config("prefill_wgmma")
         on_cuda = self.device.type == "cuda"

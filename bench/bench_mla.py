@@ -11,8 +11,9 @@ where the heads make it compute-bound.
 Peers on the identical cache: `flashmla` (the `flash_mla` package of the sgl-flash-mla wheel,
 SGLang 0.5.23's pin, 10 MB, stable-ABI extensions; else sgl_kernel.flash_mla; page 64 only) and `flashinfer_mla` (BatchMLAPagedAttentionWrapper over strided
 views of the latent and rope columns). A peer that is missing or fails says so in the notes.
-The GPU tests (tests/test_mla_gpu.py) check the latent kernel before this runs in
-scripts/gpu_check.sh.
+Where our default is the warpgroup (wgmma) kernel, each row also times the mma.sync kernels
+on the same inputs (`ours_mma`), and `kernel` names the configuration `ours` ran. The GPU
+tests (tests/test_mla_gpu.py) check the latent kernels before this runs in scripts/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def _shape_rows(peers, batch, kv_len, heads, q_len, gen) -> list[dict]:
     mla = PagedPrefill(num_qo_heads=heads, num_kv_heads=1, head_dim=RANK + ROPE,
                        head_dim_vo=RANK, dtype=DTYPE, device="cuda", max_batch_size=batch,
                        max_num_tokens=batch * q_len)
+    mma = None  # the mma.sync kernels, where "auto" takes the wgmma one: both in one run
     qo_indptr = [q_len * r for r in range(batch + 1)]
     rows = []
     for page_size in PAGE_SIZES:
@@ -133,6 +135,14 @@ def _shape_rows(peers, batch, kv_len, heads, q_len, gen) -> list[dict]:
         mla.plan(qo_indptr, [kv_len] * batch)
         out = torch.empty(q.shape[0], heads, RANK, dtype=DTYPE, device="cuda")
         timings = {"ours": median_ms(lambda: mla.run(q, cache, table, out=out), iters=iters)}
+        if mma is None and mla._planned.config.wgmma:
+            mma = PagedPrefill(num_qo_heads=heads, num_kv_heads=1, head_dim=RANK + ROPE,
+                               head_dim_vo=RANK, dtype=DTYPE, device="cuda",
+                               max_batch_size=batch, max_num_tokens=batch * q_len, backend="mma")
+        if mma is not None:
+            mma.plan(qo_indptr, [kv_len] * batch)
+            timings["ours_mma"] = median_ms(lambda: mma.run(q, cache, table, out=out),
+                                            iters=iters)
         if peers.flash_mla is not None and page_size == 64:
             try:
                 timings["flashmla"] = median_ms(peers.flashmla(latent, pages, kv_len, q, q_len),
@@ -146,9 +156,12 @@ def _shape_rows(peers, batch, kv_len, heads, q_len, gen) -> list[dict]:
             except Exception as error:  # noqa: BLE001
                 peers.note_once(f"flashinfer_mla failed: {type(error).__name__}: {error}"[:300])
         tbs = {name: moved / (ms * 1e-3) / 1e12 for name, ms in timings.items()}
+        ours_mma = tbs.pop("ours_mma", None)
         rows.append({
             "case": case_name(batch, kv_len, heads, page_size, q_len),
             "ours": round(tbs.pop("ours"), 4),
+            "kernel": mla._planned.config.name,
+            **({"ours_mma": round(ours_mma, 4)} if ours_mma is not None else {}),
             "peers": {name: round(value, 4) for name, value in sorted(tbs.items())},
             "ours_us": round(timings["ours"] * 1e3, 2),
             "tflops": {name: round(work / (ms * 1e-3) / 1e12, 2) for name, ms in timings.items()},

@@ -109,10 +109,14 @@ def write_results(benchmark: str, unit: str, ceiling: dict, rows: list[dict], ou
 
 def format_table(result_rows: list[dict], unit: str) -> str:
     peers = sorted({p for row in result_rows for p in row.get("peers", {})})
-    header = ["case", "ours"] + peers
+    # Our other kernels timed in the same rows (e.g. bench_mla's ours_mma).
+    ours_too = sorted({key for row in result_rows for key in row
+                       if key.startswith("ours_") and key != "ours_us"})
+    header = ["case", "ours"] + ours_too + peers
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for row in result_rows:
         cells = [row["case"], f"{row['ours']:.3f}"]
+        cells += [f"{row[key]:.3f}" if key in row else "-" for key in ours_too]
         cells += [f"{row['peers'][p]:.3f}" if p in row.get("peers", {}) else "-" for p in peers]
         lines.append(" | ".join(cells))
     return f"({unit})\n" + "\n".join(lines)

@@ -83,14 +83,36 @@ def test_every_served_head_dim_has_its_kernel_configurations():
     assert {c.name for c in all_configs() if (c.head_dim_qk, c.head_dim_vo) == MLA_MHA_HEAD_DIMS} \
         == {"prefill_mma", "prefill_wgmma", "prefill_short"}
     mla, wide = find("prefill_mla", *MLA_HEAD_DIMS), find("prefill_mla_wide", *MLA_HEAD_DIMS)
+    mla_wgmma = find("prefill_mla_wgmma", *MLA_HEAD_DIMS)
     assert (mla.family, mla.tile_rows, wide.tile_rows) == ("prefill", 16, 32)
+    assert (mla_wgmma.family, mla_wgmma.tile_rows, mla_wgmma.kv_tile_tokens, mla_wgmma.wgmma) \
+        == ("prefill", 64, 32, True)
+    assert mla_wgmma.smem_bytes <= 227 * 1024
     assert {c.name for c in all_configs() if (c.head_dim_qk, c.head_dim_vo) == MLA_HEAD_DIMS} \
-        == {"prefill_mla", "prefill_mla_wide"}
+        == {"prefill_mla", "prefill_mla_wide", "prefill_mla_wgmma"}
     for config in all_configs():
         assert config.kv_tile_tokens % 16 == 0 and config.kv_tile_tokens <= config.threads
         assert config.tile_rows % 16 == 0 and config.smem_bytes > 0
     assert find("decode", 128, 128).kv_tile_tokens == 64
     assert find("decode_full_batch", 128, 128).kv_tile_tokens == 48
+
+
+@needs_prebuilt
+def test_mla_backends_plan_for_their_kernels_and_the_cpu_plans_mma_for_auto():
+    from attn_backend import PagedPrefill
+
+    def planned(backend, heads, q_len):
+        mla = PagedPrefill(num_qo_heads=heads, num_kv_heads=1, head_dim=576, head_dim_vo=512,
+                           dtype=torch.bfloat16, device="cpu", max_batch_size=4,
+                           max_num_tokens=64, backend=backend)
+        mla.plan([0, q_len, 2 * q_len], [100, 3000])
+        return mla._planned.config.name, mla._planned.tile_rows
+
+    assert planned("wgmma", 16, 1) == ("prefill_mla_wgmma", 64)
+    assert planned("wgmma", 128, 2) == ("prefill_mla_wgmma", 64)
+    assert planned("mma", 16, 1) == ("prefill_mla", 16)
+    assert planned("mma", 16, 4) == ("prefill_mla_wide", 32)
+    assert planned("auto", 16, 1) == ("prefill_mla", 16)  # wgmma only where an sm_90 GPU runs it
 
 
 @needs_prebuilt

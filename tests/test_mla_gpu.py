@@ -1,7 +1,8 @@
 """The MLA latent kernel (absorbed form: one 576-wide latent row per token, V its first 512
 values) against the float reference: decode and verify (causal chains, tree masks), heads
 16..128, page sizes 1/7/16/64 on shuffled pages, both engines' table forms, split-KV on long
-contexts, CUDA-graph replay with new lengths."""
+contexts, CUDA-graph replay with new lengths; each on the mma.sync kernels and on the
+warpgroup (wgmma) one where the GPU runs it."""
 
 from __future__ import annotations
 
@@ -29,11 +30,25 @@ def mla_problem(q_lens, kv_lens, *, heads, page_size, seed, dtype=torch.bfloat16
     return problem, page_table, q
 
 
-def make_mla(q, problem, **kwargs):
+@pytest.fixture(params=["mma", "wgmma"])
+def latent_backend(request):
+    if request.param == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma MLA kernel runs on sm_90 GPUs")
+    return request.param
+
+
+MLA_CONFIGS = {"mma": {"prefill_mla", "prefill_mla_wide"}, "wgmma": {"prefill_mla_wgmma"}}
+
+
+def make_mla(q, problem, backend, **kwargs):
     return PagedPrefill(num_qo_heads=q.shape[1], num_kv_heads=1, head_dim=RANK + ROPE,
                         head_dim_vo=RANK, dtype=q.dtype, device="cuda",
                         max_batch_size=max(8, len(problem.kv_lens)),
-                        max_num_tokens=max(64, q.shape[0]), **kwargs)
+                        max_num_tokens=max(64, q.shape[0]), backend=backend, **kwargs)
+
+
+def planned_kernel(mla) -> str:
+    return mla._planned.config.name
 
 
 def qo_indptr(q_lens):
@@ -43,31 +58,32 @@ def qo_indptr(q_lens):
 @pytest.mark.parametrize("heads", [16, 32, 128])
 @pytest.mark.parametrize("page_size", [1, 7, 16, 64])
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
-def test_mla_decode(heads, page_size, engine, seed):
+def test_mla_decode(heads, page_size, engine, seed, latent_backend):
     kv_lens = [1, 17, 300, 2049, 64, 5000]
     q_lens = [1] * len(kv_lens)
     problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=page_size,
                                     seed=seed, engine=engine)
-    mla = make_mla(q, problem)
+    mla = make_mla(q, problem, latent_backend)
     mla.plan(qo_indptr(q_lens), kv_lens)
+    assert planned_kernel(mla) in MLA_CONFIGS[latent_backend]
     check_against_reference(mla, problem, table, q, seed=seed, causal=True)
 
 
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mla_verify_chains(heads, dtype, seed):
+def test_mla_verify_chains(heads, dtype, seed, latent_backend):
     """Speculative verify with a chain of drafts: q_len 2..8, causal over the drafts."""
     q_lens = [2, 4, 8, 3, 1]
     kv_lens = [40, 1000, 64, 9, 3000]
     problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=16, seed=seed,
                                     dtype=dtype)
-    mla = make_mla(q, problem)
+    mla = make_mla(q, problem, latent_backend)
     mla.plan(qo_indptr(q_lens), kv_lens)
     check_against_reference(mla, problem, table, q, seed=seed, causal=True)
 
 
 @pytest.mark.parametrize("heads", [16, 64])
-def test_mla_tree_masks(heads, seed):
+def test_mla_tree_masks(heads, seed, latent_backend):
     """Tree verification: each draft sees the prefix and a random set of earlier drafts."""
     gen = torch.Generator().manual_seed(seed)
     q_lens, kv_lens = [4, 8, 6], [100, 37, 2000]
@@ -79,27 +95,27 @@ def test_mla_tree_masks(heads, seed):
         blocks.append(block.flatten())
     mask = torch.cat(blocks)
     problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=64, seed=seed)
-    mla = make_mla(q, problem)
+    mla = make_mla(q, problem, latent_backend)
     mla.plan(qo_indptr(q_lens), kv_lens, custom_mask=mask)
     check_against_reference(mla, problem, table, q, seed=seed, custom_mask=mask.cuda())
 
 
 @pytest.mark.parametrize("kv_lens", [[32768], [20000, 15], [32768, 32768]])
-def test_mla_split_kv_long_contexts(kv_lens, seed):
+def test_mla_split_kv_long_contexts(kv_lens, seed, latent_backend):
     """Few requests on long contexts: the plan splits their keys; the last chunk merges."""
     q_lens = [1] * len(kv_lens)
     problem, table, q = mla_problem(q_lens, kv_lens, heads=16, page_size=64, seed=seed)
-    mla = make_mla(q, problem)
+    mla = make_mla(q, problem, latent_backend)
     mla.plan(qo_indptr(q_lens), kv_lens)
     assert mla._planned.plan["num_work_items"] > len(kv_lens)  # split
     check_against_reference(mla, problem, table, q, seed=seed, causal=True)
 
 
-def test_mla_graph_replay_with_new_lengths(seed):
+def test_mla_graph_replay_with_new_lengths(seed, latent_backend):
     batch, heads = 4, 16
     longest = [3000] * batch
     problem, table, q = mla_problem([1] * batch, longest, heads=heads, page_size=16, seed=seed)
-    mla = make_mla(q, problem, use_cuda_graph=True)
+    mla = make_mla(q, problem, latent_backend, use_cuda_graph=True)
     mla.plan(qo_indptr([1] * batch), longest)
     out = torch.empty(batch, heads, RANK, dtype=q.dtype, device="cuda")
     mla.run(q, problem.cache, table, out=out)
@@ -120,10 +136,10 @@ def test_mla_graph_replay_with_new_lengths(seed):
                                    msg=lambda m: f"lengths={lengths}: {m}")
 
 
-def test_mla_refuses_a_value_cache_apart_from_the_keys(seed):
+def test_mla_refuses_a_value_cache_apart_from_the_keys(seed, latent_backend):
     problem, table, q = mla_problem([1], [40], heads=16, page_size=16, seed=seed)
     apart = PagedKVCache(problem.cache.k, problem.cache.k[..., :RANK].clone())
-    mla = make_mla(q, problem)
+    mla = make_mla(q, problem, latent_backend)
     mla.plan([0, 1], [40])
     with pytest.raises(ValueError, match="reads V as the first 512 columns"):
         mla.run(q, apart, table)

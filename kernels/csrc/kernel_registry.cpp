@@ -11,6 +11,7 @@ const std::vector<KernelConfig>& kernel_configs() {
     add_prefill_configs_d256(all);
     add_prefill_configs_d192(all);
     add_mla_configs(all);
+    add_mla_wgmma_configs(all);
     return all;
   }();
   return configs;

@@ -27,7 +27,7 @@ struct VariantFlags {
 
 struct KernelConfig {
   std::string name;  // decode | decode_full_batch | prefill_mma | prefill_wgmma | prefill_short |
-                    // prefill_mla | prefill_mla_wide
+                    // prefill_mla | prefill_mla_wide | prefill_mla_wgmma
   KernelFamily family;
   int64_t head_dim_qk;
   int64_t head_dim_vo;
@@ -77,5 +77,6 @@ void add_prefill_configs_d128_wgmma_short(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d256(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d192(std::vector<KernelConfig>& configs);
 void add_mla_configs(std::vector<KernelConfig>& configs);
+void add_mla_wgmma_configs(std::vector<KernelConfig>& configs);
 
 }  // namespace attn_backend

@@ -1,7 +1,7 @@
 // Thin wrappers over Hopper's warpgroup MMA (wgmma.mma_async, sm_90a): shared-
 // memory matrix descriptors, the fences and waits around an MMA batch, and the
-// m64nNk16 instructions the wgmma MMA policy uses (mma_policy.cuh): N = 64 or
-// 128, fp32 accumulators, fp16/bf16 inputs, A from shared memory or registers.
+// m64nNk16 instructions the wgmma MMA policies use (mma_policy.cuh, mla_wgmma.cuh):
+// N = 32, 64 or 128, fp32 accumulators, fp16/bf16 inputs, A from shared memory or registers.
 //
 // Shared-memory operands use the 128-byte swizzled layout (smem_layout.cuh's
 // Swizzled128BBlocks): a tile of R rows and 64*C columns (16-bit elements) is
@@ -88,6 +88,20 @@ __device__ __forceinline__ void pin(float (&d)[kTiles][4]) {
 // "{%0, ..., %(N/2 - 1)}", their "+f" operands, and the operands after them (ss: A and B
 // descriptors, scale-d, transpose-B; rs: the 4 A registers, B descriptor, scale-d,
 // transpose-B). scale-d is a predicate set from an integer operand.
+#define ATTN_BACKEND_WGMMA_ACC_32 \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
+  "}"
+#define ATTN_BACKEND_WGMMA_OUTS_32(d) \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), \
+  "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), \
+  "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), \
+  "+f"(d[3][3])
+#define ATTN_BACKEND_WGMMA_SS_SCALE_32 "%18"
+#define ATTN_BACKEND_WGMMA_SS_TAIL_32 ",%16, %17, p, 1, 1, 0, %19;\n}\n"
+#define ATTN_BACKEND_WGMMA_RS_SCALE_32 "%21"
+#define ATTN_BACKEND_WGMMA_RS_TAIL_32 ",{%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n"
+
 #define ATTN_BACKEND_WGMMA_ACC_64 \
   "{" \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, " \
@@ -141,7 +155,7 @@ __device__ __forceinline__ void pin(float (&d)[kTiles][4]) {
 
 // Wgmma<N, T>::ss: D[64 x N] (+)= A (smem, K-major) * B (smem; K-major, or MN-major with
 // kTransposeB); accumulate = false overwrites D. ::rs: D += A (registers: the m16n8k16 A
-// fragment of each warp's 16 rows) * B (smem). N is 64 or 128, T's PTX name PTX_TYPE.
+// fragment of each warp's 16 rows) * B (smem). N is 32, 64 or 128, T's PTX name PTX_TYPE.
 #define ATTN_BACKEND_WGMMA(N, T, PTX_TYPE)                                                    \
   template <>                                                                                 \
   struct Wgmma<N, T> {                                                                        \
@@ -170,6 +184,8 @@ __device__ __forceinline__ void pin(float (&d)[kTiles][4]) {
 
 template <int kN, typename T>
 struct Wgmma;
+ATTN_BACKEND_WGMMA(32, __nv_bfloat16, "bf16")
+ATTN_BACKEND_WGMMA(32, __half, "f16")
 ATTN_BACKEND_WGMMA(64, __nv_bfloat16, "bf16")
 ATTN_BACKEND_WGMMA(64, __half, "f16")
 ATTN_BACKEND_WGMMA(128, __nv_bfloat16, "bf16")

@@ -1,0 +1,52 @@
+// The MLA latent kernel on warpgroup MMAs (kernels/include/attn_backend/mla_wgmma.cuh), in a
+// translation unit of its own so that it builds beside the mma.sync one (mla_kernels.cu).
+//
+// prefill_mla_wgmma: 64 packed rows, a 3-deep ring of 32-key tiles, one CTA per SM (199 KB);
+// sm_90a code, taken on sm_90 GPUs (PagedPrefill's backend "auto" or "wgmma").
+#include "attn_backend/mla_wgmma.cuh"
+#include "kernel_registry.h"
+#include "torch_utils.h"
+
+namespace attn_backend {
+namespace {
+
+using Shape = MlaWgmmaShape</*kStages=*/3>;
+
+void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFlags& flags,
+            dim3 grid, bool pdl, cudaStream_t stream) {
+  dispatch_16bit_dtypes(dtypes, "prefill_mla_wgmma", [&](auto q, auto kv, auto o) {
+    using Traits = MlaWgmmaTraits<Shape, decltype(q), decltype(kv), decltype(o)>;
+    using Plain = LogitsTransform<false>;
+    using Capped = LogitsTransform<true>;
+    auto* kernel = flags.soft_cap
+                       ? (flags.custom_mask ? &paged_mla_wgmma_kernel<Traits, Capped, true>
+                                            : &paged_mla_wgmma_kernel<Traits, Capped, false>)
+                       : (flags.custom_mask ? &paged_mla_wgmma_kernel<Traits, Plain, true>
+                                            : &paged_mla_wgmma_kernel<Traits, Plain, false>);
+    launch_with_pdl(kernel, params, grid, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
+  });
+}
+
+using ProbeTraits = MlaWgmmaTraits<Shape, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>;
+
+int occupancy(bool fp8_kv) {
+  if (fp8_kv) return 0;  // no FP8 MLA kernel
+  return ctas_per_sm(&paged_mla_wgmma_kernel<ProbeTraits, LogitsTransform<false>, false>,
+                     ProbeTraits::kThreads, ProbeTraits::kSmemBytes);
+}
+
+bool runs_here() {
+  return sm90a_kernel_runs_here(reinterpret_cast<const void*>(
+      &paged_mla_wgmma_kernel<ProbeTraits, LogitsTransform<false>, false>));
+}
+
+}  // namespace
+
+void add_mla_wgmma_configs(std::vector<KernelConfig>& configs) {
+  configs.push_back({"prefill_mla_wgmma", KernelFamily::kPrefill, Shape::kHeadDimQK,
+                     Shape::kHeadDimVO, Shape::kRows, Shape::kKVTile, Shape::kThreads,
+                     ProbeTraits::kSmemBytes, /*wgmma=*/true, &launch, &occupancy, &runs_here,
+                     /*value_in_key=*/true});
+}
+
+}  // namespace attn_backend
