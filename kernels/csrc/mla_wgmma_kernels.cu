@@ -10,8 +10,7 @@
 namespace attn_backend {
 namespace {
 
-using Shape = MlaWgmmaShape</*kStages=*/3>;
-
+template <typename Shape>
 void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFlags& flags,
             dim3 grid, bool pdl, cudaStream_t stream) {
   dispatch_16bit_dtypes(dtypes, "prefill_mla_wgmma", [&](auto q, auto kv, auto o) {
@@ -27,26 +26,38 @@ void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFl
   });
 }
 
+template <typename Shape>
 using ProbeTraits = MlaWgmmaTraits<Shape, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>;
 
+template <typename Shape>
 int occupancy(bool fp8_kv) {
   if (fp8_kv) return 0;  // no FP8 MLA kernel
-  return ctas_per_sm(&paged_mla_wgmma_kernel<ProbeTraits, LogitsTransform<false>, false>,
-                     ProbeTraits::kThreads, ProbeTraits::kSmemBytes);
+  using Traits = ProbeTraits<Shape>;
+  return ctas_per_sm(&paged_mla_wgmma_kernel<Traits, LogitsTransform<false>, false>,
+                     Traits::kThreads, Traits::kSmemBytes);
 }
 
+template <typename Shape>
 bool runs_here() {
   return sm90a_kernel_runs_here(reinterpret_cast<const void*>(
-      &paged_mla_wgmma_kernel<ProbeTraits, LogitsTransform<false>, false>));
+      &paged_mla_wgmma_kernel<ProbeTraits<Shape>, LogitsTransform<false>, false>));
+}
+
+template <typename Shape>
+KernelConfig config(const char* name) {
+  return {name,          KernelFamily::kPrefill, Shape::kHeadDimQK,
+          Shape::kHeadDimVO, Shape::kRows,         Shape::kKVTile,
+          Shape::kThreads,   ProbeTraits<Shape>::kSmemBytes, /*wgmma=*/true,
+          &launch<Shape>,    &occupancy<Shape>,    &runs_here<Shape>, /*value_in_key=*/true};
 }
 
 }  // namespace
 
 void add_mla_wgmma_configs(std::vector<KernelConfig>& configs) {
-  configs.push_back({"prefill_mla_wgmma", KernelFamily::kPrefill, Shape::kHeadDimQK,
-                     Shape::kHeadDimVO, Shape::kRows, Shape::kKVTile, Shape::kThreads,
-                     ProbeTraits::kSmemBytes, /*wgmma=*/true, &launch, &occupancy, &runs_here,
-                     /*value_in_key=*/true});
+  configs.push_back(config<MlaWgmmaShape</*kStages=*/3, /*kPipelined=*/true>>("prefill_mla_wgmma"));
+  // The same tiles without the overlap, kept while the two are compared on the GPU.
+  configs.push_back(
+      config<MlaWgmmaShape</*kStages=*/3, /*kPipelined=*/false>>("prefill_mla_wgmma_serial"));
 }
 
 }  // namespace attn_backend

@@ -38,7 +38,8 @@
 
 namespace attn_backend {
 
-template <int kStages_>
+// kPipelined: the next tile's S overlaps this tile's softmax (see the kernel's main loop).
+template <int kStages_, bool kPipelined_>
 struct MlaWgmmaShape {
   static constexpr int kHeadDimQK = kMlaHeadDimQK;
   static constexpr int kHeadDimVO = kMlaHeadDimVO;
@@ -48,6 +49,7 @@ struct MlaWgmmaShape {
   static constexpr int kWarpgroups = 2;
   static constexpr int kThreads = kWarpgroups * 128;
   static constexpr bool kWgmma = true;
+  static constexpr bool kPipelined = kPipelined_;
 };
 
 // The two products of one tile, for a warpgroup (Q, K and V in Swizzled128BBlocks layouts:
@@ -58,8 +60,8 @@ struct MlaWgmmaProducts {
   static constexpr int kStepsPerBlock = 4;  // k-steps in a 128-byte column block
   static constexpr int kOutTiles = kMlaHeadDimVO / 2 / 8;  // a warpgroup's 256 dims
 
-  // S (64 rows x kKVTile keys) = the rows' products over k-steps [kFirstStep, +kSteps);
-  // the first step overwrites s.
+  // Issues S (64 rows x kKVTile keys) = the rows' products over k-steps [kFirstStep, +kSteps)
+  // as one commit group (the first step overwrites s); the caller waits for it.
   template <int kFirstStep, int kSteps>
   __device__ __forceinline__ static void qk_partial(float (&s)[kKVTile / 8][4],
                                                     const uint8_t* q_smem, const uint8_t* k_smem) {
@@ -77,13 +79,12 @@ struct MlaWgmmaProducts {
                                                    k_desc + (k_bytes >> 4), i > 0);
     }
     wgmma::commit_group();
-    wgmma::wait_group<0>();
-    wgmma::pin(s);
   }
 
-  // O (this warpgroup's 256 dims) += P V, V's first column block at v_smem: MN-major, 16 keys
-  // a k-step, the leading byte offset reaching the next 64 dims. P is packed before the fence
-  // (registers an issued wgmma reads must not change after the fence before it).
+  // Issues O (this warpgroup's 256 dims) += P V as one commit group, V's first column block at
+  // v_smem: MN-major, 16 keys a k-step, the leading byte offset reaching the next 64 dims. P
+  // is packed before the fence (registers an issued wgmma reads must not change after the
+  // fence before it); the caller waits for the group.
   __device__ __forceinline__ static void pv(float (&o)[kOutTiles][4],
                                             const float (&s)[kKVTile / 8][4],
                                             const uint8_t* v_smem) {
@@ -110,8 +111,6 @@ struct MlaWgmmaProducts {
                                                v_desc + ((2 * kBlock + step_bytes) >> 4));
     }
     wgmma::commit_group();
-    wgmma::wait_group<0>();
-    wgmma::pin(o);
   }
 };
 
@@ -203,30 +202,33 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   float4* const mine = exchange + warpgroup * kScoreTiles * 128 + thread_in_group;
   const float4* const theirs = exchange + (1 - warpgroup) * kScoreTiles * 128 + thread_in_group;
-  for (int tile = 0; tile < loader.num_tiles; ++tile) {
-    loader.template advance<true>(tile, pending);
-    const uint8_t* const k_tile = loader.k_tile(tile % Traits::kStages);
-    float s[1][kScoreTiles][4];
+  // This warpgroup's half of a tile's S, issued as one commit group.
+  const auto issue_scores = [&](float (&s)[kScoreTiles][4], const uint8_t* k_tile) {
     if (warpgroup == 0) {
-      Products::template qk_partial<0, Traits::kStepsPerWarpgroup>(s[0], q_smem, k_tile);
+      Products::template qk_partial<0, Traits::kStepsPerWarpgroup>(s, q_smem, k_tile);
     } else {
       Products::template qk_partial<Traits::kStepsPerWarpgroup, Traits::kStepsPerWarpgroup>(
-          s[0], q_smem, k_tile);
+          s, q_smem, k_tile);
     }
+  };
+  const auto publish_half = [&](const float (&s)[kScoreTiles][4]) {
 #pragma unroll
     for (int n = 0; n < kScoreTiles; ++n) {
-      mine[n * 128] = make_float4(s[0][n][0], s[0][n][1], s[0][n][2], s[0][n][3]);
+      mine[n * 128] = make_float4(s[n][0], s[n][1], s[n][2], s[n][3]);
     }
-    // Both halves written; the next tile rewrites them only after the ring's barrier.
-    __syncthreads();
+  };
+  const auto add_other_half = [&](float (&s)[kScoreTiles][4]) {
 #pragma unroll
     for (int n = 0; n < kScoreTiles; ++n) {
       const float4 other = theirs[n * 128];
-      s[0][n][0] += other.x;
-      s[0][n][1] += other.y;
-      s[0][n][2] += other.z;
-      s[0][n][3] += other.w;
+      s[n][0] += other.x;
+      s[n][1] += other.y;
+      s[n][2] += other.z;
+      s[n][3] += other.w;
     }
+  };
+  // Logits transform, mask, online softmax: s becomes the tile's probabilities.
+  const auto softmax_tile = [&](float (&s)[1][kScoreTiles][4], int tile) {
     const int first_key = item.kv_start + tile * kKV;
     transform_scores(s, logits, visibility.tile_needs_mask(first_key, kKV),
                      [&](int, int n, int e) {
@@ -235,7 +237,108 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                        return visibility.visible(token, key);
                      });
     softmax.update(s, o, logits.exp_scale);
-    Products::pv(o[0], s[0], k_tile + warpgroup * (kOutTiles / 8) * kKV * 128);
+  };
+  const auto v_tile = [&](int tile) {
+    return loader.k_tile(tile % Traits::kStages) + warpgroup * (kOutTiles / 8) * kKV * 128;
+  };
+
+  if constexpr (!Traits::kPipelined) {
+    // Each tile's products in turn: the MMAs idle while the softmax and exchange run.
+    for (int tile = 0; tile < loader.num_tiles; ++tile) {
+      loader.template advance<true>(tile, pending);
+      float s[1][kScoreTiles][4];
+      issue_scores(s[0], loader.k_tile(tile % Traits::kStages));
+      wgmma::wait_group<0>();
+      wgmma::pin(s[0]);
+      publish_half(s[0]);
+      // Both halves written; the next tile rewrites them only after the ring's barrier.
+      __syncthreads();
+      add_other_half(s[0]);
+      softmax_tile(s, tile);
+      Products::pv(o[0], s[0], v_tile(tile));
+      wgmma::wait_group<0>();
+      wgmma::pin(o[0]);
+    }
+  } else if (loader.num_tiles > 0) {
+    // The next tile's S runs on the tensor cores before this tile's P V, and the next tile's
+    // softmax while that P V does; the output's correction waits for the P V to complete.
+    // Two barriers per tile: tile + 1 landed (and tile - 1's stage free: its refill with tile
+    // + 2 is issued there, so one tile is in flight while two are computed), and the
+    // exchange of S's halves.
+    const auto masked_scores = [&](float (&s)[1][kScoreTiles][4], int tile) {
+      const int first_key = item.kv_start + tile * kKV;
+      transform_scores(s, logits, visibility.tile_needs_mask(first_key, kKV),
+                       [&](int, int n, int e) {
+                         const int key = first_key + n * 8 + (lane % 4) * 2 + (e % 2);
+                         const int token = (item.row_start + row0 + 8 * (e / 2)) / group;
+                         return visibility.visible(token, key);
+                       });
+    };
+    float correction[1][2];
+    loader.template advance<true>(0, pending);  // tile 0 landed, tile 2 requested
+    float s[1][kScoreTiles][4];
+    issue_scores(s[0], loader.k_tile(0));
+    wgmma::wait_group<0>();
+    wgmma::pin(s[0]);
+    publish_half(s[0]);
+    __syncthreads();
+    add_other_half(s[0]);
+    masked_scores(s, 0);
+    softmax.probabilities(s, logits.exp_scale, correction);  // o is zero: no correction
+    // `probs` holds a tile's probabilities, `next` receives the next tile's S. The two
+    // buffers swap roles tile by tile (a copy would let ptxas merge them, and then serialize
+    // the MMAs on the registers a running one writes).
+    const auto with_next = [&](float (&probs)[1][kScoreTiles][4],
+                               float (&next)[1][kScoreTiles][4], int tile) {
+      const int refill = tile + 2;  // into the stage of tile - 1 (tile 2 came with tile 0)
+      if (tile > 0) loader.store(refill, pending);
+      if (tile == 0) {
+        ptx::cp_async_wait<1>();  // tile 1 (tile 2 may be in flight)
+      } else {
+        ptx::cp_async_wait<0>();  // tile + 1, the newest request
+      }
+      wgmma::fence_generic_to_async_smem();
+      // Tile + 1 landed for every thread, every warpgroup's P V on tile - 1 completed (its
+      // stage is free), the refill's row addresses are out, and the other warpgroup read
+      // this one's last half of S.
+      __syncthreads();
+      if (tile > 0) {
+        if (refill < loader.num_tiles) loader.load(refill);
+        ptx::cp_async_commit();
+        pending = loader.fetch(refill + 1);
+      }
+      issue_scores(next[0], loader.k_tile((tile + 1) % Traits::kStages));
+      Products::pv(o[0], probs[0], v_tile(tile));
+      wgmma::wait_group<1>();  // the next tile's S (committed before this P V)
+      wgmma::pin(next[0]);
+      publish_half(next[0]);
+      __syncthreads();  // both halves published (the next write follows another barrier)
+      add_other_half(next[0]);
+      masked_scores(next, tile + 1);
+      softmax.probabilities(next, logits.exp_scale, correction);
+      wgmma::wait_group<0>();
+      wgmma::pin(o[0]);
+      OnlineSoftmax<1, kScoreTiles>::rescale(o, correction);
+    };
+    const auto last = [&](float (&probs)[1][kScoreTiles][4], int tile) {
+      Products::pv(o[0], probs[0], v_tile(tile));
+      wgmma::wait_group<0>();
+      wgmma::pin(o[0]);
+    };
+    // Straight-line MMAs in the steady state (ptxas serializes wgmma where it cannot follow
+    // which commit group a wait covers).
+    float other[1][kScoreTiles][4];
+    int tile = 0;
+    for (; tile + 2 < loader.num_tiles; tile += 2) {
+      with_next(s, other, tile);
+      with_next(other, s, tile + 1);
+    }
+    if (tile + 1 < loader.num_tiles) {
+      with_next(s, other, tile);
+      last(other, tile + 1);
+    } else {
+      last(s, tile);
+    }
   }
   ptx::cp_async_wait<0>();
 

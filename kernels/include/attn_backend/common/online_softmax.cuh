@@ -73,6 +73,58 @@ struct OnlineSoftmax {
     }
   }
 
+  // update() in two steps, for kernels whose output MMA still runs while the next tile's
+  // probabilities are made: probabilities() turns s into them and returns each row's
+  // correction; rescale() applies the corrections to o once the MMA has completed.
+  __device__ __forceinline__ void probabilities(float (&s)[kM][kN][4], float exp_scale,
+                                                float (&correction)[kM][2]) {
+#pragma unroll
+    for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float tile_max = kNegInf;
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+          tile_max = fmaxf(tile_max, fmaxf(s[mt][n][2 * half], s[mt][n][2 * half + 1]));
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
+        const float new_max = fmaxf(row_max[mt][half], tile_max * exp_scale);
+        const float reference = new_max == kNegInf ? 0.f : new_max;
+        correction[mt][half] = ptx::fast_exp2(row_max[mt][half] - reference);
+        row_max[mt][half] = new_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float prob = ptx::fast_exp2(fmaf(s[mt][n][2 * half + e], exp_scale, -reference));
+            s[mt][n][2 * half + e] = prob;
+            sum += prob;
+          }
+        }
+        row_sum[mt][half] = row_sum[mt][half] * correction[mt][half] + sum;
+      }
+    }
+  }
+
+  template <int kVONTiles>
+  __device__ __forceinline__ static void rescale(float (&o)[kM][kVONTiles][4],
+                                                 const float (&correction)[kM][2]) {
+#pragma unroll
+    for (int mt = 0; mt < kM; ++mt) {
+      if (__any_sync(0xffffffff, correction[mt][0] != 1.f || correction[mt][1] != 1.f)) {
+#pragma unroll
+        for (int n = 0; n < kVONTiles; ++n) {
+          o[mt][n][0] *= correction[mt][0];
+          o[mt][n][1] *= correction[mt][0];
+          o[mt][n][2] *= correction[mt][1];
+          o[mt][n][3] *= correction[mt][1];
+        }
+      }
+    }
+  }
+
   // After the last tile: the row's whole sum (its quad's shares added).
   __device__ __forceinline__ float total(int mt, int half) const {
     float t = row_sum[mt][half];
