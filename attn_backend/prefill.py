@@ -92,7 +92,8 @@ class PagedPrefill(KernelWrapper):
         short tile of query rows (speculative verify, short extends) take the short-query
         kernel either way. MLA's latent rows (576 / 512): "wgmma" runs every request on the
         64-row warpgroup kernel, "mma" on the mma.sync ones (16-row tiles for requests of
-        up to 16 rows, 32-row tiles otherwise)."""
+        up to 16 rows, 32-row tiles otherwise), "auto" the 64-row wgmma kernel for requests
+        of more than 16 rows where it runs and the 16-row mma.sync one for the others."""
         if max_num_tokens < 1:
             raise ValueError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
         self._init_shape(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
@@ -121,8 +122,10 @@ class PagedPrefill(KernelWrapper):
 
     def _mla_configs(self, backend: str) -> tuple[KernelConfig | None, KernelConfig | None]:
         """MLA's (long, short) configurations: on mma.sync 32-row tiles, and 16-row ones for
-        requests of at most 16 rows (a decode of 16 heads); on wgmma one 64-row shape for
-        both. "auto" takes wgmma where it runs."""
+        requests of at most 16 rows (a decode of 16 heads); "wgmma" the 64-row warpgroup shape
+        for both. "auto" where wgmma runs: the 64-row shape for long requests and the 16-row
+        mma.sync one for the short (faster on the H200 at 16 rows, where the 64-row tile
+        would idle three quarters of its rows; bench/results/mla_decode-*)."""
         mma = self._find_config("prefill_mla_wide"), self._find_config("prefill_mla")
         wgmma = self._find_config("prefill_mla_wgmma")
         on_cuda = self.device.type == "cuda"
@@ -131,8 +134,10 @@ class PagedPrefill(KernelWrapper):
                                                              (on_cuda and not runs)):
             raise ValueError(f"backend='wgmma' needs an sm_90 GPU and an sm_90a build; "
                              f"MLA on {self.device} has none (use backend='mma' or 'auto')")
-        if backend == "wgmma" or (backend == "auto" and runs):
+        if backend == "wgmma":
             return wgmma, wgmma
+        if backend == "auto" and runs:
+            return wgmma, mma[1]
         return mma
 
     def _long_config(self, backend: str) -> KernelConfig | None:

@@ -37,6 +37,18 @@ class TileShape:
 
     rows: int  # packed query rows per tile
     kv_tokens: int  # keys per K/V tile: the chunk granularity and the smallest chunk
+    # A split tile's partial state in keys of streaming, where the split's own cost enters
+    # the chunk choice (0: it does not; see choose_chunk).
+    partial_tokens: int = 0
+
+
+def tile_shape(config) -> TileShape:
+    """A kernel configuration's TileShape as the C++ planner builds it (plan_ops.cpp):
+    MLA's configurations (value_in_key) price their partials, a row of head_dim_vo floats
+    against a 16-bit latent key row of head_dim_qk values."""
+    partial_tokens = config.tile_rows * config.head_dim_vo * 4 // (config.head_dim_qk * 2) \
+        if config.value_in_key else 0
+    return TileShape(config.tile_rows, config.kv_tile_tokens, partial_tokens)
 
 
 @dataclass(frozen=True)
@@ -62,8 +74,10 @@ class WorkSchedule:
 
 
 def choose_chunk(lengths: np.ndarray, ctas_per_chunk: int, cta_slots: int, max_chunks: int,
-                 tile_tokens: int) -> int:
-    """The chunk (keys) with the smallest estimated makespan; see the module docstring."""
+                 tile_tokens: int, partial_tokens: int = 0) -> int:
+    """The chunk (keys) with the smallest estimated makespan; see the module docstring. With
+    partial_tokens > 0 a split also costs its partials: one written per chunk, and the longest
+    range's merge of its own at 2/5 of that each (scheduler.h says why)."""
     longest = int(lengths.max(initial=0))
     if longest <= tile_tokens:
         return max(longest, 1)
@@ -84,7 +98,11 @@ def choose_chunk(lengths: np.ndarray, ctas_per_chunk: int, cta_slots: int, max_c
     chunks, items = chunks[feasible], items[feasible]
     waves = (items * ctas_per_chunk + cta_slots - 1) // cta_slots
     average = total / items
-    estimate = np.maximum(waves * (average + ITEM_OVERHEAD_TOKENS), chunks + ITEM_OVERHEAD_TOKENS)
+    splits = (longest + chunks - 1) // chunks
+    write = np.where(splits > 1, partial_tokens, 0)
+    merge = np.where(splits > 1, 2 * partial_tokens * splits // 5, 0)
+    estimate = np.maximum(waves * (average + ITEM_OVERHEAD_TOKENS + write),
+                          chunks + ITEM_OVERHEAD_TOKENS + write) + merge
     return int(chunks[np.argmin(estimate)])  # argmin takes the first (largest) chunk on ties
 
 
@@ -175,7 +193,7 @@ def plan_decode(kv_lens: np.ndarray, *, window_left: int, num_kv_heads: int, gro
     row_tiles = decode_row_tiles(group_size, shape.rows)
     chunk = choose_chunk(ends - starts, num_kv_heads * row_tiles, cta_slots,
                          max_decode_chunks(batch, num_kv_heads, row_tiles, cta_slots),
-                         shape.kv_tokens)
+                         shape.kv_tokens, shape.partial_tokens)
     return schedule_ranges(np.arange(batch), np.zeros(batch, dtype=np.int64), starts, ends,
                            row_tiles=row_tiles, tile_rows=shape.rows, chunk=chunk)
 
@@ -212,7 +230,8 @@ def plan_prefill(q_lens: np.ndarray, kv_lens: np.ndarray, *, group_size: int, sh
     if 0 < num_tiles and num_tiles * num_kv_heads < cta_slots:
         # Fewer CTAs than the GPU holds: cut the kv ranges, as decode does.
         chunk = choose_chunk(lengths, num_kv_heads, cta_slots,
-                             max_prefill_partials(num_kv_heads, cta_slots), shape.kv_tokens)
+                             max_prefill_partials(num_kv_heads, cta_slots), shape.kv_tokens,
+                             shape.partial_tokens)
     return schedule_ranges(request, row_start, kv_start, kv_end, row_tiles=1,
                            tile_rows=shape.rows, chunk=chunk)
 

@@ -89,7 +89,7 @@ def test_every_served_head_dim_has_its_kernel_configurations():
         == ("prefill", 64, 32, True)
     assert mla_wgmma.smem_bytes <= 227 * 1024
     assert {c.name for c in all_configs() if (c.head_dim_qk, c.head_dim_vo) == MLA_HEAD_DIMS} \
-        == {"prefill_mla", "prefill_mla_wide", "prefill_mla_wgmma", "prefill_mla_wgmma_serial"}
+        == {"prefill_mla", "prefill_mla_wide", "prefill_mla_wgmma"}
     for config in all_configs():
         assert config.kv_tile_tokens % 16 == 0 and config.kv_tile_tokens <= config.threads
         assert config.tile_rows % 16 == 0 and config.smem_bytes > 0

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attn_backend import PagedDecode, PagedPrefill, reference
-from attn_backend.schedule import (TileShape, choose_prefill_shape, kv_ranges, max_decode_items,
-                                   max_prefill_partials, plan_decode, plan_prefill,
-                                   prefill_grid_size)
+from attn_backend.schedule import (TileShape, choose_chunk, choose_prefill_shape, kv_ranges,
+                                   max_decode_items, max_prefill_partials, plan_decode,
+                                   plan_prefill, prefill_grid_size, tile_shape)
 
 from .helpers import needs_extension
 
@@ -218,6 +218,38 @@ def test_cpp_prefill_planner_matches_the_specification(lens, group, causal, has_
     grid = prefill_grid_size(graph_tokens, len(q_lens), group, shape, num_kv_heads, cta_slots) \
         if graph else want.num_items
     assert prefill._planned.num_work_items == grid
+
+
+@needs_extension
+@settings(max_examples=150, deadline=None)
+@given(kv_lens=st.lists(st.integers(1, 40000), min_size=1, max_size=8),
+       q_len=st.sampled_from([1, 2, 4]), heads=st.sampled_from([16, 32, 128]),
+       cta_slots=st.sampled_from([132, 264]), backend=st.sampled_from(["mma", "wgmma"]))
+def test_cpp_mla_planner_prices_its_partials_as_the_specification(kv_lens, q_len, heads,
+                                                                  cta_slots, backend):
+    """MLA's configurations plan with their partials' cost (scheduler::choose_chunk), C++ and
+    numpy alike."""
+    kv_lens = np.maximum(np.array(kv_lens, dtype=np.int64), q_len)
+    q_lens = np.full(len(kv_lens), q_len, dtype=np.int64)
+    mla = PagedPrefill(num_qo_heads=heads, num_kv_heads=1, head_dim=576, head_dim_vo=512,
+                       dtype=torch.bfloat16, device="cpu", max_batch_size=8,
+                       max_num_tokens=64, cta_slots=cta_slots, backend=backend)
+    mla.plan(np.concatenate([[0], np.cumsum(q_lens)]), kv_lens)
+    shape = tile_shape(mla._planned.config)
+    assert shape.partial_tokens == shape.rows * 512 * 4 // 1152 > 0
+    want = plan_prefill(q_lens, kv_lens, group_size=heads, shape=shape, causal=True,
+                        window_left=-1, has_mask=False, num_kv_heads=1, cta_slots=cta_slots)
+    assert_same_schedule(mla.planned_schedule(), want)
+
+
+def test_priced_partials_bound_mla_splits():
+    """One 4k request of 128 heads on the 64-row shape: free partials cut it into 64-key chunks
+    (64 partials for one CTA to merge); priced ones stop near the square root of the trade."""
+    lengths = np.array([4096, 4096])
+    free = choose_chunk(lengths, 1, 132, 264, 32)
+    priced = choose_chunk(lengths, 1, 132, 264, 32, partial_tokens=113)
+    assert free == 64
+    assert 256 <= priced <= 1024
 
 
 @needs_extension

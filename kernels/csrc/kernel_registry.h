@@ -48,11 +48,11 @@ struct KernelConfig {
 
   std::vector<int64_t> facts() const {
     return {static_cast<int64_t>(family), head_dim_qk, head_dim_vo, tile_rows, kv_tile_tokens,
-            threads, smem_bytes, wgmma ? 1 : 0};
+            threads, smem_bytes, wgmma ? 1 : 0, value_in_key ? 1 : 0};
   }
   static std::vector<std::string> fact_names() {
     return {"family", "head_dim_qk", "head_dim_vo", "tile_rows", "kv_tile_tokens", "threads",
-            "smem_bytes", "wgmma"};
+            "smem_bytes", "wgmma", "value_in_key"};
   }
 };
 

@@ -54,10 +54,7 @@ KernelConfig config(const char* name) {
 }  // namespace
 
 void add_mla_wgmma_configs(std::vector<KernelConfig>& configs) {
-  configs.push_back(config<MlaWgmmaShape</*kStages=*/3, /*kPipelined=*/true>>("prefill_mla_wgmma"));
-  // The same tiles without the overlap, kept while the two are compared on the GPU.
-  configs.push_back(
-      config<MlaWgmmaShape</*kStages=*/3, /*kPipelined=*/false>>("prefill_mla_wgmma_serial"));
+  configs.push_back(config<MlaWgmmaShape</*kStages=*/3>>("prefill_mla_wgmma"));
 }
 
 }  // namespace attn_backend

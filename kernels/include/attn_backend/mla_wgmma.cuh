@@ -1,10 +1,11 @@
 // MLA's latent kernel (mla.cuh says what it computes) on Hopper's warpgroup MMAs (sm_90a).
 //
 // One wgmma M is 64 rows, so a CTA takes 64 packed rows (token * H + head of one request):
-// 64 heads of a token, or 16 heads of up to four tokens (a decode of 16 heads leaves 48 rows
-// idle: at that size the kernel is bound by the latent bytes, not the MMAs). Keys stream in
-// tiles of 32 through a 3-deep ring (two tiles in flight while one is computed); Q, the ring
-// and the tiles' score exchange take 199 KB, one CTA per SM.
+// 64 heads of a token, or 16 heads of up to four tokens. PagedPrefill takes it for requests
+// of more than 16 rows (128 heads, verify); a decode of 16 heads, which would leave 48 rows
+// idle, stays on mma.sync's 16-row kernel (mla.cuh), faster there on the H200. Keys stream in
+// tiles of 32 through a 3-deep ring; Q, the ring and the tiles' score exchange take 199 KB,
+// one CTA per SM.
 //
 // The CTA's two warpgroups split each tile's work so that neither product is repeated:
 // - S = Q K^T: warpgroup g takes half of the 576 dims (18 k-steps of m64n32k16) for all 64
@@ -13,7 +14,13 @@
 //   run the same online softmax: identical maxima, sums and probabilities, no other exchange;
 // - O += P V: warpgroup g owns output dims [256 g, 256 g + 256) (128 accumulators a thread:
 //   two m64n128k16 per 16 keys), P from registers, V the K tile's first 512 columns.
-// Two barriers per tile: the ring's and the exchange's.
+// The next tile's S is issued before this tile's P V, so the tensor cores run it while the
+// warpgroups wait for it and make its softmax (see the main loop); on the H200 that was 5-10%
+// faster than running each tile's products in turn (bench_mla, both in one run).
+//
+// Measured (bench/results/mla_decode-*): the 64 x 32 x 576 products of S, m64n32k16 with A
+// from shared memory, re-read Q for every 32 keys, and the tensor pipes stay near 30% busy at
+// 128 heads; FlashMLA's 64-key S and deeper overlap reach about twice the rate.
 //
 // Composed of: work_item (the prefill planner's items: decode, verify chains and trees, draft
 // extends, split-KV chunks merged in the launch), paged_kv_loader (V inside K, 128-byte
@@ -38,8 +45,7 @@
 
 namespace attn_backend {
 
-// kPipelined: the next tile's S overlaps this tile's softmax (see the kernel's main loop).
-template <int kStages_, bool kPipelined_>
+template <int kStages_>
 struct MlaWgmmaShape {
   static constexpr int kHeadDimQK = kMlaHeadDimQK;
   static constexpr int kHeadDimVO = kMlaHeadDimVO;
@@ -49,7 +55,6 @@ struct MlaWgmmaShape {
   static constexpr int kWarpgroups = 2;
   static constexpr int kThreads = kWarpgroups * 128;
   static constexpr bool kWgmma = true;
-  static constexpr bool kPipelined = kPipelined_;
 };
 
 // The two products of one tile, for a warpgroup (Q, K and V in Swizzled128BBlocks layouts:
@@ -227,39 +232,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       s[n][3] += other.w;
     }
   };
-  // Logits transform, mask, online softmax: s becomes the tile's probabilities.
-  const auto softmax_tile = [&](float (&s)[1][kScoreTiles][4], int tile) {
-    const int first_key = item.kv_start + tile * kKV;
-    transform_scores(s, logits, visibility.tile_needs_mask(first_key, kKV),
-                     [&](int, int n, int e) {
-                       const int key = first_key + n * 8 + (lane % 4) * 2 + (e % 2);
-                       const int token = (item.row_start + row0 + 8 * (e / 2)) / group;
-                       return visibility.visible(token, key);
-                     });
-    softmax.update(s, o, logits.exp_scale);
-  };
   const auto v_tile = [&](int tile) {
     return loader.k_tile(tile % Traits::kStages) + warpgroup * (kOutTiles / 8) * kKV * 128;
   };
 
-  if constexpr (!Traits::kPipelined) {
-    // Each tile's products in turn: the MMAs idle while the softmax and exchange run.
-    for (int tile = 0; tile < loader.num_tiles; ++tile) {
-      loader.template advance<true>(tile, pending);
-      float s[1][kScoreTiles][4];
-      issue_scores(s[0], loader.k_tile(tile % Traits::kStages));
-      wgmma::wait_group<0>();
-      wgmma::pin(s[0]);
-      publish_half(s[0]);
-      // Both halves written; the next tile rewrites them only after the ring's barrier.
-      __syncthreads();
-      add_other_half(s[0]);
-      softmax_tile(s, tile);
-      Products::pv(o[0], s[0], v_tile(tile));
-      wgmma::wait_group<0>();
-      wgmma::pin(o[0]);
-    }
-  } else if (loader.num_tiles > 0) {
+  if (loader.num_tiles > 0) {
     // The next tile's S runs on the tensor cores before this tile's P V, and the next tile's
     // softmax while that P V does; the output's correction waits for the P V to complete.
     // Two barriers per tile: tile + 1 landed (and tile - 1's stage free: its refill with tile

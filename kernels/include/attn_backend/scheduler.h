@@ -34,14 +34,24 @@ constexpr int64_t kMaxSplitsConsidered = 128;
 struct TileShape {
   int64_t rows;       // packed query rows per tile
   int64_t kv_tokens;  // keys per K/V tile: the chunk granularity and the smallest chunk
+  // A split tile's partial state in keys of streaming (its bytes over a key row's), where the
+  // split's own cost enters the chunk choice (0: it does not; see choose_chunk).
+  int64_t partial_tokens = 0;
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The chunk (keys) with the smallest estimated makespan for pieces of `lengths` keys, each
 // chunk `ctas_per_chunk` CTAs, at most `max_chunks` chunks in all (one per length always fits).
+// With partial_tokens > 0 a split also costs its partial states: each chunk writes one (that
+// many keys of streaming), and the longest range's last chunk merges all of its own, at
+// about 2/5 of that per partial (an estimate: the merge reads them from L2 with 8 loads of
+// 16 bytes in flight per thread, about 2.5x a CTA's share of the DRAM stream at L2 latency).
+// MLA's 512-wide partials make this the cost that bounds its splits; the other kernels' small
+// partials plan with 0 until a before/after on the GPU says otherwise.
 inline int64_t choose_chunk(const std::vector<int64_t>& lengths, int64_t ctas_per_chunk,
-                            int64_t cta_slots, int64_t max_chunks, int64_t tile_tokens) {
+                            int64_t cta_slots, int64_t max_chunks, int64_t tile_tokens,
+                            int64_t partial_tokens = 0) {
   int64_t longest = 0, total = 0;
   for (int64_t n : lengths) {
     longest = std::max(longest, n);
@@ -66,8 +76,13 @@ inline int64_t choose_chunk(const std::vector<int64_t>& lengths, int64_t ctas_pe
     if (i > 0 && items > max_chunks) continue;
     const int64_t waves = ceil_div(items * ctas_per_chunk, cta_slots);
     const double average = static_cast<double>(total) / static_cast<double>(items);
-    const double estimate = std::max(static_cast<double>(waves) * (average + kItemOverheadTokens),
-                                     static_cast<double>(chunks[i] + kItemOverheadTokens));
+    const int64_t splits = ceil_div(longest, chunks[i]);
+    const int64_t write = splits > 1 ? partial_tokens : 0;
+    const int64_t merge = splits > 1 ? 2 * partial_tokens * splits / 5 : 0;
+    const double estimate =
+        std::max(static_cast<double>(waves) * (average + kItemOverheadTokens + write),
+                 static_cast<double>(chunks[i] + kItemOverheadTokens + write)) +
+        static_cast<double>(merge);
     if (i == 0 || estimate < best_estimate) {  // the first (largest) chunk wins ties
       best_estimate = estimate;
       best_chunk = chunks[i];
@@ -247,7 +262,8 @@ inline ScheduleSummary plan_decode(const int64_t* kv_lens, int64_t batch, int64_
   }
   const int64_t chunk =
       choose_chunk(lengths, num_kv_heads * row_tiles, cta_slots,
-                   max_decode_chunks(batch, num_kv_heads, row_tiles, cta_slots), shape.kv_tokens);
+                   max_decode_chunks(batch, num_kv_heads, row_tiles, cta_slots), shape.kv_tokens,
+                   shape.partial_tokens);
   return detail::schedule_ranges(ranges, row_tiles, shape.rows, chunk, out);
 }
 
@@ -286,7 +302,8 @@ inline ScheduleSummary plan_prefill(const int64_t* qo_indptr, const int64_t* kv_
     std::vector<int64_t> lengths(num_tiles);
     for (int64_t t = 0; t < num_tiles; ++t) lengths[t] = tiles[t].kv_end - tiles[t].kv_start;
     chunk = choose_chunk(lengths, num_kv_heads, cta_slots,
-                         max_prefill_partials(num_kv_heads, cta_slots), shape.kv_tokens);
+                         max_prefill_partials(num_kv_heads, cta_slots), shape.kv_tokens,
+                         shape.partial_tokens);
   }
   return detail::schedule_ranges(tiles, 1, shape.rows, chunk, out);
 }
