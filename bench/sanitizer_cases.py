@@ -79,9 +79,13 @@ def cases() -> list[tuple[str, Case]]:
                                                tree_mask=True, seed=21)),
         ("mla decode, 16 heads, split-KV", r(MLA, kv_lens=(3000, 40, 1), q_lens=(1, 1, 1),
                                              seed=25)),
-        ("mla verify, 64 heads (32-row tiles), tree masks",
+        ("mla verify, 64 heads (64-row wgmma tiles on sm_90, else 32-row), tree masks",
          r(MLA, group=64, kv_lens=(300, 70), q_lens=(4, 2), tree_mask=True, engine="sglang",
            seed=26)),
+        ("mla decode, 128 heads (wgmma on sm_90), split-KV",
+         r(MLA, group=128, kv_lens=(5000, 33), q_lens=(1, 1), seed=27)),
+        ("mla decode, 16 heads, mma", r(MLA, kv_lens=(700, 64), q_lens=(1, 1), backend="mma",
+                                        seed=28)),
     ]
 
 
