@@ -94,13 +94,7 @@ struct MlaWgmmaProducts {
                                             const float (&s)[kKVTile / 8][4],
                                             const uint8_t* v_smem) {
     uint32_t p_fragments[kKVTile / 16][4];
-#pragma unroll
-    for (int kt = 0; kt < kKVTile / 16; ++kt) {
-      p_fragments[kt][0] = ptx::pack2<DType>(s[2 * kt][0], s[2 * kt][1]);
-      p_fragments[kt][1] = ptx::pack2<DType>(s[2 * kt][2], s[2 * kt][3]);
-      p_fragments[kt][2] = ptx::pack2<DType>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
-      p_fragments[kt][3] = ptx::pack2<DType>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
-    }
+    wgmma::pack_a_fragments<DType, kKVTile>(p_fragments, s);
     constexpr int kBlock = kKVTile * 128;
     const uint64_t v_desc = wgmma::descriptor(v_smem, kBlock, 1024);
     float (&low)[kOutTiles / 2][4] = *reinterpret_cast<float (*)[kOutTiles / 2][4]>(&o[0]);

@@ -31,44 +31,12 @@ struct OnlineSoftmax {
       float reference[2], correction[2];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        float tile_max = kNegInf;
-#pragma unroll
-        for (int n = 0; n < kN; ++n) {
-          tile_max = fmaxf(tile_max, fmaxf(s[mt][n][2 * half], s[mt][n][2 * half + 1]));
-        }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
-        const float new_max = fmaxf(row_max[mt][half], tile_max * exp_scale);
-        // With nothing seen yet the max is -inf; subtracting 0 keeps exp2 at 0.
-        reference[half] = new_max == kNegInf ? 0.f : new_max;
-        correction[half] = ptx::fast_exp2(row_max[mt][half] - reference[half]);
-        row_max[mt][half] = new_max;
+        reference[half] = fold_max(s, mt, half, exp_scale, correction[half]);
       }
-      // Once the running maxima settle most tiles leave them unchanged; then this m-tile's
-      // outputs need no rescaling (a warp-uniform test, so no divergence).
-      if (__any_sync(0xffffffff, correction[0] != 1.f || correction[1] != 1.f)) {
-#pragma unroll
-        for (int n = 0; n < kVONTiles; ++n) {
-          o[mt][n][0] *= correction[0];
-          o[mt][n][1] *= correction[0];
-          o[mt][n][2] *= correction[1];
-          o[mt][n][3] *= correction[1];
-        }
-      }
+      rescale_rows(o[mt], correction[0], correction[1]);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < kN; ++n) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float prob =
-                ptx::fast_exp2(fmaf(s[mt][n][2 * half + e], exp_scale, -reference[half]));
-            s[mt][n][2 * half + e] = prob;
-            sum += prob;
-          }
-        }
-        row_sum[mt][half] = row_sum[mt][half] * correction[half] + sum;
+        exponentiate(s, mt, half, exp_scale, reference[half], correction[half]);
       }
     }
   }
@@ -82,28 +50,8 @@ struct OnlineSoftmax {
     for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        float tile_max = kNegInf;
-#pragma unroll
-        for (int n = 0; n < kN; ++n) {
-          tile_max = fmaxf(tile_max, fmaxf(s[mt][n][2 * half], s[mt][n][2 * half + 1]));
-        }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
-        const float new_max = fmaxf(row_max[mt][half], tile_max * exp_scale);
-        const float reference = new_max == kNegInf ? 0.f : new_max;
-        correction[mt][half] = ptx::fast_exp2(row_max[mt][half] - reference);
-        row_max[mt][half] = new_max;
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < kN; ++n) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float prob = ptx::fast_exp2(fmaf(s[mt][n][2 * half + e], exp_scale, -reference));
-            s[mt][n][2 * half + e] = prob;
-            sum += prob;
-          }
-        }
-        row_sum[mt][half] = row_sum[mt][half] * correction[mt][half] + sum;
+        const float reference = fold_max(s, mt, half, exp_scale, correction[mt][half]);
+        exponentiate(s, mt, half, exp_scale, reference, correction[mt][half]);
       }
     }
   }
@@ -112,17 +60,7 @@ struct OnlineSoftmax {
   __device__ __forceinline__ static void rescale(float (&o)[kM][kVONTiles][4],
                                                  const float (&correction)[kM][2]) {
 #pragma unroll
-    for (int mt = 0; mt < kM; ++mt) {
-      if (__any_sync(0xffffffff, correction[mt][0] != 1.f || correction[mt][1] != 1.f)) {
-#pragma unroll
-        for (int n = 0; n < kVONTiles; ++n) {
-          o[mt][n][0] *= correction[mt][0];
-          o[mt][n][1] *= correction[mt][0];
-          o[mt][n][2] *= correction[mt][1];
-          o[mt][n][3] *= correction[mt][1];
-        }
-      }
-    }
+    for (int mt = 0; mt < kM; ++mt) rescale_rows(o[mt], correction[mt][0], correction[mt][1]);
   }
 
   // After the last tile: the row's whole sum (its quad's shares added).
@@ -136,6 +74,59 @@ struct OnlineSoftmax {
   // Natural-log LSE of a row with sum `total`, -inf for a row that saw no key.
   __device__ __forceinline__ float lse(int mt, int half, float total) const {
     return total != 0.f ? (row_max[mt][half] + __log2f(total)) * kLn2 : kNegInf;
+  }
+
+ private:
+  // Folds row (mt, half)'s max over the tile into its running max; returns the reference the
+  // tile's probabilities are taken against and sets the correction of the rows' past.
+  __device__ __forceinline__ float fold_max(const float (&s)[kM][kN][4], int mt, int half,
+                                            float exp_scale, float& correction) {
+    float tile_max = kNegInf;
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+      tile_max = fmaxf(tile_max, fmaxf(s[mt][n][2 * half], s[mt][n][2 * half + 1]));
+    }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
+    const float new_max = fmaxf(row_max[mt][half], tile_max * exp_scale);
+    // With nothing seen yet the max is -inf; subtracting 0 keeps exp2 at 0.
+    const float reference = new_max == kNegInf ? 0.f : new_max;
+    correction = ptx::fast_exp2(row_max[mt][half] - reference);
+    row_max[mt][half] = new_max;
+    return reference;
+  }
+
+  // Row (mt, half)'s scores become exp2(s * exp_scale - reference); its sum, corrected, adds them.
+  __device__ __forceinline__ void exponentiate(float (&s)[kM][kN][4], int mt, int half,
+                                               float exp_scale, float reference,
+                                               float correction) {
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float prob = ptx::fast_exp2(fmaf(s[mt][n][2 * half + e], exp_scale, -reference));
+        s[mt][n][2 * half + e] = prob;
+        sum += prob;
+      }
+    }
+    row_sum[mt][half] = row_sum[mt][half] * correction + sum;
+  }
+
+  // Once the running maxima settle most tiles leave them unchanged; then the m-tile's outputs
+  // need no rescaling (a warp-uniform test, so no divergence).
+  template <int kVONTiles>
+  __device__ __forceinline__ static void rescale_rows(float (&o)[kVONTiles][4], float low,
+                                                      float high) {
+    if (__any_sync(0xffffffff, low != 1.f || high != 1.f)) {
+#pragma unroll
+      for (int n = 0; n < kVONTiles; ++n) {
+        o[n][0] *= low;
+        o[n][1] *= low;
+        o[n][2] *= high;
+        o[n][3] *= high;
+      }
+    }
   }
 };
 

@@ -84,6 +84,20 @@ __device__ __forceinline__ void pin(float (&d)[kTiles][4]) {
   }
 }
 
+// The register A operand of O += P V from S's accumulators (kKeys keys): the accumulator
+// layout of two 8-key column tiles is the A fragment of one 16-key k-step.
+template <typename DType, int kKeys>
+__device__ __forceinline__ void pack_a_fragments(uint32_t (&a)[kKeys / 16][4],
+                                                 const float (&s)[kKeys / 8][4]) {
+#pragma unroll
+  for (int kt = 0; kt < kKeys / 16; ++kt) {
+    a[kt][0] = ptx::pack2<DType>(s[2 * kt][0], s[2 * kt][1]);
+    a[kt][1] = ptx::pack2<DType>(s[2 * kt][2], s[2 * kt][3]);
+    a[kt][2] = ptx::pack2<DType>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+    a[kt][3] = ptx::pack2<DType>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+  }
+}
+
 // Operand strings of the m64nNk16 instructions, per N: the accumulator registers
 // "{%0, ..., %(N/2 - 1)}", their "+f" operands, and the operands after them (ss: A and B
 // descriptors, scale-d, transpose-B; rs: the 4 A registers, B descriptor, scale-d,
