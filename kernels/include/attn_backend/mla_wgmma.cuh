@@ -160,26 +160,21 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   uint8_t* const q_smem = smem + Traits::kQOffset;
   float4* const exchange = reinterpret_cast<float4*>(smem + Traits::kExchangeOffset);
 
-  const CtaWork cta = cta_work();
-  // The schedule and request info are plan() buffers (decode.cuh says why they may be read
-  // before the previous kernel finishes); everything else only after wait_for_prior_grids().
-  if (!p.work.holds(cta.item)) return;
-  const WorkItem item = p.work[cta.item];
-  if (item.request < 0) return;
-  const int qo_start = p.requests.qo_start[item.request];
-  const int q_len = p.requests.q_len[item.request];
-  const int kv_len = p.requests.kv_len[item.request];
-  ptx::wait_for_prior_grids();
-  ptx::allow_dependent_grids();
+  PackedTileWork work;
+  if (!read_packed_tile_work<kRows>(p, work)) return;
+  const CtaWork& cta = work.cta;
+  const WorkItem& item = work.item;
+  const int q_len = work.q_len;
+  const int kv_len = work.kv_len;
   const int group = p.group_size;
-  const int num_rows = min(kRows, q_len * group - item.row_start);
+  const int num_rows = work.num_rows;
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
   const int thread_in_group = tid % 128;
   const int lane = tid % 32;
   // This thread's accumulator rows (both products): row0 and row0 + 8.
   const int row0 = 16 * (thread_in_group / 32) + lane / 4;
-  const PackedRows rows{qo_start, item.row_start, group, cta.kv_head * group};
+  const PackedRows& rows = work.rows;
 
   load_query_rows<typename Traits::DTypeQ, typename Traits::LayoutQ, kRows, Traits::kThreads>(
       p, rows, num_rows, q_smem);

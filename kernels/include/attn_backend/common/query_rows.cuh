@@ -35,6 +35,38 @@ struct HeadRows {
   __device__ __forceinline__ int head(int row) const { return first_qo_head + row_start + row; }
 };
 
+// A prefill-family CTA's work: its item, its request's lengths and its tile's packed rows.
+struct PackedTileWork {
+  CtaWork cta;
+  WorkItem item;
+  int q_len;
+  int kv_len;
+  int num_rows;  // valid rows of the tile (of at most kRows)
+  PackedRows rows;
+};
+
+// Reads this CTA's work (false: none, the CTA returns). The schedule and the request info are
+// plan() buffers, written by host-to-device copies, so they are read before the previous
+// kernel finishes (decode.cuh says why); the query, caches, page table and custom mask only
+// after the wait here.
+template <int kRows>
+__device__ __forceinline__ bool read_packed_tile_work(const AttentionParams& p,
+                                                      PackedTileWork& work) {
+  work.cta = cta_work();
+  if (!p.work.holds(work.cta.item)) return false;
+  work.item = p.work[work.cta.item];
+  if (work.item.request < 0) return false;
+  const int qo_start = p.requests.qo_start[work.item.request];
+  work.q_len = p.requests.q_len[work.item.request];
+  work.kv_len = p.requests.kv_len[work.item.request];
+  ptx::wait_for_prior_grids();
+  ptx::allow_dependent_grids();
+  const int group = p.group_size;
+  work.num_rows = min(kRows, work.q_len * group - work.item.row_start);
+  work.rows = {qo_start, work.item.row_start, group, work.cta.kv_head * group};
+  return true;
+}
+
 // Copies (cp.async, one commit group) the query rows [0, num_rows) of a tile of kRows rows
 // into q_smem in `Layout`; rows past num_rows are zero.
 template <typename DTypeQ, typename Layout, int kRows, int kThreads, typename Rows>
