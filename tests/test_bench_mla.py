@@ -29,3 +29,15 @@ def test_plot_draws_every_panel(tmp_path):
     path = tmp_path / "mla.png"
     bench_mla.plot(rows, 4.2, path, device="test")
     assert path.stat().st_size > 10_000
+
+
+def test_summary_table_shows_our_other_kernels_beside_the_peers():
+    from bench.common import format_table
+
+    rows = [{"case": "a", "ours": 1.0, "ours_us": 5.0, "ours_mma": 0.5,
+             "peers": {"flashmla": 2.0}},
+            {"case": "b", "ours": 3.0, "ours_us": 7.0, "peers": {}}]
+    lines = format_table(rows, "TB/s").splitlines()
+    assert lines[1] == "case | ours | ours_mma | flashmla"
+    assert lines[3] == "a | 1.000 | 0.500 | 2.000"
+    assert lines[4] == "b | 3.000 | - | -"
