@@ -39,7 +39,7 @@ class KernelConfig:
     threads: int
     smem_bytes: int
     wgmma: bool
-    value_in_key: bool = False  # MLA: V is the first head_dim_vo columns of each key row
+    partial_tokens: int = 0  # a split partial's price in keys (scheduler.h; MLA's only)
 
     def ctas_per_sm(self, kv_dtype: torch.dtype | None = None) -> int:
         """CTAs of this configuration that fit on one SM of the current CUDA device, for caches
@@ -63,7 +63,7 @@ def all_configs() -> tuple[KernelConfig, ...]:
             head_dim_qk=facts["head_dim_qk"], head_dim_vo=facts["head_dim_vo"],
             tile_rows=facts["tile_rows"], kv_tile_tokens=facts["kv_tile_tokens"],
             threads=facts["threads"], smem_bytes=facts["smem_bytes"], wgmma=bool(facts["wgmma"]),
-            value_in_key=bool(facts.get("value_in_key", 0))))
+            partial_tokens=facts["partial_tokens"]))
     return tuple(configs)
 
 

@@ -126,24 +126,19 @@ class PagedPrefill(KernelWrapper):
         for both. "auto" where wgmma runs: the 64-row shape for long requests and the 16-row
         mma.sync one for the short (faster on the H200 at 16 rows, where the 64-row tile
         would idle three quarters of its rows; bench/results/mla_decode-*)."""
-        mma = self._find_config("prefill_mla_wide"), self._find_config("prefill_mla")
-        wgmma = self._find_config("prefill_mla_wgmma")
-        on_cuda = self.device.type == "cuda"
-        runs = wgmma is not None and on_cuda and wgmma.runs_here()
-        if backend == "wgmma" and self._ops is not None and (wgmma is None or
-                                                             (on_cuda and not runs)):
-            raise ValueError(f"backend='wgmma' needs an sm_90 GPU and an sm_90a build; "
-                             f"MLA on {self.device} has none (use backend='mma' or 'auto')")
-        if backend == "wgmma":
-            return wgmma, wgmma
-        if backend == "auto" and runs:
-            return wgmma, mma[1]
-        return mma
+        short = self._find_config("prefill_mla")
+        long = self._wgmma_or_mma("prefill_mla_wgmma", "prefill_mla_wide", backend)
+        return long, long if backend == "wgmma" else short
 
     def _long_config(self, backend: str) -> KernelConfig | None:
         """The long-query configuration of `backend` (None: no schedule on this device)."""
-        mma = self._find_config("prefill_mma")
-        wgmma = self._find_config("prefill_wgmma")
+        return self._wgmma_or_mma("prefill_wgmma", "prefill_mma", backend)
+
+    def _wgmma_or_mma(self, wgmma_name: str, mma_name: str, backend: str) -> KernelConfig | None:
+        """`backend`'s configuration of the two: "mma", "wgmma" (refused where it cannot run),
+        or "auto" (wgmma where it runs, else mma)."""
+        mma = self._find_config(mma_name)
+        wgmma = self._find_config(wgmma_name)
         on_cuda = self.device.type == "cuda"
         if backend == "mma":
             return mma

@@ -43,12 +43,8 @@ class TileShape:
 
 
 def tile_shape(config) -> TileShape:
-    """A kernel configuration's TileShape as the C++ planner builds it (plan_ops.cpp):
-    MLA's configurations (value_in_key) price their partials, a row of head_dim_vo floats
-    against a 16-bit latent key row of head_dim_qk values."""
-    partial_tokens = config.tile_rows * config.head_dim_vo * 4 // (config.head_dim_qk * 2) \
-        if config.value_in_key else 0
-    return TileShape(config.tile_rows, config.kv_tile_tokens, partial_tokens)
+    """A kernel configuration's TileShape, as the C++ planner builds it (plan_ops.cpp)."""
+    return TileShape(config.tile_rows, config.kv_tile_tokens, config.partial_tokens)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ Peers on the identical cache: `flashmla` (the `flash_mla` package of the sgl-fla
 SGLang 0.5.23's pin, 10 MB, stable-ABI extensions; else sgl_kernel.flash_mla; page 64 only) and `flashinfer_mla` (BatchMLAPagedAttentionWrapper over strided
 views of the latent and rope columns). A peer that is missing or fails says so in the notes.
 Where our default is the warpgroup (wgmma) kernel, each row also times the mma.sync kernels
-on the same inputs (`ours_mma`, and `ours_<shape>` for any other wgmma shape compiled), and
-`kernel` names the configuration `ours` ran. The GPU
+on the same inputs (`ours_mma`), and `kernel` names the configuration `ours` ran. The GPU
 tests (tests/test_mla_gpu.py) check the latent kernels before this runs in scripts/gpu_check.sh.
 """
 
@@ -23,7 +22,6 @@ import torch
 
 import attn_backend
 from attn_backend import PagedKVCache, PagedPrefill, PageTable
-from attn_backend.kernel_configs import all_configs
 
 from .common import OptionalPeers, median_ms, selected_peers, shuffled_pages
 
@@ -124,10 +122,10 @@ def _shape_rows(peers, batch, kv_len, heads, q_len, gen) -> list[dict]:
     moved = latent_bytes(batch, kv_len) + q.numel() * 2 + batch * q_len * heads * RANK * 2
     work = flops(batch, kv_len, heads, q_len)
     iters = 20 if moved > (4 << 30) else 50
-    mla = PagedPrefill(num_qo_heads=heads, num_kv_heads=1, head_dim=RANK + ROPE,
-                       head_dim_vo=RANK, dtype=DTYPE, device="cuda", max_batch_size=batch,
-                       max_num_tokens=batch * q_len)
-    others = None  # our other MLA kernels, where "auto" takes the wgmma one: all in one run
+    shape = dict(num_qo_heads=heads, num_kv_heads=1, head_dim=RANK + ROPE, head_dim_vo=RANK,
+                 dtype=DTYPE, device="cuda", max_batch_size=batch, max_num_tokens=batch * q_len)
+    mla = PagedPrefill(**shape)
+    others = None  # the mma.sync kernels, where "auto" takes the wgmma one: both in one run
     qo_indptr = [q_len * r for r in range(batch + 1)]
     rows = []
     for page_size in PAGE_SIZES:
@@ -138,8 +136,8 @@ def _shape_rows(peers, batch, kv_len, heads, q_len, gen) -> list[dict]:
         out = torch.empty(q.shape[0], heads, RANK, dtype=DTYPE, device="cuda")
         timings = {"ours": median_ms(lambda: mla.run(q, cache, table, out=out), iters=iters)}
         if others is None:
-            others = _other_kernels(mla, heads, batch * q_len) if mla._planned.config.wgmma \
-                else {}
+            others = {"ours_mma": PagedPrefill(**shape, backend="mma")} \
+                if mla._planned.config.wgmma else {}
         for name, other in others.items():
             other.plan(qo_indptr, [kv_len] * batch)
             timings[name] = median_ms(lambda: other.run(q, cache, table, out=out), iters=iters)
@@ -167,33 +165,6 @@ def _shape_rows(peers, batch, kv_len, heads, q_len, gen) -> list[dict]:
             "tflops": {name: round(work / (ms * 1e-3) / 1e12, 2) for name, ms in timings.items()},
         })
     return rows
-
-
-class _PinnedMla(PagedPrefill):
-    """PagedPrefill on one named MLA configuration (the comparison's other wgmma shapes)."""
-
-    def __init__(self, config_name: str, **kwargs):
-        self._pinned = config_name
-        super().__init__(**kwargs)
-
-    def _mla_configs(self, backend):
-        config = self._find_config(self._pinned)
-        return config, config
-
-
-def _other_kernels(mla, heads, max_num_tokens) -> dict[str, PagedPrefill]:
-    """`ours_mma` (the mma.sync kernels) and `ours_<name>` for every other wgmma MLA shape
-    compiled beside the one `mla` planned for."""
-    shape = dict(num_qo_heads=heads, num_kv_heads=1, head_dim=RANK + ROPE, head_dim_vo=RANK,
-                 dtype=DTYPE, device="cuda", max_batch_size=mla.max_batch_size,
-                 max_num_tokens=max_num_tokens)
-    others = {"ours_mma": PagedPrefill(**shape, backend="mma")}
-    for config in all_configs():
-        if config.name.startswith("prefill_mla_wgmma_") and \
-                (config.head_dim_qk, config.head_dim_vo) == (RANK + ROPE, RANK):
-            others["ours_" + config.name.removeprefix("prefill_mla_")] = \
-                _PinnedMla(config.name, **shape)
-    return others
 
 
 def plot(rows, ceiling_tbs, path, device: str | None = None):

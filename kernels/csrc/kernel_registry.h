@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <torch/library.h>
@@ -24,6 +25,19 @@ struct VariantFlags {
   bool soft_cap;
   bool custom_mask;
 };
+
+// The kernel instance of `flags`: make(soft_cap, custom_mask), both std::bool_constant, names
+// the instance, so all four are compiled (each costs registers only where it is used) and
+// the launch picks one.
+template <typename Make>
+auto variant_kernel(const VariantFlags& flags, const Make& make) {
+  using std::false_type;
+  using std::true_type;
+  return flags.soft_cap
+             ? (flags.custom_mask ? make(true_type{}, true_type{}) : make(true_type{}, false_type{}))
+             : (flags.custom_mask ? make(false_type{}, true_type{})
+                                  : make(false_type{}, false_type{}));
+}
 
 struct KernelConfig {
   std::string name;  // decode | decode_full_batch | prefill_mma | prefill_wgmma | prefill_short |
@@ -46,13 +60,20 @@ struct KernelConfig {
   // op requires v_cache to be that view of k_cache.
   bool value_in_key = false;
 
+  // A split tile's partial state in keys of streaming, as the planner prices splits
+  // (scheduler::TileShape): MLA's configurations only (a row of head_dim_vo floats against a
+  // 16-bit latent key row of head_dim_qk values); 0 for the others, whose plans do not count it.
+  int64_t partial_tokens() const {
+    return value_in_key ? tile_rows * head_dim_vo * 4 / (head_dim_qk * 2) : 0;
+  }
+
   std::vector<int64_t> facts() const {
     return {static_cast<int64_t>(family), head_dim_qk, head_dim_vo, tile_rows, kv_tile_tokens,
-            threads, smem_bytes, wgmma ? 1 : 0, value_in_key ? 1 : 0};
+            threads, smem_bytes, wgmma ? 1 : 0, partial_tokens()};
   }
   static std::vector<std::string> fact_names() {
     return {"family", "head_dim_qk", "head_dim_vo", "tile_rows", "kv_tile_tokens", "threads",
-            "smem_bytes", "wgmma", "value_in_key"};
+            "smem_bytes", "wgmma", "partial_tokens"};
   }
 };
 

@@ -18,13 +18,10 @@ void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFl
   // The latent cache holds the query's 16-bit type (FP8 MLA caches are not compiled yet).
   dispatch_16bit_dtypes(dtypes, "prefill_mla", [&](auto q, auto kv, auto o) {
     using Traits = MlaTraits<Shape, decltype(q), decltype(kv), decltype(o)>;
-    using Plain = LogitsTransform<false>;
-    using Capped = LogitsTransform<true>;
-    auto* kernel = flags.soft_cap
-                       ? (flags.custom_mask ? &paged_mla_kernel<Traits, Capped, true>
-                                            : &paged_mla_kernel<Traits, Capped, false>)
-                       : (flags.custom_mask ? &paged_mla_kernel<Traits, Plain, true>
-                                            : &paged_mla_kernel<Traits, Plain, false>);
+    auto* kernel = variant_kernel(flags, [](auto soft_cap, auto custom_mask) {
+      return &paged_mla_kernel<Traits, LogitsTransform<decltype(soft_cap)::value>,
+                                  decltype(custom_mask)::value>;
+    });
     launch_with_pdl(kernel, params, grid, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
   });
 }

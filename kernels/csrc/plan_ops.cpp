@@ -16,15 +16,9 @@
 namespace attn_backend {
 namespace {
 
-// MLA's configurations (value_in_key) price their split partials (scheduler::choose_chunk):
-// a partial row is head_dim_vo floats against a 16-bit latent key row of head_dim_qk values.
-// attn_backend/schedule.py's tile_shape() is the same.
 scheduler::TileShape tile_shape(int64_t config_id) {
   const KernelConfig& config = kernel_config(config_id);
-  const int64_t partial_tokens =
-      config.value_in_key ? config.tile_rows * config.head_dim_vo * 4 / (config.head_dim_qk * 2)
-                          : 0;
-  return {config.tile_rows, config.kv_tile_tokens, partial_tokens};
+  return {config.tile_rows, config.kv_tile_tokens, config.partial_tokens()};
 }
 
 // Workspace regions start on 256-byte boundaries: a partial state's rows and the merge

@@ -16,14 +16,10 @@ void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFl
             dim3 grid, bool pdl, cudaStream_t stream) {
   auto body = [&](auto q, auto kv, auto o) {
     using Traits = PrefillTraits<Shape, decltype(q), decltype(kv), decltype(o)>;
-    // Soft-cap and custom masks are compiled in only where used: each costs registers.
-    using Plain = LogitsTransform<false>;
-    using Capped = LogitsTransform<true>;
-    auto* kernel = flags.soft_cap
-                       ? (flags.custom_mask ? &paged_prefill_kernel<Traits, Capped, true>
-                                            : &paged_prefill_kernel<Traits, Capped, false>)
-                       : (flags.custom_mask ? &paged_prefill_kernel<Traits, Plain, true>
-                                            : &paged_prefill_kernel<Traits, Plain, false>);
+    auto* kernel = variant_kernel(flags, [](auto soft_cap, auto custom_mask) {
+      return &paged_prefill_kernel<Traits, LogitsTransform<decltype(soft_cap)::value>,
+                                  decltype(custom_mask)::value>;
+    });
     launch_with_pdl(kernel, params, grid, Traits::kThreads, Traits::kSmemBytes, pdl, stream);
   };
   if constexpr (kFp8Caches) {

@@ -105,6 +105,7 @@ class AttnBackend(KernelCapabilities, AttentionBackend):
     def supports_per_head_quant_scales(cls) -> bool:
         return True  # the kernels read one K and one V scale per kv head
 
+
 class AttnBackendAsCustom(AttnBackend):
     """The same backend under vLLM's static `CUSTOM` member (vLLM looks it up by name)."""
 

@@ -158,7 +158,6 @@ class AttnBackendMLAMetadataBuilder(MLACommonMetadataBuilder[AttnBackendMLAMetad
         return metadata
 
 
-
 class AttnBackendMLAPrefill(MLAPrefillBackend):
     """The MHA prefill of MLA models on our kernel, at head dims (192, 128).
 

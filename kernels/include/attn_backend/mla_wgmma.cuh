@@ -54,15 +54,12 @@ struct MlaWgmmaShape {
   static constexpr int kStages = kStages_;
   static constexpr int kWarpgroups = 2;
   static constexpr int kThreads = kWarpgroups * 128;
-  static constexpr bool kWgmma = true;
 };
 
 // The two products of one tile, for a warpgroup (Q, K and V in Swizzled128BBlocks layouts:
 // wgmma.cuh says how the descriptors step through them).
 template <typename DType, int kRows, int kKVTile>
 struct MlaWgmmaProducts {
-  static constexpr int kStepBytes = 32;  // 16 columns of 16-bit values
-  static constexpr int kStepsPerBlock = 4;  // k-steps in a 128-byte column block
   static constexpr int kOutTiles = kMlaHeadDimVO / 2 / 8;  // a warpgroup's 256 dims
 
   // Issues S (64 rows x kKVTile keys) = the rows' products over k-steps [kFirstStep, +kSteps)
@@ -70,20 +67,7 @@ struct MlaWgmmaProducts {
   template <int kFirstStep, int kSteps>
   __device__ __forceinline__ static void qk_partial(float (&s)[kKVTile / 8][4],
                                                     const uint8_t* q_smem, const uint8_t* k_smem) {
-    const uint64_t q_desc = wgmma::descriptor(q_smem, /*leading (unused)=*/16, 1024);
-    const uint64_t k_desc = wgmma::descriptor(k_smem, 16, 1024);
-    wgmma::fence();
-#pragma unroll
-    for (int i = 0; i < kSteps; ++i) {
-      constexpr int kBlockQ = kRows * 128;
-      constexpr int kBlockK = kKVTile * 128;
-      const int kk = kFirstStep + i;
-      const int q_bytes = (kk / kStepsPerBlock) * kBlockQ + (kk % kStepsPerBlock) * kStepBytes;
-      const int k_bytes = (kk / kStepsPerBlock) * kBlockK + (kk % kStepsPerBlock) * kStepBytes;
-      wgmma::Wgmma<kKVTile, DType>::template ss<0>(s, q_desc + (q_bytes >> 4),
-                                                   k_desc + (k_bytes >> 4), i > 0);
-    }
-    wgmma::commit_group();
+    wgmma::issue_k_major_products<kKVTile, DType, kRows, kFirstStep, kSteps>(s, q_smem, k_smem);
   }
 
   // Issues O (this warpgroup's 256 dims) += P V as one commit group, V's first column block at

@@ -221,7 +221,6 @@ struct WgmmaMma {
   static_assert(sizeof(DType) == 2, "wgmma m64nNk16 with 16-bit operands");
   static_assert((kKVTile == 64 || kKVTile == 128) && (kHeadDimVO == 64 || kHeadDimVO == 128),
                 "wgmma N of 64 or 128");
-  static constexpr int kElementsPerBlock = 128 / sizeof(DType);  // columns per 128-byte block
   static constexpr bool kConvertsQuery = kQueryConverted;
   static_assert(!kQueryConverted || std::is_same_v<DType, __half>,
                 "a converted query is float16");
@@ -234,25 +233,12 @@ struct WgmmaMma {
   // The accumulators are in the m16n8 layout already (see MmaSync's).
   template <int kM, int kVONTiles>
   __device__ __forceinline__ static void restore_output_layout(float (&)[kM][kVONTiles][4], int) {}
-  static constexpr int kStepBytes = 16 * sizeof(DType);          // 16 columns (one k-step)
 
   // S (this warpgroup's 64 rows x kKVTile keys) = Q K^T; the first k-step overwrites s.
   __device__ __forceinline__ static void qk(float (&s)[kKVTile / 8][4], const uint8_t* q_smem,
                                             const uint8_t* k_smem, int warpgroup) {
-    constexpr int kStepsPerBlock = kElementsPerBlock / 16;
-    const uint64_t q_desc =
-        wgmma::descriptor(q_smem + warpgroup * 64 * 128, /*leading (unused)=*/16, 1024);
-    const uint64_t k_desc = wgmma::descriptor(k_smem, 16, 1024);
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDimQK / 16; ++kk) {
-      const int q_bytes = (kk / kStepsPerBlock) * kRows * 128 + (kk % kStepsPerBlock) * kStepBytes;
-      const int k_bytes =
-          (kk / kStepsPerBlock) * kKVTile * 128 + (kk % kStepsPerBlock) * kStepBytes;
-      wgmma::Wgmma<kKVTile, DType>::template ss<0>(s, q_desc + (q_bytes >> 4),
-                                                   k_desc + (k_bytes >> 4), kk > 0);
-    }
-    wgmma::commit_group();
+    wgmma::issue_k_major_products<kKVTile, DType, kRows, 0, kHeadDimQK / 16>(
+        s, q_smem + warpgroup * 64 * 128, k_smem);
     wgmma::wait_group<0>();
     wgmma::pin(s);
   }

@@ -205,5 +205,27 @@ ATTN_BACKEND_WGMMA(64, __half, "f16")
 ATTN_BACKEND_WGMMA(128, __nv_bfloat16, "bf16")
 ATTN_BACKEND_WGMMA(128, __half, "f16")
 
+// D (64 x kN) = A B^T over k-steps [kFirstStep, kFirstStep + kSteps) of 16 columns, A (64
+// rows) and B (kN rows) K-major in Swizzled128BBlocks layouts whose 128-byte column blocks hold
+// kRowsA and kN rows; issued as one commit group (the first step overwrites d), the caller
+// waits for it.
+template <int kN, typename T, int kRowsA, int kFirstStep, int kSteps>
+__device__ __forceinline__ void issue_k_major_products(float (&d)[kN / 8][4], const void* a_smem,
+                                                       const void* b_smem) {
+  constexpr int kStepBytes = 16 * sizeof(T);
+  constexpr int kStepsPerBlock = 128 / kStepBytes;
+  const uint64_t a_desc = descriptor(a_smem, /*leading (unused)=*/16, 1024);
+  const uint64_t b_desc = descriptor(b_smem, 16, 1024);
+  fence();
+#pragma unroll
+  for (int i = 0; i < kSteps; ++i) {
+    const int kk = kFirstStep + i;
+    const int a_bytes = (kk / kStepsPerBlock) * kRowsA * 128 + (kk % kStepsPerBlock) * kStepBytes;
+    const int b_bytes = (kk / kStepsPerBlock) * kN * 128 + (kk % kStepsPerBlock) * kStepBytes;
+    Wgmma<kN, T>::template ss<0>(d, a_desc + (a_bytes >> 4), b_desc + (b_bytes >> 4), i > 0);
+  }
+  commit_group();
+}
+
 }  // namespace wgmma
 }  // namespace attn_backend
