@@ -205,10 +205,15 @@ def _check_mla_shape(dims, num_qo_heads: int, num_kv_heads: int, dtype: torch.dt
     if not 1 <= num_qo_heads // num_kv_heads <= MAX_GROUP_SIZE:
         raise ValueError(f"head dims {dims}: group size {num_qo_heads // num_kv_heads}; "
                          f"supported: 1..{MAX_GROUP_SIZE}")
-    if dtype not in KERNEL_DTYPES or kv_dtype != dtype:
+    # The latent kernels also read FP8 caches; the MHA prefill's 192-value FP8 key rows are
+    # no whole 128-byte lines (its kernel is compiled for 16-bit caches only).
+    cache_dtypes = (dtype, *KERNEL_FP8_DTYPES) if one_latent_row else (dtype,)
+    if dtype not in KERNEL_DTYPES or kv_dtype not in cache_dtypes:
+        accepted = "the query's type or FP8 (float8_e4m3fn, float8_e5m2)" if one_latent_row \
+            else "the query's type"
         raise TypeError(f"head dims {dims} ({what}): dtype {_names([dtype])} with kv_dtype "
-                        f"{_names([kv_dtype])}; compiled: float16 or bfloat16, the cache the "
-                        "query's type")
+                        f"{_names([kv_dtype])}; compiled: float16 or bfloat16, the cache "
+                        f"{accepted}")
 
 
 def check_kernel_shape(num_qo_heads: int, num_kv_heads: int, head_dim: int, head_dim_vo: int,

@@ -140,27 +140,30 @@ class PagedKVCache:
         return cls(pages[..., :head_dim_k], pages[..., head_dim_k:], k_scale, v_scale)
 
     @classmethod
-    def from_mla(cls, kv_buffer: torch.Tensor, kv_lora_rank: int, page_size: int) -> "PagedKVCache":
+    def from_mla(cls, kv_buffer: torch.Tensor, kv_lora_rank: int, page_size: int, *,
+                 scale=None) -> "PagedKVCache":
         """SGLang's MLA buffer `[num_slots, 1, kv_lora_rank + rope_dim]`: K = row, V = latent
-        part (the whole row where the model has no rope part)."""
+        part (the whole row where the model has no rope part). `scale`: an FP8 buffer's one
+        scale (stored = value / scale), K's and V's alike since V is a part of the row."""
         check_tensor("kv_buffer", kv_buffer, dims=3)
         if not 0 < kv_lora_rank <= kv_buffer.shape[2]:
             raise ValueError(f"kv_lora_rank={kv_lora_rank} must be in 1..{kv_buffer.shape[2]} "
                              "(the row width)")
         num_pages = kv_buffer.shape[0] // page_size
         pages = _as_pages(kv_buffer[: num_pages * page_size], num_pages, page_size)
-        return cls(pages, pages[..., :kv_lora_rank])
+        return cls(pages, pages[..., :kv_lora_rank], scale, scale)
 
     @classmethod
-    def from_vllm_mla(cls, kv_cache: torch.Tensor, kv_lora_rank: int) -> "PagedKVCache":
+    def from_vllm_mla(cls, kv_cache: torch.Tensor, kv_lora_rank: int, *,
+                      scale=None) -> "PagedKVCache":
         """vLLM's MLA cache `[num_blocks, block_size, kv_lora_rank + rope_dim]` (the layer's
-        view, its one head squeezed out): K = row, V = latent part."""
+        view, its one head squeezed out): K = row, V = latent part; `scale` as for from_mla."""
         check_tensor("kv_cache", kv_cache, dims=3)
         if not 0 < kv_lora_rank <= kv_cache.shape[2]:
             raise ValueError(f"kv_lora_rank={kv_lora_rank} must be in 1..{kv_cache.shape[2]} "
                              "(the row width)")
         pages = kv_cache.unsqueeze(2)
-        return cls(pages, pages[..., :kv_lora_rank])
+        return cls(pages, pages[..., :kv_lora_rank], scale, scale)
 
     @classmethod
     def from_token_rows(cls, k: torch.Tensor, v: torch.Tensor) -> "PagedKVCache":

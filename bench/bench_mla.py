@@ -14,6 +14,13 @@ views of the latent and rope columns). A peer that is missing or fails says so i
 Where our default is the warpgroup (wgmma) kernel, each row also times the mma.sync kernels
 on the same inputs (`ours_mma`), and `kernel` names the configuration `ours` ran. The GPU
 tests (tests/test_mla_gpu.py) check the latent kernels before this runs in scripts/gpu_check.sh.
+
+FP8 rows (`_fp8e4m3_` in place of `_bf16_`; ATTN_BACKEND_BENCH_KV_DTYPES=bf16 leaves them out):
+FP8_SHAPES with an e4m3 latent cache (the random rows cast, read with scale FP8_SCALE), half
+the latent bytes; `vs_bf16_time` = the row's time over the bf16 row of the same shape in this
+run. Peer `flashmla`: FlashMLA's dense FP8 path where the wheel has it (it takes FP8 queries:
+the bf16 query quantised with the same scale, as SGLang's FlashMLA backend does); FlashInfer's
+MLA wrapper is not run on FP8 caches.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import torch
 import attn_backend
 from attn_backend import PagedKVCache, PagedPrefill, PageTable
 
-from .common import OptionalPeers, median_ms, selected_peers, shuffled_pages
+from .common import (KV_DTYPE_NAMES, OptionalPeers, bench_kv_dtypes, median_ms, selected_peers,
+                     shuffled_pages)
 
 RANK, ROPE = 512, 64
 DTYPE = torch.bfloat16
@@ -33,17 +41,23 @@ HEADS = (16, 128)
 PAGE_SIZES = (64, 1)
 VERIFY_TOKENS = 4
 VERIFY_SHAPES = ((16, 4096), (64, 4096))  # (batch, kv_len) with 4 draft tokens
+# (batch, kv_len, heads, q_len) with an FP8 cache: the targets' shapes and both regimes.
+FP8_SHAPES = ((64, 4096, 16, 1), (128, 4096, 16, 1), (64, 32768, 16, 1), (64, 4096, 128, 1),
+              (1, 32768, 128, 1), (16, 4096, 16, VERIFY_TOKENS))
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_SCALE = 0.5
 TIMING_NOTE = ("Times are device times (a busy-wait kernel queued before each timed call keeps "
                "Python launch overhead out); bytes: the latent rows each request reads once.")
 
 
-def case_name(batch, kv_len, heads, page_size, q_len=1):
+def case_name(batch, kv_len, heads, page_size, q_len=1, kv_dtype=DTYPE):
     tail = f"_q{q_len}" if q_len > 1 else ""
-    return f"b{batch}_kv{kv_len}_h{heads}_mla{RANK}-{ROPE}_bf16_p{page_size}{tail}"
+    tag = KV_DTYPE_NAMES[kv_dtype]
+    return f"b{batch}_kv{kv_len}_h{heads}_mla{RANK}-{ROPE}_{tag}_p{page_size}{tail}"
 
 
-def latent_bytes(batch, kv_len):
-    return batch * kv_len * (RANK + ROPE) * DTYPE.itemsize
+def latent_bytes(batch, kv_len, kv_dtype=DTYPE):
+    return batch * kv_len * (RANK + ROPE) * kv_dtype.itemsize
 
 
 def flops(batch, kv_len, heads, q_len):
@@ -68,7 +82,9 @@ class Peers(OptionalPeers):
                     self.notes.append(f"flashmla not run: {type(error).__name__}: {error}"[:300])
 
     def flashmla(self, latent, pages, kv_len, q, q_len):
-        """FlashMLA's decode over pages of 64 (q [batch, q_len, heads, 576])."""
+        """FlashMLA's decode over pages of 64 (q [batch, q_len, heads, 576]). An FP8 cache:
+        its dense FP8 path, with the query quantised with the cache's scale (descale_q =
+        descale_k = FP8_SCALE)."""
         batch = pages.shape[0]
         heads = q.shape[1]
         q4 = q.view(batch, q_len, heads, RANK + ROPE)
@@ -76,7 +92,15 @@ class Peers(OptionalPeers):
         blocks = latent.view(-1, 64, 1, RANK + ROPE)
         table = pages.cuda()
         scale = (RANK + ROPE) ** -0.5
+        fp8 = latent.element_size() == 1
+        fp8_args = {}
+        if fp8:
+            q4 = (q4.float() / FP8_SCALE).to(latent.dtype)
+            descale = torch.full((1,), FP8_SCALE, dtype=torch.float32, device="cuda")
+            fp8_args = dict(descale_q=descale, descale_k=descale, is_fp8_kvcache=True)
         if self.flash_mla_legacy_api:  # sgl_kernel: the scheduler's metadata up front
+            if fp8:
+                raise NotImplementedError("this FlashMLA build's API takes no FP8 cache")
             metadata, splits = self.flash_mla.get_mla_metadata(seqlens, q_len * heads, 1)
             return lambda: self.flash_mla.flash_mla_with_kvcache(
                 q4, blocks, table, seqlens, RANK, metadata, splits, softmax_scale=scale,
@@ -86,7 +110,7 @@ class Peers(OptionalPeers):
         metadata, _ = self.flash_mla.get_mla_metadata()
         return lambda: self.flash_mla.flash_mla_with_kvcache(
             q4, blocks, table, seqlens, RANK, metadata, None, softmax_scale=scale,
-            causal=q_len > 1, use_legacy=True)
+            causal=q_len > 1, use_legacy=True, **fp8_args)
 
     def flashinfer_mla(self, latent, pages, page_size, kv_len, q, q_len):
         batch, pages_per_request = pages.shape
@@ -113,23 +137,36 @@ def run() -> tuple[str, list[dict], list[str]]:
     for batch, kv_len, heads, q_len in shapes:
         rows += _shape_rows(peers, batch, kv_len, heads, q_len, gen)
         torch.cuda.empty_cache()
+    if FP8_DTYPE in bench_kv_dtypes():
+        bf16_us = {row["case"]: row["ours_us"] for row in rows}
+        for batch, kv_len, heads, q_len in FP8_SHAPES:
+            for row in _shape_rows(peers, batch, kv_len, heads, q_len, gen, FP8_DTYPE):
+                same_shape = row["case"].replace(f"_{KV_DTYPE_NAMES[FP8_DTYPE]}_", "_bf16_")
+                if same_shape in bf16_us:
+                    row["vs_bf16_time"] = round(row["ours_us"] / bf16_us[same_shape], 3)
+                rows.append(row)
+            torch.cuda.empty_cache()
     return "TB/s", rows, peers.notes + [TIMING_NOTE]
 
 
-def _shape_rows(peers, batch, kv_len, heads, q_len, gen) -> list[dict]:
+def _shape_rows(peers, batch, kv_len, heads, q_len, gen, kv_dtype=DTYPE) -> list[dict]:
     latent = torch.randn(batch * kv_len + 64 * 64, 1, RANK + ROPE, dtype=DTYPE, device="cuda")
+    latent = latent.to(kv_dtype)
+    scale = FP8_SCALE if kv_dtype.itemsize == 1 else None
     q = torch.randn(batch * q_len, heads, RANK + ROPE, dtype=DTYPE, device="cuda")
-    moved = latent_bytes(batch, kv_len) + q.numel() * 2 + batch * q_len * heads * RANK * 2
+    moved = latent_bytes(batch, kv_len, kv_dtype) + q.numel() * 2 + \
+        batch * q_len * heads * RANK * 2
     work = flops(batch, kv_len, heads, q_len)
     iters = 20 if moved > (4 << 30) else 50
     shape = dict(num_qo_heads=heads, num_kv_heads=1, head_dim=RANK + ROPE, head_dim_vo=RANK,
-                 dtype=DTYPE, device="cuda", max_batch_size=batch, max_num_tokens=batch * q_len)
+                 dtype=DTYPE, kv_dtype=kv_dtype, device="cuda", max_batch_size=batch,
+                 max_num_tokens=batch * q_len)
     mla = PagedPrefill(**shape)
     others = None  # the mma.sync kernels, where "auto" takes the wgmma one: both in one run
     qo_indptr = [q_len * r for r in range(batch + 1)]
     rows = []
     for page_size in PAGE_SIZES:
-        cache = PagedKVCache.from_mla(latent, RANK, page_size)
+        cache = PagedKVCache.from_mla(latent, RANK, page_size, scale=scale)
         pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
         table = PageTable.from_block_table(pages.cuda())
         mla.plan(qo_indptr, [kv_len] * batch)
@@ -147,7 +184,7 @@ def _shape_rows(peers, batch, kv_len, heads, q_len, gen) -> list[dict]:
                                                 iters=iters)
             except Exception as error:  # noqa: BLE001
                 peers.note_once(f"flashmla failed: {type(error).__name__}: {error}"[:300])
-        if peers.flashinfer is not None:
+        if peers.flashinfer is not None and scale is None:
             try:
                 timings["flashinfer_mla"] = median_ms(
                     peers.flashinfer_mla(latent, pages, page_size, kv_len, q, q_len), iters=iters)
@@ -156,7 +193,7 @@ def _shape_rows(peers, batch, kv_len, heads, q_len, gen) -> list[dict]:
         tbs = {name: moved / (ms * 1e-3) / 1e12 for name, ms in timings.items()}
         ours_others = {name: round(tbs.pop(name), 4) for name in others}
         rows.append({
-            "case": case_name(batch, kv_len, heads, page_size, q_len),
+            "case": case_name(batch, kv_len, heads, page_size, q_len, kv_dtype),
             "ours": round(tbs.pop("ours"), 4),
             "kernel": mla._planned.config.name,
             **ours_others,
@@ -181,7 +218,7 @@ def plot(rows, ceiling_tbs, path, device: str | None = None):
                 series: dict[str, list] = {}
                 for row in rows:
                     if row["case"].startswith(f"b{batch}_kv") and f"_h{heads}_" in row["case"] \
-                            and row["case"].endswith(f"_p{page_size}"):
+                            and row["case"].endswith(f"_bf16_p{page_size}"):
                         kv_len = int(row["case"].split("_kv")[1].split("_")[0])
                         values = {"ours": row["ours"], **row["peers"]}
                         for name, value in values.items():

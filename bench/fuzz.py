@@ -10,9 +10,8 @@ SGLang token-slot tables (pool rows shuffled, slot maps), garbage in the table e
 each request's length, GQA groups 1..128, head dims 64/128/256, fp16/bf16, causal or not,
 windows, soft-caps, tree masks, padding requests (no keys, or no queries), FP8 caches (e4m3fn
 and e5m2, scales per tensor or per kv head), MLA (15% of seeds: all heads, up to 128, over
-one 576-wide latent row per token on PagedPrefill; drawn last, so the other seeds' cases are
-those of earlier campaigns), scaled queries
-(peaked softmax), each wrapper backend, eager or a CUDA-graph replay of a capture made with
+one 576-wide latent row per token on PagedPrefill, 16-bit or FP8 with one scale; drawn last,
+so the other seeds' cases are those of earlier campaigns), scaled queries (peaked softmax), each wrapper backend, eager or a CUDA-graph replay of a capture made with
 other lengths. Outputs are NaN-poisoned before each run; output and LSE are compared with
 `attn_backend.reference` (float32, chunked over query rows, on the GPU). Workers are separate
 processes over disjoint seeds (the host work of drawing, planning and the reference is the cost;
@@ -179,8 +178,8 @@ MLA_HEAD_DIMS = (576, 512)
 
 
 def as_mla_case(case: Case) -> Case:
-    """The case's batch as MLA: its heads (up to 128) over one latent row per token, 16-bit,
-    on PagedPrefill (decode requests become one-token prefills, none for a request without
+    """The case's batch as MLA: its heads (up to 128) over one latent row per token (its cache
+    dtype kept: 16-bit or FP8 with one scale for the row), on PagedPrefill (decode requests become one-token prefills, none for a request without
     keys), lengths rescaled into the cache and reference budgets of 576-wide rows."""
     heads = min(case.num_kv_heads * case.group, 128)
     kv_lens = list(case.kv_lens)
@@ -200,7 +199,7 @@ def as_mla_case(case: Case) -> Case:
     return dataclasses.replace(
         case, kind="prefill", kv_lens=tuple(kv_lens), q_lens=tuple(q_lens), num_kv_heads=1,
         group=heads, head_dim=MLA_HEAD_DIMS[0], layout="mla", slot_map=False,
-        backend="mma" if case.backend == "mma" else "auto", kv_dtype="same",
+        backend="mma" if case.backend == "mma" else "auto",
         per_head_scales=False, tree_mask=case.tree_mask and case.kind == "prefill", mla=True)
 
 
@@ -259,8 +258,8 @@ def build_problem(case: Case, device) -> Problem:
                   .to(device).reshape(-1 if case.per_head_scales else ())
                   for name in ("k_scale", "v_scale")}
     if case.mla:  # SGLang's [slots, 1, 576] pool row, or vLLM's [blocks, block, 576]: one memory
-        cache = PagedKVCache.from_mla(rand(num_pages * ps, 1, MLA_HEAD_DIMS[0]),
-                                      MLA_HEAD_DIMS[1], ps)
+        cache = PagedKVCache.from_mla(rand(num_pages * ps, 1, MLA_HEAD_DIMS[0], as_type=kv_dtype),
+                                      MLA_HEAD_DIMS[1], ps, scale=scales.get("k_scale"))
     elif case.layout == "sglang":
         cache = PagedKVCache.from_sglang(rand(num_pages * ps, h, d, as_type=kv_dtype),
                                          rand(num_pages * ps, h, d, as_type=kv_dtype), ps,
@@ -518,7 +517,8 @@ def features(case: Case) -> list[str]:
                               ("non_causal", case.kind == "prefill" and not case.causal),
                               ("padding_request", 0 in case.kv_lens or 0 in case.q_lens),
                               ("kv_over_32k", max(case.kv_lens) > 32768),
-                              ("batch_over_128", case.batch > 128), ("mla", case.mla)) if on]
+                              ("batch_over_128", case.batch > 128), ("mla", case.mla),
+                              ("mla_fp8", case.mla and case.kv_dtype != "same")) if on]
     return names
 
 

@@ -86,6 +86,14 @@ def cases() -> list[tuple[str, Case]]:
          r(MLA, group=128, kv_lens=(5000, 33), q_lens=(1, 1), seed=27)),
         ("mla decode, 16 heads, mma", r(MLA, kv_lens=(700, 64), q_lens=(1, 1), backend="mma",
                                         seed=28)),
+        ("mla fp8 e4m3 decode, 16 heads, split-KV",
+         r(MLA, kv_dtype="float8_e4m3fn", kv_lens=(3000, 40, 1), q_lens=(1, 1, 1), seed=29)),
+        ("mla fp8 e5m2 decode, 128 heads (wgmma on sm_90), split-KV",
+         r(MLA, kv_dtype="float8_e5m2", group=128, kv_lens=(5000, 33), q_lens=(1, 1),
+           seed=30)),
+        ("mla fp8 e4m3 verify, 64 heads, tree masks, graph replay",
+         r(MLA, kv_dtype="float8_e4m3fn", group=64, kv_lens=(300, 70), q_lens=(4, 2),
+           tree_mask=True, graph=True, seed=31)),
     ]
 
 

@@ -1,10 +1,13 @@
 """The MLA latent kernel (absorbed form: one 576-wide latent row per token, V its first 512
 values) against the float reference: decode and verify (causal chains, tree masks), heads
 16..128, page sizes 1/7/16/64 on shuffled pages, both engines' table forms, split-KV on long
-contexts, CUDA-graph replay with new lengths; each on the mma.sync kernels and on the
-warpgroup (wgmma) one where the GPU runs it."""
+contexts, CUDA-graph replay with new lengths, FP8 latent caches (e4m3, e5m2; scales as floats
+and as device tensors read at replay); each on the mma.sync kernels and on the warpgroup
+(wgmma) one where the GPU runs it."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -19,11 +22,13 @@ RANK, ROPE = 512, 64
 
 
 def mla_problem(q_lens, kv_lens, *, heads, page_size, seed, dtype=torch.bfloat16,
-                engine="vllm"):
+                engine="vllm", kv_dtype=None, scale=None):
+    """`kv_dtype` an FP8 format: the latent rows stored in it, read with `scale`."""
     gen = torch.Generator().manual_seed(seed)
     tables, num_pages = allocate_pages(kv_lens, page_size, gen)
-    latent = torch.randn(num_pages * page_size, 1, RANK + ROPE, generator=gen).to(dtype).cuda()
-    cache = PagedKVCache.from_mla(latent, RANK, page_size)
+    latent = torch.randn(num_pages * page_size, 1, RANK + ROPE, generator=gen)
+    latent = latent.to(kv_dtype or dtype).cuda()
+    cache = PagedKVCache.from_mla(latent, RANK, page_size, scale=scale)
     problem = PagedProblem(cache, tables, list(kv_lens), list(q_lens))
     page_table = engine_page_table(problem, engine, gen, "cuda")
     q = torch.randn(sum(q_lens), heads, RANK + ROPE, generator=gen).to(dtype).cuda()
@@ -42,7 +47,8 @@ MLA_CONFIGS = {"mma": {"prefill_mla", "prefill_mla_wide"}, "wgmma": {"prefill_ml
 
 def make_mla(q, problem, backend, **kwargs):
     return PagedPrefill(num_qo_heads=q.shape[1], num_kv_heads=1, head_dim=RANK + ROPE,
-                        head_dim_vo=RANK, dtype=q.dtype, device="cuda",
+                        head_dim_vo=RANK, dtype=q.dtype, kv_dtype=problem.cache.dtype,
+                        device="cuda",
                         max_batch_size=max(8, len(problem.kv_lens)),
                         max_num_tokens=max(64, q.shape[0]), backend=backend, **kwargs)
 
@@ -150,6 +156,91 @@ def test_auto_takes_wgmma_beyond_16_rows_on_sm90(seed):
                                        ("prefill_mla" if heads * q_len <= 16 else
                                         "prefill_mla_wide"))
         check_against_reference(mla, problem, table, q, seed=seed, causal=True)
+
+
+FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def fp8_scale(kind: str):
+    """An FP8 latent cache's one scale: a host float, or a 0-d device tensor."""
+    return 0.37 if kind == "float" else torch.tensor(1.7, device="cuda")
+
+
+@pytest.mark.parametrize("fmt", FP8_FORMATS)
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_mla_fp8_decode(fmt, heads, page_size, scale_kind, seed, latent_backend):
+    kv_lens = [1, 17, 300, 2049, 64, 5000]
+    q_lens = [1] * len(kv_lens)
+    problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=page_size,
+                                    seed=seed, kv_dtype=FP8_FORMATS[fmt],
+                                    scale=fp8_scale(scale_kind))
+    mla = make_mla(q, problem, latent_backend)
+    mla.plan(qo_indptr(q_lens), kv_lens)
+    assert planned_kernel(mla) in MLA_CONFIGS[latent_backend]
+    check_against_reference(mla, problem, table, q, seed=seed, causal=True)
+
+
+@pytest.mark.parametrize("fmt", FP8_FORMATS)
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mla_fp8_verify_chains_and_trees(fmt, heads, dtype, seed, latent_backend):
+    q_lens, kv_lens = [2, 4, 8, 1], [40, 1000, 64, 3000]
+    problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=16, seed=seed,
+                                    dtype=dtype, kv_dtype=FP8_FORMATS[fmt], scale=0.8)
+    mla = make_mla(q, problem, latent_backend)
+    mla.plan(qo_indptr(q_lens), kv_lens)
+    check_against_reference(mla, problem, table, q, seed=seed, causal=True)
+    gen = torch.Generator().manual_seed(seed)
+    blocks = []
+    for n, length in zip(q_lens, kv_lens):
+        block = torch.ones(n, length, dtype=torch.bool)
+        drafts = torch.rand(n, n, generator=gen) < 0.5
+        block[:, length - n:] = torch.tril(drafts, diagonal=-1) | torch.eye(n, dtype=torch.bool)
+        blocks.append(block.flatten())
+    mask = torch.cat(blocks)
+    mla.plan(qo_indptr(q_lens), kv_lens, custom_mask=mask)
+    check_against_reference(mla, problem, table, q, seed=seed, custom_mask=mask.cuda())
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+def test_mla_fp8_split_kv_long_context(heads, seed, latent_backend):
+    kv_lens = [32768, 20000]
+    problem, table, q = mla_problem([1, 1], kv_lens, heads=heads, page_size=64, seed=seed,
+                                    kv_dtype=torch.float8_e4m3fn, scale=fp8_scale("tensor"))
+    mla = make_mla(q, problem, latent_backend)
+    mla.plan(qo_indptr([1, 1]), kv_lens)
+    assert mla._planned.plan["num_work_items"] > len(kv_lens)  # split
+    check_against_reference(mla, problem, table, q, seed=seed, causal=True)
+
+
+def test_mla_fp8_graph_reads_the_scale_at_replay(seed, latent_backend):
+    """A captured graph reads the device scale when it replays: vLLM and SGLang replace or
+    update the layers' scales after capture."""
+    from attn_backend import reference
+
+    batch, heads, kv_lens = 3, 128, [700, 33, 2500]
+    scale = torch.tensor(0.5, device="cuda")
+    problem, table, q = mla_problem([1] * batch, kv_lens, heads=heads, page_size=16,
+                                    seed=seed, kv_dtype=torch.float8_e4m3fn, scale=scale)
+    mla = make_mla(q, problem, latent_backend, use_cuda_graph=True)
+    mla.plan(qo_indptr([1] * batch), kv_lens)
+    out = torch.empty(batch, heads, RANK, dtype=q.dtype, device="cuda")
+    mla.run(q, problem.cache, table, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mla.run(q, problem.cache, table, out=out)
+    kv_indptr, kv_slots = problem.kv_csr()
+    for value in (0.5, 2.25):
+        scale.fill_(value)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        cache = dataclasses.replace(problem.cache, k_scale=value, v_scale=value)
+        want = reference.attention(q, problem.qo_indptr(), cache, kv_indptr, kv_slots)
+        torch.testing.assert_close(out.float(), want.out, atol=1.5e-2, rtol=1.5e-2,
+                                   msg=lambda m: f"scale={value}: {m}")
 
 
 def test_mla_refuses_a_value_cache_apart_from_the_keys(seed, latent_backend):

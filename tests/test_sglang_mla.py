@@ -37,12 +37,19 @@ def test_kit_mla_cases_on_cpu(case, layout, rope):
                                qk_rope_head_dim=rope, loc_layout=layout)
 
 
+@pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: c.name)
+def test_kit_mla_cases_on_cpu_with_an_fp8_pool(case):
+    """The kit's FP8 pool (float8_e4m3fn rows cast by the pool itself, no scale)."""
+    kit.run_mla_attention_case(KitTestCase(), case, device="cpu", dtype=torch.bfloat16,
+                               qk_rope_head_dim=16, fp8_kv_cache=True)
+
+
 def test_kit_mla_cases_fail_on_a_wrong_value_row(monkeypatch):
     """The kit's comparison catches a backend that reads V from the wrong columns."""
     real = paged_kv.PagedKVCache.from_mla
 
-    def shifted(buffer, rank, page_size):
-        cache = real(buffer, rank, page_size)
+    def shifted(buffer, rank, page_size, scale=None):
+        cache = real(buffer, rank, page_size, scale=scale)
         return paged_kv.PagedKVCache(cache.k, cache.k[..., cache.k.shape[-1] - rank:])
 
     monkeypatch.setattr(paged_kv.PagedKVCache, "from_mla", staticmethod(shifted))
@@ -174,8 +181,13 @@ def test_mla_refusals_name_the_setting():
     runner.device = "cuda"  # refused before any GPU work: the kernels take 512 + 64 only
     with pytest.raises(ValueError, match="MLA with kv_lora_rank 32 and rope 16 is not compiled"):
         SGLangAttnBackend(runner)
-    runner.device, runner.kv_cache_dtype = "cpu", torch.float8_e4m3fn
-    with pytest.raises(ValueError, match="FP8 MLA caches are not supported yet"):
+    runner.device = "cpu"
+
+    class MLATokenToKVPoolFP4:  # SGLang's packed FP4 rows (scales beside the values)
+        pass
+
+    runner.token_to_kv_pool = type("PackedPool", (MLATokenToKVPoolFP4,), {})()
+    with pytest.raises(ValueError, match="MLA pool PackedPool is not supported"):
         SGLangAttnBackend(runner)
 
 
@@ -255,3 +267,80 @@ def test_split_absorbed_inputs_match_the_concatenated_form(case):
     torch.testing.assert_close(split, concatenated)
     assert torch.equal(pool.get_key_buffer(0)[batch.out_cache_loc], rows_after_split)
     assert torch.equal(rows_after_split, torch.cat([k_nope, k_rope], -1))
+
+
+def _fp8_fixture(case, device, fmt, rank, rope):
+    """The kit's fixture, its pool of format `fmt` (None: the model's dtype; the kit makes
+    e4m3 pools, so another format is set on its runner and pool and the backend rebuilt, as
+    SGLang builds it for that --kv-cache-dtype)."""
+    fixture = kit.build_mla_attention_fixture(
+        KitTestCase(), case, device=device, dtype=torch.bfloat16, fp8_kv_cache=fmt is not None,
+        kv_lora_rank=rank, qk_rope_head_dim=rope, hidden_size=256 if rank == 512 else 64)
+    if fmt is not None and fmt != fixture.runner.kv_cache_dtype:
+        from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+        fixture.runner.kv_cache_dtype = fixture.runner.token_to_kv_pool.dtype = fmt
+        fixture.backend = SGLangAttnBackend(fixture.runner)
+    fixture.backend.init_forward_metadata(fixture.forward_batch)
+    return fixture
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "concatenated"])
+@pytest.mark.parametrize("case", [MLA_CASES[-1], MLA_CASES[6]], ids=lambda c: c.name)
+def test_fp8_pool_with_a_layer_scale(case, split, fmt, device):
+    """--kv-cache-dtype fp8_*: our write stores fp8(bf16(k / scale)) (SGLang's bytes: its
+    backends divide, the pool casts) and leaves the model's k alone; the latent kernel reads
+    the rows with the layer's scale, so it attends exactly as over a 16-bit pool holding the
+    dequantised values."""
+    rank, rope = (512, 64) if device == "cuda" else (32, 16)
+    fp8_run = _fp8_fixture(case, device, fmt, rank, rope)
+    plain = _fp8_fixture(case, device, None, rank, rope)
+    fp8_pool = fp8_run.backend.token_to_kv_pool
+    store = fp8_pool.kv_buffer[0].view(torch.uint8)
+    scale = 0.5
+    layer = fp8_run.actual_module.attn_mqa
+    layer.k_scale, layer.k_scale_float = torch.tensor(scale, device=device), scale
+    gen = torch.Generator().manual_seed(5)
+    largest = torch.finfo(fmt).max
+
+    def stored(x):  # SGLang's bytes for the values x
+        return (x / scale).to(torch.bfloat16).float().clamp(-largest, largest).to(fmt)
+
+    history = torch.randn(store.shape, generator=gen).to(device)
+    store.copy_(stored(history).view(torch.uint8))
+    plain.backend.token_to_kv_pool.kv_buffer[0].copy_(store.view(fmt).float() * scale)
+    batch = fp8_run.forward_batch
+    tokens, heads = batch.out_cache_loc.numel(), case.num_heads
+    q = torch.randn(tokens, heads, rank + rope, generator=gen).to(torch.bfloat16).to(device)
+    k = torch.randn(tokens, 1, rank + rope, generator=gen).to(torch.bfloat16).to(device)
+    k_given = k.clone()
+    k_held = (stored(k.float()).float() * scale).to(torch.bfloat16)
+
+    def run(fixture, keys):
+        forward = fixture.backend.forward_decode if case.forward_mode.is_decode() \
+            else fixture.backend.forward_extend
+        module_layer = fixture.actual_module.attn_mqa
+        if split:
+            return forward(q[..., :rank], keys[..., :rank], keys[..., :rank], module_layer,
+                           fixture.forward_batch, save_kv_cache=True, q_rope=q[..., rank:],
+                           k_rope=keys[..., rank:])
+        return forward(q.flatten(1), keys, keys, module_layer, fixture.forward_batch,
+                       save_kv_cache=True)
+
+    got = run(fp8_run, k)
+    want = run(plain, k_held)
+    assert torch.equal(k, k_given)  # the model's tensor is not divided in place
+    rows = store.view(-1, rank + rope)[batch.out_cache_loc.long()]
+    assert torch.equal(rows, stored(k[:, 0].float()).view(torch.uint8))
+    tol = 2e-2 if device == "cuda" else 1e-5
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: c.name)
+def test_kit_mla_cases_on_the_gpu_with_an_fp8_pool(case):
+    kit.run_mla_attention_case(KitTestCase(), case, device="cuda", dtype=torch.bfloat16,
+                               kv_lora_rank=512, qk_rope_head_dim=64, hidden_size=256,
+                               fp8_kv_cache=True)

@@ -117,8 +117,10 @@ def test_mla_head_dims_run_on_prefill_over_one_latent_row():
         check_kernel_shape(16, 1, *MLA_HEAD_DIMS, bf16, bf16, on_cuda=True)
     with pytest.raises(ValueError, match="16 query heads over 2 kv heads"):
         check_kernel_shape(16, 2, *MLA_HEAD_DIMS, bf16, bf16, on_cuda=True, serves_mla=True)
-    with pytest.raises(TypeError, match="the cache the query's type"):
-        check_kernel_shape(16, 1, *MLA_HEAD_DIMS, bf16, torch.float8_e4m3fn, on_cuda=True,
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):  # FP8 latent caches
+        check_kernel_shape(16, 1, *MLA_HEAD_DIMS, bf16, fp8, on_cuda=True, serves_mla=True)
+    with pytest.raises(TypeError, match="the cache the query's type or FP8"):
+        check_kernel_shape(16, 1, *MLA_HEAD_DIMS, bf16, torch.float16, on_cuda=True,
                            serves_mla=True)
     check_kernel_shape(16, 2, 40, 32, bf16, bf16, on_cuda=False)  # the reference serves any
     # the MHA prefill of the same models: prefill shapes, 16-bit caches

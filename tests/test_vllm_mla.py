@@ -88,7 +88,8 @@ def tensor_parallel_group(model_dir):
 
 
 def _vllm_config(model_dir, device, *, num_speculative_tokens=0, max_model_len=8192,
-                 max_num_seqs=64, block_size=16, mla_prefill_backend=None) -> VllmConfig:
+                 max_num_seqs=64, block_size=16, mla_prefill_backend=None,
+                 cache_dtype="auto") -> VllmConfig:
     from vllm.config.attention import AttentionConfig
 
     model = ModelConfig(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16",
@@ -101,7 +102,8 @@ def _vllm_config(model_dir, device, *, num_speculative_tokens=0, max_model_len=8
                                         prompt_lookup_max=4, prompt_lookup_min=2,
                                         target_model_config=model,
                                         target_parallel_config=parallel)
-    return VllmConfig(model_config=model, cache_config=CacheConfig(block_size=block_size),
+    return VllmConfig(model_config=model,
+                      cache_config=CacheConfig(block_size=block_size, cache_dtype=cache_dtype),
                       scheduler_config=SchedulerConfig(max_num_seqs=max_num_seqs,
                                                        max_num_batched_tokens=8192,
                                                        max_model_len=max_model_len,
@@ -155,13 +157,19 @@ class Model:
                                md, output)
         return md, output
 
-    def expected(self, batch: "Batch") -> torch.Tensor:
-        """Dense causal attention with each key's per-head K = [W_K c, k_pe], V = W_V c."""
+    def expected(self, batch: "Batch", num_decodes: int | None = None) -> torch.Tensor:
+        """Dense causal attention with each key's per-head K = [W_K c, k_pe], V = W_V c, over
+        the values the cache holds; with `num_decodes`, the prefills (the later requests)
+        see their new tokens as given (vLLM's MHA path decompresses those from its inputs,
+        not from the cache: it matters for FP8 caches)."""
         outs, start = [], 0
         for r, (q_len, kv_len) in enumerate(zip(batch.q_lens, batch.kv_lens)):
             q = batch.query[start:start + q_len].float().cpu()
             start += q_len
-            latent, rope = batch.latent[r].float(), batch.rope[r].float()
+            latent, rope = batch.latent_held[r].clone(), batch.rope_held[r].clone()
+            if num_decodes is not None and r >= num_decodes:
+                latent[kv_len - q_len:] = batch.latent[r][kv_len - q_len:].float()
+                rope[kv_len - q_len:] = batch.rope[r][kv_len - q_len:].float()
             k = torch.cat([torch.einsum("hdc,kc->khd", self.w_k, latent),
                            rope[:, None, :].expand(-1, HEADS, -1)], dim=-1)
             v = torch.einsum("hdc,kc->khd", self.w_v, latent)
@@ -178,7 +186,9 @@ class Batch:
     the step's new tokens (the last q_len of each history) with their queries."""
 
     def __init__(self, q_lens, kv_lens, *, block_size, device, seed=0, pad_reqs=0,
-                 pad_tokens=0, num_blocks=None):
+                 pad_tokens=0, num_blocks=None, fp8_format=None, fp8_scale=1.0):
+        """`fp8_format` (a float8 dtype): the cache is vLLM's uint8 bytes of that format,
+        stored = value / fp8_scale; `latent_held` / `rope_held` are the values it holds."""
         gen = torch.Generator().manual_seed(seed)
         self.q_lens, self.kv_lens, self.device = list(q_lens), list(kv_lens), device
         blocks_per_req = [-(-n // block_size) for n in kv_lens]
@@ -191,9 +201,14 @@ class Batch:
             self.block_table[r, :n] = torch.tensor(order[cursor:cursor + n], dtype=torch.int32)
             cursor += n
         self.kv_cache = torch.randn(num_blocks, block_size, RANK + ROPE,
-                                    generator=gen).to(torch.bfloat16)
+                                    generator=gen).to(torch.bfloat16)  # stale rows
         self.latent = [torch.randn(n, RANK, generator=gen).to(torch.bfloat16) for n in kv_lens]
         self.rope = [torch.randn(n, ROPE, generator=gen).to(torch.bfloat16) for n in kv_lens]
+        self.fp8_format, self.fp8_scale = fp8_format, fp8_scale
+        self.latent_held = [self._held(x) for x in self.latent]
+        self.rope_held = [self._held(x) for x in self.rope]
+        if fp8_format is not None:
+            self.kv_cache = self._stored(self.kv_cache.float()).view(torch.uint8)
         slots = []
         for r, (q, n) in enumerate(zip(q_lens, kv_lens)):
             for t in range(n - q, n):  # written by the step
@@ -219,6 +234,17 @@ class Batch:
                      "new_rope"):
             setattr(self, name, getattr(self, name).to(device))
 
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the FP8 cache stores it: x / scale rounded to nearest even, saturated."""
+        largest = torch.finfo(self.fp8_format).max
+        return (x.float() / self.fp8_scale).clamp(-largest, largest).to(self.fp8_format)
+
+    def _held(self, x: torch.Tensor) -> torch.Tensor:
+        """The float values the cache holds for x."""
+        if self.fp8_format is None:
+            return x.float()
+        return self._stored(x).float() * self.fp8_scale
+
     def write_history(self, kv_cache: torch.Tensor) -> None:
         """Every token but the step's new ones, as if earlier steps had cached them."""
         block_size = kv_cache.shape[1]
@@ -226,6 +252,8 @@ class Batch:
             t = torch.arange(n - q)
             pages = self.block_table[r].cpu()[t // block_size].long()
             rows = torch.cat([self.latent[r][: n - q], self.rope[r][: n - q]], dim=-1)
+            if self.fp8_format is not None:
+                rows = self._stored(rows).view(torch.uint8)
             kv_cache[pages.to(kv_cache.device), (t % block_size).to(kv_cache.device)] = \
                 rows.to(kv_cache.device)
 
@@ -240,9 +268,9 @@ class Batch:
             seq_lens_cpu_upper_bound=self.seq_lens.clone())
 
 
-def _check(model: Model, batch: Batch, output: torch.Tensor):
+def _check(model: Model, batch: Batch, output: torch.Tensor, num_decodes: int | None = None):
     real = sum(batch.q_lens)
-    torch.testing.assert_close(output[:real].float().cpu(), model.expected(batch),
+    torch.testing.assert_close(output[:real].float().cpu(), model.expected(batch, num_decodes),
                                atol=2e-2, rtol=2e-2)
 
 
@@ -290,6 +318,8 @@ def _validate(**overrides):
 @pytest.mark.parametrize("overrides", [{}, {"dtype": torch.float16}, {"block_size": 1},
                                        {"block_size": 7}, {"block_size": 64},
                                        {"block_size": 128}, {"kv_cache_dtype": "bfloat16"},
+                                       {"kv_cache_dtype": "fp8"}, {"kv_cache_dtype": "fp8_e4m3"},
+                                       {"kv_cache_dtype": "fp8_e5m2"},
                                        {"device_capability": DeviceCapability(8, 0)}])
 def test_validate_configuration_accepts_what_the_kernels_serve(overrides):
     assert _validate(**overrides) == []
@@ -298,7 +328,6 @@ def test_validate_configuration_accepts_what_the_kernels_serve(overrides):
 @pytest.mark.parametrize("overrides, reason", [
     ({"head_size": 320}, "head_size not supported"),
     ({"dtype": torch.float32}, "dtype not supported"),
-    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype not supported"),
     ({"kv_cache_dtype": "fp8_ds_mla"}, "kv_cache_dtype not supported"),
     ({"use_mla": False}, "non-MLA not supported"),
     ({"use_sparse": True}, "sparse not supported"),
@@ -335,7 +364,7 @@ def test_builder_sorts_speculative_tokens_with_the_decodes(models):
 
 
 @pytest.mark.parametrize("impl_kwargs, match", [
-    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype 'fp8'"),
+    ({"kv_cache_dtype": "fp8_ds_mla"}, "kv_cache_dtype 'fp8_ds_mla'"),
     ({"sliding_window": 128}, "sliding_window"),
     ({"logits_soft_cap": 30.0}, "logits_soft_cap"),
     ({"kv_lora_rank": 256}, "MLA dims"),
@@ -375,6 +404,31 @@ def test_batches_against_dense_mla(models, device, block_size, name):
     assert (md.prefill is not None and md.prefill.chunked_context is not None) == \
         (name in ("context", "mixed"))
     _check(model, batch, output)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("name", ["decode", "mixed", "context"])
+def test_fp8_latent_caches(models, device, cache_dtype, name):
+    """--kv-cache-dtype fp8 / fp8_e5m2: vLLM's uint8 cache holds the rows quantised with the
+    layer's k_scale (our write, concat_and_cache_mla's bytes), the latent kernel reads them with
+    the scale, and the prefill's context chunks are dequantised before the up-projection."""
+    q_lens, kv_lens = BATCHES[name]
+    model = models(device, cache_dtype=cache_dtype)
+    fmt = torch.float8_e5m2 if cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
+    scale = 0.25
+    model.layer._k_scale.fill_(scale)
+    model.layer._k_scale_float = scale
+    assert model.builder.kv_dtype == fmt
+    batch = Batch(q_lens, kv_lens, block_size=16, device=device, seed=21, fp8_format=fmt,
+                  fp8_scale=scale)
+    md, output = model.step(batch)
+    _check(model, batch, output, md.num_decodes)
+    # The step's new rows hold exactly the bytes vLLM's writer stores: x / scale in float32.
+    new_rows = torch.cat([batch.new_latent, batch.new_rope[:, 0]], dim=-1).cpu()
+    slots = batch.slot_mapping.cpu()
+    stored = batch.kv_cache.cpu().view(-1, RANK + ROPE)[slots]
+    assert torch.equal(stored, batch._stored(new_rows).view(torch.uint8))
 
 
 @pytest.mark.parametrize("device", _devices())
@@ -435,15 +489,20 @@ def test_a_chosen_prefill_backend_runs_through_vllms_own_path(model_dir,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("q_len", [1, 3])
-def test_cuda_graph_capture_and_replay(models, q_len):
+@pytest.mark.parametrize("q_len, cache_dtype", [(1, "auto"), (3, "auto"), (1, "fp8"),
+                                                (3, "fp8_e5m2")])
+def test_cuda_graph_capture_and_replay(models, q_len, cache_dtype):
     """Capture a uniform decode (or verify) step once, the latent write and the layer's
     forward_impl, then replay it with other lengths, block tables and padding, as vLLM's FULL
-    graphs do (build() re-plans outside the graph before each replay)."""
+    graphs do (build() re-plans outside the graph before each replay). FP8: the layer's
+    k_scale changes after capture, as vLLM's loading replaces it; replays read the new one."""
     device, reqs, block_size = "cuda", 8, 16
-    model = models(device, num_speculative_tokens=q_len - 1)
+    model = models(device, num_speculative_tokens=q_len - 1, cache_dtype=cache_dtype)
+    fp8 = None if cache_dtype == "auto" else \
+        (torch.float8_e5m2 if cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn)
+    model.layer._k_scale.fill_(1.0)
     capture = Batch([q_len] * reqs, [q_len + 40] * reqs, block_size=block_size, device=device,
-                    num_blocks=2000)
+                    num_blocks=2000, fp8_format=fp8)
     static = {name: getattr(capture, name).clone() for name in
               ("query", "new_latent", "new_rope", "slot_mapping")}
     static["block_table"] = torch.zeros(reqs, 200, dtype=torch.int32, device=device)
@@ -471,12 +530,14 @@ def test_cuda_graph_capture_and_replay(models, q_len):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step(md)
+        scale = 1.0 if fp8 is None else 0.3
+        model.layer._k_scale.fill_(scale)
         for seed, kv_lens in enumerate([[q_len + 100, 3000, 17 + q_len, 900, 1 + q_len],
                                         [2048] * reqs, [q_len] * 6]):
             live = len(kv_lens)
             batch = Batch([q_len] * live, kv_lens, block_size=block_size, device=device,
                           seed=10 + seed, num_blocks=2000, pad_reqs=reqs - live,
-                          pad_tokens=(reqs - live) * q_len)
+                          pad_tokens=(reqs - live) * q_len, fp8_format=fp8, fp8_scale=scale)
             batch.write_history(kv_cache)  # into the cache the graph captured
             static["block_table"].zero_()
             static["block_table"][:, :batch.block_table.shape[1]] = batch.block_table

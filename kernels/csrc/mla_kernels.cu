@@ -3,8 +3,8 @@
 //
 // prefill_mla: 16 packed rows (16 heads of one token: DeepSeek-V3 at TP 8), 2 stages of
 // 64-key tiles, one CTA per SM (173 KB). prefill_mla_wide: 32 rows (32+ heads, or 16 heads
-// of two tokens), 200 KB; the planner takes the wide shape where the rows fill it. Not yet
-// timed on a GPU: shapes from the shared-memory budget only.
+// of two tokens), 200 KB; the planner takes the wide shape where the rows fill it. Both are
+// also compiled for FP8 latent caches (4 stages of the half-size rows).
 #include "attn_backend/mla.cuh"
 #include "kernel_registry.h"
 #include "torch_utils.h"
@@ -15,8 +15,7 @@ namespace {
 template <typename Shape>
 void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFlags& flags,
             dim3 grid, bool pdl, cudaStream_t stream) {
-  // The latent cache holds the query's 16-bit type (FP8 MLA caches are not compiled yet).
-  dispatch_16bit_dtypes(dtypes, "prefill_mla", [&](auto q, auto kv, auto o) {
+  dispatch_dtypes(dtypes, "prefill_mla", [&](auto q, auto kv, auto o) {
     using Traits = MlaTraits<Shape, decltype(q), decltype(kv), decltype(o)>;
     auto* kernel = variant_kernel(flags, [](auto soft_cap, auto custom_mask) {
       return &paged_mla_kernel<Traits, LogitsTransform<decltype(soft_cap)::value>,
@@ -26,15 +25,19 @@ void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFl
   });
 }
 
-template <typename Shape>
-using ProbeTraits = MlaTraits<Shape, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>;
+template <typename Shape, typename DTypeKV = __nv_bfloat16>
+using ProbeTraits = MlaTraits<Shape, __nv_bfloat16, DTypeKV, __nv_bfloat16>;
+
+template <typename Shape, typename DTypeKV>
+int occupancy_with() {
+  using Traits = ProbeTraits<Shape, DTypeKV>;
+  return ctas_per_sm(&paged_mla_kernel<Traits, LogitsTransform<false>, false>, Traits::kThreads,
+                     Traits::kSmemBytes);
+}
 
 template <typename Shape>
 int occupancy(bool fp8_kv) {
-  if (fp8_kv) return 0;  // no FP8 MLA kernel
-  using Traits = ProbeTraits<Shape>;
-  return ctas_per_sm(&paged_mla_kernel<Traits, LogitsTransform<false>, false>, Traits::kThreads,
-                     Traits::kSmemBytes);
+  return fp8_kv ? occupancy_with<Shape, __nv_fp8_e4m3>() : occupancy_with<Shape, __nv_bfloat16>();
 }
 
 bool runs_everywhere() { return true; }

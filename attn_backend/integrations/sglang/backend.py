@@ -35,10 +35,14 @@ prefixes (MHA_CHUNKED_KV, all keys visible, with LSE for SGLang's merge) (PagedP
 dims (192, 128) over the call's K/V as one-token pages, each kind planned once per forward).
 Our forward-method handler makes SGLang's own MHA / one-shot / chunked / absorbed choice. On
 CUDA the same wrappers run the MLA kernels (the latent kernel at (576, 512), the prefill
-kernels at (192, 128)).
+kernels at (192, 128)). FP8 MLA pools (`--kv-cache-dtype fp8_e4m3` / `fp8_e5m2`): the layer's
+one scale (`k_scale_float` or `k_scale`; None is 1.0) applies to the whole latent row; our
+write stores fp8(bf16(x / scale)), the bytes of SGLang's own path (its backends divide, the
+pool casts), without touching the model's tensors, and the latent kernel reads the rows with
+that scale.
 
 Not yet (they raise with the reason, never a wrong result): other hybrid pool
-kinds, cross-attention and quantised MLA caches. SGLang picks draft-model backends
+kinds, cross-attention and SGLang's packed MLA pools (FP4, DSA's). SGLang picks draft-model backends
 from its own list (--speculative-draft-attention-backend), so DRAFT_EXTEND_V2
 reaches this backend where a harness builds it for the draft model (SGLang's
 attention kit does).
@@ -172,10 +176,12 @@ class SGLangAttnBackend(AttentionBackend):
 
     def _check_supported(self, model_runner) -> None:
         """Reject at construction what this version cannot serve, naming the setting."""
-        if self.mla and self._fp8_pool:
-            raise ValueError(f"{BACKEND_NAME}: FP8 MLA caches are not supported yet; supported "
-                             "for MLA: --kv-cache-dtype auto")
         pool = model_runner.token_to_kv_pool
+        packed_pools = {"MLATokenToKVPoolFP4", "DSATokenToKVPool"}  # scales beside the values
+        if self.mla and any(c.__name__ in packed_pools for c in type(pool).__mro__):
+            raise ValueError(f"{BACKEND_NAME}: MLA pool {type(pool).__name__} is not "
+                             "supported; supported: MLATokenToKVPool (--kv-cache-dtype auto, "
+                             "fp8_e4m3 or fp8_e5m2)")
         if isinstance(pool, BaseSWAKVPool) and not _is_plain_swa_pool(pool):
             # Other hybrid kinds (request windows, unified or draft pools) address their
             # window layers differently; reading them through the slot map would be wrong.
@@ -346,24 +352,42 @@ class SGLangAttnBackend(AttentionBackend):
             return self._forward_mla_mha(q, k, v, layer, forward_batch)
         q_rope, k_rope = kwargs.get("q_rope"), kwargs.get("k_rope")
         pool = self.token_to_kv_pool
+        scale = _layer_scales(layer)[0] if self._fp8_pool else None
+        rows = pool.get_key_buffer(layer.layer_id)
         if save_kv_cache and k is not None:
-            loc = KVWriteLoc(forward_batch.out_cache_loc)
-            if k_rope is not None:  # split form: the latent and its rope part
-                pool.set_mla_kv_buffer(layer, loc, k.reshape(-1, 1, self.kv_lora_rank),
-                                       k_rope.reshape(-1, 1, self.qk_rope_head_dim))
-            else:  # concatenated form: k is the whole row (the pool stores k only)
-                pool.set_kv_buffer(layer, loc, k, v)
+            self._save_latent(layer, forward_batch.out_cache_loc, k, k_rope, rows, scale)
         heads = layer.tp_q_head_num
         if q_rope is not None:
             q3 = torch.cat([q.reshape(-1, heads, self.kv_lora_rank),
                             q_rope.reshape(-1, heads, self.qk_rope_head_dim)], dim=-1)
         else:
             q3 = q.reshape(-1, heads, layer.qk_head_dim)
-        cache = PagedKVCache.from_mla(pool.get_key_buffer(layer.layer_id), self.kv_lora_rank,
-                                      self.page_size)
+        cache = PagedKVCache.from_mla(rows, self.kv_lora_rank, self.page_size, scale=scale)
         out = self._wrapper(layer, q3.dtype).run(q3, cache, self._page_table(layer),
                                                  sm_scale=layer.scaling)
         return out.reshape(-1, heads * layer.v_head_dim)
+
+    def _save_latent(self, layer, loc, k, k_rope, rows, scale) -> None:
+        """Stores the new tokens' latent rows: split (k the latent part, k_rope its rope part)
+        or concatenated (k the whole row)."""
+        pool = self.token_to_kv_pool
+        if not self._fp8_pool:
+            if k_rope is not None:
+                pool.set_mla_kv_buffer(layer, KVWriteLoc(loc), k.reshape(-1, 1, self.kv_lora_rank),
+                                       k_rope.reshape(-1, 1, self.qk_rope_head_dim))
+            else:  # the pool stores k only
+                pool.set_kv_buffer(layer, KVWriteLoc(loc), k, k)
+            return
+        if k_rope is None:
+            k = k.reshape(-1, 1, self.kv_lora_rank + self.qk_rope_head_dim)
+            k, k_rope = k[..., :self.kv_lora_rank], k[..., self.kv_lora_rank:]
+        latent = k.reshape(-1, 1, self.kv_lora_rank)
+        rope = k_rope.reshape(-1, 1, self.qk_rope_head_dim)
+        # One launch: the row's two parts as the V and K of one write (slot = buffer row).
+        slots = rows.unsqueeze(1)  # [slots, page of 1, 1, 576]
+        parts = PagedKVCache(k=slots[..., self.kv_lora_rank:], v=slots[..., :self.kv_lora_rank],
+                             k_scale=scale, v_scale=scale)
+        write_kv(parts, loc, rope, latent, via_input_dtype=True)
 
     def _forward_mla_mha(self, q, k, v, layer, forward_batch):
         """SGLang's MHA prefill of an MLA model (forward_normal): attention of the new tokens

@@ -21,11 +21,18 @@ The builder takes our prefill backend unless `--attention-config` names another
 our `paged_kv_write` kernel (latent to the first 512 columns, rope to the last 64: what
 vLLM's `concat_and_cache_mla` stores). On CPU every wrapper runs the float reference.
 
+FP8 latent caches (`fp8`, `fp8_e4m3`, `fp8_e5m2`): vLLM's uint8 cache is re-viewed by the
+string; the one per-tensor `_k_scale` quantises the whole row on write (x / scale in float32,
+rounded to nearest even, saturated: `concat_and_cache_mla`'s bytes) and is read by the latent
+kernel at every call (a device tensor, so a captured graph reads the value it holds at
+replay); the MHA prefill's context chunks are dequantised before their up-projection. The
+queries stay in the model's dtype (`supports_quant_query_input` False).
+
 Selection: `--attention-backend CUSTOM` (vLLM's static member resolves to this class for MLA
 models, `custom.py`), or the name `ATTN_BACKEND_MLA` (a member added at registration: only
 where vLLM forks its processes, see `custom.py`). Not served
-(refused when vLLM validates the configuration or builds the impl, with the reason): FP8
-latent caches, sparse MLA (DeepSeek-V3.2), decode/prefill context parallelism, sliding
+(refused when vLLM validates the configuration or builds the impl, with the reason): the
+packed `fp8_ds_mla` rows and other quantised formats, sparse MLA (DeepSeek-V3.2), decode/prefill context parallelism, sliding
 windows, fused output quantisation, and dims other than 512 + 64 latent and 128 + 64 / 128.
 """
 
@@ -48,13 +55,13 @@ from vllm.v1.attention.backend import (AttentionCGSupport, AttentionType,
                                        CommonAttentionMetadata, MultipleOf)
 from vllm.v1.attention.backends.mla.prefill.base import MLADimensions, MLAPrefillBackend
 
-from ... import reference
+from ... import fp8, reference
 from ..._validation import KERNEL_DTYPES, MLA_HEAD_DIMS, MLA_MHA_HEAD_DIMS
 from ...kv_write import write_kv
 from ...paged_kv import PagedKVCache, PageTable
 from ...prefill import PagedPrefill
 from . import MLA_BACKEND_NAME
-from .backend import KernelCapabilities, host_kv_lens
+from .backend import KernelCapabilities, host_kv_lens, kv_dtype_of
 
 KV_LORA_RANK = MLA_HEAD_DIMS[1]  # 512
 ROPE_DIM = MLA_HEAD_DIMS[0] - MLA_HEAD_DIMS[1]  # 64
@@ -64,7 +71,8 @@ V_HEAD_DIM = MLA_MHA_HEAD_DIMS[1]  # 128
 
 class AttnBackendMLA(KernelCapabilities, MLACommonBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = list(KERNEL_DTYPES)
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16",
+                                                       *fp8.ENGINE_FP8_STRINGS]
 
     @staticmethod
     def get_name() -> str:
@@ -126,7 +134,9 @@ class AttnBackendMLAMetadataBuilder(MLACommonMetadataBuilder[AttnBackendMLAMetad
             self._prefill_backend = AttnBackendMLAPrefill.like(self._prefill_backend)
         if isinstance(self._prefill_backend, AttnBackendMLAPrefill):
             self._prefill_backend.bind(device)  # its kernel's checks fail here, not mid-serving
-        self.kv_dtype = kv_cache_spec.dtype
+        cache_string = getattr(kv_cache_spec, "cache_dtype_str", None) or \
+            vllm_config.cache_config.cache_dtype
+        self.kv_dtype = kv_dtype_of(kv_cache_spec.dtype, cache_string)
         scheduler = vllm_config.scheduler_config
         self.max_num_reqs = scheduler.max_num_seqs
         # Graph-sized grids: a decode step may be replayed from a captured graph, and the
@@ -287,8 +297,8 @@ class AttnBackendMLAImpl(MLACommonImpl[AttnBackendMLAMetadata]):
                                       "supported: decoder")
         if kv_cache_dtype not in AttnBackendMLA.supported_kv_cache_dtypes:
             raise ValueError(f"{MLA_BACKEND_NAME}: kv_cache_dtype {kv_cache_dtype!r}; "
-                             f"accepted: {', '.join(AttnBackendMLA.supported_kv_cache_dtypes)}"
-                             " (FP8 latent caches are not supported yet)")
+                             f"accepted: {', '.join(AttnBackendMLA.supported_kv_cache_dtypes)}")
+        self.fp8_cache = kv_cache_dtype in fp8.ENGINE_FP8_STRINGS
         if self.dcp_world_size > 1:
             raise NotImplementedError(f"{MLA_BACKEND_NAME}: decode context parallelism is "
                                       "not supported")
@@ -306,16 +316,30 @@ class AttnBackendMLAImpl(MLACommonImpl[AttnBackendMLAMetadata]):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                            kv_cache_dtype: str, k_scale: torch.Tensor,
                            skip_scale: bool = False) -> None:
-        """Writes each token's latent row (slot -1: a padding token, skipped)."""
+        """Writes each token's latent row (slot -1: a padding token, skipped); an FP8 cache
+        stores it quantised with `k_scale` (the row's one scale)."""
         if kv_cache.numel() == 0:
             return  # the memory-profiling run
         num_slots = slot_mapping.shape[0]  # the inputs may carry graph padding past it
         latent = kv_c_normed[:num_slots].reshape(num_slots, 1, self.kv_lora_rank)
         rope = k_pe[:num_slots].reshape(num_slots, 1, self.qk_rope_head_dim)
+        scale = None
+        if self.fp8_cache:
+            kv_cache = fp8.view_as_fp8(kv_cache, self.kv_cache_dtype)
+            scale = k_scale
         pages = kv_cache.unsqueeze(2)  # [num_blocks, block_size, 1, 576]
         # The row's two parts as the K and V of one write: each byte is stored once.
-        parts = PagedKVCache(k=pages[..., self.kv_lora_rank:], v=pages[..., :self.kv_lora_rank])
+        parts = PagedKVCache(k=pages[..., self.kv_lora_rank:], v=pages[..., :self.kv_lora_rank],
+                             k_scale=scale, v_scale=scale)
         write_kv(parts, slot_mapping.flatten(), rope, latent)
+
+    def _latent_cache(self, kv_cache: torch.Tensor, layer) -> PagedKVCache:
+        """The layer's latent cache; FP8 bytes read as the string's format with the layer's
+        `_k_scale`, read at every call (vLLM re-registers the scale buffers after loading)."""
+        if not self.fp8_cache:
+            return PagedKVCache.from_vllm_mla(kv_cache, self.kv_lora_rank)
+        return PagedKVCache.from_vllm_mla(fp8.view_as_fp8(kv_cache, self.kv_cache_dtype),
+                                          self.kv_lora_rank, scale=layer._k_scale)
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor,
                     attn_metadata: AttnBackendMLAMetadata, layer):
@@ -325,7 +349,7 @@ class AttnBackendMLAImpl(MLACommonImpl[AttnBackendMLAMetadata]):
         if meta.latent is None:
             raise RuntimeError(f"{MLA_BACKEND_NAME}: forward_mqa without a planned decode "
                                "batch (build() plans the decodes)")
-        cache = PagedKVCache.from_vllm_mla(kv_c_and_k_pe_cache, self.kv_lora_rank)
+        cache = self._latent_cache(kv_c_and_k_pe_cache, layer)
         # Padding rows (a padded graph step) get zeros: they flow through the rest of the
         # layer like real rows, and are dropped at the end of the step.
         out = q.new_empty(q.shape[0], self.num_heads, self.kv_lora_rank)
@@ -354,7 +378,7 @@ class AttnBackendMLAImpl(MLACommonImpl[AttnBackendMLAMetadata]):
             return
         new_out, new_lse = runner.run_prefill_new_tokens(q, k, v, return_softmax_lse=True)
         context_out, context_lse = self._context_attention(q, kv_c_and_k_pe_cache, prefill,
-                                                           runner)
+                                                           runner, k_scale)
         merged = reference.merge_states(context_out, context_lse, new_out.float(),
                                         new_lse.transpose(0, 1))
         out.copy_(merged.out)
@@ -368,17 +392,26 @@ class AttnBackendMLAImpl(MLACommonImpl[AttnBackendMLAMetadata]):
         return torch.cat([k_nope, rope], dim=-1), v
 
     def _context_attention(self, q: torch.Tensor, kv_cache: torch.Tensor,
-                           prefill: MLACommonPrefillMetadata, runner: AttnBackendMLAPrefill):
+                           prefill: MLACommonPrefillMetadata, runner: AttnBackendMLAPrefill,
+                           k_scale: torch.Tensor):
         """Attention of the prefill tokens over their cached context, chunk by chunk (vLLM
         sizes the chunks to its workspace), as float32 (out, lse [tokens, heads]); a token
-        without context keeps lse -inf, the identity of the merge."""
+        without context keeps lse -inf, the identity of the merge. FP8 rows are dequantised
+        (value = stored * k_scale) into the queries' dtype before the up-projection."""
         num_tokens = q.shape[0]
         out = torch.zeros(num_tokens, self.num_heads, self.v_head_dim, dtype=torch.float32,
                           device=q.device)
         lse = torch.full((num_tokens, self.num_heads), float("-inf"), dtype=torch.float32,
                          device=q.device)
+        # FP8 rows are gathered as their bytes (index ops on float8 tensors are not
+        # implemented everywhere).
+        source = kv_cache.view(torch.uint8) if self.fp8_cache else kv_cache
         for chunk in prefill.chunked_context.chunks:
-            rows = _gather_context_rows(kv_cache, prefill.block_table, chunk)
+            rows = _gather_context_rows(source, prefill.block_table, chunk)
+            if self.fp8_cache:
+                # Device ops only: the scale is not read on the host (no synchronisation).
+                rows = (fp8.view_as_fp8(rows, self.kv_cache_dtype).float() *
+                        k_scale.float().reshape(-1)).to(q.dtype)
             k, v = self._decompress(rows[:, : self.kv_lora_rank].contiguous(),
                                     rows[:, self.kv_lora_rank:])
             chunk_out, chunk_lse = runner.run_prefill_context_chunk(chunk, q[chunk.token_slice],

@@ -18,6 +18,12 @@
 // - O += P V: warp w owns output dims [64 w, 64 w + 64) of every row, over all 64 keys.
 // Three barriers per tile: the ring's, after the partial sums, after the probabilities.
 //
+// FP8 latent caches (float8_e4m3fn / e5m2, one scale for the whole row): MmaSync converts the
+// K and V fragments in registers and runs the products in float16 (the query tile is turned
+// into float16 once, mma_policy.cuh says how); the K scale is folded into the logit scale and
+// the V scale, which the callers set to the K scale (one row), into the epilogue. FP8 rows are
+// half the bytes, so the ring has twice the stages: the same bytes in flight.
+//
 // Composed of: work_item (the plan), paged_kv_loader (the ring, V inside K), mma_policy
 // (MmaSync fragments and products), variant (logits transform, prefill visibility),
 // epilogue and split_kv_merge.
@@ -27,6 +33,7 @@
 #include <type_traits>
 
 #include "attn_backend/common/epilogue.cuh"
+#include "attn_backend/common/fp8_convert.cuh"
 #include "attn_backend/common/math.cuh"
 #include "attn_backend/common/mma_policy.cuh"
 #include "attn_backend/common/paged_kv_loader.cuh"
@@ -62,13 +69,15 @@ struct MlaTraits : Shape {
   using DTypeQ = DTypeQ_;
   using DTypeKV = DTypeKV_;
   using DTypeO = DTypeO_;
-  static_assert(std::is_same_v<DTypeQ, DTypeKV> && sizeof(DTypeQ) == 2,
-                "MLA: a 16-bit latent cache of the query's type");
-  static constexpr int kChunks = chunks_per_row<DTypeQ, Shape::kHeadDimQK>();  // 72
-  using LayoutQ = XorSwizzledRows<kChunks>;
-  using LayoutK = XorSwizzledRows<kChunks>;
-  using Loader = PagedKVLoader<DTypeKV, Shape::kKVTile, Shape::kStages, Shape::kThreads,
-                               LayoutK, LayoutK, /*kValueInKey=*/true>;
+  static_assert(sizeof(DTypeQ) == 2 && (std::is_same_v<DTypeQ, DTypeKV> || is_fp8<DTypeKV>()),
+                "MLA: a 16-bit query over a latent cache of its type or FP8");
+  static constexpr int kStages = Shape::kStages * static_cast<int>(sizeof(DTypeQ) / sizeof(DTypeKV));
+  static constexpr int kChunksQ = chunks_per_row<DTypeQ, Shape::kHeadDimQK>();  // 72
+  static constexpr int kChunksK = chunks_per_row<DTypeKV, Shape::kHeadDimQK>();  // 72, FP8 36
+  using LayoutQ = XorSwizzledRows<kChunksQ>;
+  using LayoutK = XorSwizzledRows<kChunksK>;
+  using Loader = PagedKVLoader<DTypeKV, Shape::kKVTile, kStages, Shape::kThreads, LayoutK,
+                               LayoutK, /*kValueInKey=*/true>;
   using Mma = MmaSync<DTypeQ, DTypeKV>;
   static constexpr int kKeyGroups = Shape::kKVTile / 16;  // S: 16-key groups of a tile
   static constexpr int kDimHalves = Shape::kWarps / kKeyGroups;
@@ -79,7 +88,7 @@ struct MlaTraits : Shape {
   // Floats per score row: the 8 rows a quad pattern touches start 8 banks apart, so the
   // warps' float2 stores and loads of a 16-row tile hit each bank pair once per half-warp.
   static constexpr int kScorePitch = Shape::kKVTile + 8;
-  static constexpr int kQBytes = Shape::kRows * kChunks * 16;
+  static constexpr int kQBytes = Shape::kRows * kChunksQ * 16;
   static constexpr int kQOffset = Loader::kRingBytes;
   static constexpr int kScoreOffset = kQOffset + kQBytes;
   static constexpr int kScoreBytes = kDimHalves * Shape::kRows * kScorePitch * 4;
@@ -138,6 +147,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   auto pending = loader.start();  // its barrier also publishes the row state
   ptx::cp_async_wait<Traits::kStages - 1>();  // the query rows
   __syncthreads();
+  if constexpr (Mma::kConvertsQuery) {
+    fp8::convert_query_tile<typename Traits::DTypeQ, Traits::kQBytes, Traits::kThreads>(
+        q_smem, p.sm_scale);
+    __syncthreads();
+  }
 
   const PrefillVisibility<kCustomMask> visibility(p, item.request, item.kv_end, q_len, kv_len,
                                                   item.row_start, num_rows);
@@ -150,8 +164,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int soft_row = tid / Traits::kThreadsPerRow;
   const int soft_key0 = (tid % Traits::kThreadsPerRow) * Traits::kKeysPerThread;
   const int soft_token = (item.row_start + soft_row) / group;
-  // P V: this warp's output dims, a 128-byte column block of V rows (the XOR swizzle keeps
-  // each 8-chunk block in place, so the block's tile is the tile from chunk 8 w on).
+  // P V: this warp's output dims, a column block of V rows of 128 bytes (FP8: 64) from byte
+  // col0 * sizeof(DTypeKV) on: the XOR swizzle keeps each aligned 8-chunk block (FP8 rows:
+  // 4-chunk group) in place, so the block's tile is the tile from that chunk on.
   const int col0 = warp * Traits::kColsPerWarp;
   float o[kM][Traits::kColsPerWarp / 8][4];
 #pragma unroll
@@ -267,9 +282,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
   }
   ptx::cp_async_wait<0>();
+  Mma::restore_output_layout(o, lane);
 
   const TileWriter<typename Traits::DTypeO, Traits::kHeadDimVO, PackedRows> writer{
       p, rows, cta.kv_head, item.partial};
+  const OutputScale output{p.scales.value(cta.kv_head)};
 #pragma unroll
   for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
@@ -279,7 +296,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       const float total = row_sum[row];
       const float scale = total != 0.f ? 1.f / total : 0.f;
       writer.template write_pairs<Traits::kColsPerWarp / 8>(row, col0 + 2 * (lane % 4), [&](int n) {
-        return make_float2(o[mt][n][2 * half] * scale, o[mt][n][2 * half + 1] * scale);
+        return make_float2(output(o[mt][n][2 * half] * scale),
+                           output(o[mt][n][2 * half + 1] * scale));
       });
       if (warp == 0 && lane % 4 == 0) {
         writer.write_lse(row, total != 0.f ? (row_max[row] + __log2f(total)) * kLn2 : kNegInf);

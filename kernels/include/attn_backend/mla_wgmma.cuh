@@ -18,6 +18,12 @@
 // warpgroups wait for it and make its softmax (see the main loop); on the H200 that was 5-10%
 // faster than running each tile's products in turn (bench_mla, both in one run).
 //
+// FP8 latent caches: wgmma reads both operands of S from shared memory in one 16-bit type, so
+// the FP8 rows land in a ring of their own and each tile is turned into a float16 tile
+// (fp8_convert.cuh) once it has landed, into one of two buffers (the tile whose P V runs and
+// the tile whose S does); the query tile is turned into float16 once, times sm_scale's power
+// of two, as for mma.sync (mma_policy.cuh). That costs a barrier per tile more.
+//
 // Measured (bench/results/mla_decode-*): the 64 x 32 x 576 products of S, m64n32k16 with A
 // from shared memory, re-read Q for every 32 keys, and the tensor pipes stay near 30% busy at
 // 128 heads; FlashMLA's 64-key S and deeper overlap reach about twice the rate.
@@ -31,6 +37,7 @@
 #include <type_traits>
 
 #include "attn_backend/common/epilogue.cuh"
+#include "attn_backend/common/fp8_convert.cuh"
 #include "attn_backend/common/online_softmax.cuh"
 #include "attn_backend/common/paged_kv_loader.cuh"
 #include "attn_backend/common/params.cuh"
@@ -102,19 +109,28 @@ struct MlaWgmmaTraits : Shape {
   using DTypeQ = DTypeQ_;
   using DTypeKV = DTypeKV_;
   using DTypeO = DTypeO_;
-  static_assert(std::is_same_v<DTypeQ, DTypeKV> && sizeof(DTypeQ) == 2,
-                "MLA: a 16-bit latent cache of the query's type");
-  static constexpr int kChunks = chunks_per_row<DTypeQ, Shape::kHeadDimQK>();  // 72
+  static_assert(sizeof(DTypeQ) == 2 && (std::is_same_v<DTypeQ, DTypeKV> || is_fp8<DTypeKV>()),
+                "MLA: a 16-bit query over a latent cache of its type or FP8");
+  static constexpr bool kConvertsKV = is_fp8<DTypeKV>();
+  using DTypeOperand = std::conditional_t<kConvertsKV, __half, DTypeQ>;  // the MMAs' type
+  static constexpr int kChunks = chunks_per_row<DTypeOperand, Shape::kHeadDimQK>();  // 72
   using LayoutQ = Swizzled128BBlocks<kChunks, Shape::kRows>;
-  using LayoutK = Swizzled128BBlocks<kChunks, Shape::kKVTile>;
+  using LayoutK = Swizzled128BBlocks<kChunks, Shape::kKVTile>;  // the tiles the MMAs read
+  // The ring's tiles: the MMAs' own, or the FP8 rows the conversion reads.
+  using RingLayout = std::conditional_t<
+      kConvertsKV, XorSwizzledRows<chunks_per_row<DTypeKV, Shape::kHeadDimQK>()>, LayoutK>;
   using Loader = PagedKVLoader<DTypeKV, Shape::kKVTile, Shape::kStages, Shape::kThreads,
-                               LayoutK, LayoutK, /*kValueInKey=*/true>;
-  using Products = MlaWgmmaProducts<DTypeQ, Shape::kRows, Shape::kKVTile>;
+                               RingLayout, RingLayout, /*kValueInKey=*/true>;
+  using Products = MlaWgmmaProducts<DTypeOperand, Shape::kRows, Shape::kKVTile>;
   static constexpr int kSteps = Shape::kHeadDimQK / 16;  // 36 k-steps of S
   static constexpr int kStepsPerWarpgroup = kSteps / Shape::kWarpgroups;
   static constexpr int kScoreTiles = Shape::kKVTile / 8;
   static constexpr int kQBytes = Shape::kRows * kChunks * 16;
-  static constexpr int kQOffset = Loader::kRingBytes;
+  // FP8: two float16 tiles, tile t in buffer t % 2.
+  static constexpr int kConvertedOffset = Loader::kRingBytes;
+  static constexpr int kConvertedTileBytes = Shape::kKVTile * kChunks * 16;
+  static constexpr int kConvertedBytes = kConvertsKV ? 2 * kConvertedTileBytes : 0;
+  static constexpr int kQOffset = kConvertedOffset + kConvertedBytes;
   // Each warpgroup's partial scores, as float4 [score tile][thread of the warpgroup].
   static constexpr int kExchangeOffset = kQOffset + kQBytes;
   static constexpr int kExchangeBytes = Shape::kWarpgroups * Shape::kRows * Shape::kKVTile * 4;
@@ -124,7 +140,8 @@ struct MlaWgmmaTraits : Shape {
   static_assert(Shape::kWarpgroups == 2 && kSteps % 2 == 0 &&
                     2 * Products::kOutTiles * 8 == Shape::kHeadDimVO,
                 "two warpgroups: halves of S's dims, halves of O's");
-  static_assert(Loader::kKTileBytes % 1024 == 0 && kQOffset % 1024 == 0,
+  static_assert(Loader::kKTileBytes % 1024 == 0 && kQOffset % 1024 == 0 &&
+                    kConvertedTileBytes % 1024 == 0,
                 "wgmma operands 1024-byte aligned");
   static_assert(Loader::kRingBytes >= 2 * Shape::kRows * 4, "ring too small for the merge scalars");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
@@ -168,13 +185,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   const PrefillVisibility<kCustomMask> visibility(p, item.request, item.kv_end, q_len, kv_len,
                                                   item.row_start, num_rows);
-  const Logits logits(p, p.sm_scale * p.scales.key(cta.kv_head));
+  const float qk_scale = Traits::kConvertsKV ? fp8::sm_scale_after_query_conversion(p.sm_scale)
+                                             : p.sm_scale;
+  const Logits logits(p, qk_scale * p.scales.key(cta.kv_head));
   float o[1][kOutTiles][4];
 #pragma unroll
   for (int n = 0; n < kOutTiles; ++n) o[0][n][0] = o[0][n][1] = o[0][n][2] = o[0][n][3] = 0.f;
   OnlineSoftmax<1, kScoreTiles> softmax;
 
   ptx::cp_async_wait<Traits::kStages - 1>();  // the query rows
+  if constexpr (Traits::kConvertsKV) {
+    __syncthreads();
+    fp8::convert_query_tile<typename Traits::DTypeQ, Traits::kQBytes, Traits::kThreads>(
+        q_smem, p.sm_scale);
+  }
   wgmma::fence_generic_to_async_smem();
   __syncthreads();
 
@@ -205,8 +229,30 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       s[n][3] += other.w;
     }
   };
+  // The tile the MMAs read: the ring's stage, or (FP8) the float16 buffer it was turned into.
+  uint8_t* const converted = smem + Traits::kConvertedOffset;
+  const auto operand_tile = [&](int tile) -> const uint8_t* {
+    if constexpr (Traits::kConvertsKV) {
+      return converted + (tile % 2) * Traits::kConvertedTileBytes;
+    } else {
+      return loader.k_tile(tile % Traits::kStages);
+    }
+  };
   const auto v_tile = [&](int tile) {
-    return loader.k_tile(tile % Traits::kStages) + warpgroup * (kOutTiles / 8) * kKV * 128;
+    return operand_tile(tile) + warpgroup * (kOutTiles / 8) * kKV * 128;
+  };
+  // FP8: turns `tile` (landed for every thread) into its float16 buffer, whose last reader
+  // (the P V of tile - 2) completed for every warpgroup before the barrier the caller passed,
+  // and publishes it to the MMAs.
+  const auto convert_tile = [&](int tile) {
+    if constexpr (Traits::kConvertsKV) {
+      fp8::convert_tile_to_half<typename Traits::DTypeKV, typename Traits::RingLayout,
+                                typename Traits::LayoutK, kKV, Traits::kThreads>(
+          loader.k_tile(tile % Traits::kStages),
+          converted + (tile % 2) * Traits::kConvertedTileBytes);
+      wgmma::fence_generic_to_async_smem();
+      __syncthreads();
+    }
   };
 
   if (loader.num_tiles > 0) {
@@ -226,8 +272,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     };
     float correction[1][2];
     loader.template advance<true>(0, pending);  // tile 0 landed, tile 2 requested
+    convert_tile(0);
     float s[1][kScoreTiles][4];
-    issue_scores(s[0], loader.k_tile(0));
+    issue_scores(s[0], operand_tile(0));
     wgmma::wait_group<0>();
     wgmma::pin(s[0]);
     publish_half(s[0]);
@@ -257,7 +304,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         ptx::cp_async_commit();
         pending = loader.fetch(refill + 1);
       }
-      issue_scores(next[0], loader.k_tile((tile + 1) % Traits::kStages));
+      convert_tile(tile + 1);
+      issue_scores(next[0], operand_tile(tile + 1));
       Products::pv(o[0], probs[0], v_tile(tile));
       wgmma::wait_group<1>();  // the next tile's S (committed before this P V)
       wgmma::pin(next[0]);

@@ -13,15 +13,17 @@ constexpr int chunks_per_row() {
 }
 
 // Rows of kChunks chunks back to back; chunk c of row r is stored at chunk c ^ (r % 8)
-// of that row, which spreads the 8 rows one ldmatrix reads over all 32 banks. Rows of 4
-// chunks (64 bytes: FP8 rows of 64 dims) pair up in a 128-byte line, so chunk c of row r
-// sits at c ^ ((r / 2) % 4): the 8 rows again cover the line's 8 chunk positions.
+// of that row, which spreads the 8 rows one ldmatrix reads over all 32 banks. Rows of 8 k + 4
+// chunks (64 bytes: FP8 rows of 64 dims; 576 bytes: FP8 MLA rows) start alternately at the
+// start and the middle of a 128-byte line, so chunk c of row r sits at c ^ ((r / 2) % 4):
+// with the alternation the 8 rows again cover the line's 8 chunk positions, and the XOR
+// keeps each chunk inside its aligned group of 4 (the last group of a row is such a group).
 template <int kChunks_>
 struct XorSwizzledRows {
   static constexpr int kChunks = kChunks_;
-  static_assert(kChunks % 8 == 0 || kChunks == 4, "rows of 64 bytes or whole 128-byte lines");
+  static_assert(kChunks % 4 == 0, "rows of whole 64-byte halves of 128-byte lines");
   __device__ __forceinline__ static int chunk_index(int row, int chunk) {
-    if constexpr (kChunks == 4) {
+    if constexpr (kChunks % 8 == 4) {
       return row * kChunks + (chunk ^ ((row >> 1) & 3));
     } else {
       return row * kChunks + (chunk ^ (row & 7));
