@@ -166,7 +166,9 @@ def _shape_rows(peers, batch, kv_len, heads, q_len, gen, kv_dtype=DTYPE) -> list
     qo_indptr = [q_len * r for r in range(batch + 1)]
     rows = []
     for page_size in PAGE_SIZES:
-        cache = PagedKVCache.from_mla(latent, RANK, page_size, scale=scale)
+        # (no scale keyword for 16-bit caches: a before/after run's older build takes none)
+        cache = PagedKVCache.from_mla(latent, RANK, page_size,
+                                      **({"scale": scale} if scale is not None else {}))
         pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
         table = PageTable.from_block_table(pages.cuda())
         mla.plan(qo_indptr, [kv_len] * batch)

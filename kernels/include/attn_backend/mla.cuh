@@ -22,7 +22,10 @@
 // K and V fragments in registers and runs the products in float16 (the query tile is turned
 // into float16 once, mma_policy.cuh says how); the K scale is folded into the logit scale and
 // the V scale, which the callers set to the K scale (one row), into the epilogue. FP8 rows are
-// half the bytes, so the ring has twice the stages: the same bytes in flight.
+// half the bytes: the 16-row shape runs two CTAs per SM (two stages each, at most 128
+// registers a thread), so one CTA's loads, products and softmax overlap the other's phases,
+// which a CTA alone runs in turn; wider shapes keep one CTA with twice the stages (the same
+// bytes in flight).
 //
 // Composed of: work_item (the plan), paged_kv_loader (the ring, V inside K), mma_policy
 // (MmaSync fragments and products), variant (logits transform, prefill visibility),
@@ -71,7 +74,9 @@ struct MlaTraits : Shape {
   using DTypeO = DTypeO_;
   static_assert(sizeof(DTypeQ) == 2 && (std::is_same_v<DTypeQ, DTypeKV> || is_fp8<DTypeKV>()),
                 "MLA: a 16-bit query over a latent cache of its type or FP8");
-  static constexpr int kStages = Shape::kStages * static_cast<int>(sizeof(DTypeQ) / sizeof(DTypeKV));
+  static constexpr bool kFp8 = is_fp8<DTypeKV>();
+  static constexpr int kCtasPerSm = kFp8 && Shape::kRows == 16 ? 2 : 1;
+  static constexpr int kStages = kFp8 && kCtasPerSm == 1 ? 2 * Shape::kStages : Shape::kStages;
   static constexpr int kChunksQ = chunks_per_row<DTypeQ, Shape::kHeadDimQK>();  // 72
   static constexpr int kChunksK = chunks_per_row<DTypeKV, Shape::kHeadDimQK>();  // 72, FP8 36
   using LayoutQ = XorSwizzledRows<kChunksQ>;
@@ -103,11 +108,11 @@ struct MlaTraits : Shape {
   static_assert(kThreadsPerRow <= 32 && 32 % kThreadsPerRow == 0 && kKeysPerThread >= 1,
                 "softmax: a row's threads within one warp");
   static_assert(Loader::kRingBytes >= 2 * Shape::kRows * 4, "ring too small for the merge scalars");
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
+  static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "shared memory of an SM");
 };
 
 template <typename Traits, typename Logits, bool kCustomMask>
-__global__ void __launch_bounds__(Traits::kThreads, 1)
+__global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
     paged_mla_kernel(const __grid_constant__ AttentionParams p) {
   using DTypeKV = typename Traits::DTypeKV;
   using Mma = typename Traits::Mma;
@@ -187,7 +192,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
         for (int n = 0; n < 2; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
       }
-#pragma unroll
+      // Two CTAs per SM (at most 128 registers): a few steps in flight, not all 18.
+#pragma unroll(Traits::kCtasPerSm == 2 ? 3 : Traits::kStepsPerHalf)
       for (int step = 0; step < Traits::kStepsPerHalf; ++step) {
         const int kk = dim_half * Traits::kStepsPerHalf + step;
         uint32_t a[kM][4];
@@ -256,29 +262,39 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     __syncthreads();  // the probabilities and the rows' rescales
 
     {
-      float prob[kM][kKV / 8][4];
 #pragma unroll
       for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int row = mt * 16 + lane / 4 + 8 * half;
-          const float rescale = row_rescale[row];
+          const float rescale = row_rescale[mt * 16 + lane / 4 + 8 * half];
 #pragma unroll
           for (int n = 0; n < Traits::kColsPerWarp / 8; ++n) {
             o[mt][n][2 * half] *= rescale;
             o[mt][n][2 * half + 1] *= rescale;
           }
-#pragma unroll
-          for (int n = 0; n < kKV / 8; ++n) {
-            const float2 pair =
-                *reinterpret_cast<const float2*>(scores + row * kPitch + 8 * n + 2 * (lane % 4));
-            prob[mt][n][2 * half] = pair.x;
-            prob[mt][n][2 * half + 1] = pair.y;
-          }
         }
       }
-      Mma::template pv<typename Traits::LayoutK, kM, kKV / 16>(
-          o, prob, loader.v_tile(tile % Traits::kStages) + col0 * sizeof(DTypeKV), 0, lane);
+      // 16 keys at a time: only one step's probabilities live in registers.
+      const uint8_t* const v_tile = loader.v_tile(tile % Traits::kStages) + col0 * sizeof(DTypeKV);
+#pragma unroll
+      for (int step = 0; step < kKV / 16; ++step) {
+        float prob[kM][2][4];
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int row = mt * 16 + lane / 4 + 8 * half;
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+              const float2 pair = *reinterpret_cast<const float2*>(
+                  scores + row * kPitch + 16 * step + 8 * n + 2 * (lane % 4));
+              prob[mt][n][2 * half] = pair.x;
+              prob[mt][n][2 * half + 1] = pair.y;
+            }
+          }
+        }
+        Mma::template pv<typename Traits::LayoutK, kM, 1>(o, prob, v_tile, 16 * step, lane);
+      }
     }
   }
   ptx::cp_async_wait<0>();

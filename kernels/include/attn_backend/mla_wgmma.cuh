@@ -342,6 +342,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   const TileWriter<typename Traits::DTypeO, Traits::kHeadDimVO, PackedRows> writer{
       p, rows, cta.kv_head, item.partial};
+  const OutputScale output{p.scales.value(cta.kv_head)};
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float total = softmax.total(0, half);
@@ -350,7 +351,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const float scale = total != 0.f ? 1.f / total : 0.f;
     writer.template write_pairs<kOutTiles>(
         row, warpgroup * kOutTiles * 8 + 2 * (lane % 4), [&](int n) {
-          return make_float2(o[0][n][2 * half] * scale, o[0][n][2 * half + 1] * scale);
+          return make_float2(output(o[0][n][2 * half] * scale),
+                             output(o[0][n][2 * half + 1] * scale));
         });
     if (warpgroup == 0 && lane % 4 == 0) writer.write_lse(row, softmax.lse(0, half, total));
   }
