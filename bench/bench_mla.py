@@ -108,6 +108,10 @@ class Peers(OptionalPeers):
         # sgl-flash-mla: the metadata fills on the first call; SM90's dense kernels are its
         # "legacy" half.
         metadata, _ = self.flash_mla.get_mla_metadata()
+        if fp8:  # its dense FP8 scheduler takes the metadata up front
+            metadata.tile_scheduler_metadata, metadata.num_splits = \
+                self.flash_mla.get_mla_decoding_metadata(seqlens, q_len * heads, 1,
+                                                         is_fp8_kvcache=True, use_legacy=True)
         return lambda: self.flash_mla.flash_mla_with_kvcache(
             q4, blocks, table, seqlens, RANK, metadata, None, softmax_scale=scale,
             causal=q_len > 1, use_legacy=True, **fp8_args)
