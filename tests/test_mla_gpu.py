@@ -61,6 +61,29 @@ def qo_indptr(q_lens):
     return [0] + torch.tensor(q_lens).cumsum(0).tolist()
 
 
+def captured_run(mla, q, cache, table):
+    """The planned run, once eagerly (a warm-up) and captured in a CUDA graph: (out, graph)."""
+    out = torch.empty(q.shape[0], q.shape[1], RANK, dtype=q.dtype, device="cuda")
+    mla.run(q, cache, table, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mla.run(q, cache, table, out=out)
+    return out, graph
+
+
+def random_tree_masks(q_lens, kv_lens, seed) -> torch.Tensor:
+    """Tree verification masks, request blocks back to back: each draft sees the prefix, itself
+    and a random set of earlier drafts."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = []
+    for n, length in zip(q_lens, kv_lens):
+        block = torch.ones(n, length, dtype=torch.bool)
+        drafts = torch.rand(n, n, generator=gen) < 0.5
+        block[:, length - n:] = torch.tril(drafts, diagonal=-1) | torch.eye(n, dtype=torch.bool)
+        blocks.append(block.flatten())
+    return torch.cat(blocks)
+
+
 @pytest.mark.parametrize("heads", [16, 32, 128])
 @pytest.mark.parametrize("page_size", [1, 7, 16, 64])
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
@@ -91,15 +114,8 @@ def test_mla_verify_chains(heads, dtype, seed, latent_backend):
 @pytest.mark.parametrize("heads", [16, 64])
 def test_mla_tree_masks(heads, seed, latent_backend):
     """Tree verification: each draft sees the prefix and a random set of earlier drafts."""
-    gen = torch.Generator().manual_seed(seed)
     q_lens, kv_lens = [4, 8, 6], [100, 37, 2000]
-    blocks = []
-    for n, length in zip(q_lens, kv_lens):
-        block = torch.ones(n, length, dtype=torch.bool)
-        drafts = torch.rand(n, n, generator=gen) < 0.5
-        block[:, length - n:] = torch.tril(drafts, diagonal=-1) | torch.eye(n, dtype=torch.bool)
-        blocks.append(block.flatten())
-    mask = torch.cat(blocks)
+    mask = random_tree_masks(q_lens, kv_lens, seed)
     problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=64, seed=seed)
     mla = make_mla(q, problem, latent_backend)
     mla.plan(qo_indptr(q_lens), kv_lens, custom_mask=mask)
@@ -123,11 +139,7 @@ def test_mla_graph_replay_with_new_lengths(seed, latent_backend):
     problem, table, q = mla_problem([1] * batch, longest, heads=heads, page_size=16, seed=seed)
     mla = make_mla(q, problem, latent_backend, use_cuda_graph=True)
     mla.plan(qo_indptr([1] * batch), longest)
-    out = torch.empty(batch, heads, RANK, dtype=q.dtype, device="cuda")
-    mla.run(q, problem.cache, table, out=out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        mla.run(q, problem.cache, table, out=out)
+    out, graph = captured_run(mla, q, problem.cache, table)
     from attn_backend import reference
 
     for lengths in ([1, 2999, 64, 700], [3000, 3000, 3000, 3000], [5, 6, 7, 8]):
@@ -192,14 +204,7 @@ def test_mla_fp8_verify_chains_and_trees(fmt, heads, dtype, seed, latent_backend
     mla = make_mla(q, problem, latent_backend)
     mla.plan(qo_indptr(q_lens), kv_lens)
     check_against_reference(mla, problem, table, q, seed=seed, causal=True)
-    gen = torch.Generator().manual_seed(seed)
-    blocks = []
-    for n, length in zip(q_lens, kv_lens):
-        block = torch.ones(n, length, dtype=torch.bool)
-        drafts = torch.rand(n, n, generator=gen) < 0.5
-        block[:, length - n:] = torch.tril(drafts, diagonal=-1) | torch.eye(n, dtype=torch.bool)
-        blocks.append(block.flatten())
-    mask = torch.cat(blocks)
+    mask = random_tree_masks(q_lens, kv_lens, seed)
     mla.plan(qo_indptr(q_lens), kv_lens, custom_mask=mask)
     check_against_reference(mla, problem, table, q, seed=seed, custom_mask=mask.cuda())
 
@@ -226,11 +231,7 @@ def test_mla_fp8_graph_reads_the_scale_at_replay(seed, latent_backend):
                                     seed=seed, kv_dtype=torch.float8_e4m3fn, scale=scale)
     mla = make_mla(q, problem, latent_backend, use_cuda_graph=True)
     mla.plan(qo_indptr([1] * batch), kv_lens)
-    out = torch.empty(batch, heads, RANK, dtype=q.dtype, device="cuda")
-    mla.run(q, problem.cache, table, out=out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        mla.run(q, problem.cache, table, out=out)
+    out, graph = captured_run(mla, q, problem.cache, table)
     kv_indptr, kv_slots = problem.kv_csr()
     for value in (0.5, 2.25):
         scale.fill_(value)
