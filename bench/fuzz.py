@@ -11,8 +11,9 @@ each request's length, GQA groups 1..128, head dims 64/128/256, fp16/bf16, causa
 windows, soft-caps, tree masks, padding requests (no keys, or no queries), FP8 caches (e4m3fn
 and e5m2, scales per tensor or per kv head), MLA (15% of seeds: all heads, up to 128, over
 one 576-wide latent row per token on PagedPrefill, 16-bit or FP8 with one scale; drawn last,
-so the other seeds' cases are those of earlier campaigns), scaled queries (peaked softmax), each wrapper backend, eager or a CUDA-graph replay of a capture made with
-other lengths. Outputs are NaN-poisoned before each run; output and LSE are compared with
+so the other seeds' cases are those of earlier campaigns), scaled queries (peaked softmax),
+each wrapper backend, eager or a CUDA-graph replay of a capture made with other lengths.
+Outputs are NaN-poisoned before each run; output and LSE are compared with
 `attn_backend.reference` (float32, chunked over query rows, on the GPU). Workers are separate
 processes over disjoint seeds (the host work of drawing, planning and the reference is the cost;
 the GPU is mostly idle). The JSON result (`fuzz-<date>-<gpu>.json`) holds `cases`,
@@ -179,8 +180,9 @@ MLA_HEAD_DIMS = (576, 512)
 
 def as_mla_case(case: Case) -> Case:
     """The case's batch as MLA: its heads (up to 128) over one latent row per token (its cache
-    dtype kept: 16-bit or FP8 with one scale for the row), on PagedPrefill (decode requests become one-token prefills, none for a request without
-    keys), lengths rescaled into the cache and reference budgets of 576-wide rows."""
+    dtype kept: 16-bit or FP8 with one scale for the row), on PagedPrefill (decode requests
+    become one-token prefills, none for a request without keys), lengths rescaled into the
+    cache and reference budgets of 576-wide rows."""
     heads = min(case.num_kv_heads * case.group, 128)
     kv_lens = list(case.kv_lens)
     budget = MAX_KV_ELEMENTS // MLA_HEAD_DIMS[0]

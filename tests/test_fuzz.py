@@ -48,9 +48,9 @@ def test_cases_cover_what_the_issue_lists():
     for feature in ("decode", "prefill", "float16", "bfloat16", "graph", "slot_map",
                     "shared_prefix", "tree_mask", "soft_cap", "window", "non_causal",
                     "padding_request", "kv_over_32k", "batch_over_128", "p1", "p3", "p100",
-                    "p128", "group1", "group128", "d64", "d256", "layout_vllm_hnd", "layout_vllm_nhd",
-                    "layout_sglang", "engine_vllm", "engine_sglang", "backend_full_batch", "backend_mma", "backend_split", "mla",
-                    "mla_fp8"):
+                    "p128", "group1", "group128", "d64", "d256", "layout_vllm_hnd",
+                    "layout_vllm_nhd", "layout_sglang", "engine_vllm", "engine_sglang",
+                    "backend_full_batch", "backend_mma", "backend_split", "mla", "mla_fp8"):
         assert feature in seen, feature
 
 

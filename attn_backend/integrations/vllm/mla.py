@@ -29,10 +29,10 @@ replay); the MHA prefill's context chunks are dequantised before their up-projec
 queries stay in the model's dtype (`supports_quant_query_input` False).
 
 Selection: `--attention-backend CUSTOM` (vLLM's static member resolves to this class for MLA
-models, `custom.py`), or the name `ATTN_BACKEND_MLA` (a member added at registration: only
-where vLLM forks its processes, see `custom.py`). Not served
-(refused when vLLM validates the configuration or builds the impl, with the reason): the
-packed `fp8_ds_mla` rows and other quantised formats, sparse MLA (DeepSeek-V3.2), decode/prefill context parallelism, sliding
+models, `custom.py`), or the name `ATTN_BACKEND_MLA` (a member added at registration: only where
+vLLM forks its processes, see `custom.py`). Not served (refused when vLLM validates the
+configuration or builds the impl, with the reason): the packed `fp8_ds_mla` rows and other
+quantised formats, sparse MLA (DeepSeek-V3.2), decode/prefill context parallelism, sliding
 windows, fused output quantisation, and dims other than 512 + 64 latent and 128 + 64 / 128.
 """
 
