@@ -132,6 +132,36 @@ def test_mla_head_dims_run_on_prefill_over_one_latent_row():
                            serves_mla=True)
 
 
+def test_fp8_mla_caches_carry_one_scale_for_the_row():
+    """from_mla / from_vllm_mla with an FP8 buffer: the scale is K's and V's (V is part of the
+    row), the reference reads stored * scale, and a scale per anything else is refused."""
+    from attn_backend import PagedPrefill, PageTable
+
+    gen = torch.Generator().manual_seed(6)
+    page_size, rank, rope, heads = 4, 48, 16, 4
+    values = torch.randn(3 * page_size, 1, rank + rope, generator=gen)
+    stored = (values / 0.5).to(torch.float8_e4m3fn)
+    cache = PagedKVCache.from_mla(stored, rank, page_size, scale=0.5)
+    assert (cache.k_scale, cache.v_scale) == (0.5, 0.5) and cache.is_fp8
+    blocks = PagedKVCache.from_vllm_mla(stored.view(3, page_size, rank + rope), rank,
+                                        scale=torch.tensor(0.5))
+    assert float(blocks.k_scale) == float(blocks.v_scale) == 0.5
+    held = PagedKVCache.from_mla(stored.float() * 0.5, rank, page_size)
+    q = torch.randn(2, heads, rank + rope, generator=gen)
+    table = PageTable.from_block_table(torch.tensor([[2, 0, 1], [1, 2, 0]], dtype=torch.int32))
+
+    def run(over):
+        mla = PagedPrefill(num_qo_heads=heads, num_kv_heads=1, head_dim=rank + rope,
+                           head_dim_vo=rank, dtype=torch.float32, kv_dtype=over.dtype,
+                           device="cpu")
+        mla.plan([0, 1, 2], [5, 12])
+        return mla.run(q, over, table)
+
+    torch.testing.assert_close(run(cache), run(held))  # FP8 rows read as the values they hold
+    with pytest.raises(ValueError, match=r"k_scale has shape \(2,\)"):
+        PagedKVCache.from_mla(stored, rank, page_size, scale=torch.tensor([0.5, 1.0]))
+
+
 def test_mla_on_the_reference_path_matches_the_absorbed_form():
     """PagedPrefill with MLA's head dims on CPU: the float reference over a from_mla cache,
     the same as reference.mla_attention with the query split in its latent and rope parts."""
