@@ -9,13 +9,14 @@
 // causal placement or a tree mask) and draft extends are one kernel.
 //
 // A 512-wide output does not fit one warp's registers (16 rows x 512 floats is 256 per
-// thread), so the CTA's 8 warps split each 64-key tile's work differently for the products:
+// thread), so the CTA's 8 warps split each tile's work differently for the products (here for
+// tiles of 64 keys; a tile of 32 keys gives each 16-key group a quarter of the dims):
 // - S = Q K^T: warp w computes keys [16 (w % 4), +16) over half of the 576 dims (w / 4) and
 //   stores its partial sums in shared memory;
-// - the softmax runs over the whole tile, kThreads / kRows threads per row: it adds the two
-//   halves, applies the logits transform and the mask, keeps each row's running max and sum
+// - the softmax runs over the whole tile, kThreads / kRows threads per row: it adds the
+//   parts, applies the logits transform and the mask, keeps each row's running max and sum
 //   in shared memory, and leaves the tile's probabilities there;
-// - O += P V: warp w owns output dims [64 w, 64 w + 64) of every row, over all 64 keys.
+// - O += P V: warp w owns output dims [64 w, 64 w + 64) of every row, over all the keys.
 // Three barriers per tile: the ring's, after the partial sums, after the probabilities.
 //
 // FP8 latent caches (float8_e4m3fn / e5m2, one scale for the whole row): MmaSync converts the
@@ -53,15 +54,16 @@ namespace attn_backend {
 constexpr int kMlaHeadDimQK = 576;
 constexpr int kMlaHeadDimVO = 512;
 
-// The CTA shape: 16-row m-tiles (kMTiles of them: up to 32 packed rows) and the ring depth;
-// 8 warps and 64-key tiles always (the warp split above is built on them).
-template <int kMTiles_, int kStages_>
+// The CTA shape: 16-row m-tiles (kMTiles of them: up to 32 packed rows), the ring depth and
+// the keys per tile (64, or 32: half the ring for the same depth); 8 warps always (the warp
+// split above is built on them).
+template <int kMTiles_, int kStages_, int kKVTile_ = 64>
 struct MlaShape {
   static constexpr int kHeadDimQK = kMlaHeadDimQK;
   static constexpr int kHeadDimVO = kMlaHeadDimVO;
   static constexpr int kMTiles = kMTiles_;
   static constexpr int kRows = 16 * kMTiles;
-  static constexpr int kKVTile = 64;
+  static constexpr int kKVTile = kKVTile_;
   static constexpr int kStages = kStages_;
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
@@ -85,8 +87,8 @@ struct MlaTraits : Shape {
                                LayoutK, /*kValueInKey=*/true>;
   using Mma = MmaSync<DTypeQ, DTypeKV>;
   static constexpr int kKeyGroups = Shape::kKVTile / 16;  // S: 16-key groups of a tile
-  static constexpr int kDimHalves = Shape::kWarps / kKeyGroups;
-  static constexpr int kStepsPerHalf = Shape::kHeadDimQK / 16 / kDimHalves;
+  static constexpr int kDimParts = Shape::kWarps / kKeyGroups;  // S: the dims' shares
+  static constexpr int kStepsPerPart = Shape::kHeadDimQK / 16 / kDimParts;
   static constexpr int kColsPerWarp = Shape::kHeadDimVO / Shape::kWarps;  // P V's dims
   static constexpr int kThreadsPerRow = Shape::kThreads / Shape::kRows;  // the softmax's
   static constexpr int kKeysPerThread = Shape::kKVTile / kThreadsPerRow;
@@ -96,14 +98,14 @@ struct MlaTraits : Shape {
   static constexpr int kQBytes = Shape::kRows * kChunksQ * 16;
   static constexpr int kQOffset = Loader::kRingBytes;
   static constexpr int kScoreOffset = kQOffset + kQBytes;
-  static constexpr int kScoreBytes = kDimHalves * Shape::kRows * kScorePitch * 4;
+  static constexpr int kScoreBytes = kDimParts * Shape::kRows * kScorePitch * 4;
   static constexpr int kRowStateOffset = kScoreOffset + kScoreBytes;
   static constexpr int kRowStateBytes = 3 * Shape::kRows * 4;  // max, sum, this tile's rescale
   static constexpr int kRowAddressOffset = kRowStateOffset + kRowStateBytes;
   static constexpr int kSmemBytes = kRowAddressOffset + Loader::kRowAddressBytes;
-  static_assert(kKeyGroups * kDimHalves == Shape::kWarps && kDimHalves == 2 &&
-                    (Shape::kHeadDimQK / 16) % kDimHalves == 0,
-                "S: every warp one 16-key group over half the dims");
+  static_assert(kKeyGroups * kDimParts == Shape::kWarps && (kDimParts == 2 || kDimParts == 4) &&
+                    (Shape::kHeadDimQK / 16) % kDimParts == 0,
+                "S: every warp one 16-key group over a half or a quarter of the dims");
   static_assert(kColsPerWarp == 64, "P V: 8 column tiles of 8 dims per warp");
   static_assert(kThreadsPerRow <= 32 && 32 % kThreadsPerRow == 0 && kKeysPerThread >= 1,
                 "softmax: a row's threads within one warp");
@@ -123,7 +125,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
 
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* const q_smem = smem + Traits::kQOffset;
-  float* const scores = reinterpret_cast<float*>(smem + Traits::kScoreOffset);  // [half][row][key]
+  float* const scores = reinterpret_cast<float*>(smem + Traits::kScoreOffset);  // [part][row][key]
   float* const row_max = reinterpret_cast<float*>(smem + Traits::kRowStateOffset);  // log2 domain
   float* const row_sum = row_max + kRows;
   float* const row_rescale = row_sum + kRows;
@@ -161,10 +163,10 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
   const PrefillVisibility<kCustomMask> visibility(p, item.request, item.kv_end, q_len, kv_len,
                                                   item.row_start, num_rows);
   const Logits logits(p, Mma::qk_scale(p.sm_scale, p.scales.key(cta.kv_head)));
-  // S: this warp's 16 keys and half of the dims.
+  // S: this warp's 16 keys and its part of the dims.
   const int key0 = 16 * (warp % Traits::kKeyGroups);
-  const int dim_half = warp / Traits::kKeyGroups;
-  float* const my_partial = scores + dim_half * kRows * kPitch;
+  const int dim_part = warp / Traits::kKeyGroups;
+  float* const my_partial = scores + dim_part * kRows * kPitch;
   // Softmax: this thread's row and keys.
   const int soft_row = tid / Traits::kThreadsPerRow;
   const int soft_key0 = (tid % Traits::kThreadsPerRow) * Traits::kKeysPerThread;
@@ -193,9 +195,9 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
         for (int n = 0; n < 2; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
       }
       // Two CTAs per SM (at most 128 registers): a few steps in flight, not all 18.
-#pragma unroll(Traits::kCtasPerSm == 2 ? 3 : Traits::kStepsPerHalf)
-      for (int step = 0; step < Traits::kStepsPerHalf; ++step) {
-        const int kk = dim_half * Traits::kStepsPerHalf + step;
+#pragma unroll(Traits::kCtasPerSm == 2 ? 3 : Traits::kStepsPerPart)
+      for (int step = 0; step < Traits::kStepsPerPart; ++step) {
+        const int kk = dim_part * Traits::kStepsPerPart + step;
         uint32_t a[kM][4];
 #pragma unroll
         for (int mt = 0; mt < kM; ++mt) {
@@ -216,18 +218,23 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
         }
       }
     }
-    __syncthreads();  // the partial sums of every key group and half
+    __syncthreads();  // the partial sums of every key group and part
 
     {
       const int first_key = item.kv_start + tile * kKV;
       const bool masked = visibility.tile_needs_mask(first_key, kKV);
-      float* const sums = scores + soft_row * kPitch + soft_key0;  // half 0, then the probabilities
-      const float* const other = sums + kRows * kPitch;
+      float* const sums = scores + soft_row * kPitch + soft_key0;  // part 0, then the probabilities
+      const float* const second = sums + kRows * kPitch;  // part 1
       float x[Traits::kKeysPerThread];
       float tile_max = kNegInf;
 #pragma unroll
       for (int k = 0; k < Traits::kKeysPerThread; ++k) {
-        float value = logits(sums[k] + other[k]);
+        float sum_of_parts = sums[k] + second[k];
+#pragma unroll
+        for (int part = 2; part < Traits::kDimParts; ++part) {
+          sum_of_parts += sums[k + part * kRows * kPitch];
+        }
+        float value = logits(sum_of_parts);
         if (masked && !visibility.visible(soft_token, first_key + soft_key0 + k)) value = kNegInf;
         x[k] = value;
         tile_max = fmaxf(tile_max, value);
