@@ -55,3 +55,15 @@ def write_kv(cache: PagedKVCache, slots: torch.Tensor, key: torch.Tensor,
     scales = cache.kernel_tensors()[2:] if cache.is_fp8 else [None, None]
     _extension.load_ops().paged_kv_write(key, value, cache.k, cache.v, slots, *scales,
                                          via_input_dtype)
+
+
+def write_latent_rows(pages: torch.Tensor, slots: torch.Tensor, latent: torch.Tensor,
+                      rope: torch.Tensor, *, scale=None, via_input_dtype: bool = False) -> None:
+    """Store MLA latent rows: `latent` [T, 1, rank] into the first `rank` columns and `rope`
+    [T, 1, rope_dim] into the rest of each row of `pages` [num_pages, page_size, 1, rank +
+    rope_dim] (an engine's latent cache viewed as pages) at token `slots`. The row's two parts
+    are the V and K of one `write_kv`, so each byte is stored once in one launch; an FP8 cache
+    is quantised with its one `scale` (K's and V's alike)."""
+    rank = latent.shape[-1]
+    parts = PagedKVCache(k=pages[..., rank:], v=pages[..., :rank], k_scale=scale, v_scale=scale)
+    write_kv(parts, slots, rope, latent, via_input_dtype=via_input_dtype)

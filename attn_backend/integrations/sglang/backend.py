@@ -63,7 +63,7 @@ from ... import fp8
 from ..._validation import (KERNEL_DTYPES, KERNEL_FP8_DTYPES, MAX_GROUP_SIZE, MLA_HEAD_DIMS,
                              SUPPORTED_HEAD_DIMS)
 from ...decode import PagedDecode
-from ...kv_write import write_kv
+from ...kv_write import write_kv, write_latent_rows
 from ...paged_kv import PagedKVCache, PageTable
 from ...prefill import PagedPrefill
 from . import BACKEND_NAME
@@ -381,13 +381,10 @@ class SGLangAttnBackend(AttentionBackend):
         if k_rope is None:
             k = k.reshape(-1, 1, self.kv_lora_rank + self.qk_rope_head_dim)
             k, k_rope = k[..., :self.kv_lora_rank], k[..., self.kv_lora_rank:]
-        latent = k.reshape(-1, 1, self.kv_lora_rank)
-        rope = k_rope.reshape(-1, 1, self.qk_rope_head_dim)
-        # One launch: the row's two parts as the V and K of one write (slot = buffer row).
-        slots = rows.unsqueeze(1)  # [slots, page of 1, 1, 576]
-        parts = PagedKVCache(k=slots[..., self.kv_lora_rank:], v=slots[..., :self.kv_lora_rank],
-                             k_scale=scale, v_scale=scale)
-        write_kv(parts, loc, rope, latent, via_input_dtype=True)
+        # The pool's rows as pages of one slot (slot = buffer row).
+        write_latent_rows(rows.unsqueeze(1), loc, k.reshape(-1, 1, self.kv_lora_rank),
+                          k_rope.reshape(-1, 1, self.qk_rope_head_dim), scale=scale,
+                          via_input_dtype=True)
 
     def _forward_mla_mha(self, q, k, v, layer, forward_batch):
         """SGLang's MHA prefill of an MLA model (forward_normal): attention of the new tokens

@@ -57,7 +57,7 @@ from vllm.v1.attention.backends.mla.prefill.base import MLADimensions, MLAPrefil
 
 from ... import fp8, reference
 from ..._validation import KERNEL_DTYPES, MLA_HEAD_DIMS, MLA_MHA_HEAD_DIMS
-from ...kv_write import write_kv
+from ...kv_write import write_latent_rows
 from ...paged_kv import PagedKVCache, PageTable
 from ...prefill import PagedPrefill
 from . import MLA_BACKEND_NAME
@@ -323,23 +323,22 @@ class AttnBackendMLAImpl(MLACommonImpl[AttnBackendMLAMetadata]):
         num_slots = slot_mapping.shape[0]  # the inputs may carry graph padding past it
         latent = kv_c_normed[:num_slots].reshape(num_slots, 1, self.kv_lora_rank)
         rope = k_pe[:num_slots].reshape(num_slots, 1, self.qk_rope_head_dim)
-        scale = None
-        if self.fp8_cache:
-            kv_cache = fp8.view_as_fp8(kv_cache, self.kv_cache_dtype)
-            scale = k_scale
-        pages = kv_cache.unsqueeze(2)  # [num_blocks, block_size, 1, 576]
-        # The row's two parts as the K and V of one write: each byte is stored once.
-        parts = PagedKVCache(k=pages[..., self.kv_lora_rank:], v=pages[..., :self.kv_lora_rank],
-                             k_scale=scale, v_scale=scale)
-        write_kv(parts, slot_mapping.flatten(), rope, latent)
+        kv_cache, scale = self._rows_and_scale(kv_cache, k_scale)
+        write_latent_rows(kv_cache.unsqueeze(2), slot_mapping.flatten(), latent, rope,
+                          scale=scale)
+
+    def _rows_and_scale(self, kv_cache: torch.Tensor, k_scale: torch.Tensor):
+        """The cache as its rows' element type (FP8 bytes re-viewed by the string) and the scale
+        that applies to them (None for a 16-bit cache)."""
+        if not self.fp8_cache:
+            return kv_cache, None
+        return fp8.view_as_fp8(kv_cache, self.kv_cache_dtype), k_scale
 
     def _latent_cache(self, kv_cache: torch.Tensor, layer) -> PagedKVCache:
-        """The layer's latent cache; FP8 bytes read as the string's format with the layer's
-        `_k_scale`, read at every call (vLLM re-registers the scale buffers after loading)."""
-        if not self.fp8_cache:
-            return PagedKVCache.from_vllm_mla(kv_cache, self.kv_lora_rank)
-        return PagedKVCache.from_vllm_mla(fp8.view_as_fp8(kv_cache, self.kv_cache_dtype),
-                                          self.kv_lora_rank, scale=layer._k_scale)
+        """The layer's latent cache, with the layer's `_k_scale` read at every call (vLLM
+        re-registers the scale buffers after loading)."""
+        rows, scale = self._rows_and_scale(kv_cache, layer._k_scale)
+        return PagedKVCache.from_vllm_mla(rows, self.kv_lora_rank, scale=scale)
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor,
                     attn_metadata: AttnBackendMLAMetadata, layer):
@@ -408,10 +407,9 @@ class AttnBackendMLAImpl(MLACommonImpl[AttnBackendMLAMetadata]):
         source = kv_cache.view(torch.uint8) if self.fp8_cache else kv_cache
         for chunk in prefill.chunked_context.chunks:
             rows = _gather_context_rows(source, prefill.block_table, chunk)
-            if self.fp8_cache:
-                # Device ops only: the scale is not read on the host (no synchronisation).
-                rows = (fp8.view_as_fp8(rows, self.kv_cache_dtype).float() *
-                        k_scale.float().reshape(-1)).to(q.dtype)
+            if self.fp8_cache:  # device ops only: the scale is not read on the host
+                rows = fp8.dequantize(fp8.view_as_fp8(rows, self.kv_cache_dtype),
+                                      k_scale.float().reshape(1), q.dtype)
             k, v = self._decompress(rows[:, : self.kv_lora_rank].contiguous(),
                                     rows[:, self.kv_lora_rank:])
             chunk_out, chunk_lse = runner.run_prefill_context_chunk(chunk, q[chunk.token_slice],
