@@ -9,6 +9,13 @@ output token (the prefill) and once with all of them:
 
     python -m bench.e2e_vllm [--backends CUSTOM FLASH_ATTN TRITON_ATTN FLASHINFER]
         [--shapes 64x1024 64x4096 256x1024] [--output-len 128] [--model-kind llama|deepseek]
+        [--compile vllm|none] [--enforce-eager]
+
+`--compile vllm` is vLLM's default (its Inductor pipeline, FULL_AND_PIECEWISE graphs); `none`
+runs the model eagerly between FULL decode graphs (vLLM turns FULL_AND_PIECEWISE into
+FULL_DECODE_ONLY without piecewise compilation), for a torch older than vLLM's pin, where
+Inductor may not build; `--enforce-eager` runs without graphs. Every backend of one run gets
+the same settings, and the JSON's notes say which.
 
 `<case>_prefill` is batch x input / prefill time; `<case>_decode` is batch x (output - 1) over
 the rest of the run. Peers are vLLM's backend names; one that cannot start on the machine is
@@ -52,6 +59,18 @@ def prompts(batch: int, input_len: int, vocab: int, seed: int = 0) -> list[list[
     return [[rng.randrange(10, vocab - 10) for _ in range(input_len)] for _ in range(batch)]
 
 
+def compilation_config(args) -> dict:
+    """vLLM's compilation settings for --compile: {} keeps vLLM's defaults."""
+    return {"mode": 0} if args.compile == "none" else {}  # CompilationMode.NONE
+
+
+def settings_note(args) -> str:
+    graphs = ("no CUDA graphs (enforce_eager)" if args.enforce_eager else
+              "FULL decode graphs, eager model otherwise (compilation mode NONE)"
+              if args.compile == "none" else "vLLM's default compilation and graphs")
+    return f"engine settings: {graphs}"
+
+
 def worker(args) -> int:
     """One engine: time a prefill-only generate and a full one; write one JSON line."""
     from vllm import LLM, SamplingParams
@@ -62,6 +81,7 @@ def worker(args) -> int:
               max_model_len=input_len + args.output_len + 8, max_num_seqs=batch,
               max_num_batched_tokens=max(8192, input_len), gpu_memory_utilization=GPU_MEMORY,
               attention_config={"backend": args.backend}, enable_prefix_caching=False,
+              enforce_eager=args.enforce_eager, compilation_config=compilation_config(args),
               skip_tokenizer_init=True)  # token-id prompts, token-id outputs
     requests = [TokensPrompt(prompt_token_ids=p)
                 for p in prompts(batch, input_len, args.vocab, seed=args.seed)]
@@ -93,7 +113,8 @@ def run_worker(model: Path, backend: str, shape: str, args, log: Path, result: P
     command = [sys.executable, "-m", "bench.e2e_vllm", "--worker", "--model", str(model),
                "--backend", backend, "--shape", shape, "--output-len", str(args.output_len),
                "--repeats", str(args.repeats), "--vocab", str(args.vocab), "--result",
-               str(result), "--agreement-prompts", str(args.agreement_prompts)]
+               str(result), "--agreement-prompts", str(args.agreement_prompts),
+               "--compile", args.compile] + (["--enforce-eager"] if args.enforce_eager else [])
     env = dict(os.environ, **ENGINE_ENV)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -165,6 +186,8 @@ def main(argv=None) -> int:
                         default=Path(tempfile.gettempdir()) / "attn_backend_e2e_vllm")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per engine run")
+    parser.add_argument("--compile", choices=["vllm", "none"], default="vllm")
+    parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -180,8 +203,8 @@ def main(argv=None) -> int:
     measured, notes = {}, [
         f"vllm.LLM offline, {MODEL_KINDS[args.model_kind]}, 4 layers, random weights "
         f"(--load-format dummy), bf16, {args.output_len} output tokens, greedy with ignore_eos, "
-        f"CUDA graphs on, one engine process per row (VLLM_ENABLE_V1_MULTIPROCESSING=0); "
-        f"medians of {args.repeats} measurements"]
+        f"one engine process per row (VLLM_ENABLE_V1_MULTIPROCESSING=0); "
+        f"medians of {args.repeats} measurements", settings_note(args)]
     for shape in args.shapes:
         for backend in args.backends:
             name = f"{backend}_{shape}"

@@ -1,6 +1,7 @@
-"""A vLLM wheel small enough for one carry to the GPU machine (issue 21).
+"""A vLLM wheel (and the FlashInfer wheel vLLM pins) small enough for one carry to the GPU
+machine (issue 21).
 
-    python scripts/slim_vllm_wheel.py FULL_WHEEL OUT_DIR [--arch 90]
+    python scripts/slim_vllm_wheel.py FULL_WHEEL OUT_DIR [--arch 90] [--profile vllm|flashinfer]
 
 The GPU machine has no network and takes at most 64 MiB along per call, and its torch (2.11)
 is older than the one vLLM 0.33 pins (2.14). What runs there, and so what the slim wheel keeps:
@@ -14,6 +15,11 @@ is older than the one vLLM 0.33 pins (2.14). What runs there, and so what the sl
 - `vllm/vllm_flash_attn/__init__.py` becomes a stand-in that gives the names vLLM's model
   inspection imports and says FlashAttention is unavailable (the real one raises ImportError
   without its extensions, which stops model configs from building).
+The `flashinfer` profile (flashinfer-python 0.7.2.post1, 59 MiB, which vLLM's engine imports
+for its sampler and autotuner, and which its FLASHINFER backend JIT-compiles on first use) drops
+only the CUDA sources of kernel families that vLLM's FLASHINFER attention on sm_90 never compiles
+(MoE, Blackwell, the cake_* and experimental kernels, KDA/GDN); every Python file stays, so
+`import flashinfer` and its JIT still work.
 The wheel keeps its file name, with a RECORD for the files it holds.
 """
 
@@ -36,6 +42,13 @@ DROPPED = [
     "vllm/third_party/deep_gemm/*.so", "vllm/vllm-rs", "vllm/third_party/*/include/*",
     "vllm/third_party/*/cutlass/include/*",
 ]
+FLASHINFER_DROPPED = [
+    "flashinfer/data/csrc/cake_*", "flashinfer/data/csrc/kda/*", "flashinfer/data/csrc/gdn/*",
+    "flashinfer/data/csrc/fused_moe/*", "flashinfer/data/csrc/blackwell_*",
+    "flashinfer/data/csrc/alphamoe*", "flashinfer/data/cutlass/examples/*",
+] + [f"flashinfer/{folder}/*.{ext}" for folder in ("experimental", "moe_ep", "cake_*_backend")
+     for ext in ("cu", "cuh", "cubin", "cpp", "h", "hpp")]
+PROFILES = {"vllm": DROPPED, "flashinfer": FLASHINFER_DROPPED}
 SLIMMED = "vllm/_C_stable_libtorch.abi3.so"
 STAND_IN = "vllm/vllm_flash_attn/__init__.py"
 STAND_IN_SOURCE = '''"""Stand-in written by attn_backend's scripts/slim_vllm_wheel.py: this wheel has no
@@ -124,7 +137,7 @@ def record_row(name: str, data: bytes) -> list:
     return [name, f"sha256={digest}", str(len(data))]
 
 
-def slim(full: Path, out_dir: Path, arch: int) -> Path:
+def slim(full: Path, out_dir: Path, arch: int, dropped_patterns: list[str] = DROPPED) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / full.name
     rows, dropped = [], 0
@@ -136,7 +149,7 @@ def slim(full: Path, out_dir: Path, arch: int) -> Path:
             name = info.filename
             if info.is_dir() or name == record:
                 continue
-            if any(fnmatch.fnmatch(name, pattern) for pattern in DROPPED):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in dropped_patterns):
                 dropped += info.file_size
                 continue
             data = source.read(info)
@@ -167,8 +180,10 @@ def main(argv=None) -> int:
     parser.add_argument("wheel", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--arch", type=int, default=90, help="SASS kept (90: H100/H200)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="vllm",
+                        help="which wheel's files to drop")
     args = parser.parse_args(argv)
-    slim(args.wheel, args.out_dir, args.arch)
+    slim(args.wheel, args.out_dir, args.arch, PROFILES[args.profile])
     return 0
 
 

@@ -53,3 +53,22 @@ def test_the_correctness_helper_runs_our_backend_only(plugin):
     wrapped("spec", "model", [ours, "FLEX_ATTENTION"], block_size=16)
     wrapped("spec", "model", ["FLEX_ATTENTION"], block_size=128)  # a peer-only call: skipped
     assert calls == [[ours]]
+
+
+def test_the_graph_mode_asks_the_helper_for_a_captured_forward(plugin, monkeypatch):
+    seen = []
+
+    def helper(batch_spec, model, backends, *args, **kwargs):
+        seen.append(kwargs.get("use_cuda_graph", False))
+
+    ours = object()
+    wrapped = plugin._ours_only(helper, ours)
+    monkeypatch.setenv("ATTN_BACKEND_VLLM_SUITE_GRAPHS", "0")
+    wrapped("spec", "model", [ours])
+    monkeypatch.setenv("ATTN_BACKEND_VLLM_SUITE_GRAPHS", "1")
+    monkeypatch.setattr(plugin.torch.cuda, "is_available", lambda: True)
+    wrapped("spec", "model", [ours], use_cuda_graph=False)
+    assert seen == [False, True]
+    monkeypatch.setattr(plugin.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(pytest.skip.Exception, match="needs a GPU"):
+        wrapped("spec", "model", [ours])

@@ -14,7 +14,11 @@ vLLM's modules (fetched unchanged by fetch_tests.sh) are adapted from outside, h
   here, `HF_HUB_OFFLINE=1`): the machine has no network, and the suites only read the
   attention geometry. The geometry of each stand-in is in LOCAL_CONFIGS;
 - without a GPU the modules' `DEVICE_TYPE` becomes "cpu", so the runner itself can be checked
-  on a CPU machine (attn_backend then runs its float reference).
+  on a CPU machine (attn_backend then runs its float reference);
+- with ATTN_BACKEND_VLLM_SUITE_GRAPHS=1 (on a GPU) the correctness helper runs our backend as
+  its CUDA-graph variant does for FlashInfer: `use_cuda_graph=True`, i.e. the forward once
+  eagerly, then captured in a CUDA graph and replayed, the replay's output checked. vLLM's
+  suites pass that flag only in FlashInfer's own tests; run.sh runs every suite both ways.
 """
 
 from __future__ import annotations
@@ -93,14 +97,22 @@ def pytest_collection_modifyitems(session, config, items):
             module.DEVICE_TYPE = "cpu"
 
 
+def graphs_requested() -> bool:
+    return os.environ.get("ATTN_BACKEND_VLLM_SUITE_GRAPHS", "0") == "1"
+
+
 def _ours_only(run, ours):
     """The suites' correctness helper, for our backend only: some tests also pass it backends
     of their own choosing (e.g. FlexAttention at block 128), which are vLLM's, not ours."""
 
     def run_ours(batch_spec, model, backends, *args, **kwargs):
-        if ours in backends:
-            return run(batch_spec, model, [ours], *args, **kwargs)
-        return None
+        if ours not in backends:
+            return None
+        if graphs_requested():
+            if not torch.cuda.is_available():
+                pytest.skip("ATTN_BACKEND_VLLM_SUITE_GRAPHS=1 needs a GPU")
+            kwargs["use_cuda_graph"] = True
+        return run(batch_spec, model, [ours], *args, **kwargs)
 
     run_ours.ours_only = True
     return run_ours

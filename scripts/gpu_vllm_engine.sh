@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# vLLM's engine on the GPU machine with attn_backend (issue 21): installs the carried wheels,
+# JIT-builds our kernels, then runs the steps named, each with its log under $OUT, and prints a
+# summary last. The wheels (scripts/fetch_vllm_wheels.sh) take two calls on a warm machine:
+#   call 1, carry .gpu .whl_vllm_dep .whl_vllm_fi:  bash scripts/gpu_vllm_engine.sh
+#   call 2, carry .gpu .whl_vllm [.vllm_tests]:     bash scripts/gpu_vllm_engine.sh STEP...
+# Steps (in the order given):
+#   smoke  one small engine per setting: CUSTOM with CUDA graphs, CUSTOM eager, TRITON_ATTN;
+#          greedy agreement between them (bench/e2e_vllm.py at 8 x 256, 16 output tokens)
+#   suite  vLLM's own attention-backend tests against CUSTOM, eager and CUDA graph
+#          (scripts/vllm_suite/run.sh; needs .vllm_tests)
+#   bench  bench/e2e_vllm.py with E2E_ARGS (default: CUSTOM FLASH_ATTN TRITON_ATTN FLASHINFER at
+#          64 x 1024 and 64 x 4096; one that cannot start is noted with its reason); JSON + PNG
+#   throughput  `vllm bench throughput` (vllm.benchmarks.throughput, as the CLI runs it: the
+#          CLI module itself imports vLLM's server stack, absent here) on the same model, random
+#          dataset, 64 prompts x 1024 in / 128 out, for CUSTOM and TRITON_ATTN
+# E2E_COMPILE (none | vllm, default none): the compilation mode for smoke and bench; `none`
+# keeps FULL decode graphs without Inductor, which vLLM 0.33 (pinned to torch 2.14) may not
+# build under the machine's torch 2.11.
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-/tmp/attn_backend_out}
+mkdir -p "$OUT"
+export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export ATTN_BACKEND_CACHE_DIR=${ATTN_BACKEND_CACHE_DIR:-/tmp/attn_backend_cache}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+COMPILE=${E2E_COMPILE:-none}
+summary=()
+finish() {
+  echo
+  echo "==== gpu_vllm_engine summary ===="
+  printf '%s\n' "${summary[@]}"
+}
+
+if ls .whl_*/*.whl >/dev/null 2>&1; then
+  source .gpu/install_wheels.sh .whl_*/*.whl || exit 1
+fi
+SITE=${SITE:-/tmp/site}
+python3 scripts/declare_entry_points.py "$SITE" >/dev/null && \
+  case ":$PYTHONPATH:" in *":$SITE:"*) ;; *) export PYTHONPATH=$SITE:$PYTHONPATH ;; esac
+if [ $# -eq 0 ]; then
+  summary+=("installed; no steps named")
+  finish
+  exit 0
+fi
+versions=$(python3 -c "
+import torch, vllm, flashinfer
+print(f'torch {torch.__version__}, vllm {vllm.__version__}, flashinfer {flashinfer.__version__}')
+" 2>&1 | tail -n 1)
+summary+=("$versions")
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt"
+
+t0=$(date +%s)
+python3 -c "
+from attn_backend import _extension; _extension.load_ops(); print('loaded', _extension.loaded_library())
+" > "$OUT/build.log" 2>&1
+build_rc=$?
+summary+=("build (JIT): rc=$build_rc in $(( $(date +%s) - t0 )) s")
+[ "$build_rc" -eq 0 ] || { tail -n 20 "$OUT/build.log"; finish; exit 1; }
+
+e2e() { # e2e NAME ARGS...: one bench/e2e_vllm.py run, logs in $OUT/NAME, results in $OUT/NAME
+  local name=$1; shift
+  local t0=$(date +%s)
+  python3 -m bench.e2e_vllm --log-dir "$OUT/$name" --out "$OUT/$name" "$@" \
+    > "$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$name: rc=$rc in $(( $(date +%s) - t0 )) s")
+  summary+=("$(grep -E '^  [A-Z_]+_[0-9x]+: exit|^note:|^\| b' "$OUT/$name.log")")
+  return $rc
+}
+
+rc=0
+for step in "$@"; do
+  case "$step" in
+    smoke)
+      smoke_args=(--backends CUSTOM TRITON_ATTN --shapes 8x256 --output-len 16 --repeats 1
+                  --agreement-prompts 8 --compile "$COMPILE" --timeout 300)
+      if ! e2e smoke_graphs "${smoke_args[@]}"; then
+        # vLLM 0.33's default model runner (V2) builds its inputs with Triton kernels written
+        # for its pinned Triton; where the image's older Triton fails them, try the V1 runner
+        # and keep it for the later steps if it works.
+        if [ -z "${VLLM_USE_V2_MODEL_RUNNER:-}" ] && \
+           VLLM_USE_V2_MODEL_RUNNER=0 e2e smoke_graphs_v1_runner "${smoke_args[@]}"; then
+          export VLLM_USE_V2_MODEL_RUNNER=0
+          summary+=("the V1 model runner worked where the default did not: kept for the rest")
+        else
+          rc=1
+        fi
+      fi
+      e2e smoke_eager --backends CUSTOM --shapes 8x256 --output-len 16 --repeats 1 \
+        --agreement-prompts 8 --enforce-eager --timeout 300 || rc=1 ;;
+    suite)
+      t0=$(date +%s)
+      OUT=$OUT bash scripts/vllm_suite/run.sh .vllm_tests > "$OUT/vllm_suite.log" 2>&1 || rc=1
+      summary+=("vllm suite in $(( $(date +%s) - t0 )) s: $(grep '^vllm suite' "$OUT/vllm_suite.log" | tr '\n' ' ')") ;;
+    bench)
+      # shellcheck disable=SC2086
+      e2e bench ${E2E_ARGS:---backends CUSTOM FLASH_ATTN TRITON_ATTN FLASHINFER --shapes 64x1024 64x4096} \
+        --compile "$COMPILE" || rc=1 ;;
+    throughput)
+      model=$(python3 -c "
+import tempfile; from pathlib import Path; from bench.e2e_sglang import write_model_dir
+print(write_model_dir(Path(tempfile.gettempdir()) / 'e2e_llama'))")
+      compile_json='{}'; [ "$COMPILE" = none ] && compile_json='{"mode": 0}'
+      for backend in CUSTOM TRITON_ATTN; do
+        t0=$(date +%s)
+        VLLM_ENABLE_V1_MULTIPROCESSING=0 python3 -c "
+import sys
+from vllm.benchmarks.throughput import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))
+" --model "$model" --load-format dummy --dataset-name random --random-input-len 1024 \
+          --random-output-len 128 --num-prompts 64 --max-model-len 1200 --seed 0 \
+          --gpu-memory-utilization 0.6 --attention-backend "$backend" \
+          --compilation-config "$compile_json" --output-json "$OUT/throughput_$backend.json" \
+          > "$OUT/throughput_$backend.log" 2>&1 || rc=1
+        summary+=("vllm bench throughput $backend (in $(( $(date +%s) - t0 )) s): $(grep '^Throughput' "$OUT/throughput_$backend.log" || tail -n 1 "$OUT/throughput_$backend.log")")
+      done ;;
+    *) echo "gpu_vllm_engine.sh: unknown step $step" >&2; exit 2 ;;
+  esac
+done
+finish
+exit "$rc"
