@@ -417,16 +417,20 @@ def plot(rows: list[dict], path: Path, engine: str = "SGLang") -> None:
     for ax, phase in zip(axes, ("prefill", "decode")):
         selected = [row for row in rows if row["case"].endswith(f"_{phase}")]
         width = 0.8 / len(names)
+        shown = []
         for i, name in enumerate(names):
             values = [row["ours"] if name == OURS else row["peers"].get(name, 0)
                       for row in selected]
+            shown += [v for v in values if v > 0]
             ax.bar([x + i * width for x in range(len(selected))], values, width, label=name)
         ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(selected))])
         ax.set_xticklabels([row["case"].removesuffix(f"_{phase}") for row in selected],
                            rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("tokens/s")
-        if phase == "decode":
-            ax.set_yscale("log")  # batch 1 and batch 256 differ by 100x
+        # A log axis only where the rows span orders of magnitude (batch 1 against batch 256);
+        # otherwise bars from zero, so that a 2% gap looks like one.
+        if shown and max(shown) > 20 * min(shown):
+            ax.set_yscale("log")
         ax.set_title(f"{engine} end to end, {phase}")
         ax.legend(fontsize=8)
     fig.tight_layout()

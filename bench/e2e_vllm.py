@@ -77,9 +77,13 @@ def worker(args) -> int:
     from vllm.inputs import TokensPrompt
 
     batch, input_len = (int(x) for x in args.shape.split("x"))
+    max_model_len = input_len + args.output_len + 8
+    # At most batch x max_model_len: vLLM's V2 runner warms up with max_num_batched_tokens
+    # split over max_num_seqs dummy requests, which must fit max_model_len each.
     llm = LLM(model=str(args.model), load_format="dummy", dtype="bfloat16", seed=0,
-              max_model_len=input_len + args.output_len + 8, max_num_seqs=batch,
-              max_num_batched_tokens=max(8192, input_len), gpu_memory_utilization=GPU_MEMORY,
+              max_model_len=max_model_len, max_num_seqs=batch,
+              max_num_batched_tokens=min(max(8192, input_len), batch * max_model_len),
+              gpu_memory_utilization=GPU_MEMORY,
               attention_config={"backend": args.backend}, enable_prefix_caching=False,
               enforce_eager=args.enforce_eager, compilation_config=compilation_config(args),
               skip_tokenizer_init=True)  # token-id prompts, token-id outputs

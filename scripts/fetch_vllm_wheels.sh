@@ -19,6 +19,8 @@
 # The list below is what importing vLLM's config, attention, MLA and distributed modules (our
 # vLLM tests) needs, found by installing into an empty environment until the imports and
 # tests/test_vllm_*.py passed; versions are those CI resolves for vllm 0.33.0 (scripts/env.sh).
+# The engine (LLM(...), model loading) also imports compressed_tensors (and its loguru): seen
+# on the H200, "No module named 'compressed_tensors'" at model construction.
 set -euo pipefail
 OUT=${1:-.whl_vllm}
 DEP=${OUT}_dep
@@ -53,7 +55,8 @@ deps=$scratch/deps
 download "$deps" \
   aiohappyeyeballs==2.7.1 aiohttp==3.14.5 aiosignal==1.4.0 annotated-doc==0.0.7 \
   annotated-types==0.7.0 anyio==4.16.0 apache-tvm-ffi==0.1.11 attrs==26.1.0 cachetools==8.0.2 \
-  cbor2==6.3.0 certifi==2026.5.20 cloudpickle==2.1.0 distro==1.9.0 einops==0.8.2 \
+  cbor2==6.3.0 certifi==2026.5.20 cloudpickle==2.1.0 compressed-tensors==0.17.0 \
+  distro==1.9.0 einops==0.8.2 loguru==0.7.3 \
   fastapi==0.165.0 frozenlist==1.8.0 h11==0.16.0 httpcore==1.0.9 httpx==0.28.1 \
   huggingface-hub==1.33.0 idna==3.13 llguidance==1.9.1 msgspec==0.23.0 multidict==7.2.1 \
   openai==2.25.0 oss-harmony==0.0.11 opentelemetry-api==1.45.2 \

@@ -3,7 +3,10 @@
 # JIT-builds our kernels, then runs the steps named, each with its log under $OUT, and prints a
 # summary last. The wheels (scripts/fetch_vllm_wheels.sh) take two calls on a warm machine:
 #   call 1, carry .gpu .whl_vllm_dep .whl_vllm_fi:  bash scripts/gpu_vllm_engine.sh
-#   call 2, carry .gpu .whl_vllm [.vllm_tests]:     bash scripts/gpu_vllm_engine.sh STEP...
+#   call 2, carry .gpu .whl_vllm [.vllm_tests]:
+#     ATTN_BACKEND_GIT_COMMIT=<sha> bash scripts/gpu_vllm_engine.sh STEP...
+# (the machine's copy of the tree has no .git of its own: the commit stamps the results JSON).
+# The machine goes cold 30 s after a call and forgets /tmp: fire call 2 right after call 1.
 # Steps (in the order given):
 #   smoke  one small engine per setting: CUSTOM with CUDA graphs, CUSTOM eager, TRITON_ATTN;
 #          greedy agreement between them (bench/e2e_vllm.py at 8 x 256, 16 output tokens)
@@ -45,6 +48,11 @@ if [ $# -eq 0 ]; then
   finish
   exit 0
 fi
+if ! python3 -c "import vllm, flashinfer" 2>/dev/null; then
+  summary+=("vllm or flashinfer not importable: on a fresh machine, call 1 first (carry .gpu .whl_vllm_dep .whl_vllm_fi), then call 2 (.gpu .whl_vllm)")
+  finish
+  exit 1
+fi
 versions=$(python3 -c "
 import torch, vllm, flashinfer
 print(f'torch {torch.__version__}, vllm {vllm.__version__}, flashinfer {flashinfer.__version__}')
@@ -67,7 +75,7 @@ e2e() { # e2e NAME ARGS...: one bench/e2e_vllm.py run, logs in $OUT/NAME, result
     > "$OUT/$name.log" 2>&1
   local rc=$?
   summary+=("$name: rc=$rc in $(( $(date +%s) - t0 )) s")
-  summary+=("$(grep -E '^  [A-Z_]+_[0-9x]+: exit|^note:|^\| b' "$OUT/$name.log")")
+  summary+=("$(grep -E '^  [A-Z_]+_[0-9x]+: exit|^note:|^b[0-9]+_in[0-9]+' "$OUT/$name.log")")
   return $rc
 }
 

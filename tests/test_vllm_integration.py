@@ -384,6 +384,38 @@ def test_unsupported_settings_raise_with_the_reason(configs):
         vllm_config.parallel_config.enable_dbo = False
 
 
+def test_a_v2_warm_up_the_block_table_cannot_hold_is_refused_at_construction(model_dir,
+                                                                             monkeypatch):
+    """Seen on the H200: max_model_len 280, 8 sequences, 8192 batched tokens; the V2 runner's
+    warm-up gave each dummy request 1024 tokens and run() refused it mid-start-up."""
+    from types import SimpleNamespace
+
+    from attn_backend.integrations.vllm.backend import check_dummy_requests_fit
+
+    def config(v2, tokens, seqs, max_model_len):
+        return SimpleNamespace(use_v2_model_runner=v2, model_config=SimpleNamespace(
+            max_model_len=max_model_len), scheduler_config=SimpleNamespace(
+            max_num_batched_tokens=tokens, max_num_seqs=seqs))
+
+    with pytest.raises(ValueError, match=r"requests of 1024 tokens, longer than max_model_len "
+                                         r"\(280\).*<= max_num_seqs x max_model_len \(2240\)"):
+        check_dummy_requests_fit(config(True, 8192, 8, 280), "attn_backend")
+    check_dummy_requests_fit(config(True, 2240, 8, 280), "attn_backend")  # 280 each: fits
+    check_dummy_requests_fit(config(False, 8192, 8, 280), "attn_backend")  # V1: within limits
+    check_dummy_requests_fit(config(True, 100, 256, 64), "attn_backend")  # fewer tokens than seqs
+
+    model = ModelConfig(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16",
+                        max_model_len=280)
+    vllm_config = VllmConfig(model_config=model, cache_config=CacheConfig(block_size=16),
+                             scheduler_config=SchedulerConfig(
+                                 max_num_seqs=8, max_num_batched_tokens=8192, max_model_len=280,
+                                 is_encoder_decoder=False),
+                             device_config=DeviceConfig(device="cpu"))
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        AttnBackend.get_builder_cls()(_spec(16), ["x"], vllm_config, torch.device("cpu"))
+
+
 # ---- FP8 caches ----------------------------------------------------------------------------
 
 class _ScaledLayer(torch.nn.Module):

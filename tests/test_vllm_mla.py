@@ -104,8 +104,10 @@ def _vllm_config(model_dir, device, *, num_speculative_tokens=0, max_model_len=8
                                         target_parallel_config=parallel)
     return VllmConfig(model_config=model,
                       cache_config=CacheConfig(block_size=block_size, cache_dtype=cache_dtype),
+                      # within what vLLM's V2 runner's warm-up needs (check_dummy_requests_fit)
                       scheduler_config=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                                       max_num_batched_tokens=8192,
+                                                       max_num_batched_tokens=min(
+                                                           8192, max_num_seqs * max_model_len),
                                                        max_model_len=max_model_len,
                                                        is_encoder_decoder=False),
                       device_config=DeviceConfig(device=device), parallel_config=parallel,

@@ -165,6 +165,7 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
             # the plans live in one set of buffers per attention group.
             raise NotImplementedError(f"{BACKEND_NAME}: micro-batching (--enable-dbo, "
                                       "ubatch_size > 1) is not supported")
+        check_dummy_requests_fit(vllm_config, BACKEND_NAME)
         # Speculative verification (1 + k tokens) is sorted to the front with the decodes,
         # so uniform verify batches are whole and capturable.
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
@@ -239,6 +240,31 @@ class AttnBackendMetadataBuilder(AttentionMetadataBuilder[AttnBackendMetadata]):
             plans.prefill.plan(qo, metadata.kv_lens[nd:], causal=metadata.causal,
                                window_left=window_left,
                                graph_num_tokens=min(grid_tokens, plans.prefill.max_num_tokens))
+
+
+def check_dummy_requests_fit(vllm_config: VllmConfig, backend_name: str) -> None:
+    """Refuse, at construction, a setting whose warm-up would fail mid-start-up.
+
+    vLLM's model runner V2 warms up (profile run, FlashInfer's autotune) with a dummy batch of
+    max_num_batched_tokens tokens split over at most max_num_seqs requests. Where that gives a
+    request more keys than max_model_len, its block-table row (sized by max_model_len) cannot
+    address them: the kernels would read past the table, so run() refuses the batch, which
+    stops the engine in its warm-up (vLLM's TRITON_ATTN reads out of bounds there). Seen on
+    the H200 with max_model_len 280, max_num_seqs 8 and max_num_batched_tokens 8192."""
+    if not getattr(vllm_config, "use_v2_model_runner", False):
+        return  # the V1 runner's dummy requests stay within max_model_len
+    scheduler, model = vllm_config.scheduler_config, vllm_config.model_config
+    if model is None:
+        return
+    tokens, requests = scheduler.max_num_batched_tokens, scheduler.max_num_seqs
+    longest = -(-tokens // max(1, min(tokens, requests)))
+    if longest > model.max_model_len:
+        raise ValueError(
+            f"{backend_name}: max_num_batched_tokens ({tokens}) over max_num_seqs ({requests}) "
+            f"gives vLLM's model runner V2 warm-up requests of {longest} tokens, longer than "
+            f"max_model_len ({model.max_model_len}), which the block table cannot hold; set "
+            f"max_num_batched_tokens <= max_num_seqs x max_model_len "
+            f"({requests * model.max_model_len}), or VLLM_USE_V2_MODEL_RUNNER=0")
 
 
 def host_kv_lens(cm: CommonAttentionMetadata, num_reqs: int, vllm_config: VllmConfig) -> np.ndarray:

@@ -61,7 +61,7 @@ from ...kv_write import write_latent_rows
 from ...paged_kv import PagedKVCache, PageTable
 from ...prefill import PagedPrefill
 from . import MLA_BACKEND_NAME
-from .backend import KernelCapabilities, host_kv_lens, kv_dtype_of
+from .backend import KernelCapabilities, check_dummy_requests_fit, host_kv_lens, kv_dtype_of
 
 KV_LORA_RANK = MLA_HEAD_DIMS[1]  # 512
 ROPE_DIM = MLA_HEAD_DIMS[0] - MLA_HEAD_DIMS[1]  # 64
@@ -126,6 +126,7 @@ class AttnBackendMLAMetadataBuilder(MLACommonMetadataBuilder[AttnBackendMLAMetad
             # set of buffers per attention group.
             raise NotImplementedError(f"{MLA_BACKEND_NAME}: micro-batching (--enable-dbo, "
                                       "ubatch_size > 1) is not supported")
+        check_dummy_requests_fit(vllm_config, MLA_BACKEND_NAME)
         super().__init__(kv_cache_spec, layer_names, vllm_config, device,
                          metadata_cls=AttnBackendMLAMetadata)
         if vllm_config.attention_config.mla_prefill_backend is None and \
