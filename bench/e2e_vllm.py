@@ -9,13 +9,17 @@ output token (the prefill) and once with all of them:
 
     python -m bench.e2e_vllm [--backends CUSTOM FLASH_ATTN TRITON_ATTN FLASHINFER]
         [--shapes 64x1024 64x4096 256x1024] [--output-len 128] [--model-kind llama|deepseek]
-        [--compile vllm|none] [--enforce-eager]
+        [--compile vllm|none] [--enforce-eager] [--weights random|dummy]
 
 `--compile vllm` is vLLM's default (its Inductor pipeline, FULL_AND_PIECEWISE graphs); `none`
 runs the model eagerly between FULL decode graphs (vLLM turns FULL_AND_PIECEWISE into
 FULL_DECODE_ONLY without piecewise compilation), for a torch older than vLLM's pin, where
 Inductor may not build; `--enforce-eager` runs without graphs. Every backend of one run gets
-the same settings, and the JSON's notes say which.
+the same settings, and the JSON's notes say which. `--weights random` (the default) writes
+seeded normal(0, 0.02) weights into the model directory once (transformers' own
+initialisation, bf16 safetensors) so that greedy outputs vary from step to step and the
+agreement check compares real continuations; vLLM's `dummy` weights (uniform in +-1e-3) make
+every prompt repeat one token.
 
 `<case>_prefill` is batch x input / prefill time; `<case>_decode` is batch x (output - 1) over
 the rest of the run. Peers are vLLM's backend names; one that cannot start on the machine is
@@ -59,6 +63,19 @@ def prompts(batch: int, input_len: int, vocab: int, seed: int = 0) -> list[list[
     return [[rng.randrange(10, vocab - 10) for _ in range(input_len)] for _ in range(batch)]
 
 
+def write_random_weights(model: Path, seed: int = 0) -> None:
+    """Seeded random bf16 weights for the model directory's config, written once."""
+    if any(model.glob("*.safetensors")):
+        return
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model)
+    torch.manual_seed(seed)
+    network = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    network.save_pretrained(model)
+
+
 def compilation_config(args) -> dict:
     """vLLM's compilation settings for --compile: {} keeps vLLM's defaults."""
     return {"mode": 0} if args.compile == "none" else {}  # CompilationMode.NONE
@@ -80,7 +97,8 @@ def worker(args) -> int:
     max_model_len = input_len + args.output_len + 8
     # At most batch x max_model_len: vLLM's V2 runner warms up with max_num_batched_tokens
     # split over max_num_seqs dummy requests, which must fit max_model_len each.
-    llm = LLM(model=str(args.model), load_format="dummy", dtype="bfloat16", seed=0,
+    load_format = "dummy" if args.weights == "dummy" else "safetensors"
+    llm = LLM(model=str(args.model), load_format=load_format, dtype="bfloat16", seed=0,
               max_model_len=max_model_len, max_num_seqs=batch,
               max_num_batched_tokens=min(max(8192, input_len), batch * max_model_len),
               gpu_memory_utilization=GPU_MEMORY,
@@ -118,7 +136,8 @@ def run_worker(model: Path, backend: str, shape: str, args, log: Path, result: P
                "--backend", backend, "--shape", shape, "--output-len", str(args.output_len),
                "--repeats", str(args.repeats), "--vocab", str(args.vocab), "--result",
                str(result), "--agreement-prompts", str(args.agreement_prompts),
-               "--compile", args.compile] + (["--enforce-eager"] if args.enforce_eager else [])
+               "--compile", args.compile, "--weights", args.weights] + \
+        (["--enforce-eager"] if args.enforce_eager else [])
     env = dict(os.environ, **ENGINE_ENV)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -192,6 +211,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=600, help="seconds per engine run")
     parser.add_argument("--compile", choices=["vllm", "none"], default="vllm")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--weights", choices=["random", "dummy"], default="random")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -204,11 +224,17 @@ def main(argv=None) -> int:
     args.log_dir.mkdir(parents=True, exist_ok=True)
     model = write_model_dir(args.model or Path(tempfile.gettempdir()) / f"e2e_{args.model_kind}",
                             kind=args.model_kind, vocab=args.vocab - 3)
+    if args.weights == "random":
+        started = time.perf_counter()
+        write_random_weights(model)
+        print(f"  random weights in {model}: {time.perf_counter() - started:.0f} s", flush=True)
+    weights = ("seeded random weights (normal, std 0.02)" if args.weights == "random" else
+               "vLLM's dummy weights (--load-format dummy)")
     measured, notes = {}, [
-        f"vllm.LLM offline, {MODEL_KINDS[args.model_kind]}, 4 layers, random weights "
-        f"(--load-format dummy), bf16, {args.output_len} output tokens, greedy with ignore_eos, "
-        f"one engine process per row (VLLM_ENABLE_V1_MULTIPROCESSING=0); "
-        f"medians of {args.repeats} measurements", settings_note(args)]
+        f"vllm.LLM offline, {MODEL_KINDS[args.model_kind]}, 4 layers, {weights}, bf16, "
+        f"{args.output_len} output tokens, greedy with ignore_eos, one engine process per row "
+        f"(VLLM_ENABLE_V1_MULTIPROCESSING=0); medians of {args.repeats} measurements",
+        settings_note(args)]
     for shape in args.shapes:
         for backend in args.backends:
             name = f"{backend}_{shape}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.e2e_vllm import OURS, agreement_notes, build_rows, last_error, prompts
 
 
@@ -39,3 +41,26 @@ def test_a_failed_run_is_noted_by_its_last_error(tmp_path):
     log = tmp_path / "run.log"
     log.write_text("starting\nValueError: Selected backend CUSTOM is not valid\nexiting\n")
     assert last_error(log) == "ValueError: Selected backend CUSTOM is not valid"
+
+
+def test_random_weights_are_seeded_written_once_and_loadable(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from safetensors.torch import load_file
+
+    from bench.e2e_vllm import write_random_weights
+
+    transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                             num_key_value_heads=2, num_hidden_layers=2, vocab_size=100,
+                             architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "a")
+    transformers.LlamaConfig.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    write_random_weights(tmp_path / "a")
+    write_random_weights(tmp_path / "b")
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert a[name].dtype == torch.bfloat16 and torch.equal(a[name], b[name])
+    assert 0.01 < a[name].float().std().item() < 0.04  # not vLLM's +-1e-3 dummy range
+    stamp = (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns
+    write_random_weights(tmp_path / "a")  # present: left as it is
+    assert (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns == stamp
