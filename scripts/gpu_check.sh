@@ -9,13 +9,7 @@
 # processes, default 8, FUZZ_SECONDS an optional time limit: bench/fuzz.py; its JSON in $OUT) and compute-sanitizer over the kernel set
 # (scripts/gpu_sanitize.sh; FUZZ_CASES=0 / SANITIZE=0 leave them out).
 set -uo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-OUT=${OUT:-/tmp/attn_backend_out}
-mkdir -p "$OUT"
-export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export ATTN_BACKEND_CACHE_DIR=${ATTN_BACKEND_CACHE_DIR:-/tmp/attn_backend_cache}
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" || exit 1
 run_tests=1 run_bench=1 bench_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -27,16 +21,6 @@ while [ $# -gt 0 ]; do
   shift
 done
 summary=()
-# Peers (FlashInfer) travel as wheels in .whl_* folders (see .gpu/README.md).
-# vLLM travels as .whl_vllm + .whl_vllm_dep (scripts/fetch_vllm_wheels.sh), in two calls.
-if ls .whl_*/*.whl >/dev/null 2>&1 && [ -f .gpu/install_wheels.sh ]; then
-  source .gpu/install_wheels.sh .whl_*/*.whl || exit 1
-fi
-# The checkout runs uninstalled: declare its plugin entry points where the wheels went, so the
-# engines' plugin loading (in every process they start) finds them.
-SITE=${SITE:-/tmp/site}
-python3 scripts/declare_entry_points.py "$SITE" >/dev/null && \
-  case ":$PYTHONPATH:" in *":$SITE:"*) ;; *) export PYTHONPATH=$SITE:$PYTHONPATH ;; esac
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
 t0=$(date +%s)

@@ -21,13 +21,7 @@
 # keeps FULL decode graphs without Inductor, which vLLM 0.33 (pinned to torch 2.14) may not
 # build under the machine's torch 2.11.
 set -uo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-OUT=${OUT:-/tmp/attn_backend_out}
-mkdir -p "$OUT"
-export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export ATTN_BACKEND_CACHE_DIR=${ATTN_BACKEND_CACHE_DIR:-/tmp/attn_backend_cache}
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" || exit 1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 COMPILE=${E2E_COMPILE:-none}
 summary=()
@@ -37,12 +31,6 @@ finish() {
   printf '%s\n' "${summary[@]}"
 }
 
-if ls .whl_*/*.whl >/dev/null 2>&1; then
-  source .gpu/install_wheels.sh .whl_*/*.whl || exit 1
-fi
-SITE=${SITE:-/tmp/site}
-python3 scripts/declare_entry_points.py "$SITE" >/dev/null && \
-  case ":$PYTHONPATH:" in *":$SITE:"*) ;; *) export PYTHONPATH=$SITE:$PYTHONPATH ;; esac
 if [ $# -eq 0 ]; then
   summary+=("installed; no steps named")
   finish

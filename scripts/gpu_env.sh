@@ -1,0 +1,23 @@
+# Sourced by the GPU machine's runners (gpu_check.sh, gpu_vllm_engine.sh), from the checkout:
+# the toolchain and cache settings, the wheels that came along installed, and the checkout's
+# plugin entry points declared.
+#   source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" || exit 1
+# Sets ROOT (the checkout, also the working directory), OUT (default /tmp/attn_backend_out)
+# and SITE (where the wheels go, default /tmp/site; first on PYTHONPATH).
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || return 1
+OUT=${OUT:-/tmp/attn_backend_out}
+mkdir -p "$OUT"
+export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export ATTN_BACKEND_CACHE_DIR=${ATTN_BACKEND_CACHE_DIR:-/tmp/attn_backend_cache}
+# Peers and engines travel as wheels in .whl_* folders (.gpu/README.md; vLLM's in two calls:
+# scripts/fetch_vllm_wheels.sh); each call installs what it brought.
+if ls .whl_*/*.whl >/dev/null 2>&1 && [ -f .gpu/install_wheels.sh ]; then
+  source .gpu/install_wheels.sh .whl_*/*.whl || return 1
+fi
+# The checkout runs uninstalled: declare its plugin entry points where the wheels went, so the
+# engines' plugin loading (in every process they start) finds them.
+SITE=${SITE:-/tmp/site}
+python3 scripts/declare_entry_points.py "$SITE" >/dev/null && \
+  case ":$PYTHONPATH:" in *":$SITE:"*) ;; *) export PYTHONPATH=$SITE:$PYTHONPATH ;; esac
