@@ -9,7 +9,7 @@ output token (the prefill) and once with all of them:
 
     python -m bench.e2e_vllm [--backends CUSTOM FLASH_ATTN TRITON_ATTN FLASHINFER]
         [--shapes 64x1024 64x4096 256x1024] [--output-len 128] [--model-kind llama|deepseek]
-        [--compile vllm|none] [--enforce-eager] [--weights random|dummy]
+        [--compile vllm|none] [--enforce-eager] [--weights random|dummy] [--layers 4]
 
 `--compile vllm` is vLLM's default (its Inductor pipeline, FULL_AND_PIECEWISE graphs); `none`
 runs the model eagerly between FULL decode graphs (vLLM turns FULL_AND_PIECEWISE into
@@ -19,7 +19,8 @@ the same settings, and the JSON's notes say which. `--weights random` (the defau
 seeded normal(0, 0.02) weights into the model directory once (transformers' own
 initialisation, bf16 safetensors) so that greedy outputs vary from step to step and the
 agreement check compares real continuations; vLLM's `dummy` weights (uniform in +-1e-3) make
-every prompt repeat one token.
+every prompt repeat one token. `--layers 32` is the whole Llama-3-8B depth, where attention is
+a larger share of a decode step than at the default 4.
 
 `<case>_prefill` is batch x input / prefill time; `<case>_decode` is batch x (output - 1) over
 the rest of the run. Peers are vLLM's backend names; one that cannot start on the machine is
@@ -212,6 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", choices=["vllm", "none"], default="vllm")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--weights", choices=["random", "dummy"], default="random")
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -222,8 +224,9 @@ def main(argv=None) -> int:
         return worker(args)
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    model = write_model_dir(args.model or Path(tempfile.gettempdir()) / f"e2e_{args.model_kind}",
-                            kind=args.model_kind, vocab=args.vocab - 3)
+    default_dir = Path(tempfile.gettempdir()) / f"e2e_vllm_{args.model_kind}_{args.layers}l"
+    model = write_model_dir(args.model or default_dir, kind=args.model_kind, layers=args.layers,
+                            vocab=args.vocab - 3)
     if args.weights == "random":
         started = time.perf_counter()
         write_random_weights(model)
@@ -231,8 +234,8 @@ def main(argv=None) -> int:
     weights = ("seeded random weights (normal, std 0.02)" if args.weights == "random" else
                "vLLM's dummy weights (--load-format dummy)")
     measured, notes = {}, [
-        f"vllm.LLM offline, {MODEL_KINDS[args.model_kind]}, 4 layers, {weights}, bf16, "
-        f"{args.output_len} output tokens, greedy with ignore_eos, one engine process per row "
+        f"vllm.LLM offline, {MODEL_KINDS[args.model_kind]}, {args.layers} layers, {weights}, "
+        f"bf16, {args.output_len} output tokens, greedy with ignore_eos, one engine per row "
         f"(VLLM_ENABLE_V1_MULTIPROCESSING=0); medians of {args.repeats} measurements",
         settings_note(args)]
     for shape in args.shapes:
