@@ -10,6 +10,7 @@ output token (the prefill) and once with all of them:
     python -m bench.e2e_vllm [--backends CUSTOM FLASH_ATTN TRITON_ATTN FLASHINFER]
         [--shapes 64x1024 64x4096 256x1024] [--output-len 128] [--model-kind llama|deepseek]
         [--compile vllm|none] [--enforce-eager] [--weights random|dummy] [--layers 4]
+        [--engines 1]
 
 `--compile vllm` is vLLM's default (its Inductor pipeline, FULL_AND_PIECEWISE graphs); `none`
 runs the model eagerly between FULL decode graphs (vLLM turns FULL_AND_PIECEWISE into
@@ -45,7 +46,7 @@ import time
 from pathlib import Path
 
 from .common import RESULTS_DIR
-from .e2e_sglang import MODEL_KINDS, publish, write_model_dir
+from .e2e_sglang import MODEL_KINDS, engine_turns, publish, write_model_dir
 
 OURS = "CUSTOM"
 DEFAULT_BACKENDS = [OURS, "FLASH_ATTN", "TRITON_ATTN", "FLASHINFER"]
@@ -165,6 +166,14 @@ def agreement(a: list[list[int]], b: list[list[int]], first: int) -> float:
     return same / max(1, min(len(a), len(b)))
 
 
+def over_engines(results: list[dict]) -> dict:
+    """One (backend, shape) from its engines: the median of each phase; the first engine's
+    tokens for the agreement check."""
+    return {"prefill": statistics.median(r["prefill"] for r in results),
+            "decode": statistics.median(r["decode"] for r in results),
+            "tokens": results[0]["tokens"]}
+
+
 def build_rows(measured: dict, shapes: list[str], backends: list[str],
                output_len: int) -> list[dict]:
     rows = []
@@ -214,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--weights", choices=["random", "dummy"], default="random")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--engines", type=int, default=1,
+                        help="engines per row, started in turns (backend order reversed every "
+                             "other turn); rows report the median over engines")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -238,19 +250,27 @@ def main(argv=None) -> int:
         f"bf16, {args.output_len} output tokens, greedy with ignore_eos, one engine per row "
         f"(VLLM_ENABLE_V1_MULTIPROCESSING=0); medians of {args.repeats} measurements",
         settings_note(args)]
-    for shape in args.shapes:
-        for backend in args.backends:
-            name = f"{backend}_{shape}"
-            result = args.log_dir / f"{name}.json"
-            result.unlink(missing_ok=True)
-            started = time.perf_counter()
-            code = run_worker(model, backend, shape, args, args.log_dir / f"{name}.log", result)
-            print(f"  {name}: exit {code} in {time.perf_counter() - started:.0f} s", flush=True)
-            if code == 0 and result.exists():
-                measured[(backend, shape)] = json.loads(result.read_text())
-            else:
-                notes.append(f"{backend} {shape}: did not run "
-                             f"({last_error(args.log_dir / f'{name}.log')})")
+    if args.engines > 1:
+        notes.append(f"each row the median over {args.engines} engines, started in turns with "
+                     f"the backend order reversed every other turn")
+    per_engine: dict[tuple[str, str], list[dict]] = {}
+    for backend, shape, _, engine in engine_turns(args.shapes, args.backends, [], args.engines):
+        name = f"{backend}_{shape}" + (f"_e{engine}" if args.engines > 1 else "")
+        result = args.log_dir / f"{name}.json"
+        result.unlink(missing_ok=True)
+        started = time.perf_counter()
+        code = run_worker(model, backend, shape, args, args.log_dir / f"{name}.log", result)
+        print(f"  {name}: exit {code} in {time.perf_counter() - started:.0f} s", flush=True)
+        if code == 0 and result.exists():
+            per_engine.setdefault((backend, shape), []).append(json.loads(result.read_text()))
+        else:
+            notes.append(f"{backend} {shape}" + (f" engine {engine}" if args.engines > 1 else "")
+                         + f": did not run ({last_error(args.log_dir / f'{name}.log')})")
+    measured = {key: over_engines(results) for key, results in per_engine.items()}
+    if args.engines > 1:
+        notes += [f"{backend} {shape} decode per engine: "
+                  + " / ".join(f"{r['decode']:.0f}" for r in results)
+                  for (backend, shape), results in per_engine.items()]
     rows = build_rows(measured, args.shapes, args.backends, args.output_len)
     notes += agreement_notes(measured, args.shapes, args.backends)
     if not rows:

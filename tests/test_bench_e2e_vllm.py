@@ -64,3 +64,44 @@ def test_random_weights_are_seeded_written_once_and_loadable(tmp_path):
     stamp = (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns
     write_random_weights(tmp_path / "a")  # present: left as it is
     assert (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_rows_take_the_median_over_engines():
+    from bench.e2e_vllm import over_engines
+
+    results = [_result(100.0, 10.0, [[1]]), _result(300.0, 30.0, [[2]]),
+               _result(200.0, 50.0, [[3]])]
+    assert over_engines(results) == {"prefill": 200.0, "decode": 30.0, "tokens": [[1]]}
+
+
+def test_main_runs_every_engine_in_turns_and_publishes_the_medians(tmp_path, monkeypatch):
+    import json
+
+    import bench.e2e_vllm as e2e
+
+    order, published = [], {}
+    decode = {("CUSTOM", 0): 110.0, ("CUSTOM", 1): 90.0, ("CUSTOM", 2): 100.0,
+              ("TRITON_ATTN", 0): 95.0, ("TRITON_ATTN", 1): 105.0, ("TRITON_ATTN", 2): 99.0}
+
+    def fake_worker(model, backend, shape, args, log, result):
+        engine = sum(1 for b, _ in order if b == backend)
+        order.append((backend, shape))
+        log.write_text("ok\n")
+        result.write_text(json.dumps(_result(1000.0 + engine, decode[(backend, engine)],
+                                             [[7, 8]])))
+        return 0
+
+    monkeypatch.setattr(e2e, "run_worker", fake_worker)
+    monkeypatch.setattr(e2e, "write_model_dir", lambda path, **kw: tmp_path / "model")
+    monkeypatch.setattr(e2e, "publish",
+                        lambda rows, notes, name, out, engine: published.update(rows=rows,
+                                                                                notes=notes))
+    code = e2e.main(["--backends", "CUSTOM", "TRITON_ATTN", "--shapes", "8x64", "--engines",
+                     "3", "--weights", "dummy", "--log-dir", str(tmp_path / "logs")])
+    assert code == 0
+    assert [b for b, _ in order] == ["CUSTOM", "TRITON_ATTN", "TRITON_ATTN", "CUSTOM",
+                                     "CUSTOM", "TRITON_ATTN"]
+    assert published["rows"] == [
+        {"case": "b8_in64_out128_prefill", "ours": 1001.0, "peers": {"TRITON_ATTN": 1001.0}},
+        {"case": "b8_in64_out128_decode", "ours": 100.0, "peers": {"TRITON_ATTN": 99.0}}]
+    assert "CUSTOM 8x64 decode per engine: 110 / 90 / 100" in published["notes"]
