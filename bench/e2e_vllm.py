@@ -65,6 +65,12 @@ def prompts(batch: int, input_len: int, vocab: int, seed: int = 0) -> list[list[
     return [[rng.randrange(10, vocab - 10) for _ in range(input_len)] for _ in range(batch)]
 
 
+def default_model_dir(kind: str = "llama", layers: int = 4) -> Path:
+    """Where the model directory of a kind and depth is written (scripts/gpu_vllm_engine.sh's
+    throughput step uses the same one)."""
+    return Path(tempfile.gettempdir()) / f"e2e_vllm_{kind}_{layers}l"
+
+
 def write_random_weights(model: Path, seed: int = 0) -> None:
     """Seeded random bf16 weights for the model directory's config, written once."""
     if any(model.glob("*.safetensors")):
@@ -97,11 +103,11 @@ def worker(args) -> int:
 
     batch, input_len = (int(x) for x in args.shape.split("x"))
     max_model_len = input_len + args.output_len + 8
-    # At most batch x max_model_len: vLLM's V2 runner warms up with max_num_batched_tokens
-    # split over max_num_seqs dummy requests, which must fit max_model_len each.
     load_format = "dummy" if args.weights == "dummy" else "safetensors"
     llm = LLM(model=str(args.model), load_format=load_format, dtype="bfloat16", seed=0,
               max_model_len=max_model_len, max_num_seqs=batch,
+              # at most batch x max_model_len: vLLM's V2 runner warms up with this many tokens
+              # split over max_num_seqs dummy requests, which must fit max_model_len each
               max_num_batched_tokens=min(max(8192, input_len), batch * max_model_len),
               gpu_memory_utilization=GPU_MEMORY,
               attention_config={"backend": args.backend}, enable_prefix_caching=False,
@@ -236,9 +242,8 @@ def main(argv=None) -> int:
         return worker(args)
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    default_dir = Path(tempfile.gettempdir()) / f"e2e_vllm_{args.model_kind}_{args.layers}l"
-    model = write_model_dir(args.model or default_dir, kind=args.model_kind, layers=args.layers,
-                            vocab=args.vocab - 3)
+    model = write_model_dir(args.model or default_model_dir(args.model_kind, args.layers),
+                            kind=args.model_kind, layers=args.layers, vocab=args.vocab - 3)
     if args.weights == "random":
         started = time.perf_counter()
         write_random_weights(model)

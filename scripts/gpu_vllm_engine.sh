@@ -74,9 +74,10 @@ for step in "$@"; do
       smoke_args=(--backends CUSTOM TRITON_ATTN --shapes 8x256 --output-len 16 --repeats 1
                   --agreement-prompts 8 --compile "$COMPILE" --timeout 300)
       if ! e2e smoke_graphs "${smoke_args[@]}"; then
-        # vLLM 0.33's default model runner (V2) builds its inputs with Triton kernels written
-        # for its pinned Triton; where the image's older Triton fails them, try the V1 runner
-        # and keep it for the later steps if it works.
+        # vLLM 0.33's default model runner (V2) stopped in its warm-up on the H200 for CUSTOM
+        # and TRITON_ATTN alike (dummy requests longer than the block table, before
+        # e2e_vllm capped max_num_batched_tokens); where it still fails, try the V1 runner and
+        # keep it for the later steps if it works.
         if [ -z "${VLLM_USE_V2_MODEL_RUNNER:-}" ] && \
            VLLM_USE_V2_MODEL_RUNNER=0 e2e smoke_graphs_v1_runner "${smoke_args[@]}"; then
           export VLLM_USE_V2_MODEL_RUNNER=0
@@ -97,8 +98,8 @@ for step in "$@"; do
         --compile "$COMPILE" || rc=1 ;;
     throughput)
       model=$(python3 -c "
-import tempfile; from pathlib import Path; from bench.e2e_sglang import write_model_dir
-print(write_model_dir(Path(tempfile.gettempdir()) / 'e2e_llama'))")
+from bench.e2e_sglang import write_model_dir; from bench.e2e_vllm import default_model_dir
+print(write_model_dir(default_model_dir()))")
       compile_json='{}'; [ "$COMPILE" = none ] && compile_json='{"mode": 0}'
       for backend in CUSTOM TRITON_ATTN; do
         t0=$(date +%s)
