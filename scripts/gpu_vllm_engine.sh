@@ -16,7 +16,8 @@
 #          64 x 1024 and 64 x 4096; one that cannot start is noted with its reason); JSON + PNG
 #   throughput  `vllm bench throughput` (vllm.benchmarks.throughput, as the CLI runs it: the
 #          CLI module itself imports vLLM's server stack, absent here) on the same model, random
-#          dataset, 64 prompts x 1024 in / 128 out, for CUSTOM and TRITON_ATTN
+#          dataset, 64 prompts x 1024 in / 128 out, for each of THROUGHPUT_SETTINGS (default
+#          "CUSTOM CUSTOM:eager TRITON_ATTN"; NAME:eager adds --enforce-eager)
 # E2E_COMPILE (none | vllm, default none): the compilation mode for smoke and bench; `none`
 # keeps FULL decode graphs without Inductor, which vLLM 0.33 (pinned to torch 2.14) may not
 # build under the machine's torch 2.11.
@@ -101,7 +102,10 @@ for step in "$@"; do
 from bench.e2e_sglang import write_model_dir; from bench.e2e_vllm import default_model_dir
 print(write_model_dir(default_model_dir()))")
       compile_json='{}'; [ "$COMPILE" = none ] && compile_json='{"mode": 0}'
-      for backend in CUSTOM TRITON_ATTN; do
+      # NAME or NAME:eager (--enforce-eager, no CUDA graphs)
+      for setting in ${THROUGHPUT_SETTINGS:-CUSTOM CUSTOM:eager TRITON_ATTN}; do
+        backend=${setting%%:*}; eager=(); label=$backend
+        [ "$setting" != "${setting%:eager}" ] && { eager=(--enforce-eager); label=${backend}_eager; }
         t0=$(date +%s)
         VLLM_ENABLE_V1_MULTIPROCESSING=0 python3 -c "
 import sys
@@ -110,10 +114,10 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))
 " --model "$model" --load-format dummy --dataset-name random --random-input-len 1024 \
           --random-output-len 128 --num-prompts 64 --max-model-len 1200 --seed 0 \
-          --gpu-memory-utilization 0.6 --attention-backend "$backend" \
-          --compilation-config "$compile_json" --output-json "$OUT/throughput_$backend.json" \
-          > "$OUT/throughput_$backend.log" 2>&1 || rc=1
-        summary+=("vllm bench throughput $backend (in $(( $(date +%s) - t0 )) s): $(grep '^Throughput' "$OUT/throughput_$backend.log" || tail -n 1 "$OUT/throughput_$backend.log")")
+          --gpu-memory-utilization 0.6 --attention-backend "$backend" "${eager[@]}" \
+          --compilation-config "$compile_json" --output-json "$OUT/throughput_$label.json" \
+          > "$OUT/throughput_$label.log" 2>&1 || rc=1
+        summary+=("vllm bench throughput $label (in $(( $(date +%s) - t0 )) s): $(grep '^Throughput' "$OUT/throughput_$label.log" || tail -n 1 "$OUT/throughput_$label.log")")
       done ;;
     *) echo "gpu_vllm_engine.sh: unknown step $step" >&2; exit 2 ;;
   esac

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,6 +224,28 @@ def test_register_selects_the_backend_by_both_names():
     assert AttentionConfig.validate_backend_before("custom") is AttentionBackendEnum.CUSTOM
     assert AttentionConfig.validate_backend_before("attn_backend") is \
         AttentionBackendEnum["ATTN_BACKEND"]
+
+
+@pytest.mark.parametrize("version", ["0.26.0", "0.31.2", "0.34.0", "0.34.0rc1", "1.0.0", "main"])
+def test_register_refuses_a_vllm_outside_the_supported_range(monkeypatch, version):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", version)
+    with pytest.raises(RuntimeError, match=re.escape(f"vllm{integration.SUPPORTED_VLLM}")):
+        integration.register()
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.33.0", "0.33.1.dev12+g1234abc"])
+def test_supported_vllm_releases_pass_the_version_check(version):
+    integration.check_vllm_version(version)
+
+
+def test_supported_range_is_the_one_pyproject_declares():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["optional-dependencies"]["vllm"] == \
+        [f"vllm{integration.SUPPORTED_VLLM}"]
 
 
 def test_entry_point_is_declared():

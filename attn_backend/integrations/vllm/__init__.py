@@ -20,6 +20,8 @@ both.
 
 from __future__ import annotations
 
+import re
+
 BACKEND_NAME = "ATTN_BACKEND"
 MLA_BACKEND_NAME = "ATTN_BACKEND_MLA"
 SUPPORTED_VLLM = ">=0.32,<0.34"  # the V1 backend API of the contract (K||V-packed caches)
@@ -32,8 +34,28 @@ MLA_CLASS_PATH = "attn_backend.integrations.vllm.mla.AttnBackendMLA"
 MLA_PREFILL_CLASS_PATH = "attn_backend.integrations.vllm.mla.AttnBackendMLAPrefill"
 
 
+def check_vllm_version(version: str) -> None:
+    """Refuse a vLLM release outside the supported range, naming it: the backend classes
+    follow one release line's attention API, and an older or newer one fails later and less
+    clearly (a missing method, a changed enum) or serves with a changed contract."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise RuntimeError(f"attn_backend: cannot read the vLLM version {version!r}; "
+                           f"supported: vllm{SUPPORTED_VLLM}")
+    release = (int(match[1]), int(match[2]))
+    bounds = [int(x) for x in re.findall(r"\d+", SUPPORTED_VLLM)]  # >=a.b,<c.d
+    low, high = tuple(bounds[:2]), tuple(bounds[2:])
+    if not low <= release < high:
+        raise RuntimeError(f"attn_backend: vLLM {version} is not supported; the backend "
+                           f"serves vllm{SUPPORTED_VLLM} (pip install 'attn-backend[vllm]')")
+
+
 def register() -> None:
-    """Make the backend selectable in this vLLM process (idempotent)."""
+    """Make the backend selectable in this vLLM process (idempotent); a vLLM release
+    outside SUPPORTED_VLLM stops here, with the range in the message."""
+    import vllm
+
+    check_vllm_version(vllm.__version__)
     from vllm.v1.attention.backends.mla.prefill.registry import (MLAPrefillBackendEnum,
                                                                  register_mla_prefill_backend)
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
