@@ -29,7 +29,8 @@ left out and its reason noted (its log in --log-dir). Then greedy agreement: the
 prompts whose first generated tokens are the same with attn_backend and the first peer that
 ran, on the same weights (`--load-format dummy` seeds them identically).
 
-Writes `bench/results/e2e_vllm-<date>-<gpu>.json` (+ .png). vLLM on the project's GPU
+Writes `bench/results/e2e_vllm-<date>-<gpu>.json` (+ .png; `e2e_vllm_<n>layers-...` at another
+depth than 4). vLLM on the project's GPU
 machine: scripts/fetch_vllm_wheels.sh (its engine also needs FlashInfer at vLLM's pin).
 """
 
@@ -52,6 +53,7 @@ OURS = "CUSTOM"
 DEFAULT_BACKENDS = [OURS, "FLASH_ATTN", "TRITON_ATTN", "FLASHINFER"]
 DEFAULT_SHAPES = ["64x1024", "64x4096", "256x1024"]
 GPU_MEMORY = 0.6
+DEFAULT_LAYERS = 4
 # One engine process, in-process scheduling: the worker's timings are the engine's own.
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
               "PYTHONUNBUFFERED": "1"}
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", choices=["vllm", "none"], default="vllm")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--weights", choices=["random", "dummy"], default="random")
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS)
     parser.add_argument("--engines", type=int, default=1,
                         help="engines per row, started in turns (backend order reversed every "
                              "other turn); rows report the median over engines")
@@ -283,8 +285,14 @@ def main(argv=None) -> int:
         for note in notes:
             print("note:", note)
         return 1
-    publish(rows, notes, "e2e_vllm", args.out, engine="vLLM")
+    publish(rows, notes, benchmark_name(args.layers), args.out, engine="vLLM")
     return 0
+
+
+def benchmark_name(layers: int) -> str:
+    """The results' name: `e2e_vllm` at the default depth, `e2e_vllm_<n>layers` otherwise, so
+    runs at two depths on one day keep apart (bench/results/<name>-<date>-<gpu>.json)."""
+    return "e2e_vllm" if layers == DEFAULT_LAYERS else f"e2e_vllm_{layers}layers"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,9 @@
 #     vLLM's engine imports it (sampler, autotuner) and its FLASHINFER backend JIT-builds from
 #     it; our tests and vLLM's attention suite do not need it;
 #   call 2: OUT (~49 MiB): the slim vLLM wheel, the pure-Python wheels and pillow.
-#   bash scripts/fetch_vllm_wheels.sh [.whl_vllm]   # writes .whl_vllm, .whl_vllm_dep, .whl_vllm_fi
+# Last, scripts/pack_vllm_site.sh packs all three into one archive for ONE carry
+# (.whl_vllm_site/site.tar.xz, ~58 MiB with xz; the way to carry them now).
+#   bash scripts/fetch_vllm_wheels.sh [.whl_vllm]   # writes .whl_vllm, .whl_vllm_dep, .whl_vllm_fi, .whl_vllm_site
 # Env: PYVER (default 3.12: the GPU machine's), VLLM_WHEEL (a full vllm-0.33.0 wheel already
 # here, to skip its 336 MB download).
 # The list below is what importing vLLM's config, attention, MLA and distributed modules (our
@@ -83,3 +85,4 @@ for call in "$DEP $FI" "$OUT"; do
     exit 1
   fi
 done
+bash "$HERE/pack_vllm_site.sh" "$OUT"

@@ -16,8 +16,17 @@ export ATTN_BACKEND_CACHE_DIR=${ATTN_BACKEND_CACHE_DIR:-/tmp/attn_backend_cache}
 if ls .whl_*/*.whl >/dev/null 2>&1 && [ -f .gpu/install_wheels.sh ]; then
   source .gpu/install_wheels.sh .whl_*/*.whl || return 1
 fi
+# vLLM's engine packed into one archive (scripts/pack_vllm_site.sh), unpacked once per machine.
+SITE=${SITE:-/tmp/site}
+if [ -f .whl_vllm_site/site.tar.xz ] && [ ! -e "$SITE/.installed/site.tar.xz" ]; then
+  t0_site=$(date +%s)
+  mkdir -p "$SITE/.installed"
+  python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='tar')" \
+    .whl_vllm_site/site.tar.xz "$SITE" || return 1
+  touch "$SITE/.installed/site.tar.xz"
+  echo "gpu_env: unpacked .whl_vllm_site/site.tar.xz into $SITE in $(( $(date +%s) - t0_site )) s"
+fi
 # The checkout runs uninstalled: declare its plugin entry points where the wheels went, so the
 # engines' plugin loading (in every process they start) finds them.
-SITE=${SITE:-/tmp/site}
 python3 scripts/declare_entry_points.py "$SITE" >/dev/null && \
   case ":$PYTHONPATH:" in *":$SITE:"*) ;; *) export PYTHONPATH=$SITE:$PYTHONPATH ;; esac

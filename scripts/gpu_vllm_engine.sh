@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # vLLM's engine on the GPU machine with attn_backend (issue 21): installs the carried wheels,
 # JIT-builds our kernels, then runs the steps named, each with its log under $OUT, and prints a
-# summary last. The wheels (scripts/fetch_vllm_wheels.sh) take two calls on a warm machine:
-#   call 1, carry .gpu .whl_vllm_dep .whl_vllm_fi:  bash scripts/gpu_vllm_engine.sh
-#   call 2, carry .gpu .whl_vllm [.vllm_tests]:
-#     ATTN_BACKEND_GIT_COMMIT=<sha> bash scripts/gpu_vllm_engine.sh STEP...
+# summary last. One call, carry .whl_vllm_site [.vllm_tests] (scripts/pack_vllm_site.sh: the
+# engine's wheels unpacked and packed again with xz, ~58 MiB):
+#   ATTN_BACKEND_GIT_COMMIT=<sha> bash scripts/gpu_vllm_engine.sh STEP...
 # (the machine's copy of the tree has no .git of its own: the commit stamps the results JSON).
-# The machine goes cold 30 s after a call and forgets /tmp: fire call 2 right after call 1.
+# Without the archive the wheel folders of scripts/fetch_vllm_wheels.sh take two calls on a
+# warm machine (call 1 carry .gpu .whl_vllm_dep .whl_vllm_fi with no step; call 2 .gpu
+# .whl_vllm), and the machine goes cold 30 s after a call, forgetting /tmp.
 # Steps (in the order given):
 #   smoke  one small engine per setting: CUSTOM with CUDA graphs, CUSTOM eager, TRITON_ATTN;
 #          greedy agreement between them (bench/e2e_vllm.py at 8 x 256, 16 output tokens)
@@ -38,7 +39,7 @@ if [ $# -eq 0 ]; then
   exit 0
 fi
 if ! python3 -c "import vllm, flashinfer" 2>/dev/null; then
-  summary+=("vllm or flashinfer not importable: on a fresh machine, call 1 first (carry .gpu .whl_vllm_dep .whl_vllm_fi), then call 2 (.gpu .whl_vllm)")
+  summary+=("vllm or flashinfer not importable: carry .whl_vllm_site (scripts/pack_vllm_site.sh), or on one warm machine .gpu .whl_vllm_dep .whl_vllm_fi, then .gpu .whl_vllm")
   finish
   exit 1
 fi

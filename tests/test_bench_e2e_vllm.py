@@ -95,13 +95,22 @@ def test_main_runs_every_engine_in_turns_and_publishes_the_medians(tmp_path, mon
     monkeypatch.setattr(e2e, "write_model_dir", lambda path, **kw: tmp_path / "model")
     monkeypatch.setattr(e2e, "publish",
                         lambda rows, notes, name, out, engine: published.update(rows=rows,
-                                                                                notes=notes))
+                                                                                notes=notes,
+                                                                                name=name))
     code = e2e.main(["--backends", "CUSTOM", "TRITON_ATTN", "--shapes", "8x64", "--engines",
                      "3", "--weights", "dummy", "--log-dir", str(tmp_path / "logs")])
     assert code == 0
+    assert published["name"] == "e2e_vllm"
     assert [b for b, _ in order] == ["CUSTOM", "TRITON_ATTN", "TRITON_ATTN", "CUSTOM",
                                      "CUSTOM", "TRITON_ATTN"]
     assert published["rows"] == [
         {"case": "b8_in64_out128_prefill", "ours": 1001.0, "peers": {"TRITON_ATTN": 1001.0}},
         {"case": "b8_in64_out128_decode", "ours": 100.0, "peers": {"TRITON_ATTN": 99.0}}]
     assert "CUSTOM 8x64 decode per engine: 110 / 90 / 100" in published["notes"]
+
+
+def test_results_of_another_depth_are_named_by_it():
+    from bench.e2e_vllm import benchmark_name
+
+    assert benchmark_name(4) == "e2e_vllm"
+    assert benchmark_name(32) == "e2e_vllm_32layers"
