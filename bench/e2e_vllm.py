@@ -257,6 +257,8 @@ def main(argv=None) -> int:
         f"bf16, {args.output_len} output tokens, greedy with ignore_eos, one engine per row "
         f"(VLLM_ENABLE_V1_MULTIPROCESSING=0); medians of {args.repeats} measurements",
         settings_note(args)]
+    if os.environ.get("VLLM_USE_FLASHINFER_SAMPLER") == "0":
+        notes.append("vLLM's PyTorch sampler for every backend (VLLM_USE_FLASHINFER_SAMPLER=0)")
     if args.engines > 1:
         notes.append(f"each row the median over {args.engines} engines, started in turns with "
                      f"the backend order reversed every other turn")

@@ -25,6 +25,10 @@
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" || exit 1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# vLLM's PyTorch sampler for every backend: FlashInfer's sampling kernels come without prebuilt
+# binaries here and JIT-built for about 2 min in the first engine of each fresh machine (seen
+# on the H200), time a device call cannot spare; the sampler is outside attention.
+export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
 COMPILE=${E2E_COMPILE:-none}
 summary=()
 finish() {
