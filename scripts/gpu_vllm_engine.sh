@@ -15,6 +15,8 @@
 #          (scripts/vllm_suite/run.sh; needs .vllm_tests)
 #   bench  bench/e2e_vllm.py with E2E_ARGS (default: CUSTOM FLASH_ATTN TRITON_ATTN FLASHINFER at
 #          64 x 1024 and 64 x 4096; one that cannot start is noted with its reason); JSON + PNG
+#   flashinfer_modules  the FlashInfer kernels a FLASHINFER engine JIT-built here, in parts
+#          for the way back (FI_MODULES_OUT), to carry as prebuilt modules later
 #   throughput  `vllm bench throughput` (vllm.benchmarks.throughput, as the CLI runs it: the
 #          CLI module itself imports vLLM's server stack, absent here) on the same model, random
 #          dataset, 64 prompts x 1024 in / 128 out, for each of THROUGHPUT_SETTINGS (default
@@ -124,6 +126,23 @@ parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(
           > "$OUT/throughput_$label.log" 2>&1 || rc=1
         summary+=("vllm bench throughput $label (in $(( $(date +%s) - t0 )) s): $(grep '^Throughput' "$OUT/throughput_$label.log" || tail -n 1 "$OUT/throughput_$label.log")")
       done ;;
+    flashinfer_modules)
+      # The FlashInfer kernels a FLASHINFER engine JIT-built on this machine (minutes at start-up,
+      # no prebuilt ones in a carry), in parts of at most 15 MiB (the device tool brings back
+      # files of up to 16 MiB) written to FI_MODULES_OUT (default $OUT/flashinfer_modules; give
+      # the device tool's own $OUT so the parts come back). FlashInfer 0.7 loads a module from
+      # flashinfer/data/aot/<name>/<name>.so without building it (jit/env.py get_aot_artifacts).
+      dest=${FI_MODULES_OUT:-$OUT/flashinfer_modules}
+      mkdir -p "$dest"
+      modules=$(find "${FLASHINFER_WORKSPACE_BASE:-$HOME}/.cache/flashinfer" -path '*cached_ops*' \
+                -name '*.so' 2>/dev/null)
+      if [ -z "$modules" ]; then
+        summary+=("flashinfer_modules: none built on this machine")
+      else
+        # shellcheck disable=SC2086
+        tar czf - $modules 2>/dev/null | split -b 15M -d - "$dest/flashinfer_modules.tgz.part"
+        summary+=("flashinfer_modules: $(echo "$modules" | wc -l) modules ($(echo "$modules" | xargs -n1 basename | tr '\n' ' ')) in $(ls "$dest" | wc -l) parts in $dest")
+      fi ;;
     *) echo "gpu_vllm_engine.sh: unknown step $step" >&2; exit 2 ;;
   esac
 done
