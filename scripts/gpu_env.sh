@@ -26,6 +26,21 @@ if [ -f .whl_vllm_site/site.tar.xz ] && [ ! -e "$SITE/.installed/site.tar.xz" ];
   touch "$SITE/.installed/site.tar.xz"
   echo "gpu_env: unpacked .whl_vllm_site/site.tar.xz into $SITE in $(( $(date +%s) - t0_site )) s"
 fi
+# FlashInfer kernels built on an earlier machine (gpu_vllm_engine.sh flashinfer_modules, its
+# parts copied into .whl_fi_modules): placed where FlashInfer 0.7 loads a prebuilt module
+# without building it (flashinfer/data/aot/<name>/<name>.so), so a FLASHINFER engine starts
+# without minutes of JIT.
+if ls .whl_fi_modules/flashinfer_modules.tgz.part* >/dev/null 2>&1 && [ -d "$SITE/flashinfer" ]; then
+  fi_tmp=$(mktemp -d)
+  cat .whl_fi_modules/flashinfer_modules.tgz.part* | tar xzf - -C "$fi_tmp" || return 1
+  while IFS= read -r so; do
+    name=$(basename "$so" .so)
+    mkdir -p "$SITE/flashinfer/data/aot/$name"
+    cp "$so" "$SITE/flashinfer/data/aot/$name/$name.so"
+  done < <(find "$fi_tmp" -path '*cached_ops*' -name '*.so')
+  echo "gpu_env: $(ls "$SITE/flashinfer/data/aot" | wc -l) prebuilt FlashInfer modules in $SITE/flashinfer/data/aot"
+  rm -rf "$fi_tmp"
+fi
 # The checkout runs uninstalled: declare its plugin entry points where the wheels went, so the
 # engines' plugin loading (in every process they start) finds them.
 python3 scripts/declare_entry_points.py "$SITE" >/dev/null && \
