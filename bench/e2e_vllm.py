@@ -1,9 +1,9 @@
 """End-to-end vLLM throughput: attn_backend (`CUSTOM`) against vLLM's built-in backends.
 
 Each (backend, shape) runs in its own process (`--worker`), an offline `vllm.LLM` engine on a
-random-weight model (`--load-format dummy`; the model directory is written locally, as for
-bench/e2e_sglang.py: Llama-3-8B shapes with 4 layers, or with `--model-kind deepseek` one TP-8
-rank's share of DeepSeek-V3, MLA): the batch's random prompts generated greedily with
+random-weight model (the model directory is written locally, as for bench/e2e_sglang.py:
+Llama-3-8B shapes with `--layers` layers, or with `--model-kind deepseek` one TP-8 rank's share
+of DeepSeek-V3, MLA; weights as `--weights` says, below): the batch's random prompts generated greedily with
 `ignore_eos`, CUDA graphs on (FULL decode graphs through UNIFORM_BATCH for ours), once with one
 output token (the prefill) and once with all of them:
 
@@ -27,7 +27,8 @@ a larger share of a decode step than at the default 4.
 the rest of the run. Peers are vLLM's backend names; one that cannot start on the machine is
 left out and its reason noted (its log in --log-dir). Then greedy agreement: the share of
 prompts whose first generated tokens are the same with attn_backend and the first peer that
-ran, on the same weights (`--load-format dummy` seeds them identically).
+ran, on the same weights (the seeded safetensors, or vLLM's dummy weights, which it seeds
+identically).
 
 Writes `bench/results/e2e_vllm-<date>-<gpu>.json` (+ .png; `e2e_vllm_<n>layers-...` at another
 depth than 4). vLLM on the project's GPU
@@ -67,7 +68,7 @@ def prompts(batch: int, input_len: int, vocab: int, seed: int = 0) -> list[list[
     return [[rng.randrange(10, vocab - 10) for _ in range(input_len)] for _ in range(batch)]
 
 
-def default_model_dir(kind: str = "llama", layers: int = 4) -> Path:
+def default_model_dir(kind: str = "llama", layers: int = DEFAULT_LAYERS) -> Path:
     """Where the model directory of a kind and depth is written (scripts/gpu_vllm_engine.sh's
     throughput step uses the same one)."""
     return Path(tempfile.gettempdir()) / f"e2e_vllm_{kind}_{layers}l"
@@ -86,9 +87,10 @@ def write_random_weights(model: Path, seed: int = 0) -> None:
     network.save_pretrained(model)
 
 
-def compilation_config(args) -> dict:
-    """vLLM's compilation settings for --compile: {} keeps vLLM's defaults."""
-    return {"mode": 0} if args.compile == "none" else {}  # CompilationMode.NONE
+def compilation_config(compile_mode: str) -> dict:
+    """vLLM's compilation settings for --compile (also the throughput step's, in
+    scripts/gpu_vllm_engine.sh): {} keeps vLLM's defaults."""
+    return {"mode": 0} if compile_mode == "none" else {}  # CompilationMode.NONE
 
 
 def settings_note(args) -> str:
@@ -113,7 +115,7 @@ def worker(args) -> int:
               max_num_batched_tokens=min(max(8192, input_len), batch * max_model_len),
               gpu_memory_utilization=GPU_MEMORY,
               attention_config={"backend": args.backend}, enable_prefix_caching=False,
-              enforce_eager=args.enforce_eager, compilation_config=compilation_config(args),
+              enforce_eager=args.enforce_eager, compilation_config=compilation_config(args.compile),
               skip_tokenizer_init=True)  # token-id prompts, token-id outputs
     requests = [TokensPrompt(prompt_token_ids=p)
                 for p in prompts(batch, input_len, args.vocab, seed=args.seed)]

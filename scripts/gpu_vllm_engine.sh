@@ -108,7 +108,9 @@ for step in "$@"; do
       model=$(python3 -c "
 from bench.e2e_sglang import write_model_dir; from bench.e2e_vllm import default_model_dir
 print(write_model_dir(default_model_dir()))")
-      compile_json='{}'; [ "$COMPILE" = none ] && compile_json='{"mode": 0}'
+      compile_json=$(python3 -c "
+import json, sys; from bench.e2e_vllm import compilation_config
+print(json.dumps(compilation_config(sys.argv[1])))" "$COMPILE")
       # NAME or NAME:eager (--enforce-eager, no CUDA graphs)
       for setting in ${THROUGHPUT_SETTINGS:-CUSTOM CUSTOM:eager TRITON_ATTN}; do
         backend=${setting%%:*}; eager=(); label=$backend
