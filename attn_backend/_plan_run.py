@@ -121,9 +121,10 @@ class KernelWrapper:
         return config, max(1, config.ctas_per_sm(self.kv_dtype)) * num_sms
 
     def _init_plans(self, main: tuple[KernelConfig, int] | None,
-                    alt: tuple[KernelConfig, int] | None, max_num_tokens: int = 0) -> None:
-        """Lays out the plan workspace for `main` (and `alt`), each (configuration, CTA slots);
-        main None: no schedule is made (the reference path)."""
+                    alt: tuple[KernelConfig, int] | None, max_num_tokens: int = 0,
+                    narrow: tuple[KernelConfig, int] | None = None) -> None:
+        """Lays out the plan workspace for `main` (and `alt`, and prefill's `narrow`), each
+        (configuration, CTA slots); main None: no schedule is made (the reference path)."""
         self._setup: PlanRecord | None = None
         self._workspace: PlanWorkspace | None = None
         if main is None:
@@ -134,7 +135,9 @@ class KernelWrapper:
             head_dim_vo=self.head_dim_vo, max_batch=self.max_batch_size,
             max_num_tokens=max_num_tokens, use_cuda_graph=self.use_cuda_graph,
             enable_pdl=self.enable_pdl, config_id=main[0].id, cta_slots=main[1],
-            alt_config_id=alt[0].id if alt else -1, alt_cta_slots=alt[1] if alt else 0)
+            alt_config_id=alt[0].id if alt else -1, alt_cta_slots=alt[1] if alt else 0,
+            narrow_config_id=narrow[0].id if narrow else -1,
+            narrow_cta_slots=narrow[1] if narrow else 0)
         self._setup = PlanRecord(self._ops.plan_setup(setup.values))
         self._workspace = PlanWorkspace(self._setup["workspace_bytes"],
                                         self._setup["upload_bytes"], self.device)

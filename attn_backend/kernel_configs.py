@@ -10,6 +10,8 @@ and its id is what a plan records and a run launches.
     prefill_mma        long queries on mma.sync (sm80+)
     prefill_wgmma      long queries on warpgroup MMAs (sm_90a builds on sm_90 GPUs)
     prefill_short      requests of at most one 64-row tile (speculative verify, short extends)
+    prefill_short_keysplit  d128: requests of at most 16 rows (4 drafts x group 4), in one tile
+                       that every warp holds, each computing its own keys (decode's loop)
     prefill_mla        MLA's latent rows (576 / 512): tiles of 16 packed rows (decode of 16 heads)
     prefill_mla_wide   MLA, tiles of 32 packed rows (more heads, or several query tokens)
     prefill_mla_wgmma  MLA on warpgroup MMAs (sm_90a builds on sm_90 GPUs): tiles of 64 rows

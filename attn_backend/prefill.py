@@ -102,14 +102,20 @@ class PagedPrefill(KernelWrapper):
                          use_cuda_graph=use_cuda_graph, enable_pdl=enable_pdl, backend=backend)
         self.max_num_tokens = max_num_tokens
         if self._is_mla:
-            long, short = self._mla_configs(backend)
+            (long, short), narrow = self._mla_configs(backend), None
         else:
             long, short = self._long_config(backend), self._find_config("prefill_short")
+            narrow = self._narrow_config(long)
         main, alt = self._with_slots(long, cta_slots), self._with_slots(short, cta_slots)
+        narrow_slots = self._with_slots(narrow, cta_slots)
         self.tile_rows, self.cta_slots = (long.tile_rows, main[1]) if long else (None, 1)
         self.short_tile_rows, self.short_cta_slots = (short.tile_rows, alt[1]) if short \
             else (None, 1)
-        self._init_plans(main, alt, max_num_tokens)
+        # Batches whose requests have at most narrow_tile_rows rows take the narrow tiles, then
+        # those of at most short_tile_rows the short ones (None: no such configuration).
+        self.narrow_tile_rows, self.narrow_cta_slots = (narrow.tile_rows, narrow_slots[1]) \
+            if narrow else (None, 1)
+        self._init_plans(main, alt, max_num_tokens, narrow=narrow_slots)
         self._mask_bits = torch.zeros(-(-max_mask_elements // 8), dtype=torch.uint8,
                                       device=self.device)
         self._mask_bit_weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
@@ -129,6 +135,13 @@ class PagedPrefill(KernelWrapper):
         short = self._find_config("prefill_mla")
         long = self._wgmma_or_mma("prefill_mla_wgmma", "prefill_mla_wide", backend)
         return long, long if backend == "wgmma" else short
+
+    def _narrow_config(self, long: KernelConfig | None) -> KernelConfig | None:
+        """The key-split short configuration where it is compiled for these head dims (d128):
+        16-row tiles that every warp holds, each warp computing its own keys of every K/V tile
+        as decode does, for batches whose requests have at most 16 rows (a verify of 4 drafts
+        on group 4). None without a long-query schedule (the reference path)."""
+        return self._find_config("prefill_short_keysplit") if long is not None else None
 
     def _long_config(self, backend: str) -> KernelConfig | None:
         """The long-query configuration of `backend` (None: no schedule on this device)."""

@@ -232,14 +232,19 @@ def plan_prefill(q_lens: np.ndarray, kv_lens: np.ndarray, *, group_size: int, sh
                            tile_rows=shape.rows, chunk=chunk)
 
 
-def choose_prefill_shape(q_lens: np.ndarray, *, group_size: int, short_rows: int,
-                         graph_num_tokens: int | None) -> bool:
-    """Whether a prefill batch takes the short-query tiles: a tile never spans requests, so
-    requests of at most `short_rows` packed rows take them (with CUDA graphs: the rows per
-    request of the captured tokens, fixed per graph); the others take the long-query tiles,
-    which read each K/V tile for more rows."""
+def choose_prefill_shape(q_lens: np.ndarray, *, group_size: int, short_rows: int | None,
+                         graph_num_tokens: int | None, narrow_rows: int | None = None) -> str:
+    """Which tiles a prefill batch takes, "narrow", "short" or "long": a tile never spans
+    requests, so requests of at most `narrow_rows` packed rows take the narrow (key-split)
+    tiles, those of at most `short_rows` the short ones (with CUDA graphs: the rows per request
+    of the captured tokens, fixed per graph); the others take the long-query tiles, which read
+    each K/V tile for more rows. None: the wrapper has no such configuration."""
     if graph_num_tokens is not None:
         rows_per_request = -(-graph_num_tokens // len(q_lens)) * group_size
     else:
         rows_per_request = int(q_lens.max(initial=0)) * group_size
-    return rows_per_request <= short_rows
+    if narrow_rows is not None and rows_per_request <= narrow_rows:
+        return "narrow"
+    if short_rows is not None and rows_per_request <= short_rows:
+        return "short"
+    return "long"

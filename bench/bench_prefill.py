@@ -29,8 +29,10 @@ CEILING = "gemm"
 NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
 # (batch, q_len, kv_len): one 8k prefill, four 4k prefills, 16 extends of 512 on 4k prefixes,
-# and 64 verification-sized extends of 4 tokens on 4k contexts (memory-bound: short tiles).
-SHAPES = ((1, 8192, 8192), (4, 4096, 4096), (16, 512, 4608), (64, 4, 4096))
+# and 64 verification-sized extends of 4, 8 and 16 tokens on 4k contexts (memory-bound: the
+# short-query kernel; 16, 32 and 64 packed rows per request and kv head at GQA 32/8).
+SHAPES = ((1, 8192, 8192), (4, 4096, 4096), (16, 512, 4608), (64, 4, 4096), (64, 8, 4096),
+          (64, 16, 4096))
 PAGE_SIZES = (16, 1)
 FLEX_SECONDS_BUDGET = 240.0
 TIMING_NOTE = ("Times are device times (a busy-wait kernel queued before each timed call keeps "

@@ -200,17 +200,19 @@ def build_rows(measured: dict, shapes: list[str], backends: list[str],
 
 
 def agreement_notes(measured: dict, shapes: list[str], backends: list[str]) -> list[str]:
+    """Greedy agreement of every pair of backends that ran a shape, ours against each peer
+    first: the peers' agreement with each other is the baseline (on random weights two correct
+    backends also part ways where two logits are within rounding of each other)."""
     notes = []
     for shape in shapes:
-        ours = measured.get((OURS, shape))
-        peer = next((b for b in backends if b != OURS and (b, shape) in measured), None)
-        if ours is None or peer is None:
-            continue
-        theirs = measured[(peer, shape)]["tokens"]
-        for first in (1, 8):
-            share = agreement(ours["tokens"], theirs, first)
-            notes.append(f"agreement {OURS} vs {peer} at {shape}: first {first} greedy tokens "
-                         f"identical in {share:.0%} of {len(ours['tokens'])} prompts")
+        ran = [b for b in [OURS] + [b for b in backends if b != OURS] if (b, shape) in measured]
+        for i, first_backend in enumerate(ran):
+            for second in ran[i + 1:]:
+                a, b = measured[(first_backend, shape)]["tokens"], measured[(second, shape)]["tokens"]
+                for first in (1, 8):
+                    notes.append(f"agreement {first_backend} vs {second} at {shape}: first {first} "
+                                 f"greedy tokens identical in {agreement(a, b, first):.0%} of "
+                                 f"{min(len(a), len(b))} prompts")
     return notes
 
 

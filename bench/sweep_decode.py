@@ -6,7 +6,7 @@
 `--kv fp8e4m3`: an e4m3 cache (scale 1) and the FP8 list of shapes (FP8_VARIANTS: half the
 bytes per key, so deeper rings and wider tiles fit where bf16's do not).
 
-Each (stages, warps) in VARIANTS is compiled (one translation unit per shape,
+Each (stages, warps, keys per warp) in VARIANTS is compiled (one translation unit per shape,
 built in parallel) into a side extension whose op launches it over exactly the
 run op's parameters (bench/variants.py, kernels/csrc/attention_params.h). Each
 variant gets its own schedule from the planner's specification, for its tile
@@ -105,13 +105,16 @@ def plan_decode_balanced(kv_lens: np.ndarray, *, window_left: int, num_kv_heads:
 
 PLANS = {"shipped": plan_decode, "balanced": plan_decode_balanced}
 
-# (stages, warps): the ring depth and the warps of a CTA (16 tokens of a tile each).
-VARIANTS = [(2, 4), (3, 4), (3, 3), (4, 3), (3, 2), (2, 3)]
+# (stages, warps, keys per warp): the ring depth, the warps of a CTA and each warp's keys of
+# a tile (a multiple of 16).
+VARIANTS = [(2, 4, 16), (3, 4, 16), (3, 3, 16), (4, 3, 16), (3, 2, 16), (2, 3, 16)]
 # FP8: the split shape (3, 4) and the full-batch family around the shipped (2, 3), which the
 # plans run at 64-256 requests. Session 12 (H200, 64 x 4k p16): deeper rings (4-6 stages) and
 # 8 warps lost 20-60% against the shipped shapes, so these try fewer or more warps per CTA
-# (more CTAs per SM) instead.
-FP8_VARIANTS = [(3, 4), (2, 3), (3, 3), (2, 2), (3, 2), (2, 4)]
+# (more CTAs per SM) instead; and 32 keys per warp, which halves the tiles, barriers and
+# softmax steps per key (an FP8 64-key tile is only 8 KB of K and V per stage at d128).
+FP8_VARIANTS = [(3, 4, 16), (2, 3, 16), (3, 3, 16), (2, 2, 16), (2, 3, 32), (2, 2, 32),
+                (3, 4, 32)]
 KV_TYPES = {"bf16": (torch.bfloat16, "__nv_bfloat16"),
             "fp8e4m3": (torch.float8_e4m3fn, "__nv_fp8_e4m3")}
 
@@ -119,8 +122,9 @@ _VARIANT_TU = """
 #include "attention_params.h"
 #include "attn_backend/decode.cuh"
 namespace attn_backend {{
-using VariantTraits{i} = DecodeTraits<DecodeShape<128, 128, {stages}, {warps}>, __nv_bfloat16,
-                                      {kv_type}, __nv_bfloat16>;
+using VariantTraits{i} =
+    DecodeTraits<DecodeShape<128, 128, {stages}, {warps}, {tokens}>, __nv_bfloat16, {kv_type},
+                 __nv_bfloat16>;
 constexpr auto* kVariantKernel{i} = &paged_decode_kernel<VariantTraits{i}, LogitsTransform<false>>;
 void run_variant_{i}(const AttentionParams& params, dim3 grid, cudaStream_t stream) {{
   launch_with_pdl(kVariantKernel{i}, params, grid, VariantTraits{i}::kThreads,
@@ -135,25 +139,26 @@ std::vector<int64_t> info_variant_{i}() {{
 """
 
 _TRACE_DEFINE = "#define ATTN_BACKEND_DECODE_TRACE\n"
-SHIPPED_SHAPE = (3, 4)  # kernels/csrc/decode_kernels.cu's DeepDecodeShape<128, 128>
+SHIPPED_SHAPE = (3, 4, 16)  # kernels/csrc/decode_kernels.cu's DeepDecodeShape<128, 128>
 
 
 def build_variants(kv="bf16"):
     kv_type = KV_TYPES[kv][1]
-    units = [_VARIANT_TU.format(i=i, stages=stages, warps=warps, kv_type=kv_type)
-             for i, (stages, warps) in enumerate(variant_shapes(kv))]
+    units = [_VARIANT_TU.format(i=i, stages=stages, warps=warps, tokens=tokens, kv_type=kv_type)
+             for i, (stages, warps, tokens) in enumerate(variant_shapes(kv))]
     name = f"attn_backend_decode_variants_{kv}"
     build_variant_extension(name, units)
     return getattr(torch.ops, name)
 
 
-def variant_shapes(kv: str) -> list[tuple[int, int]]:
+def variant_shapes(kv: str) -> list[tuple[int, int, int]]:
     return FP8_VARIANTS if kv != "bf16" else VARIANTS
 
 
 def build_traced(kv="bf16"):
     """The shipped shape as variant 0, with the CTA timeline compiled in."""
     unit = _VARIANT_TU.format(i=0, stages=SHIPPED_SHAPE[0], warps=SHIPPED_SHAPE[1],
+                              tokens=SHIPPED_SHAPE[2],
                               kv_type=KV_TYPES[kv][1])
     name = f"attn_backend_decode_trace_{kv}"
     build_variant_extension(name, [unit], prefix=_TRACE_DEFINE)
@@ -244,7 +249,8 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
                 for _ in range(3):
                     call()
                 continue
-            name = (f"v{v} stages={shapes[v][0]} warps={shapes[v][1]} ctas/SM={ctas} "
+            name = (f"v{v} stages={shapes[v][0]} warps={shapes[v][1]} keys/warp={shapes[v][2]} "
+                    f"ctas/SM={ctas} "
                     f"{plan_name} items={items}")
             results[f"{name} diff={diff:.2g}"] = timed(call)
     if peers.flashinfer is not None:

@@ -21,15 +21,27 @@ def test_rows_pair_ours_with_the_peers_that_ran():
         {"case": "b64_in1024_out128_decode", "ours": 500.0, "peers": {"FLASH_ATTN": 450.0}}]
 
 
-def test_agreement_is_against_the_first_peer_that_ran():
+def test_agreement_is_reported_for_every_pair_that_ran_ours_first():
     ours = [[5, 6, 7, 8, 9, 10, 11, 12]] * 3 + [[5, 9, 9, 9, 9, 9, 9, 9]]
     peer = [[5, 6, 7, 8, 9, 10, 11, 12]] * 4
-    measured = {(OURS, "8x16"): _result(1, 1, ours), ("TRITON_ATTN", "8x16"): _result(1, 1, peer)}
-    notes = agreement_notes(measured, ["8x16"], [OURS, "FLASH_ATTN", "TRITON_ATTN"])
-    assert notes == ["agreement CUSTOM vs TRITON_ATTN at 8x16: first 1 greedy tokens identical in "
-                     "100% of 4 prompts",
-                     "agreement CUSTOM vs TRITON_ATTN at 8x16: first 8 greedy tokens identical in "
-                     "75% of 4 prompts"]
+    other = [[4, 6, 7, 8, 9, 10, 11, 12]] + [[5, 6, 7, 8, 9, 10, 11, 12]] * 3
+    measured = {(OURS, "8x16"): _result(1, 1, ours), ("TRITON_ATTN", "8x16"): _result(1, 1, peer),
+                ("FLASHINFER", "8x16"): _result(1, 1, other)}
+    notes = agreement_notes(measured, ["8x16"], ["TRITON_ATTN", "FLASH_ATTN", OURS, "FLASHINFER"])
+    assert notes == [
+        "agreement CUSTOM vs TRITON_ATTN at 8x16: first 1 greedy tokens identical in 100% of 4 "
+        "prompts",
+        "agreement CUSTOM vs TRITON_ATTN at 8x16: first 8 greedy tokens identical in 75% of 4 "
+        "prompts",
+        "agreement CUSTOM vs FLASHINFER at 8x16: first 1 greedy tokens identical in 75% of 4 "
+        "prompts",
+        "agreement CUSTOM vs FLASHINFER at 8x16: first 8 greedy tokens identical in 50% of 4 "
+        "prompts",
+        "agreement TRITON_ATTN vs FLASHINFER at 8x16: first 1 greedy tokens identical in 75% of 4 "
+        "prompts",
+        "agreement TRITON_ATTN vs FLASHINFER at 8x16: first 8 greedy tokens identical in 75% of 4 "
+        "prompts"]
+    assert agreement_notes({(OURS, "8x16"): _result(1, 1, ours)}, ["8x16"], [OURS]) == []
 
 
 def test_prompts_are_seeded_and_inside_the_vocabulary():

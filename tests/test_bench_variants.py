@@ -16,10 +16,11 @@ def test_the_ops_unit_formats_and_reads_fp8_caches_with_unit_scales():
 
 def test_decode_variant_units_format_for_each_cache_type():
     for kv, (_, cpp_type) in sweep_decode.KV_TYPES.items():
-        for i, (stages, warps) in enumerate(sweep_decode.variant_shapes(kv)):
-            unit = sweep_decode._VARIANT_TU.format(i=i, stages=stages, warps=warps,
+        for i, (stages, warps, tokens) in enumerate(sweep_decode.variant_shapes(kv)):
+            unit = sweep_decode._VARIANT_TU.format(i=i, stages=stages, warps=warps, tokens=tokens,
                                                    kv_type=cpp_type)
-            assert f"DecodeShape<128, 128, {stages}, {warps}>" in unit and cpp_type in unit
+            assert f"DecodeShape<128, 128, {stages}, {warps}, {tokens}>" in unit
+            assert cpp_type in unit
 
 
 def test_prefill_variant_units_format():

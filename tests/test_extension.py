@@ -78,6 +78,9 @@ def test_every_served_head_dim_has_its_kernel_configurations():
     for qk, vo in SUPPORTED_HEAD_DIMS:
         for name in ("decode", "prefill_mma", "prefill_short"):
             assert find(name, qk, vo) is not None, (name, qk, vo)
+    keysplit = find("prefill_short_keysplit", 128, 128)
+    assert (keysplit.family, keysplit.tile_rows, keysplit.kv_tile_tokens) == ("prefill", 16, 64)
+    assert [c.head_dim_qk for c in all_configs() if c.name == "prefill_short_keysplit"] == [128]
     assert {(c.head_dim_qk, c.head_dim_vo) for c in all_configs()} == \
         set(SUPPORTED_HEAD_DIMS) | {MLA_HEAD_DIMS, MLA_MHA_HEAD_DIMS}
     assert {c.name for c in all_configs() if (c.head_dim_qk, c.head_dim_vo) == MLA_MHA_HEAD_DIMS} \

@@ -52,7 +52,7 @@ def test_paged_prefill_plan_verify_batch_64(benchmark, mask):
     custom_mask = torch.ones(int(kv_lens.sum()) * drafts, dtype=torch.bool) \
         if mask == "tree" else None
     benchmark(prefill.plan, qo_indptr, kv_lens, custom_mask=custom_mask)
-    assert prefill._planned.config.name == "prefill_short"
+    assert prefill._planned.config.name == "prefill_short_keysplit"  # 16 rows per request
 
 
 def _sglang_backend(batch):

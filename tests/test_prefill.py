@@ -98,9 +98,9 @@ def test_graph_grid_is_sized_by_the_captured_token_count():
                            use_cuda_graph=True, cta_slots=64)
     qo, kv = [0, 4, 8, 12, 12, 12], [30, 9, 100, 0, 0]  # 3 requests of 4 tokens, 2 padding
     prefill.plan(qo, kv, graph_num_tokens=20)  # the capture's 5 x 4 tokens
-    assert prefill._planned.tile_rows == prefill.short_tile_rows  # 4 tokens x group 4 rows
-    short = TileShape(prefill.short_tile_rows, prefill._planned.config.kv_tile_tokens)
-    assert prefill._planned.num_work_items == prefill_grid_size(20, 5, 4, short, 2, 64)
+    assert prefill._planned.tile_rows == prefill.narrow_tile_rows  # 4 tokens x group 4 rows
+    narrow = TileShape(prefill.narrow_tile_rows, prefill._planned.config.kv_tile_tokens)
+    assert prefill._planned.num_work_items == prefill_grid_size(20, 5, 4, narrow, 2, 64)
     with pytest.raises(ValueError, match="graph_num_tokens=11; accepted: from the batch's 12"):
         prefill.plan(qo, kv, graph_num_tokens=11)
     with pytest.raises(ValueError, match="graph_num_tokens=65; .* max_num_tokens=64"):
@@ -114,8 +114,11 @@ def test_short_queries_take_the_short_tiles_and_graphs_keep_their_shape():
     shape = dict(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16,
                  device="cpu", max_batch_size=8, max_num_tokens=256, cta_slots=64)
     eager = PagedPrefill(**shape)
+    assert (eager.narrow_tile_rows, eager.short_tile_rows) == (16, 64)
     eager.plan([0, 4, 8], [100, 200])  # 16 rows per request
-    assert eager._planned.tile_rows == eager.short_tile_rows
+    assert eager._planned.config.name == "prefill_short_keysplit"
+    eager.plan([0, 4, 9], [100, 200])  # 20 rows in the second request
+    assert eager._planned.config.name == "prefill_short"
     eager.plan([0, 4, 24], [100, 200])  # 80 rows in the second request
     assert eager._planned.tile_rows == eager.tile_rows
     graph = PagedPrefill(**shape, use_cuda_graph=True)
@@ -126,3 +129,25 @@ def test_short_queries_take_the_short_tiles_and_graphs_keep_their_shape():
     assert graph._planned.tile_rows == graph.short_tile_rows
     short = TileShape(graph.short_tile_rows, graph._planned.config.kv_tile_tokens)
     assert graph._planned.num_work_items == prefill_grid_size(32, 2, 4, short, 2, 64)
+
+
+@needs_extension
+def test_d128_requests_of_up_to_16_rows_take_the_key_split_tiles():
+    """At d128 a batch whose requests have at most 16 packed rows takes the key-split tiles:
+    one 16-row tile per request and kv head, whatever its tokens x group. At d64 there is no
+    key-split configuration: the 64-row short tile takes them."""
+    shape = dict(num_qo_heads=16, num_kv_heads=2, dtype=torch.bfloat16, device="cpu",
+                 max_batch_size=8, max_num_tokens=256, cta_slots=4096)
+    prefill = PagedPrefill(head_dim=128, **shape)
+    prefill.plan([0, 2, 3, 4], [100, 200, 3000])  # 16, 8 and 8 rows (group 8)
+    assert prefill._planned.config.name == "prefill_short_keysplit"
+    rows, _ = prefill.work_list_views(0)
+    items = rows[:, :prefill._planned.plan["num_items"]]
+    assert {(int(r), int(s)) for r, s in zip(items[0], items[1]) if r >= 0} == \
+        {(0, 0), (1, 0), (2, 0)}
+    prefill.plan([0, 3, 4], [100, 200])  # 24 rows
+    assert prefill._planned.config.name == "prefill_short"
+    narrow = PagedPrefill(head_dim=64, **shape)
+    assert narrow.narrow_tile_rows is None
+    narrow.plan([0, 2, 3], [100, 200])
+    assert narrow._planned.config.name == "prefill_short"

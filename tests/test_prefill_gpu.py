@@ -58,9 +58,19 @@ def needs_backend(backend: str, head_dim: int) -> None:
         pytest.skip(f"no prefill_{backend} kernel for head dim {head_dim}")
 
 
+def short_config_name(head_dim: int, rows_per_request: int) -> str:
+    """The short-query configuration a batch of requests of at most `rows_per_request` packed
+    rows (<= 64) takes: the key-split one up to 16 rows where it is compiled (d128), else the
+    64-row prefill tile."""
+    keysplit = find("prefill_short_keysplit", head_dim, head_dim)
+    return "prefill_short_keysplit" if keysplit and rows_per_request <= keysplit.tile_rows \
+        else "prefill_short"
+
+
 # Prefills (q = kv), extends on prefixes, single-token rows and partial tiles.
 MIXED = ([1, 5, 17, 200, 1, 64, 333], [1, 300, 17, 2049, 1000, 70, 333])
-# At most 4 queries per request (<= 64 rows up to group 16): the short tile shape.
+# At most 4 queries per request (<= 64 rows up to group 16): the short shapes (at d128 the
+# key-split one up to 16 rows).
 SHORT = ([1, 4, 3, 2], [900, 40, 3000, 7])
 
 
@@ -95,9 +105,39 @@ def test_prefill_head_dims_groups_causality(head_dim, group, causal, lengths, lo
                                          group=group, head_dim=head_dim, causal=causal,
                                          backend=long_tiles)
     assert prefill.tile_rows == find(f"prefill_{long_tiles}", head_dim, head_dim).tile_rows
-    want = "prefill_short" if lengths is SHORT else f"prefill_{long_tiles}"
+    want = short_config_name(head_dim, max(lengths[0]) * group) if lengths is SHORT \
+        else f"prefill_{long_tiles}"
     assert prefill._planned.config.name == want
     check(prefill, problem, table, q, causal=causal, seed=seed)
+
+
+@pytest.mark.parametrize("group", [1, 4, 8, 16])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("mask", ["causal", "chain", "tree", "window"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_requests_of_up_to_16_rows_take_the_key_split_tiles_at_d128(group, page_size, mask,
+                                                                    dtype, seed):
+    """Speculative verify and draft extends at d128: a batch whose requests have at most 16
+    packed rows (1..16 / group tokens) runs on the key-split kernel, with causal placement, tree
+    masks or a window, on contexts that split."""
+    gen = torch.Generator().manual_seed(seed)
+    most = 16 // group
+    q_lens = [1, min(2, most), max(1, most // 2), most, max(1, most - 1), most, 1]
+    kv_lens = [n + int(torch.randint(0, 3000, (1,), generator=gen)) for n in q_lens]
+    kv_lens[2], kv_lens[-1] = 20000, q_lens[-1]  # one long enough to split, one all new
+    custom_mask = None
+    if mask in ("chain", "tree"):
+        custom_mask = torch.cat([tree_mask(n, length, gen, chain=mask == "chain")
+                                 for n, length in zip(q_lens, kv_lens)]).cuda()
+    window_left = 700 if mask == "window" else -1
+    problem, table, q, prefill = planned(q_lens, kv_lens, seed=seed, page_size=page_size,
+                                         num_kv_heads=32 // group, group=group, dtype=dtype,
+                                         layout="sglang", window_left=window_left,
+                                         custom_mask=custom_mask)
+    assert prefill._planned.config.name == "prefill_short_keysplit"
+    assert prefill._planned.tile_rows == 16
+    check(prefill, problem, table, q, window_left=window_left, custom_mask=custom_mask,
+          soft_cap=30.0 if mask == "window" else 0.0, seed=seed)
 
 
 @pytest.mark.parametrize("num_qo_heads, num_kv_heads", [(32, 1), (64, 1), (128, 1), (64, 2)])

@@ -206,10 +206,12 @@ def test_cpp_prefill_planner_matches_the_specification(lens, group, causal, has_
     graph_tokens = int(qo[-1]) + 7 if graph else None
     prefill.plan(qo, kv_lens, causal=causal, window_left=window_left, custom_mask=mask,
                  graph_num_tokens=graph_tokens)
-    short = choose_prefill_shape(q_lens, group_size=group, short_rows=prefill.short_tile_rows,
+    tiles = choose_prefill_shape(q_lens, group_size=group, short_rows=prefill.short_tile_rows,
+                                 narrow_rows=prefill.narrow_tile_rows,
                                  graph_num_tokens=graph_tokens)
     config = prefill._planned.config
-    assert config.name == ("prefill_short" if short else f"prefill_{backend}")
+    assert config.name == {"narrow": "prefill_short_keysplit", "short": "prefill_short",
+                           "long": f"prefill_{backend}"}[tiles]
     shape = TileShape(config.tile_rows, config.kv_tile_tokens)
     want = plan_prefill(q_lens, kv_lens, group_size=group, shape=shape, causal=causal,
                         window_left=window_left, has_mask=has_mask, num_kv_heads=num_kv_heads,

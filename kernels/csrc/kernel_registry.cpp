@@ -10,6 +10,7 @@ const std::vector<KernelConfig>& kernel_configs() {
     add_prefill_configs_d128(all);
     add_prefill_configs_d256(all);
     add_prefill_configs_d192(all);
+    add_prefill_configs_short_keysplit(all);
     add_mla_configs(all);
     add_mla_wgmma_configs(all);
     return all;

@@ -41,7 +41,7 @@ auto variant_kernel(const VariantFlags& flags, const Make& make) {
 
 struct KernelConfig {
   std::string name;  // decode | decode_full_batch | prefill_mma | prefill_wgmma | prefill_short |
-                    // prefill_mla | prefill_mla_wide | prefill_mla_wgmma
+                    // prefill_short_keysplit | prefill_mla | prefill_mla_wide | prefill_mla_wgmma
   KernelFamily family;
   int64_t head_dim_qk;
   int64_t head_dim_vo;
@@ -97,6 +97,7 @@ void add_prefill_configs_d128(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d128_wgmma_short(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d256(std::vector<KernelConfig>& configs);
 void add_prefill_configs_d192(std::vector<KernelConfig>& configs);
+void add_prefill_configs_short_keysplit(std::vector<KernelConfig>& configs);
 void add_mla_configs(std::vector<KernelConfig>& configs);
 void add_mla_wgmma_configs(std::vector<KernelConfig>& configs);
 

@@ -36,6 +36,10 @@ std::vector<int64_t> plan_setup(at::IntArrayRef setup) {
   const bool prefill = info.kernel_family() == KernelFamily::kPrefill;
   std::vector<std::pair<int64_t, int64_t>> configs{{info.config_id, info.cta_slots}};
   if (info.alt_config_id >= 0) configs.emplace_back(info.alt_config_id, info.alt_cta_slots);
+  if (info.narrow_config_id >= 0) {
+    TORCH_CHECK(prefill, "plan_setup: a narrow short-query shape is a prefill plan's only");
+    configs.emplace_back(info.narrow_config_id, info.narrow_cta_slots);
+  }
   int64_t work = 0, partials = 0, merge_groups = 0, partial_rows = 0;
   for (const auto& [id, slots] : configs) {
     const KernelConfig& config = kernel_config(id);
@@ -185,11 +189,14 @@ std::vector<int64_t> plan_prefill(const at::Tensor& qo_indptr, const at::Tensor&
   TORCH_CHECK(num_tokens <= grid_tokens && grid_tokens <= info.max_num_tokens, "plan_prefill: ",
               num_tokens, " query tokens (grid ", grid_tokens, "); the wrapper holds ",
               info.max_num_tokens);
-  // A tile never spans requests: requests of at most the short shape's rows take it (with
-  // graphs: rows per request of the captured tokens, fixed per graph), the others the
-  // long-query shape, which reads each K/V tile for more rows.
+  // A tile never spans requests: batches whose requests have at most a short shape's rows
+  // take it (with graphs: the rows per request of the captured tokens, fixed per graph), the
+  // narrowest that holds them: the 16-row key-split tiles (a verify of 4 drafts x group 4),
+  // then the 64-row short tile. The others take the long-query shape, which reads each K/V
+  // tile for more rows. (Several 16-row tiles per request read the same keys once each: at 32
+  // and 64 rows the 64-row tile is faster; bench/NOTES.md, session 18.)
   int64_t config_id = info.config_id, slots = info.cta_slots;
-  if (info.alt_config_id >= 0) {
+  if (info.alt_config_id >= 0 || info.narrow_config_id >= 0) {
     int64_t rows_per_request = 0;
     if (info.use_cuda_graph) {
       rows_per_request = scheduler::ceil_div(grid_tokens, batch) * info.group_size;
@@ -198,7 +205,12 @@ std::vector<int64_t> plan_prefill(const at::Tensor& qo_indptr, const at::Tensor&
         rows_per_request = std::max(rows_per_request, (qo[r + 1] - qo[r]) * info.group_size);
       }
     }
-    if (rows_per_request <= tile_shape(info.alt_config_id).rows) {
+    if (info.narrow_config_id >= 0 &&
+        rows_per_request <= tile_shape(info.narrow_config_id).rows) {
+      config_id = info.narrow_config_id;
+      slots = info.narrow_cta_slots;
+    } else if (info.alt_config_id >= 0 &&
+               rows_per_request <= tile_shape(info.alt_config_id).rows) {
       config_id = info.alt_config_id;
       slots = info.alt_cta_slots;
     }

@@ -37,6 +37,8 @@ enum class KernelFamily : int64_t { kDecode = 0, kPrefill = 1 };
   X(cta_slots)             /* CTAs of config_id the GPU runs at once */                     \
   X(alt_config_id)         /* decode: full-batch shape; prefill: short-query shape; or -1 */\
   X(alt_cta_slots)                                                                          \
+  X(narrow_config_id)      /* prefill: key-split short shape for requests of <= its rows; -1 */\
+  X(narrow_cta_slots)                                                                       \
   X(work_capacity)                                                                          \
   X(work_record_ints)      /* int32 per work-list record (work_record.h) */                 \
   X(partial_capacity)      /* partial states per kv head */                                 \

@@ -1,5 +1,5 @@
 // Merging the online-softmax states of warps that split a tile's keys between them (the
-// decode main loop: every warp holds all kRows rows, for its own 16 of each tile's keys)
+// key-split main loop, decode.cuh: every warp holds all kRows rows, for its own keys of each tile)
 // through shared memory, once the main loop is done.
 #pragma once
 
@@ -26,8 +26,8 @@ struct KeySplitMerge {
 
   // Every warp's state into shared memory. The caller has waited for its last copies and
   // synchronised: the smem (the ring) is free.
-  template <int kVONTiles>
-  __device__ __forceinline__ void stash(const OnlineSoftmax<1, 2>& softmax,
+  template <int kN, int kVONTiles>
+  __device__ __forceinline__ void stash(const OnlineSoftmax<1, kN>& softmax,
                                         const float (&o)[1][kVONTiles][4], int warp, int lane) {
     float row_sum[2];
 #pragma unroll

@@ -19,7 +19,9 @@ struct PackedRows {
   int group;
   int first_qo_head;  // kv_head * group
 
-  __device__ __forceinline__ int token(int row) const { return qo_start + (row_start + row) / group; }
+  __device__ __forceinline__ int token(int row) const { return qo_start + query_in_request(row); }
+  // The row's query among its request's (visibility counts positions from it).
+  __device__ __forceinline__ int query_in_request(int row) const { return (row_start + row) / group; }
   __device__ __forceinline__ int head(int row) const {
     return first_qo_head + (row_start + row) % group;
   }
@@ -32,6 +34,7 @@ struct HeadRows {
   int first_qo_head;
 
   __device__ __forceinline__ int token(int /*row*/) const { return qo_start; }
+  __device__ __forceinline__ int query_in_request(int /*row*/) const { return 0; }
   __device__ __forceinline__ int head(int row) const { return first_qo_head + row_start + row; }
 };
 
