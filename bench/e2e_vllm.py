@@ -10,7 +10,7 @@ output token (the prefill) and once with all of them:
     python -m bench.e2e_vllm [--backends CUSTOM FLASH_ATTN TRITON_ATTN FLASHINFER]
         [--shapes 64x1024 64x4096 256x1024] [--output-len 128] [--model-kind llama|deepseek]
         [--compile vllm|none] [--enforce-eager] [--weights random|dummy] [--layers 4]
-        [--engines 1]
+        [--engines 1] [--profile-steps 0]
 
 `--compile vllm` is vLLM's default (its Inductor pipeline, FULL_AND_PIECEWISE graphs); `none`
 runs the model eagerly between FULL decode graphs (vLLM turns FULL_AND_PIECEWISE into
@@ -29,6 +29,12 @@ left out and its reason noted (its log in --log-dir). Then greedy agreement: the
 prompts whose first generated tokens are the same with attn_backend and the first peer that
 ran, on the same weights (the seeded safetensors, or vLLM's dummy weights, which it seeds
 identically).
+
+`--profile-steps N`: after its measurements each engine generates N + 1 tokens (the prefill
+and N decode steps) once more under torch.profiler (the engine runs in the worker's process),
+writing `<backend>_<shape>_trace.json.gz` and its summary (bench/trace_summary.py: GPU kernels,
+CPU ops by time) `<backend>_<shape>_trace.txt` into --log-dir: where a decode step's time goes,
+kernel by kernel and on the host, the same way for every backend.
 
 Writes `bench/results/e2e_vllm-<date>-<gpu>.json` (+ .png; `e2e_vllm_<n>layers-...` at another
 depth than 4). vLLM on the project's GPU
@@ -140,7 +146,36 @@ def worker(args) -> int:
               "decode": batch * (args.output_len - 1) / max(total_s - prefill_s, 1e-9),
               "tokens": [list(o.outputs[0].token_ids) for o in outputs[: args.agreement_prompts]]}
     args.result.write_text(json.dumps(result) + "\n")
+    if args.profile_steps > 0:
+        profile_steps(run, args.profile_steps, args.result)
     return 0
+
+
+def trace_paths(result: Path) -> tuple[Path, Path]:
+    """A worker's profiler trace and its summary, beside its result file."""
+    return (result.with_name(result.stem + "_trace.json.gz"),
+            result.with_name(result.stem + "_trace.txt"))
+
+
+def profile_steps(run, steps: int, result: Path) -> None:
+    """One generate of the prefill and `steps` decode steps under torch.profiler: the chrome
+    trace and its summary beside the worker's result."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from .trace_summary import load, summarize
+
+    trace, summary = trace_paths(result)
+    gpu = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as profiler:
+        seconds, _ = run(steps + 1)
+        if gpu:
+            torch.cuda.synchronize()
+    profiler.export_chrome_trace(str(trace))
+    header = [f"one generate of 1 prefill + {steps} decode steps under the profiler: "
+              f"{seconds * 1e3:.1f} ms wall"]
+    summary.write_text("\n".join(header + summarize(load(str(trace)))) + "\n")
 
 
 def run_worker(model: Path, backend: str, shape: str, args, log: Path, result: Path) -> int:
@@ -148,7 +183,8 @@ def run_worker(model: Path, backend: str, shape: str, args, log: Path, result: P
                "--backend", backend, "--shape", shape, "--output-len", str(args.output_len),
                "--repeats", str(args.repeats), "--vocab", str(args.vocab), "--result",
                str(result), "--agreement-prompts", str(args.agreement_prompts),
-               "--compile", args.compile, "--weights", args.weights] + \
+               "--compile", args.compile, "--weights", args.weights,
+               "--profile-steps", str(args.profile_steps)] + \
         (["--enforce-eager"] if args.enforce_eager else [])
     env = dict(os.environ, **ENGINE_ENV)
     root = str(Path(__file__).resolve().parents[1])
@@ -238,6 +274,9 @@ def main(argv=None) -> int:
     parser.add_argument("--engines", type=int, default=1,
                         help="engines per row, started in turns (backend order reversed every "
                              "other turn); rows report the median over engines")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="decode steps each engine runs once more under torch.profiler "
+                             "(trace and summary in --log-dir); 0: none")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -276,6 +315,11 @@ def main(argv=None) -> int:
         print(f"  {name}: exit {code} in {time.perf_counter() - started:.0f} s", flush=True)
         if code == 0 and result.exists():
             per_engine.setdefault((backend, shape), []).append(json.loads(result.read_text()))
+            if args.profile_steps > 0:
+                summary = trace_paths(result)[1]
+                notes.append(f"{name} profile: " + (
+                    " ".join(summary.read_text().splitlines()[:2]) if summary.exists()
+                    else "no trace written (see its log)"))
         else:
             notes.append(f"{backend} {shape}" + (f" engine {engine}" if args.engines > 1 else "")
                          + f": did not run ({last_error(args.log_dir / f'{name}.log')})")

@@ -126,3 +126,76 @@ def test_results_of_another_depth_are_named_by_it():
 
     assert benchmark_name(4) == "e2e_vllm"
     assert benchmark_name(32) == "e2e_vllm_32layers"
+
+
+def test_a_profiled_generate_leaves_its_trace_and_summary_beside_the_result(tmp_path):
+    """--profile-steps: the worker's extra generate runs under torch.profiler; its chrome trace
+    and the summary of it (CPU ops here, GPU kernels too on a GPU) land beside the result."""
+    import torch
+
+    from bench.e2e_vllm import profile_steps, trace_paths
+
+    asked = []
+
+    def run(tokens):
+        asked.append(tokens)
+        torch.randn(64, 64) @ torch.randn(64, 64)
+        return 0.004, []
+
+    result = tmp_path / "CUSTOM_8x64.json"
+    profile_steps(run, 3, result)
+    trace, summary = trace_paths(result)
+    assert asked == [4]
+    assert trace.exists() and trace.name == "CUSTOM_8x64_trace.json.gz"
+    lines = summary.read_text().splitlines()
+    assert lines[0] == "one generate of 1 prefill + 3 decode steps under the profiler: 4.0 ms wall"
+    assert any(line.startswith("== CPU ops:") for line in lines)
+    assert any("aten::mm" in line for line in lines)
+
+
+def test_trace_summary_totals_each_category_by_name(tmp_path):
+    import gzip
+    import json
+
+    from bench.trace_summary import load, summarize
+
+    events = [{"ph": "X", "cat": "kernel", "name": "decode", "dur": 1500},
+              {"ph": "X", "cat": "kernel", "name": "decode", "dur": 500},
+              {"ph": "X", "cat": "kernel", "name": "write", "dur": 250},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::copy_", "dur": 40},
+              {"ph": "i", "cat": "kernel", "name": "instant", "dur": 9999}]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as handle:
+        json.dump({"traceEvents": events}, handle)
+    lines = summarize(load(str(path)), top=5)
+    assert lines[:3] == ["== GPU kernels: 2.25 ms in 3 events",
+                         "    2.000 ms      2x  decode", "    0.250 ms      1x  write"]
+    assert lines[3:5] == ["== CPU ops: 0.04 ms in 1 events", "    0.040 ms      1x  aten::copy_"]
+    assert lines[5] == "== Python functions: 0.00 ms in 0 events"
+
+
+def test_main_notes_each_engines_profile(tmp_path, monkeypatch):
+    import json
+
+    import bench.e2e_vllm as e2e
+
+    published = {}
+
+    def fake_worker(model, backend, shape, args, log, result):
+        assert args.profile_steps == 8
+        log.write_text("ok\n")
+        result.write_text(json.dumps(_result(1000.0, 100.0, [[7, 8]])))
+        if backend == "CUSTOM":
+            e2e.trace_paths(result)[1].write_text("one generate: 9.0 ms wall\n== GPU kernels: "
+                                                  "5.00 ms in 80 events\n    2.000 ms ...\n")
+        return 0
+
+    monkeypatch.setattr(e2e, "run_worker", fake_worker)
+    monkeypatch.setattr(e2e, "write_model_dir", lambda path, **kw: tmp_path / "model")
+    monkeypatch.setattr(e2e, "publish", lambda rows, notes, name, out, engine:
+                        published.update(notes=notes))
+    assert e2e.main(["--backends", "CUSTOM", "TRITON_ATTN", "--shapes", "8x64", "--weights",
+                     "dummy", "--profile-steps", "8", "--log-dir", str(tmp_path / "logs")]) == 0
+    assert "CUSTOM_8x64 profile: one generate: 9.0 ms wall == GPU kernels: 5.00 ms in 80 events" \
+        in published["notes"]
+    assert "TRITON_ATTN_8x64 profile: no trace written (see its log)" in published["notes"]
