@@ -1,6 +1,7 @@
 """Time alternative tile shapes of the prefill kernel (d128, bf16) on a few shapes.
 
     python -m bench.sweep_prefill [--shapes 1x8192x8192,16x512x4608] [--profile VARIANT]
+    python -m bench.sweep_prefill --short [--shapes 64x4x4096,64x8x4096,64x16x4096]
 
 Each shape in VARIANTS is compiled (one translation unit per shape, built in
 parallel) into a side extension whose op launches it over exactly the run op's
@@ -9,6 +10,9 @@ specification for its tile and CTA slots, written into a shipped wrapper's
 workspace. Every run is checked against the shipped op's output, and
 FlashInfer's fa2 prefill is timed on the same paged data when it is installed.
 `--profile V` runs only variant V (and FlashInfer fa2) a few times, for `ncu`.
+`--short` sweeps SHORT_VARIANTS on speculative-verify shapes instead (shape BATCHxQxKV: 64
+requests of 4, 8 and 16 tokens on 4k, GQA 32/8: 16, 32 and 64 packed rows per request and kv
+head), for the short-query tile between the key-split kernel (16 rows) and the long shapes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ from .variants import build_variant_extension, install_schedule
 # (m-tiles per warp, kv tile, stages, warps, wgmma); wgmma shapes need an sm_90 GPU.
 VARIANTS = [(1, 128, 2, 12, True), (1, 128, 2, 8, True), (1, 64, 3, 12, True),
             (2, 64, 2, 8, False)]
+# Short queries on mma.sync: the shipped prefill_short (4 warps of 16 rows, 64-key tiles), then
+# 32-row tiles (2 warps: a 32-row request computes no padding rows, and twice the CTAs fit an
+# SM), deeper rings and 32-key tiles for them, and 64 rows in 2 warps of 2 m-tiles (each K/V
+# tile's fragments serve two row tiles per warp).
+SHORT_VARIANTS = [(1, 64, 2, 4, False), (1, 64, 2, 2, False), (1, 64, 3, 2, False),
+                  (1, 32, 3, 2, False), (2, 64, 2, 2, False), (2, 32, 3, 2, False)]
 
 _VARIANT_TU = """
 #include "attention_params.h"
@@ -52,15 +62,15 @@ std::vector<int64_t> info_variant_{i}() {{
 """
 
 
-def build_variants():
+def build_variants(shapes=VARIANTS, name="attn_backend_prefill_variants"):
     units = [_VARIANT_TU.format(i=i, m=m, kv=kv, stages=stages, warps=warps,
                                 wgmma="true" if wgmma else "false")
-             for i, (m, kv, stages, warps, wgmma) in enumerate(VARIANTS)]
-    build_variant_extension("attn_backend_prefill_variants", units)
-    return torch.ops.attn_backend_prefill_variants
+             for i, (m, kv, stages, warps, wgmma) in enumerate(shapes)]
+    build_variant_extension(name, units)
+    return getattr(torch.ops, name)
 
 
-def run_shape(variants, ops, batch, q_len, kv_len, peers, profile):
+def run_shape(variants, shapes, ops, batch, q_len, kv_len, peers, profile):
     gen = torch.Generator().manual_seed(0)
     k_buffer = torch.randn(batch * kv_len + 1024, NUM_KV_HEADS, HEAD_DIM, dtype=torch.bfloat16,
                            device="cuda")
@@ -104,7 +114,7 @@ def run_shape(variants, ops, batch, q_len, kv_len, peers, profile):
             for _ in range(3):
                 call()
             continue
-        results[f"v{v} {VARIANTS[v]} rows={rows} ctas/SM={ctas} diff={diff:.2g}"] = \
+        results[f"v{v} {shapes[v]} rows={rows} ctas/SM={ctas} diff={diff:.2g}"] = \
             median_ms(call, iters=20)
     if peers.flashinfer is not None:
         fn, _ = peers.flashinfer_prefill("fa2", cache, pages, q_len, kv_len, q)
@@ -122,16 +132,24 @@ def run_shape(variants, ops, batch, q_len, kv_len, peers, profile):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", default="1x8192x8192,16x512x4608,1x64x32768")
+    parser.add_argument("--shapes", default=None,
+                        help="BATCHxQxKV,... (default: 1x8192x8192,16x512x4608,1x64x32768; "
+                             "with --short 64x4x4096,64x8x4096,64x16x4096)")
+    parser.add_argument("--short", action="store_true",
+                        help="sweep SHORT_VARIANTS (short-query tiles) on verify shapes")
     parser.add_argument("--profile", type=int, default=None)
     args = parser.parse_args()
     attn_backend.set_debug_checks(False)
-    ops = build_variants()
+    shapes = SHORT_VARIANTS if args.short else VARIANTS
+    ops = build_variants(shapes, "attn_backend_prefill_short_variants" if args.short
+                         else "attn_backend_prefill_variants")
     peers = Peers()
-    variants = [args.profile] if args.profile is not None else list(range(len(VARIANTS)))
-    for shape in args.shapes.split(","):
+    variants = [args.profile] if args.profile is not None else list(range(len(shapes)))
+    default = "64x4x4096,64x8x4096,64x16x4096" if args.short \
+        else "1x8192x8192,16x512x4608,1x64x32768"
+    for shape in (args.shapes or default).split(","):
         batch, q_len, kv_len = map(int, shape.split("x"))
-        run_shape(variants, ops, batch, q_len, kv_len, peers, args.profile is not None)
+        run_shape(variants, shapes, ops, batch, q_len, kv_len, peers, args.profile is not None)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def test_decode_variant_units_format_for_each_cache_type():
 
 
 def test_prefill_variant_units_format():
-    for i, (m, kv, stages, warps, wgmma) in enumerate(sweep_prefill.VARIANTS):
+    for i, (m, kv, stages, warps, wgmma) in enumerate(sweep_prefill.VARIANTS
+                                                      + sweep_prefill.SHORT_VARIANTS):
         unit = sweep_prefill._VARIANT_TU.format(i=i, m=m, kv=kv, stages=stages, warps=warps,
                                                 wgmma="true" if wgmma else "false")
         assert f"PrefillShape<128, 128, {m}, {kv}, {stages}, {warps}," in unit
