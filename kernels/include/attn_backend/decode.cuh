@@ -222,8 +222,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
                                       KeyRangeVisibility{item.kv_end}, mark);
 }
 
-// Short prefill requests (at most a few 16-row tiles of packed rows: speculative verify,
-// draft extend) on the key-split loop: causal, window and custom masks as prefill.cuh's.
+// Short prefill requests (speculative verify, draft extend) on the key-split loop: causal,
+// window and custom masks as prefill.cuh's. It serves requests of any length, a 16-row tile
+// per CTA; plan_prefill gives it only those of at most 16 packed rows (plan_ops.cpp).
 template <typename Traits, typename Logits, bool kCustomMask>
 __global__ void __launch_bounds__(Traits::kThreads)
     paged_short_prefill_kernel(const __grid_constant__ AttentionParams p) {
