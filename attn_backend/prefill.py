@@ -105,7 +105,9 @@ class PagedPrefill(KernelWrapper):
             (long, short), narrow = self._mla_configs(backend), None
         else:
             long, short = self._long_config(backend), self._find_config("prefill_short")
-            narrow = self._narrow_config(long)
+            # d128: the key-split tiles (16 rows that every warp holds, each computing its own
+            # keys of every K/V tile as decode does), for requests of at most 16 rows.
+            narrow = self._find_config("prefill_short_keysplit")
         main, alt = self._with_slots(long, cta_slots), self._with_slots(short, cta_slots)
         narrow_slots = self._with_slots(narrow, cta_slots)
         self.tile_rows, self.cta_slots = (long.tile_rows, main[1]) if long else (None, 1)
@@ -135,13 +137,6 @@ class PagedPrefill(KernelWrapper):
         short = self._find_config("prefill_mla")
         long = self._wgmma_or_mma("prefill_mla_wgmma", "prefill_mla_wide", backend)
         return long, long if backend == "wgmma" else short
-
-    def _narrow_config(self, long: KernelConfig | None) -> KernelConfig | None:
-        """The key-split short configuration where it is compiled for these head dims (d128):
-        16-row tiles that every warp holds, each warp computing its own keys of every K/V tile
-        as decode does, for batches whose requests have at most 16 rows (a verify of 4 drafts
-        on group 4). None without a long-query schedule (the reference path)."""
-        return self._find_config("prefill_short_keysplit") if long is not None else None
 
     def _long_config(self, backend: str) -> KernelConfig | None:
         """The long-query configuration of `backend` (None: no schedule on this device)."""

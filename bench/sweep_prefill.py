@@ -40,6 +40,11 @@ VARIANTS = [(1, 128, 2, 12, True), (1, 128, 2, 8, True), (1, 64, 3, 12, True),
 # tile's fragments serve two row tiles per warp).
 SHORT_VARIANTS = [(1, 64, 2, 4, False), (1, 64, 2, 2, False), (1, 64, 3, 2, False),
                   (1, 32, 3, 2, False), (2, 64, 2, 2, False), (2, 32, 3, 2, False)]
+# A sweep: (its side extension's name, its variants, its default shapes).
+SWEEPS = {"long": ("attn_backend_prefill_variants", VARIANTS,
+                   "1x8192x8192,16x512x4608,1x64x32768"),
+          "short": ("attn_backend_prefill_short_variants", SHORT_VARIANTS,
+                    "64x4x4096,64x8x4096,64x16x4096")}
 
 _VARIANT_TU = """
 #include "attention_params.h"
@@ -62,7 +67,7 @@ std::vector<int64_t> info_variant_{i}() {{
 """
 
 
-def build_variants(shapes=VARIANTS, name="attn_backend_prefill_variants"):
+def build_variants(name, shapes):
     units = [_VARIANT_TU.format(i=i, m=m, kv=kv, stages=stages, warps=warps,
                                 wgmma="true" if wgmma else "false")
              for i, (m, kv, stages, warps, wgmma) in enumerate(shapes)]
@@ -140,14 +145,11 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=None)
     args = parser.parse_args()
     attn_backend.set_debug_checks(False)
-    shapes = SHORT_VARIANTS if args.short else VARIANTS
-    ops = build_variants(shapes, "attn_backend_prefill_short_variants" if args.short
-                         else "attn_backend_prefill_variants")
+    name, shapes, default_shapes = SWEEPS["short" if args.short else "long"]
+    ops = build_variants(name, shapes)
     peers = Peers()
     variants = [args.profile] if args.profile is not None else list(range(len(shapes)))
-    default = "64x4x4096,64x8x4096,64x16x4096" if args.short \
-        else "1x8192x8192,16x512x4608,1x64x32768"
-    for shape in (args.shapes or default).split(","):
+    for shape in (args.shapes or default_shapes).split(","):
         batch, q_len, kv_len = map(int, shape.split("x"))
         run_shape(variants, shapes, ops, batch, q_len, kv_len, peers, args.profile is not None)
 

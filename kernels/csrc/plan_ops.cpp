@@ -205,14 +205,14 @@ std::vector<int64_t> plan_prefill(const at::Tensor& qo_indptr, const at::Tensor&
         rows_per_request = std::max(rows_per_request, (qo[r + 1] - qo[r]) * info.group_size);
       }
     }
-    if (info.narrow_config_id >= 0 &&
-        rows_per_request <= tile_shape(info.narrow_config_id).rows) {
-      config_id = info.narrow_config_id;
-      slots = info.narrow_cta_slots;
-    } else if (info.alt_config_id >= 0 &&
-               rows_per_request <= tile_shape(info.alt_config_id).rows) {
-      config_id = info.alt_config_id;
-      slots = info.alt_cta_slots;
+    const std::pair<int64_t, int64_t> narrowest_first[] = {
+        {info.narrow_config_id, info.narrow_cta_slots}, {info.alt_config_id, info.alt_cta_slots}};
+    for (const auto& [id, id_slots] : narrowest_first) {
+      if (id >= 0 && rows_per_request <= tile_shape(id).rows) {
+        config_id = id;
+        slots = id_slots;
+        break;
+      }
     }
   }
   const scheduler::TileShape shape = tile_shape(config_id);
