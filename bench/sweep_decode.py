@@ -139,7 +139,7 @@ std::vector<int64_t> info_variant_{i}() {{
 """
 
 _TRACE_DEFINE = "#define ATTN_BACKEND_DECODE_TRACE\n"
-SHIPPED_SHAPE = (3, 4, 16)  # kernels/csrc/decode_kernels.cu's DeepDecodeShape<128, 128>
+SHIPPED_SHAPE = (2, 4, 16)  # kernels/csrc/decode_kernels.cu's SplitDecodeShape<128, 128>
 
 
 def build_variants(kv="bf16"):
@@ -173,13 +173,15 @@ def launch(ops, variant, decode, plan, q, cache, table, out, trace=None):
 
 def planned_decode(batch, kv_len, tile_tokens, cta_slots, plan_name, kv_dtype=torch.bfloat16):
     """A PagedDecode whose workspace holds `plan_name`'s schedule of `batch` x `kv_len` for
-    tiles of `tile_tokens` keys over `cta_slots` CTAs, and the plan-info record of it."""
+    tiles of `tile_tokens` keys over `cta_slots` CTAs, the plan-info record of it and its
+    number of work items (the wrapper's own plan may have another)."""
     decode = make_decode(batch, kv_dtype, cta_slots=cta_slots, backend="split")
     decode.plan([kv_len] * batch)
     schedule = PLANS[plan_name](np.full(batch, kv_len), window_left=-1,
                                 num_kv_heads=NUM_KV_HEADS, group_size=GROUP,
                                 shape=TileShape(16, tile_tokens), cta_slots=cta_slots)
-    return decode, install_schedule(decode, schedule, partial_rows=min(GROUP, 16))
+    plan = install_schedule(decode, schedule, partial_rows=min(GROUP, 16))
+    return decode, plan, schedule.num_items
 
 
 def trace_summary(trace: np.ndarray, slots: int) -> str:
@@ -235,10 +237,9 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
     for v in variants:
         _, tile, ctas, _ = ops.info(v)
         for plan_name in plans:
-            decode, plan = planned_decode(batch, kv_len, tile, max(1, ctas) * num_sms, plan_name,
-                                          kv_dtype)
+            decode, plan, items = planned_decode(batch, kv_len, tile, max(1, ctas) * num_sms,
+                                                 plan_name, kv_dtype)
             out = torch.full_like(q, float("nan"))
-            items = decode._planned.plan["num_items"]
 
             def call():
                 launch(ops, v, decode, plan, q, cache, table, out)
@@ -268,9 +269,8 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
     if traced is not None:
         _, tile, ctas, _ = traced.info(0)
         for plan_name in plans:
-            decode, plan = planned_decode(batch, kv_len, tile, max(1, ctas) * num_sms, plan_name,
-                                          kv_dtype)
-            items = decode._planned.plan["num_items"]
+            decode, plan, items = planned_decode(batch, kv_len, tile, max(1, ctas) * num_sms,
+                                                 plan_name, kv_dtype)
             out = torch.empty_like(q)
             lines = []
             for _ in range(3):  # the first launch is a warm-up

@@ -6,18 +6,22 @@
 namespace attn_backend {
 namespace {
 
-// Two CTA shapes per head dims. The deep shape (d64/d128: a 3-stage ring of 64-key tiles,
-// 4 warps, 2 CTAs per SM) streams two tiles while it computes one; it serves small batches
-// and split-KV. bench/sweep_decode.py on an H100 (d128, GQA 32/8, page 16), 3 stages x 4
-// warps against 2 stages x 3 CTAs: 363 vs 370 us at 64 x 4k, 60 vs 61 us at 1 x 32k. d256
-// tiles are 64 KB a stage: 2 stages, one CTA per SM, for every batch.
+// Two CTA shapes per head dims. The split shape serves small batches and split-KV. d128:
+// 2 stages of 64-key tiles (4 warps), 3 CTAs per SM (164 registers); an FP8 cache keeps 3
+// stages (its CTAs per SM are bounded by registers either way). bench/sweep_decode.py on the
+// H200 (GQA 32/8, bf16, page 16 / 1), 2 stages x 3 CTAs against the 3 stages x 2 CTAs an
+// H100 sweep had chosen: 480 vs 534 / 499 vs 548 us at 16 x 32k, 72 vs 78 / 74 vs 82 us at
+// 16 x 4k, level at 1 x 512 - 1 x 32k (FlashInfer 486 / 498 and 75 / 75 us). d64 keeps a
+// 3-stage ring of 16 KB stages (2 stages were not measured there); d256 tiles are 64 KB a
+// stage: 2 stages, one CTA per SM, for every batch.
 template <int kHeadDimQK, int kHeadDimVO>
-using DeepDecodeShape =
-    DecodeShape<kHeadDimQK, kHeadDimVO, (kHeadDimQK + kHeadDimVO) <= 256 ? 3 : 2, 4>;
+using SplitDecodeShape =
+    DecodeShape<kHeadDimQK, kHeadDimVO, (kHeadDimQK + kHeadDimVO) <= 128 ? 3 : 2, 4, 16,
+                (kHeadDimQK + kHeadDimVO) <= 256 ? 3 : 2>;
 // The full-batch shape (d128: 2 stages of 48-key tiles, 3 warps, 4 CTAs per SM) for
-// batches whose whole requests fill the deep shape's CTA slots: with pages scattered over
+// batches whose whole requests fill the split shape's CTA slots: with pages scattered over
 // the cache (page 1 especially) more independent CTAs, each waiting on its own tile, keep
-// more rows in flight. Same sweep, page 1: 367 vs 377 us at 64 x 4k, 375 vs 389 us at
+// more rows in flight. An H100 sweep, page 1: 367 vs 377 us at 64 x 4k, 375 vs 389 us at
 // 256 x 1k (FlashInfer 368, 374); page 16 level (363 vs 363 us at 64 x 4k); slower at
 // 1 x 32k (68 vs 60 us), hence only for full batches.
 using FullBatchDecodeShape128 = DecodeShape<128, 128, 2, 3>;
@@ -59,10 +63,10 @@ KernelConfig config(const char* name) {
 }  // namespace
 
 void add_decode_configs(std::vector<KernelConfig>& configs) {
-  configs.push_back(config<DeepDecodeShape<64, 64>>("decode"));
-  configs.push_back(config<DeepDecodeShape<128, 128>>("decode"));
+  configs.push_back(config<SplitDecodeShape<64, 64>>("decode"));
+  configs.push_back(config<SplitDecodeShape<128, 128>>("decode"));
   configs.push_back(config<FullBatchDecodeShape128>("decode_full_batch"));
-  configs.push_back(config<DeepDecodeShape<256, 256>>("decode"));
+  configs.push_back(config<SplitDecodeShape<256, 256>>("decode"));
 }
 
 }  // namespace attn_backend

@@ -68,12 +68,15 @@ struct CtaTrace {
 
 // The CTA shape: head dims, ring depth, warps, and each warp's keys of every tile (a
 // multiple of 16, the mma K of the P V product: 32 halves the tiles, barriers and softmax
-// steps per key, for two more score tiles in registers).
-template <int kHeadDimQK_, int kHeadDimVO_, int kStages_, int kWarps_, int kTokensPerWarp_ = 16>
+// steps per key, for two more score tiles in registers). An FP8 cache's stages are half the
+// bytes, so its ring may be deeper at the same CTAs per SM (kStagesFp8, default the same).
+template <int kHeadDimQK_, int kHeadDimVO_, int kStages_, int kWarps_, int kTokensPerWarp_ = 16,
+          int kStagesFp8_ = kStages_>
 struct DecodeShape {
   static constexpr int kHeadDimQK = kHeadDimQK_;
   static constexpr int kHeadDimVO = kHeadDimVO_;
   static constexpr int kStages = kStages_;
+  static constexpr int kStagesFp8 = kStagesFp8_;
   static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = 16;  // mma M: packed query rows per tile
@@ -88,18 +91,20 @@ struct DecodeTraits : Shape {
   using DTypeQ = DTypeQ_;
   using DTypeKV = DTypeKV_;
   using DTypeO = DTypeO_;
+  // The ring depth for this cache's element size (hides Shape::kStages in the kernels).
+  static constexpr int kStages = sizeof(DTypeKV_) == 1 ? Shape::kStagesFp8 : Shape::kStages;
   using LayoutQ = XorSwizzledRows<chunks_per_row<DTypeQ, Shape::kHeadDimQK>()>;
   using LayoutK = XorSwizzledRows<chunks_per_row<DTypeKV, Shape::kHeadDimQK>()>;
   using LayoutV = XorSwizzledRows<chunks_per_row<DTypeKV, Shape::kHeadDimVO>()>;
   using Loader =
-      PagedKVLoader<DTypeKV, Shape::kTileTokens, Shape::kStages, Shape::kThreads, LayoutK, LayoutV>;
+      PagedKVLoader<DTypeKV, Shape::kTileTokens, kStages, Shape::kThreads, LayoutK, LayoutV>;
   using Mma = MmaSync<DTypeQ, DTypeKV>;
   using Merge = KeySplitMerge<Shape::kWarps, Shape::kRows, Shape::kHeadDimVO>;
   static constexpr int kQBytes = Shape::kRows * LayoutQ::kChunks * 16;
   // The query rows land in the ring's last stage, which the prologue leaves empty and the
   // first iteration fills only after the query is in registers: the 4 KB saved is what
   // lets a third CTA onto an SM in some shapes.
-  static constexpr int kQOffset = (Shape::kStages - 1) * Loader::kStageBytes;
+  static constexpr int kQOffset = (kStages - 1) * Loader::kStageBytes;
   // After the main loop the ring holds the warps' states for the final merge.
   static constexpr int kRowAddressOffset =
       Loader::kRingBytes > Merge::kBytes ? Loader::kRingBytes : Merge::kBytes;
