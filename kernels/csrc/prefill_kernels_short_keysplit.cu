@@ -5,9 +5,7 @@
 // K/V tile: a verify of 4 drafts on GQA 32/8 (16 rows per request and kv head) computes 48
 // padding rows per key, and the wide tile needs a bigger ring. Here the 16 rows are one MMA
 // tile that every warp holds, each warp computing its own 16 keys of a 64-key tile, the decode
-// kernel's split CTA shape (2 stages x 4 warps, 3 CTAs per SM: decode_kernels.cu; on the H200
-// it read 64 x 4k at page 1 in 266 us against 285 for the 3 stages x 2 CTAs this kernel had),
-// so a verify batch reads its K/V at decode's rate.
+// kernel's CTA shape (3 stages x 4 warps), so a verify batch reads its K/V at decode's rate.
 // plan_prefill gives it batches whose requests have at most 16 rows: a request of more is
 // several such tiles, each its own CTA over the same keys, and on the H200 that was slower than
 // prefill_short's one 64-row pass at 32 and 64 rows (0.61x and 0.32x; bench/NOTES.md,
@@ -19,7 +17,7 @@
 namespace attn_backend {
 namespace {
 
-using ShortKeySplitShape = DecodeShape<128, 128, 2, 4, 16, 3>;
+using ShortKeySplitShape = DecodeShape<128, 128, 3, 4>;
 
 template <typename Shape>
 void launch(const AttentionParams& params, const DTypes& dtypes, const VariantFlags& flags,
