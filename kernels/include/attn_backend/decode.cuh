@@ -196,8 +196,7 @@ __device__ __forceinline__ void key_split_attention(const AttentionParams& p, ui
   });
   if (!item.writes_partial() || !finish_split_chunk(p, item.merge_group, cta.kv_head)) return;
   // The ring is free again: the warps' states were read before the barrier above.
-  merge_partials<Traits::kHeadDimVO, typename Traits::DTypeO, Rows, /*kLoadsInFlight=*/16>(
-      writer, item.merge_group, num_rows, merge.merge_max, merge.merge_sum);
+  merge_partials(writer, item.merge_group, num_rows, merge.merge_max, merge.merge_sum);
 }
 
 template <typename Traits, typename Logits>

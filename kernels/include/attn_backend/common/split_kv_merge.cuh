@@ -35,15 +35,14 @@ __device__ __forceinline__ bool finish_split_chunk(const AttentionParams& p, int
 // rows [0, num_rows), with lse = log sum_i exp(lse_i). It runs at the tail of the kernel,
 // so it is latency-bound: each row's max and total weight are computed once, with the
 // lanes of a warp striding over the partials, and each thread then walks the partials once
-// for 4 columns with kLoadsInFlight partials' loads in flight (decode's key-split loop asks
-// for 16: its merge of 32-47 partials at batch 1 is the launch's tail, and its registers
-// hold them; the other kernels keep 8). Partials written by other CTAs are read with ld.cg
-// (from L2), never a stale L1 line. `row_max` / `row_total`: num_rows floats each of shared
-// scratch.
-template <int kHeadDimVO, typename DTypeO, typename Rows, int kLoadsInFlight = 8>
+// for 4 columns with 8 partials' loads in flight. Partials written by other CTAs are read
+// with ld.cg (from L2), never a stale L1 line. `row_max` / `row_total`: num_rows floats
+// each of shared scratch.
+template <int kHeadDimVO, typename DTypeO, typename Rows>
 __device__ __forceinline__ void merge_partials(const TileWriter<DTypeO, kHeadDimVO, Rows>& writer,
                                                int merge_group, int num_rows, float* row_max,
                                                float* row_total) {
+  constexpr int kLoadsInFlight = 8;
   const AttentionParams& p = writer.p;
   const SplitKVState& split = p.split;
   const int begin = split.merge_indptr[merge_group];
