@@ -18,7 +18,8 @@ variant V (and FlashInfer) a few times, for `ncu`. A shape ending in "o" keeps e
 request's pages in address order instead of shuffled. `--plans` times each variant
 under other schedules (attn_backend/schedule.py). `--trace` also runs the shipped
 shape built with ATTN_BACKEND_DECODE_TRACE under each plan and prints its CTA
-timeline: how long CTAs wait for their first tile, how many stream at once, the tail.
+timeline: how long CTAs wait for their first tile, how many stream at once, the tail,
+and how long the split merges take.
 """
 
 from __future__ import annotations
@@ -184,9 +185,15 @@ def planned_decode(batch, kv_len, tile_tokens, cta_slots, plan_name, kv_dtype=to
     return decode, plan, schedule.num_items
 
 
+TRACE_FIELDS = 6  # decode.cuh kTraceFields: entry, first tile, loop end, exit, SM, merge start
+
+
 def trace_summary(trace: np.ndarray, slots: int) -> str:
-    """One line on a traced launch: span, waits for the first tile, epilogues, streaming CTAs."""
-    start, first_tile, loop_end, end = (trace[:, i].astype(np.float64) for i in range(4))
+    """One line on a traced launch: span, waits for the first tile, epilogues, streaming CTAs,
+    and the split merges: how long the merging CTAs took over their partials and how far the
+    last merge ran past the last CTA that did not merge."""
+    start, first_tile, loop_end, end, _, merge_start = (trace[:, i].astype(np.float64)
+                                                        for i in range(TRACE_FIELDS))
     origin = start.min()
     span = end.max() - origin
     grid = np.linspace(origin, end.max(), 2000)
@@ -196,11 +203,20 @@ def trace_summary(trace: np.ndarray, slots: int) -> str:
     full = np.flatnonzero(resident >= 0.9 * slots)
     fill = (grid[full[0]] - origin) if full.size else span
     tail = (end.max() - grid[full[-1]]) if full.size else span
-    return (f"span {span / 1e3:7.1f} us | first tile after {np.median(first_tile - start) / 1e3:.2f} "
-            f"us (median) | epilogue {np.median(end - loop_end) / 1e3:.2f} us | CTA "
+    merging = merge_start > 0
+    epilogue_end = np.where(merging, merge_start, end)  # a merging CTA's epilogue ends there
+    line = (f"span {span / 1e3:7.1f} us | first tile after {np.median(first_tile - start) / 1e3:.2f} "
+            f"us (median) | epilogue {np.median(epilogue_end - loop_end) / 1e3:.2f} us | CTA "
             f"{np.median(end - start) / 1e3:.1f} us | resident {resident.mean() / slots:.2f} "
             f"streaming {streaming.mean() / slots:.2f} of slots | fill {fill / 1e3:.1f} us "
             f"tail {tail / 1e3:.1f} us")
+    if merging.any():
+        merge = end[merging] - merge_start[merging]
+        others_end = end[~merging].max() if (~merging).any() else origin
+        line += (f" | {int(merging.sum())} merges {np.median(merge) / 1e3:.2f} us (max "
+                 f"{merge.max() / 1e3:.2f}), the last ends {(end.max() - others_end) / 1e3:.2f} us "
+                 f"after the last other CTA")
+    return line
 
 
 def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, profile, plans,
@@ -274,7 +290,8 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
             out = torch.empty_like(q)
             lines = []
             for _ in range(3):  # the first launch is a warm-up
-                trace = torch.zeros(NUM_KV_HEADS * items, 5, dtype=torch.int64, device="cuda")
+                trace = torch.zeros(NUM_KV_HEADS * items, TRACE_FIELDS, dtype=torch.int64,
+                                    device="cuda")
                 launch(traced, 0, decode, plan, q, cache, table, out, trace)
                 torch.cuda.synchronize()
                 lines.append(trace_summary(trace.cpu().numpy(), max(1, ctas) * num_sms))

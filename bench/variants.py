@@ -50,8 +50,8 @@ void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache
       std::nullopt, table_holds_slots, workspace, std::nullopt, sm_scale, 0.0, out, std::nullopt);
 #ifdef ATTN_BACKEND_DECODE_TRACE
   TORCH_CHECK(trace.has_value() && trace->scalar_type() == at::kLong && trace->is_contiguous() &&
-                  trace->numel() >= info.num_kv_heads * info.num_work_items * 5,
-              "trace must be int64 [kv_heads * items, 5]");
+                  trace->numel() >= info.num_kv_heads * info.num_work_items * 6,
+              "trace must be int64 [kv_heads * items, 6] (decode.cuh kTraceFields)");
   params.trace = reinterpret_cast<unsigned long long*>(trace->data_ptr<int64_t>());
 #else
   TORCH_CHECK(!trace.has_value(), "this build has no trace (build it with the trace define)");

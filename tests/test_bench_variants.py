@@ -29,3 +29,31 @@ def test_prefill_variant_units_format():
         unit = sweep_prefill._VARIANT_TU.format(i=i, m=m, kv=kv, stages=stages, warps=warps,
                                                 wgmma="true" if wgmma else "false")
         assert f"PrefillShape<128, 128, {m}, {kv}, {stages}, {warps}," in unit
+
+
+def test_the_decode_trace_width_matches_the_kernel_and_the_ops_check():
+    from pathlib import Path
+
+    header = (Path(__file__).resolve().parents[1] / "kernels/include/attn_backend/decode.cuh")
+    assert f"constexpr int kTraceFields = {sweep_decode.TRACE_FIELDS};" in header.read_text()
+    assert f"info.num_work_items * {sweep_decode.TRACE_FIELDS}," in variants.OPS_TEMPLATE
+
+
+def test_the_trace_summary_times_the_merges_apart_from_the_epilogues():
+    import numpy as np
+
+    us = 1000  # the trace is in nanoseconds
+    # entry, first tile, loop end, exit, SM, merge start (0: no merge)
+    trace = np.array([[0, 5 * us, 40 * us, 42 * us, 0, 0],
+                      [0, 5 * us, 41 * us, 43 * us, 1, 0],
+                      [0, 6 * us, 41 * us, 50 * us, 2, 44 * us],
+                      [0, 6 * us, 40 * us, 46 * us, 3, 43 * us]], dtype=np.int64)
+    line = sweep_decode.trace_summary(trace, slots=4)
+    assert "span    50.0 us" in line
+    # epilogues: 2, 2 (no merge) and 3, 3 (up to the merge start): median 2.5
+    assert "epilogue 2.50 us" in line
+    assert "2 merges 4.50 us (max 6.00)" in line
+    assert "the last ends 7.00 us after the last other CTA" in line
+    without_merges = trace.copy()
+    without_merges[:, 5] = 0
+    assert "merges" not in sweep_decode.trace_summary(without_merges, slots=4)

@@ -47,16 +47,19 @@ __device__ __forceinline__ unsigned long long global_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+// A CTA's row of the trace: [entry, first tile landed, loop end, exit, SM, merge start].
+constexpr int kTraceFields = 6;
 struct CtaTrace {
   unsigned long long* row;
   __device__ explicit CtaTrace(unsigned long long* trace)
       : row(trace + ((static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x +
-                     blockIdx.x) * 5) {
+                     blockIdx.x) * kTraceFields) {
     if (threadIdx.x == 0) {
       unsigned sm;
       asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
       row[0] = global_ns();
       row[4] = sm;
+      row[5] = 0;
     }
   }
   __device__ void mark(int i) const {
@@ -196,6 +199,7 @@ __device__ __forceinline__ void key_split_attention(const AttentionParams& p, ui
   });
   if (!item.writes_partial() || !finish_split_chunk(p, item.merge_group, cta.kv_head)) return;
   // The ring is free again: the warps' states were read before the barrier above.
+  mark(5);
   merge_partials(writer, item.merge_group, num_rows, merge.merge_max, merge.merge_sum);
 }
 

@@ -83,7 +83,8 @@ struct AttentionParams {
   SplitKVState split;
 #ifdef ATTN_BACKEND_DECODE_TRACE
   // Timeline for bench/sweep_decode.py --trace (never in the shipped op): per CTA globaltimer
-  // ns at entry, when its first tile has landed, after its last tile, at exit; and its SM.
+  // ns at entry, when its first tile has landed, after its last tile, at exit; its SM; and
+  // when it started merging a split's partials (0: it did not merge). decode.cuh CtaTrace.
   unsigned long long* trace;
 #endif
 };
