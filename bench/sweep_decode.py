@@ -38,7 +38,7 @@ from attn_backend.schedule import (ITEM_OVERHEAD_TOKENS, TileShape, WorkSchedule
 from .bench_decode import (HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, kv_bytes, make_decode,
                            make_problem)
 from .common import copy_ceiling_tbs, median_ms
-from .variants import build_variant_extension, install_schedule
+from .variants import TRACE_FIELDS, build_variant_extension, install_schedule
 
 GROUP = NUM_QO_HEADS // NUM_KV_HEADS
 
@@ -183,9 +183,6 @@ def planned_decode(batch, kv_len, tile_tokens, cta_slots, plan_name, kv_dtype=to
                                 shape=TileShape(16, tile_tokens), cta_slots=cta_slots)
     plan = install_schedule(decode, schedule, partial_rows=min(GROUP, 16))
     return decode, plan, schedule.num_items
-
-
-TRACE_FIELDS = 6  # decode.cuh kTraceFields: entry, first tile, loop end, exit, SM, merge start
 
 
 def trace_summary(trace: np.ndarray, slots: int) -> str:

@@ -19,9 +19,13 @@ from pathlib import Path
 
 from attn_backend import _sources
 
+# A decode CTA's row of the trace (decode.cuh kTraceFields): entry, first tile, loop end,
+# exit, SM, merge start.
+TRACE_FIELDS = 6
+
 # The ops unit of a variant extension: {library} names it, {declarations}, {run_cases} and
 # {info_cases} come from the variant units. Built with ATTN_BACKEND_DECODE_TRACE defined, a
-# `trace` tensor records the decode CTA timeline (AttentionParams::trace).
+# `trace` tensor records the decode CTA timeline (AttentionParams::trace), TRACE_FIELDS per CTA.
 OPS_TEMPLATE = """
 #include <ATen/ATen.h>
 
@@ -50,8 +54,8 @@ void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache
       std::nullopt, table_holds_slots, workspace, std::nullopt, sm_scale, 0.0, out, std::nullopt);
 #ifdef ATTN_BACKEND_DECODE_TRACE
   TORCH_CHECK(trace.has_value() && trace->scalar_type() == at::kLong && trace->is_contiguous() &&
-                  trace->numel() >= info.num_kv_heads * info.num_work_items * 6,
-              "trace must be int64 [kv_heads * items, 6] (decode.cuh kTraceFields)");
+                  trace->numel() >= info.num_kv_heads * info.num_work_items * @TRACE_FIELDS@,
+              "trace must be int64 [kv_heads * items, @TRACE_FIELDS@] (decode.cuh kTraceFields)");
   params.trace = reinterpret_cast<unsigned long long*>(trace->data_ptr<int64_t>());
 #else
   TORCH_CHECK(!trace.has_value(), "this build has no trace (build it with the trace define)");
@@ -83,7 +87,7 @@ TORCH_LIBRARY_IMPL({library}, CUDA, m) {{ m.impl("run", &attn_backend::run_varia
 TORCH_LIBRARY_IMPL({library}, CompositeExplicitAutograd, m) {{
   m.impl("info", &attn_backend::variant_info);
 }}
-"""
+""".replace("@TRACE_FIELDS@", str(TRACE_FIELDS))
 
 
 def build_variant_extension(name: str, variant_units: list[str], prefix: str = "") -> None:

@@ -13,6 +13,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); OUT=${OUT:-/tmp/attn_backend_out}
 BEFORE=$(cd "${BEFORE_DIR:?set BEFORE_DIR to the before tree}" && pwd)
 W=$OUT/w; mkdir -p "$W"
+source "$ROOT/scripts/ncu_decode.sh"
 export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=/usr/local/cuda PYTHONUNBUFFERED=1
 export ATTN_BACKEND_CACHE_DIR=/tmp/abc MAX_JOBS=8
 SHAPES=${SHAPES:-16x512x16,16x512x1,1x4096x16}
@@ -36,15 +37,12 @@ done; done
 echo "traces done at $(( $(date +%s) - t0 )) s"
 for b in before after; do
   tree=$ROOT; [ $b = before ] && tree=$BEFORE
-  (cd /tmp && PYTHONPATH=$tree timeout 200 ncu --clock-control none --kernel-name regex:paged_decode \
-     --launch-skip 3 --launch-count 1 --set full --import-source no -f -o "$W/ncu_$b" \
-     python3 -m bench.profile_decode --batch "$NCU_BATCH" --kv-len "$NCU_KV_LEN" --page-size "$NCU_PAGE" --repeats 6) \
-     > "$W/ncu_$b.log" 2>&1 || echo "ncu $b rc=$?"
-  ncu -i "$W/ncu_$b.ncu-rep" --page details --csv > "$W/ncu_${b}_details.csv" 2>&1
+  (cd /tmp && PYTHONPATH=$tree ncu_decode_launch "$W/ncu_$b" paged_decode "$NCU_BATCH" "$NCU_KV_LEN" "$NCU_PAGE") \
+    || echo "ncu $b rc=$?"
   ncu -i "$W/ncu_$b.ncu-rep" --page source --csv --print-source sass > "$W/ncu_${b}_sass.csv" 2>&1
   ncu -i "$W/ncu_$b.ncu-rep" --page raw --csv > "$W/ncu_${b}_raw.csv" 2>&1
 done
 echo "ncu done at $(( $(date +%s) - t0 )) s"
 tar -czf "$OUT/w.tgz" -C "$W" .
 for f in "$W"/trace_*.log; do echo "== $(basename $f)"; grep -E "shipped|trace" "$f"; done
-for b in before after; do echo "== ncu $b"; grep -E '"(Duration|Elapsed Cycles|Executed Instructions|Registers Per Thread|Achieved Occupancy|DRAM Throughput)"' "$W/ncu_${b}_details.csv" | cut -c1-400 | awk -F'","' '{print $(NF-2), $NF}'; done
+for b in before after; do echo "== ncu $b"; ncu_headline "$W/ncu_${b}_details.csv"; done

@@ -9,6 +9,7 @@
 #   [SHAPES=16x32768x1,...] [PLANS=shipped,balanced] [NCU_SHAPE=16x32768x1|none] \
 #     bash scripts/gpu_sweep_decode.sh
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" || exit 1
+source "$ROOT/scripts/ncu_decode.sh"
 set -uo pipefail
 W=$OUT/w
 mkdir -p "$W"
@@ -27,11 +28,7 @@ if [ "$NCU_SHAPE" != none ]; then
   for who in ours flashinfer; do
     regex=paged_decode
     [ "$who" = flashinfer ] && regex='BatchPrefillWithPagedKVCache|BatchDecodeWithPagedKVCache'
-    timeout 150 ncu --clock-control none --kernel-name "regex:$regex" --launch-skip 3 --launch-count 1 \
-      --set full --import-source no -f -o "$W/ncu_$who" \
-      python3 -m bench.profile_decode --batch "$batch" --kv-len "$kv_len" --page-size "$page" --repeats 6 \
-      > "$W/ncu_$who.log" 2>&1 || echo "ncu $who: rc=$?"
-    ncu -i "$W/ncu_$who.ncu-rep" --page details --csv > "$W/ncu_${who}_details.csv" 2>&1
+    ncu_decode_launch "$W/ncu_$who" "$regex" "$batch" "$kv_len" "$page" || echo "ncu $who: rc=$?"
   done
   echo "ncu: done at $(( $(date +%s) - t0 )) s"
 fi
@@ -40,7 +37,6 @@ grep -E "TB/s|trace|copy ceiling|Error|error" "$W/sweep.log" | cut -c1-230
 if [ "$NCU_SHAPE" != none ]; then
   for who in ours flashinfer; do
     echo "== ncu $who ($NCU_SHAPE)"
-    grep -E '"(Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread|Executed Instructions|L2 Hit Rate|Grid Size|Block Size|Dynamic Shared Memory Per Block)"' \
-      "$W/ncu_${who}_details.csv" | awk -F'","' '{print $(NF-2), $(NF-1), $NF}'
+    ncu_headline "$W/ncu_${who}_details.csv"
   done
 fi
