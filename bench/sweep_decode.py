@@ -207,6 +207,12 @@ def trace_summary(trace: np.ndarray, slots: int) -> str:
             f"{np.median(end - start) / 1e3:.1f} us | resident {resident.mean() / slots:.2f} "
             f"streaming {streaming.mean() / slots:.2f} of slots | fill {fill / 1e3:.1f} us "
             f"tail {tail / 1e3:.1f} us")
+    # How evenly the CTAs stream: the spread of their loop ends (from the launch's first
+    # start) says whether the last CTAs finish late because they got less bandwidth.
+    ends_at = np.percentile(loop_end - origin, [10, 50, 90, 100]) / 1e3
+    loop = np.percentile(loop_end - first_tile, [10, 50, 90, 100]) / 1e3
+    line += (f" | loop ends p10/50/90/max {'/'.join(f'{v:.1f}' for v in ends_at)} us | "
+             f"loop p10/50/90/max {'/'.join(f'{v:.1f}' for v in loop)} us")
     if merging.any():
         merge = end[merging] - merge_start[merging]
         others_end = end[~merging].max() if (~merging).any() else origin

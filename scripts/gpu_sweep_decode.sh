@@ -7,7 +7,8 @@
 # timings and the ncu headline counters are printed last.
 #
 #   [SHAPES=16x32768x1,...] [PLANS=shipped,balanced] [NCU_SHAPE=16x32768x1|none] \
-#     bash scripts/gpu_sweep_decode.sh
+#     [VARIANTS=none|0,2,...] bash scripts/gpu_sweep_decode.sh
+# (VARIANTS=none: only the shipped op, its traced build and FlashInfer; no variant build.)
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" || exit 1
 source "$ROOT/scripts/ncu_decode.sh"
 set -uo pipefail
@@ -21,7 +22,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "from attn_backend import _extension; _extension.load_ops(); print('built', _extension.loaded_library())" \
   > "$W/build.log" 2>&1 || { tail -n 40 "$W/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
-timeout 420 python3 -m bench.sweep_decode --shapes "$SHAPES" --plans "$PLANS" --trace > "$W/sweep.log" 2>&1
+timeout 420 python3 -m bench.sweep_decode --shapes "$SHAPES" --plans "$PLANS" --trace \
+  ${VARIANTS:+--variants "$VARIANTS"} > "$W/sweep.log" 2>&1
 echo "sweep: rc=$? at $(( $(date +%s) - t0 )) s"
 if [ "$NCU_SHAPE" != none ]; then
   IFS=x read -r batch kv_len page <<< "$NCU_SHAPE"

@@ -54,6 +54,9 @@ def test_the_trace_summary_times_the_merges_apart_from_the_epilogues():
     assert "epilogue 2.50 us" in line
     assert "2 merges 4.50 us (max 6.00)" in line
     assert "the last ends 7.00 us after the last other CTA" in line
+    # loop ends at 40, 41, 41, 40 us; loops 35, 36, 35, 34 us
+    assert "loop ends p10/50/90/max 40.0/40.5/41.0/41.0 us" in line
+    assert "loop p10/50/90/max 34.3/35.0/35.7/36.0 us" in line
     without_merges = trace.copy()
     without_merges[:, 5] = 0
     assert "merges" not in sweep_decode.trace_summary(without_merges, slots=4)
