@@ -193,14 +193,13 @@ __device__ __forceinline__ void key_split_attention(const AttentionParams& p, ui
   const TileWriter<typename Traits::DTypeO, Traits::kHeadDimVO, Rows> writer{
       p, rows, cta.kv_head, item.partial};
   const OutputScale output{p.scales.value(cta.kv_head)};
-  merge.for_each_output(num_rows, [&](int row, int col, float value, float lse) {
-    writer.write(row, col, output(value));
+  merge.for_each_output(num_rows, [&](int row, int col, float4 value, float lse) {
+    writer.write4(row, col, output(value));
     if (col == 0) writer.write_lse(row, lse);
   });
   if (!item.writes_partial() || !finish_split_chunk(p, item.merge_group, cta.kv_head)) return;
-  // The ring is free again: the warps' states were read before the barrier above.
   mark(5);
-  merge_partials(writer, item.merge_group, num_rows, merge.merge_max, merge.merge_sum);
+  merge_partials(writer, item.merge_group, num_rows);
 }
 
 template <typename Traits, typename Logits>

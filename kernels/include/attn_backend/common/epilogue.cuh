@@ -48,11 +48,14 @@ struct TileWriter {
     }
   }
 
-  __device__ __forceinline__ void write(int row, int col, float value) const {
+  // Columns col .. col + 3 of `row` (col a multiple of 4).
+  __device__ __forceinline__ void write4(int row, int col, float4 value) const {
     if (partial < 0) {
-      output(row)[col] = ptx::from_float<DTypeO>(value);
+      DTypeO* dst = output(row) + col;
+      *reinterpret_cast<uint32_t*>(dst) = ptx::pack2<DTypeO>(value.x, value.y);
+      *reinterpret_cast<uint32_t*>(dst + 2) = ptx::pack2<DTypeO>(value.z, value.w);
     } else {
-      partial_row(row)[col] = value;
+      *reinterpret_cast<float4*>(partial_row(row) + col) = value;
     }
   }
 

@@ -63,27 +63,34 @@ struct KeySplitMerge {
     return global_max == kNegInf ? 0.f : global_max;
   }
 
-  // write(row, col, value, lse) for every column of rows [0, num_rows), the CTA's threads
-  // striding over the elements (lse: natural log, -inf for a row that saw no key). The
-  // total is a sum of exponentials: 0 means no key, and a NaN (from a NaN or Inf input) is
-  // carried into the row rather than read as "no key" (hence != 0, not > 0, here and in
-  // the other epilogues).
+  // write(row, col, value, lse) for every 4 columns col .. col + 3 (value: a float4) of rows
+  // [0, num_rows), the CTA's threads striding over them (lse: natural log, -inf for a row
+  // that saw no key). The total is a sum of exponentials: 0 means no key, and a NaN (from a
+  // NaN or Inf input) is carried into the row rather than read as "no key" (hence != 0, not
+  // > 0, here and in the other epilogues).
   template <typename Write>
   __device__ __forceinline__ void for_each_output(int num_rows, const Write& write) const {
-    for (int e = threadIdx.x; e < num_rows * kHeadDimVO; e += kWarps * 32) {
-      const int row = e / kHeadDimVO;
-      const int col = e % kHeadDimVO;
+    constexpr int kVectorsPerRow = kHeadDimVO / 4;
+    for (int v = threadIdx.x; v < num_rows * kVectorsPerRow; v += kWarps * 32) {
+      const int row = v / kVectorsPerRow;
+      const int col = (v % kVectorsPerRow) * 4;
       const float reference = row_reference(row);
       float total = 0.f;
-      float acc = 0.f;
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
         total += merge_sum[w * kRows + row] * ptx::fast_exp2(merge_max[w * kRows + row] - reference);
-        acc += merge_o[(w * kRows + row) * kHeadDimVO + col];
+        const float4 part =
+            *reinterpret_cast<const float4*>(merge_o + (w * kRows + row) * kHeadDimVO + col);
+        acc.x += part.x;
+        acc.y += part.y;
+        acc.z += part.z;
+        acc.w += part.w;
       }
-      const float value = total != 0.f ? acc / total : 0.f;
+      const float inverse = total != 0.f ? 1.f / total : 0.f;
       const float lse = total != 0.f ? (reference + __log2f(total)) * kLn2 : kNegInf;
-      write(row, col, value, lse);
+      write(row, col, make_float4(acc.x * inverse, acc.y * inverse, acc.z * inverse, acc.w * inverse),
+            lse);
     }
   }
 };

@@ -115,6 +115,18 @@ __device__ __forceinline__ float fast_tanh(float x) {
   return y;
 }
 
+// atomicAdd with release and acquire semantics at GPU scope: the writes that happen before it
+// (the CTA's, through a barrier before it) are visible to whoever reads its result, and the
+// writes that happened before the other CTAs' adds are visible after it.
+__device__ __forceinline__ int atomic_add_acq_rel_gpu(int* address, int value) {
+  int old;
+  asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], %2;\n"
+               : "=r"(old)
+               : "l"(address), "r"(value)
+               : "memory");
+  return old;
+}
+
 // Programmatic dependent launch (sm_90+). A kernel launched with programmatic stream
 // serialization may start while the kernel before it in the stream is still running;
 // wait_for_prior_grids() returns once that kernel has completed and its writes are

@@ -40,6 +40,9 @@ struct LogitsTransform {
 struct OutputScale {
   float scale;
   __device__ __forceinline__ float operator()(float value) const { return value * scale; }
+  __device__ __forceinline__ float4 operator()(float4 value) const {
+    return make_float4(value.x * scale, value.y * scale, value.z * scale, value.w * scale);
+  }
 };
 
 // Decode: a work item's keys are exactly those its one query sees (the plan cut the window
