@@ -199,7 +199,8 @@ __device__ __forceinline__ void key_split_attention(const AttentionParams& p, ui
   });
   if (!item.writes_partial() || !finish_split_chunk(p, item.merge_group, cta.kv_head)) return;
   mark(5);
-  merge_partials(writer, item.merge_group, num_rows);
+  // The warps' states were read before finish_split_chunk's barrier: their smem is free.
+  merge_partials(writer, item.merge_group, num_rows, merge.merge_max, merge.merge_sum);
 }
 
 template <typename Traits, typename Logits>
