@@ -16,16 +16,20 @@ export ATTN_BACKEND_CACHE_DIR=${ATTN_BACKEND_CACHE_DIR:-/tmp/attn_backend_cache}
 if ls .whl_*/*.whl >/dev/null 2>&1 && [ -f .gpu/install_wheels.sh ]; then
   source .gpu/install_wheels.sh .whl_*/*.whl || return 1
 fi
-# vLLM's engine packed into one archive (scripts/pack_vllm_site.sh), unpacked once per machine.
+# Engines packed into one archive each (scripts/pack_site.sh: .whl_vllm_site, .whl_sglang_site),
+# each unpacked once per machine.
 SITE=${SITE:-/tmp/site}
-if [ -f .whl_vllm_site/site.tar.xz ] && [ ! -e "$SITE/.installed/site.tar.xz" ]; then
+for archive in .whl_*_site/site.tar.xz; do
+  [ -f "$archive" ] || continue
+  marker="$SITE/.installed/$(dirname "$archive").tar.xz"
+  [ -e "$marker" ] && continue
   t0_site=$(date +%s)
   mkdir -p "$SITE/.installed"
   python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='tar')" \
-    .whl_vllm_site/site.tar.xz "$SITE" || return 1
-  touch "$SITE/.installed/site.tar.xz"
-  echo "gpu_env: unpacked .whl_vllm_site/site.tar.xz into $SITE in $(( $(date +%s) - t0_site )) s"
-fi
+    "$archive" "$SITE" || return 1
+  touch "$marker"
+  echo "gpu_env: unpacked $archive into $SITE in $(( $(date +%s) - t0_site )) s"
+done
 # FlashInfer kernels built on an earlier machine (gpu_vllm_engine.sh flashinfer_modules, its
 # parts copied into .whl_fi_modules): placed where FlashInfer 0.7 loads a prebuilt module
 # without building it (flashinfer/data/aot/<name>/<name>.so), so a FLASHINFER engine starts
