@@ -49,3 +49,15 @@ fi
 # engines' plugin loading (in every process they start) finds them.
 python3 scripts/declare_entry_points.py "$SITE" >/dev/null && \
   case ":$PYTHONPATH:" in *":$SITE:"*) ;; *) export PYTHONPATH=$SITE:$PYTHONPATH ;; esac
+# JIT-builds (or loads) our extension as a user's first call would, its log in $1; prints the
+# summary line "build (JIT): rc=N in S s" and returns the build's status.
+jit_build() {
+  local log=$1 t0 rc
+  t0=$(date +%s)
+  python3 -c "
+from attn_backend import _extension; _extension.load_ops(); print('loaded', _extension.loaded_library())
+" > "$log" 2>&1
+  rc=$?
+  echo "build (JIT): rc=$rc in $(( $(date +%s) - t0 )) s"
+  return $rc
+}

@@ -30,12 +30,9 @@ print(f'torch {torch.__version__}, sglang {sglang.__version__}, flashinfer {flas
 " 2>&1 | tail -n 1)")
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 
-t0=$(date +%s)
-python3 -c "
-from attn_backend import _extension; _extension.load_ops(); print('loaded', _extension.loaded_library())
-" > "$OUT/build.log" 2>&1
+build_line=$(jit_build "$OUT/build.log")
 build_rc=$?
-summary+=("build (JIT): rc=$build_rc in $(( $(date +%s) - t0 )) s")
+summary+=("$build_line")
 [ "$build_rc" -eq 0 ] || { tail -n 20 "$OUT/build.log"; finish; exit 1; }
 
 t0=$(date +%s)

@@ -198,8 +198,8 @@ __device__ __forceinline__ void key_split_attention(const AttentionParams& p, ui
     if (col == 0) writer.write_lse(row, lse);
   });
   if (!item.writes_partial() || !finish_split_chunk(p, item.merge_group, cta.kv_head)) return;
+  // The ring is free again: the warps' states were read before the barrier above.
   mark(5);
-  // The warps' states were read before finish_split_chunk's barrier: their smem is free.
   merge_partials(writer, item.merge_group, num_rows, merge.merge_max, merge.merge_sum);
 }
 

@@ -328,7 +328,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
     }
   }
   if (!item.writes_partial() || !finish_split_chunk(p, item.merge_group, cta.kv_head)) return;
-  float* const merge_scratch = reinterpret_cast<float*>(smem);  // the ring is free now
+  // The ring is free: every warp's last reads of it were before finish_split_chunk's barrier.
+  float* const merge_scratch = reinterpret_cast<float*>(smem);
   merge_partials(writer, item.merge_group, num_rows, merge_scratch, merge_scratch + kRows);
 }
 

@@ -357,7 +357,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (warpgroup == 0 && lane % 4 == 0) writer.write_lse(row, softmax.lse(0, half, total));
   }
   if (!item.writes_partial() || !finish_split_chunk(p, item.merge_group, cta.kv_head)) return;
-  float* const merge_scratch = reinterpret_cast<float*>(smem);  // the ring is free now
+  // The ring is free: every warpgroup's MMAs on it completed before finish_split_chunk's barrier.
+  float* const merge_scratch = reinterpret_cast<float*>(smem);
   merge_partials(writer, item.merge_group, num_rows, merge_scratch, merge_scratch + kRows);
 }
 

@@ -48,12 +48,18 @@ struct TileWriter {
     }
   }
 
-  // Columns col .. col + 3 of `row` (col a multiple of 4).
+  // Columns col .. col + 3 of `row`'s final output (col a multiple of 4), whichever
+  // `partial` this writer holds: the split's merge writes the output through its chunk's writer.
+  __device__ __forceinline__ void write_output4(int row, int col, float4 value) const {
+    DTypeO* dst = output(row) + col;
+    *reinterpret_cast<uint32_t*>(dst) = ptx::pack2<DTypeO>(value.x, value.y);
+    *reinterpret_cast<uint32_t*>(dst + 2) = ptx::pack2<DTypeO>(value.z, value.w);
+  }
+
+  // Columns col .. col + 3 of `row` (col a multiple of 4): the output, or the partial state.
   __device__ __forceinline__ void write4(int row, int col, float4 value) const {
     if (partial < 0) {
-      DTypeO* dst = output(row) + col;
-      *reinterpret_cast<uint32_t*>(dst) = ptx::pack2<DTypeO>(value.x, value.y);
-      *reinterpret_cast<uint32_t*>(dst + 2) = ptx::pack2<DTypeO>(value.z, value.w);
+      write_output4(row, col, value);
     } else {
       *reinterpret_cast<float4*>(partial_row(row) + col) = value;
     }

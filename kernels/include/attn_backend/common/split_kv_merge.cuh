@@ -59,9 +59,8 @@ __device__ __forceinline__ void merge_partials(const TileWriter<DTypeO, kHeadDim
   auto first_slot = [&](int row) { return split.slot(0, p.num_kv_heads, writer.kv_head, row); };
   auto write_output = [&](int row, int col, float4 acc, float total) {
     const float scale = total != 0.f ? 1.f / total : 0.f;  // a NaN total is carried
-    DTypeO* out = writer.output(row) + col;
-    *reinterpret_cast<uint32_t*>(out) = ptx::pack2<DTypeO>(acc.x * scale, acc.y * scale);
-    *reinterpret_cast<uint32_t*>(out + 2) = ptx::pack2<DTypeO>(acc.z * scale, acc.w * scale);
+    writer.write_output4(row, col,
+                         make_float4(acc.x * scale, acc.y * scale, acc.z * scale, acc.w * scale));
   };
   // Loads partials i0 .. i0 + kLoadsInFlight - 1 of the vector at (row_slot, col); those past
   // `end` repeat partial `begin` (in bounds) and are skipped by the caller.
