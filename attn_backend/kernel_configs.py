@@ -15,6 +15,8 @@ and its id is what a plan records and a run launches.
     prefill_mla        MLA's latent rows (576 / 512): tiles of 16 packed rows (decode of 16 heads)
     prefill_mla_wide   MLA, tiles of 32 packed rows (more heads, or several query tokens)
     prefill_mla_wgmma  MLA on warpgroup MMAs (sm_90a builds on sm_90 GPUs): tiles of 64 rows
+    prefill_mla_seesaw MLA on warpgroup MMAs, 64-key tiles taken by the two warpgroups in turns
+                       (16-bit caches; sm_90a builds on sm_90 GPUs): tiles of 64 rows
 """
 
 from __future__ import annotations

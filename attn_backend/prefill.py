@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import reference
+from . import fp8, reference
 from ._plan_run import KernelWrapper, PlanRecord, host_int64
 from ._validation import MLA_HEAD_DIMS, check_run_call
 from .kernel_configs import KernelConfig
 from .paged_kv import PagedKVCache, PageTable
 
-BACKENDS = ("auto", "mma", "wgmma")
+BACKENDS = ("auto", "mma", "wgmma", "seesaw")
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,12 @@ class PagedPrefill(KernelWrapper):
         it runs and is compiled for these head dims, else mma). Requests of at most one
         short tile of query rows (speculative verify, short extends) take the short-query
         kernel either way. MLA's latent rows (576 / 512): "wgmma" runs every request on the
-        64-row warpgroup kernel, "mma" on the mma.sync ones (16-row tiles for requests of
-        up to 16 rows, 32-row tiles otherwise), "auto" the 64-row wgmma kernel for requests
-        of more than 16 rows where it runs and the 16-row mma.sync one for the others."""
+        64-row warpgroup kernel of 32-key tiles, "seesaw" on the 64-row warpgroup kernel of
+        64-key tiles whose warpgroups take alternate tiles (16-bit caches; mla_seesaw.cuh),
+        "mma" on the mma.sync ones (16-row tiles for requests of up to 16 rows, 32-row tiles
+        otherwise), "auto" requests of more than 16 rows on the seesaw kernel (FP8 caches: the
+        32-key one) where it runs and the others on the 16-row mma.sync one. "seesaw" is for
+        MLA's head dims only."""
         if max_num_tokens < 1:
             raise ValueError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
         self._init_shape(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
@@ -103,6 +106,10 @@ class PagedPrefill(KernelWrapper):
         self.max_num_tokens = max_num_tokens
         if self._is_mla:
             (long, short), narrow = self._mla_configs(backend), None
+        elif backend == "seesaw":
+            raise ValueError(f"backend='seesaw' is MLA's latent kernel (head dims "
+                             f"{MLA_HEAD_DIMS}); head dims ({self.head_dim}, {self.head_dim_vo}) "
+                             f"take 'auto', 'mma' or 'wgmma'")
         else:
             long, short = self._long_config(backend), self._find_config("prefill_short")
             # d128: the key-split tiles (16 rows that every warp holds, each computing its own
@@ -130,31 +137,37 @@ class PagedPrefill(KernelWrapper):
 
     def _mla_configs(self, backend: str) -> tuple[KernelConfig | None, KernelConfig | None]:
         """MLA's (long, short) configurations: on mma.sync 32-row tiles, and 16-row ones for
-        requests of at most 16 rows (a decode of 16 heads); "wgmma" the 64-row warpgroup shape
-        for both. "auto" where wgmma runs: the 64-row shape for long requests and the 16-row
-        mma.sync one for the short (faster on the H200 at 16 rows, where the 64-row tile
-        would idle three quarters of its rows; bench/results/mla_decode-*)."""
+        requests of at most 16 rows (a decode of 16 heads); "wgmma" or "seesaw" that 64-row
+        warpgroup shape for both. "auto" where wgmma runs: the 64-row seesaw shape for long
+        requests (FP8 caches: the 32-key one, the seesaw kernel reads 16-bit rows only) and
+        the 16-row mma.sync one for the short (faster on the H200 at 16 rows, where the
+        64-row tile would idle three quarters of its rows; bench/results/mla_decode-*)."""
         short = self._find_config("prefill_mla")
-        long = self._wgmma_or_mma("prefill_mla_wgmma", "prefill_mla_wide", backend)
-        return long, long if backend == "wgmma" else short
+        if backend == "seesaw" and fp8.is_fp8(self.kv_dtype):
+            raise ValueError(f"backend='seesaw' reads 16-bit latent caches; kv_dtype "
+                             f"{self.kv_dtype} takes backend='wgmma', 'mma' or 'auto'")
+        wgmma_name = "prefill_mla_wgmma" if backend == "wgmma" or fp8.is_fp8(self.kv_dtype) \
+            else "prefill_mla_seesaw"
+        long = self._wgmma_or_mma(wgmma_name, "prefill_mla_wide", backend)
+        return long, long if backend in ("wgmma", "seesaw") else short
 
     def _long_config(self, backend: str) -> KernelConfig | None:
         """The long-query configuration of `backend` (None: no schedule on this device)."""
         return self._wgmma_or_mma("prefill_wgmma", "prefill_mma", backend)
 
     def _wgmma_or_mma(self, wgmma_name: str, mma_name: str, backend: str) -> KernelConfig | None:
-        """`backend`'s configuration of the two: "mma", "wgmma" (refused where it cannot run),
-        or "auto" (wgmma where it runs, else mma)."""
+        """`backend`'s configuration of the two: "mma", "wgmma" or "seesaw" (the warpgroup one,
+        refused where it cannot run), or "auto" (wgmma where it runs, else mma)."""
         mma = self._find_config(mma_name)
         wgmma = self._find_config(wgmma_name)
         on_cuda = self.device.type == "cuda"
         if backend == "mma":
             return mma
-        if backend == "wgmma":
+        if backend in ("wgmma", "seesaw"):
             if self._ops is not None and (wgmma is None or (on_cuda and not wgmma.runs_here())):
                 raise ValueError(
-                    f"backend='wgmma' needs an sm_90 GPU, an sm_90a build and head dims with a "
-                    f"wgmma kernel; head dims ({self.head_dim}, {self.head_dim_vo}) on "
+                    f"backend={backend!r} needs an sm_90 GPU, an sm_90a build and head dims "
+                    f"with a wgmma kernel; head dims ({self.head_dim}, {self.head_dim_vo}) on "
                     f"{self.device} have none (use backend='mma' or 'auto')")
             return wgmma
         return wgmma if wgmma is not None and on_cuda and wgmma.runs_here() else mma

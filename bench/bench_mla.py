@@ -11,8 +11,9 @@ where the heads make it compute-bound.
 Peers on the identical cache: `flashmla` (the `flash_mla` package of the sgl-flash-mla wheel,
 SGLang 0.5.23's pin, 10 MB, stable-ABI extensions; else sgl_kernel.flash_mla; page 64 only) and `flashinfer_mla` (BatchMLAPagedAttentionWrapper over strided
 views of the latent and rope columns). A peer that is missing or fails says so in the notes.
-Where our default is the warpgroup (wgmma) kernel, each row also times the mma.sync kernels
-on the same inputs (`ours_mma`), and `kernel` names the configuration `ours` ran. The GPU
+Where our default is a warpgroup (wgmma) kernel, each row also times the mma.sync kernels
+on the same inputs (`ours_mma`); where it is not the seesaw kernel on a 16-bit cache (a
+16-head decode), the seesaw one (`ours_seesaw`); `kernel` names the configuration `ours` ran. The GPU
 tests (tests/test_mla_gpu.py) check the latent kernels before this runs in scripts/gpu_check.sh.
 
 FP8 rows (`_fp8e4m3_` in place of `_bf16_`; ATTN_BACKEND_BENCH_KV_DTYPES=bf16 leaves them out):
@@ -153,6 +154,19 @@ def run() -> tuple[str, list[dict], list[str]]:
     return "TB/s", rows, peers.notes + [TIMING_NOTE]
 
 
+def _other_kernels(shape: dict, planned) -> dict:
+    """Our other MLA kernels on the same case, timed in the same run: the mma.sync ones where
+    "auto" took a warpgroup kernel, the seesaw one where it did not and the cache is 16-bit
+    (a 16-head decode), so that one run says where each kernel wins."""
+    others = {"ours_mma": PagedPrefill(**shape, backend="mma")} if planned.wgmma else {}
+    if planned.name != "prefill_mla_seesaw" and shape["kv_dtype"].itemsize == 2:
+        try:
+            others["ours_seesaw"] = PagedPrefill(**shape, backend="seesaw")
+        except ValueError:  # an older build (a before/after run), or no sm_90 GPU
+            pass
+    return others
+
+
 def _shape_rows(peers, batch, kv_len, heads, q_len, gen, kv_dtype=DTYPE) -> list[dict]:
     latent = torch.randn(batch * kv_len + 64 * 64, 1, RANK + ROPE, dtype=DTYPE, device="cuda")
     latent = latent.to(kv_dtype)
@@ -166,7 +180,7 @@ def _shape_rows(peers, batch, kv_len, heads, q_len, gen, kv_dtype=DTYPE) -> list
                  dtype=DTYPE, kv_dtype=kv_dtype, device="cuda", max_batch_size=batch,
                  max_num_tokens=batch * q_len)
     mla = PagedPrefill(**shape)
-    others = None  # the mma.sync kernels, where "auto" takes the wgmma one: both in one run
+    others = None  # our other kernels on the same case (_other_kernels)
     qo_indptr = [q_len * r for r in range(batch + 1)]
     rows = []
     for page_size in PAGE_SIZES:
@@ -179,8 +193,7 @@ def _shape_rows(peers, batch, kv_len, heads, q_len, gen, kv_dtype=DTYPE) -> list
         out = torch.empty(q.shape[0], heads, RANK, dtype=DTYPE, device="cuda")
         timings = {"ours": median_ms(lambda: mla.run(q, cache, table, out=out), iters=iters)}
         if others is None:
-            others = {"ours_mma": PagedPrefill(**shape, backend="mma")} \
-                if mla._planned.config.wgmma else {}
+            others = _other_kernels(shape, mla._planned.config)
         for name, other in others.items():
             other.plan(qo_indptr, [kv_len] * batch)
             timings[name] = median_ms(lambda: other.run(q, cache, table, out=out), iters=iters)

@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--q-len", type=int, default=1)
     parser.add_argument("--page-size", type=int, default=64)
-    parser.add_argument("--backend", default="auto", choices=("auto", "mma", "wgmma"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "mma", "wgmma", "seesaw"))
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     attn_backend.set_debug_checks(False)

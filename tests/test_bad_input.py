@@ -27,6 +27,18 @@ def test_empty_batches_are_refused():
         prefill.plan([0], [])
 
 
+def test_the_seesaw_backend_is_refused_outside_16_bit_mla_caches():
+    with pytest.raises(ValueError, match=r"backend='seesaw' is MLA's latent kernel .* head dims "
+                                         r"\(128, 128\) take 'auto', 'mma' or 'wgmma'"):
+        PagedPrefill(num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16,
+                     device="cpu", max_batch_size=2, max_num_tokens=8, backend="seesaw")
+    with pytest.raises(ValueError, match=r"backend='seesaw' reads 16-bit latent caches; kv_dtype "
+                                         r"torch.float8_e4m3fn takes backend='wgmma'"):
+        PagedPrefill(num_qo_heads=16, num_kv_heads=1, head_dim=576, head_dim_vo=512,
+                     dtype=torch.bfloat16, kv_dtype=torch.float8_e4m3fn, device="cpu",
+                     max_batch_size=2, max_num_tokens=8, backend="seesaw")
+
+
 def test_row_indices_outside_the_table_are_named(seed):
     gen = torch.Generator().manual_seed(seed)
     cache = make_cache("sglang", 8, 16, 2, 64, 64, torch.float32, "cpu", gen)

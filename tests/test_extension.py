@@ -91,8 +91,12 @@ def test_every_served_head_dim_has_its_kernel_configurations():
     assert (mla_wgmma.family, mla_wgmma.tile_rows, mla_wgmma.kv_tile_tokens, mla_wgmma.wgmma) \
         == ("prefill", 64, 32, True)
     assert mla_wgmma.smem_bytes <= 227 * 1024
+    seesaw = find("prefill_mla_seesaw", *MLA_HEAD_DIMS)
+    assert (seesaw.family, seesaw.tile_rows, seesaw.kv_tile_tokens, seesaw.threads,
+            seesaw.wgmma) == ("prefill", 64, 64, 256, True)
+    assert seesaw.smem_bytes <= 227 * 1024
     assert {c.name for c in all_configs() if (c.head_dim_qk, c.head_dim_vo) == MLA_HEAD_DIMS} \
-        == {"prefill_mla", "prefill_mla_wide", "prefill_mla_wgmma"}
+        == {"prefill_mla", "prefill_mla_wide", "prefill_mla_wgmma", "prefill_mla_seesaw"}
     for config in all_configs():
         assert config.kv_tile_tokens % 16 == 0 and config.kv_tile_tokens <= config.threads
         assert config.tile_rows % 16 == 0 and config.smem_bytes > 0
@@ -113,6 +117,8 @@ def test_mla_backends_plan_for_their_kernels_and_the_cpu_plans_mma_for_auto():
 
     assert planned("wgmma", 16, 1) == ("prefill_mla_wgmma", 64)
     assert planned("wgmma", 128, 2) == ("prefill_mla_wgmma", 64)
+    assert planned("seesaw", 16, 1) == ("prefill_mla_seesaw", 64)
+    assert planned("seesaw", 128, 2) == ("prefill_mla_seesaw", 64)
     assert planned("mma", 16, 1) == ("prefill_mla", 16)
     assert planned("mma", 16, 4) == ("prefill_mla_wide", 32)
     assert planned("auto", 16, 1) == ("prefill_mla", 16)  # wgmma only where an sm_90 GPU runs it

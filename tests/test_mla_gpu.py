@@ -35,14 +35,20 @@ def mla_problem(q_lens, kv_lens, *, heads, page_size, seed, dtype=torch.bfloat16
     return problem, page_table, q
 
 
-@pytest.fixture(params=["mma", "wgmma"])
+@pytest.fixture(params=["mma", "wgmma", "seesaw"])
 def latent_backend(request):
-    if request.param == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma MLA kernel runs on sm_90 GPUs")
+    if request.param != "mma" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip(f"the {request.param} MLA kernel runs on sm_90 GPUs")
     return request.param
 
 
-MLA_CONFIGS = {"mma": {"prefill_mla", "prefill_mla_wide"}, "wgmma": {"prefill_mla_wgmma"}}
+MLA_CONFIGS = {"mma": {"prefill_mla", "prefill_mla_wide"}, "wgmma": {"prefill_mla_wgmma"},
+               "seesaw": {"prefill_mla_seesaw"}}
+
+
+def skip_fp8_on_seesaw(backend):
+    if backend == "seesaw":
+        pytest.skip("the seesaw kernel reads 16-bit latent caches (FP8 ones are refused)")
 
 
 def make_mla(q, problem, backend, **kwargs):
@@ -92,6 +98,22 @@ def test_mla_decode(heads, page_size, engine, seed, latent_backend):
     q_lens = [1] * len(kv_lens)
     problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=page_size,
                                     seed=seed, engine=engine)
+    mla = make_mla(q, problem, latent_backend)
+    mla.plan(qo_indptr(q_lens), kv_lens)
+    assert planned_kernel(mla) in MLA_CONFIGS[latent_backend]
+    check_against_reference(mla, problem, table, q, seed=seed, causal=True)
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_mla_every_tile_count_around_the_tile_edges(heads, page_size, seed, latent_backend):
+    """Requests of 1 to 8 tiles of 64 keys, at and around each edge: the seesaw kernel's
+    tails (one tile, an odd count, the pair before a last single tile) and its steady pairs,
+    and the other kernels' partial last tiles."""
+    kv_lens = [63, 64, 65, 128, 129, 192, 193, 256, 257, 320, 384, 449, 512]
+    q_lens = [1] * len(kv_lens)
+    problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=page_size,
+                                    seed=seed)
     mla = make_mla(q, problem, latent_backend)
     mla.plan(qo_indptr(q_lens), kv_lens)
     assert planned_kernel(mla) in MLA_CONFIGS[latent_backend]
@@ -156,10 +178,10 @@ def test_mla_graph_replay_with_new_lengths(seed, latent_backend):
 
 def test_auto_takes_wgmma_beyond_16_rows_on_sm90(seed):
     """The default: a decode of 16 heads on the 16-row mma.sync kernel, 128 heads and
-    verify rows on the 64-row wgmma kernel where the GPU runs it."""
+    verify rows on the 64-row seesaw kernel where the GPU runs it."""
     wgmma = torch.cuda.get_device_capability()[0] == 9
-    for heads, q_len, want in ((16, 1, "prefill_mla"), (128, 1, "prefill_mla_wgmma"),
-                               (16, 4, "prefill_mla_wgmma")):
+    for heads, q_len, want in ((16, 1, "prefill_mla"), (128, 1, "prefill_mla_seesaw"),
+                               (16, 4, "prefill_mla_seesaw")):
         problem, table, q = mla_problem([q_len] * 2, [300, 2000], heads=heads, page_size=16,
                                         seed=seed)
         mla = make_mla(q, problem, "auto")
@@ -178,11 +200,23 @@ def fp8_scale(kind: str):
     return 0.37 if kind == "float" else torch.tensor(1.7, device="cuda")
 
 
+
+def test_auto_keeps_fp8_latent_caches_on_the_32_key_wgmma_kernel(seed):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma MLA kernels run on sm_90 GPUs")
+    problem, table, q = mla_problem([1, 1], [300, 2000], heads=128, page_size=16, seed=seed,
+                                    kv_dtype=torch.float8_e4m3fn, scale=0.5)
+    mla = make_mla(q, problem, "auto")
+    mla.plan(qo_indptr([1, 1]), [300, 2000])
+    assert planned_kernel(mla) == "prefill_mla_wgmma"
+    check_against_reference(mla, problem, table, q, seed=seed, causal=True)
+
 @pytest.mark.parametrize("fmt", FP8_FORMATS)
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("page_size", [1, 16, 64])
 @pytest.mark.parametrize("scale_kind", ["float", "tensor"])
 def test_mla_fp8_decode(fmt, heads, page_size, scale_kind, seed, latent_backend):
+    skip_fp8_on_seesaw(latent_backend)
     kv_lens = [1, 17, 300, 2049, 64, 5000]
     q_lens = [1] * len(kv_lens)
     problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=page_size,
@@ -198,6 +232,7 @@ def test_mla_fp8_decode(fmt, heads, page_size, scale_kind, seed, latent_backend)
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mla_fp8_verify_chains_and_trees(fmt, heads, dtype, seed, latent_backend):
+    skip_fp8_on_seesaw(latent_backend)
     q_lens, kv_lens = [2, 4, 8, 1], [40, 1000, 64, 3000]
     problem, table, q = mla_problem(q_lens, kv_lens, heads=heads, page_size=16, seed=seed,
                                     dtype=dtype, kv_dtype=FP8_FORMATS[fmt], scale=0.8)
@@ -211,6 +246,7 @@ def test_mla_fp8_verify_chains_and_trees(fmt, heads, dtype, seed, latent_backend
 
 @pytest.mark.parametrize("heads", [16, 128])
 def test_mla_fp8_split_kv_long_context(heads, seed, latent_backend):
+    skip_fp8_on_seesaw(latent_backend)
     kv_lens = [32768, 20000]
     problem, table, q = mla_problem([1, 1], kv_lens, heads=heads, page_size=64, seed=seed,
                                     kv_dtype=torch.float8_e4m3fn, scale=fp8_scale("tensor"))
@@ -223,6 +259,7 @@ def test_mla_fp8_split_kv_long_context(heads, seed, latent_backend):
 def test_mla_fp8_graph_reads_the_scale_at_replay(seed, latent_backend):
     """A captured graph reads the device scale when it replays: vLLM and SGLang replace or
     update the layers' scales after capture."""
+    skip_fp8_on_seesaw(latent_backend)
     from attn_backend import reference
 
     batch, heads, kv_lens = 3, 128, [700, 33, 2500]

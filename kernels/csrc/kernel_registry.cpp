@@ -13,6 +13,7 @@ const std::vector<KernelConfig>& kernel_configs() {
     add_prefill_configs_short_keysplit(all);
     add_mla_configs(all);
     add_mla_wgmma_configs(all);
+    add_mla_seesaw_configs(all);
     return all;
   }();
   return configs;

@@ -41,7 +41,8 @@ auto variant_kernel(const VariantFlags& flags, const Make& make) {
 
 struct KernelConfig {
   std::string name;  // decode | decode_full_batch | prefill_mma | prefill_wgmma | prefill_short |
-                    // prefill_short_keysplit | prefill_mla | prefill_mla_wide | prefill_mla_wgmma
+                    // prefill_short_keysplit | prefill_mla | prefill_mla_wide | prefill_mla_wgmma |
+                    // prefill_mla_seesaw
   KernelFamily family;
   int64_t head_dim_qk;
   int64_t head_dim_vo;
@@ -100,5 +101,6 @@ void add_prefill_configs_d192(std::vector<KernelConfig>& configs);
 void add_prefill_configs_short_keysplit(std::vector<KernelConfig>& configs);
 void add_mla_configs(std::vector<KernelConfig>& configs);
 void add_mla_wgmma_configs(std::vector<KernelConfig>& configs);
+void add_mla_seesaw_configs(std::vector<KernelConfig>& configs);
 
 }  // namespace attn_backend

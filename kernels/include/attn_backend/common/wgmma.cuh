@@ -45,6 +45,14 @@ __device__ __forceinline__ uint64_t descriptor(const void* smem, uint32_t leadin
          (static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
+// `desc` as a value the compiler cannot see through: a loop whose operands sit at the same
+// addresses every iteration would otherwise hoist each k-step's descriptor out of the loop and
+// hold them all in registers (dozens of 64-bit values, spilled).
+__device__ __forceinline__ uint64_t opaque(uint64_t desc) {
+  asm volatile("" : "+l"(desc));
+  return desc;
+}
+
 // Orders this thread's earlier register and shared-memory writes before the next wgmma.
 __device__ __forceinline__ void fence() {
 #if ATTN_BACKEND_HAS_WGMMA
