@@ -7,8 +7,8 @@
 # log land in $OUT, every other log and JSON in $OUT/all.tgz (the device tool brings back
 # at most 8 files).
 #
-#   BEFORE_DIR=.gpu/base BEFORE_LABEL=c66ed44 ATTN_BACKEND_GIT_COMMIT=<sha> \
-#     bash scripts/gpu_before_after.sh [--tests] [--rounds N] [--only decode,prefill]
+#   BEFORE_DIR=.gpu/base BEFORE_LABEL=c66ed44 ATTN_BACKEND_GIT_COMMIT=<sha> [PYTEST_K=...] \
+#   [TESTS_TIMEOUT_S=seconds] bash scripts/gpu_before_after.sh [--tests] [--rounds N] [--only decode,prefill]
 #       [--also-peers flashinfer]   (one more after run with those peers, merged in)
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -56,7 +56,8 @@ fi
 test_rc=0
 if [ "$run_tests" -eq 1 ]; then
   t0=$(date +%s)
-  (cd "$ROOT" && python3 -m pytest -q -m gpu tests -p no:cacheprovider --maxfail=25 \
+  # TESTS_TIMEOUT_S bounds the tests (a kernel that hangs would otherwise take the whole call).
+  (cd "$ROOT" && timeout "${TESTS_TIMEOUT_S:-0}" python3 -m pytest -q -m gpu tests -p no:cacheprovider --maxfail=25 \
      ${PYTEST_K:+-k "$PYTEST_K"} --junitxml="$WORK/gpu_tests.xml") > "$OUT/gpu_tests.log" 2>&1
   test_rc=$?
   summary+=("gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s: $(tail -n 1 "$OUT/gpu_tests.log")")
