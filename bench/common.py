@@ -99,12 +99,27 @@ def write_results(benchmark: str, unit: str, ceiling: dict, rows: list[dict], ou
         "ceiling": ceiling,
         "rows": rows,
     }
+    label = os.environ.get("ATTN_BACKEND_BENCH_FLASHINFER_LABEL")
+    if label:
+        rows = label_flashinfer_peers(rows, label)
+        result["rows"] = rows
     if notes:
         result["notes"] = notes
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{benchmark}-{date}-{gpu_tag()}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
+
+
+def label_flashinfer_peers(rows: list[dict], label: str) -> list[dict]:
+    """Rows whose FlashInfer peers (flashinfer, flashinfer_fa2, ...) carry `label` in their names
+    (flashinfer_fa2_0.7.4): a second FlashInfer release timed beside the first
+    (ATTN_BACKEND_BENCH_FLASHINFER_LABEL, scripts/gpu_flashinfer_peer.sh)."""
+    def rename(name: str) -> str:
+        return f"{name}_{label}" if name.startswith("flashinfer") else name
+
+    return [{**row, "peers": {rename(name): value for name, value in row.get("peers", {}).items()}}
+            for row in rows]
 
 
 def format_table(result_rows: list[dict], unit: str) -> str:
@@ -175,6 +190,7 @@ class OptionalPeers:
                 import flashinfer
                 self.flashinfer = flashinfer
                 self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+                self.notes.append(f"flashinfer {getattr(flashinfer, '__version__', '?')}")
             except Exception as error:  # noqa: BLE001 - reported in the results
                 self.notes.append(f"flashinfer not run: {type(error).__name__}: {error}")
         self.flex = None
