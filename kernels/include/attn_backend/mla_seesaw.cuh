@@ -402,6 +402,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // of -inf stays 0), and the factor from one max to the next (never inf - inf).
   const auto reference_of = [](float max) { return max == kNegInf ? 0.f : max; };
 
+  // This thread's rows' new max and the tile's correction into shared memory (one lane of the
+  // quad writes, after every lane read the old max), for the other warpgroup.
+  const auto publish_max = [&](const float (&max)[2], const float (&correction)[2],
+                               float* corrections) {
+    __syncwarp();
+    if (lane % 4 == 0) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        row_max[row0 + 8 * half] = max[half];
+        corrections[row0 + 8 * half] = correction[half];
+      }
+    }
+  };
+
   // Warpgroup 0, the pair (a, a + 1) with kHasOdd (a + 1 exists) and kHasNextEven (a + 2
   // exists); on entry s holds S of a, no MMA in flight.
   const auto even_pair = [&](auto has_odd, auto has_next_even, int a) {
@@ -419,14 +433,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       row_sum[half] = row_sum[half] * correction[half] + exponentiate(half, reference);
     }
     rescale_output(correction);
-    __syncwarp();  // the quad read the old max before its first lane writes the new one
-    if (lane % 4 == 0) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        row_max[row0 + 8 * half] = max[half];
-        even_correction[row0 + 8 * half] = correction[half];
-      }
-    }
+    publish_max(max, correction, even_correction);
     sync::barrier_arrive<kThreads>(kScaleEvenReady);
     wgmma::pack_a_fragments<DType, kKV>(probs, s[0]);
     issue_own_pv(a);
@@ -498,14 +505,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
     }
     rescale_output(factor);
-    __syncwarp();
-    if (lane % 4 == 0) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        row_max[row0 + 8 * half] = max[half];
-        odd_correction[row0 + 8 * half] = correction[half];
-      }
-    }
+    publish_max(max, correction, odd_correction);
     sync::barrier_arrive<kThreads>(kScaleOddReady);
     if constexpr (kHasOdd) {
       wgmma::pack_a_fragments<DType, kKV>(probs, s[0]);
