@@ -178,10 +178,10 @@ def test_mla_graph_replay_with_new_lengths(seed, latent_backend):
 
 def test_auto_takes_wgmma_beyond_16_rows_on_sm90(seed):
     """The default: a decode of 16 heads on the 16-row mma.sync kernel, 128 heads and
-    verify rows on the 64-row seesaw kernel where the GPU runs it."""
+    verify rows on the 64-row wgmma kernel where the GPU runs it."""
     wgmma = torch.cuda.get_device_capability()[0] == 9
-    for heads, q_len, want in ((16, 1, "prefill_mla"), (128, 1, "prefill_mla_seesaw"),
-                               (16, 4, "prefill_mla_seesaw")):
+    for heads, q_len, want in ((16, 1, "prefill_mla"), (128, 1, "prefill_mla_wgmma"),
+                               (16, 4, "prefill_mla_wgmma")):
         problem, table, q = mla_problem([q_len] * 2, [300, 2000], heads=heads, page_size=16,
                                         seed=seed)
         mla = make_mla(q, problem, "auto")
