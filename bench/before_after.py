@@ -19,27 +19,20 @@ import json
 from pathlib import Path
 
 from .best_of_runs import combine
+from .merge_peers import merge_peers
 from .run_all import BENCHMARKS
 
 
 def merge(before: dict, after: dict, label: str, also: list[dict]) -> dict:
-    result = dict(after)
+    result = merge_peers(after, also)
     before_rows = {row["case"]: row for row in before["rows"]}
-    also_rows = [{row["case"]: row for row in run["rows"]} for run in also]
-    rows = []
-    for row in after["rows"]:
-        merged = dict(row)
-        peers = dict(row.get("peers", {}))
-        for cases in also_rows:
-            peers.update(cases.get(row["case"], {}).get("peers", {}))
+    for row in result["rows"]:
         if row["case"] in before_rows:
-            peers[f"attn_backend_{label}"] = before_rows[row["case"]]["ours"]
-        merged["peers"] = dict(sorted(peers.items()))
-        rows.append(merged)
-    result["rows"] = rows
-    result["notes"] = list(dict.fromkeys(after.get("notes", []) + [
+            row["peers"] = dict(sorted({**row["peers"], f"attn_backend_{label}":
+                                        before_rows[row["case"]]["ours"]}.items()))
+    result["notes"] = result["notes"] + [
         f"peer attn_backend_{label}: the build before the change, timed in the same GPU call "
-        f"({before['command']})"] + [n for run in also for n in run.get("notes", [])]))
+        f"({before['command']})"]
     return result
 
 

@@ -30,8 +30,8 @@
 //   take 221 KB of the 227).
 //
 // Composed of: work_item (the prefill planner's items: decode, verify chains and trees, draft
-// extends, split-KV chunks merged in the launch), wgmma, cta_sync, variant, epilogue,
-// split_kv_merge.
+// extends, split-KV chunks merged in the launch), wgmma, cta_sync, online_softmax (its steps,
+// on the shared max), variant, epilogue, split_kv_merge.
 #pragma once
 
 #include <cstdint>
@@ -40,6 +40,7 @@
 #include "attn_backend/common/cta_sync.cuh"
 #include "attn_backend/common/epilogue.cuh"
 #include "attn_backend/common/math.cuh"
+#include "attn_backend/common/online_softmax.cuh"
 #include "attn_backend/common/params.cuh"
 #include "attn_backend/common/ptx.cuh"
 #include "attn_backend/common/query_rows.cuh"
@@ -187,8 +188,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (!read_packed_tile_work<kRows>(p, work)) return;
   const CtaWork& cta = work.cta;
   const WorkItem& item = work.item;
-  const int q_len = work.q_len;
-  const int kv_len = work.kv_len;
   const int group = p.group_size;
   const int num_rows = work.num_rows;
   const int tid = threadIdx.x;
@@ -251,13 +250,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   __syncthreads();  // every thread holds them before the odd tiles' probabilities replace them
 
-  const PrefillVisibility<kCustomMask> visibility(p, item.request, item.kv_end, q_len, kv_len,
-                                                  item.row_start, num_rows);
+  const PrefillVisibility<kCustomMask> visibility(p, item.request, item.kv_end, work.q_len,
+                                                  work.kv_len, item.row_start, num_rows);
   const Logits logits(p, p.sm_scale * p.scales.key(cta.kv_head));
   const float exp_scale = logits.exp_scale;
-  float o[kOutTiles][4];
+  // The output half and the tile's scores in OnlineSoftmax's shapes (one m-tile of 16 rows per
+  // warp), whose steps run here on the shared max.
+  using Softmax = OnlineSoftmax<1, kScoreTiles>;
+  float o[1][kOutTiles][4];
 #pragma unroll
-  for (int n = 0; n < kOutTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  for (int n = 0; n < kOutTiles; ++n) o[0][n][0] = o[0][n][1] = o[0][n][2] = o[0][n][3] = 0.f;
   float row_sum[2] = {0.f, 0.f};  // this thread's share of its own tiles' sums, on the shared max
   float s[1][kScoreTiles][4];     // its current tile's scores, then probabilities
   uint32_t probs[kKeySteps][4];   // the same, packed as A fragments
@@ -308,8 +310,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     return wgmma::opaque(
         wgmma::descriptor(stage_of(tile) + warpgroup * (kOutTiles / 8) * kBlock, kBlock, 1024));
   };
-  float (&o_low)[kOutTiles / 2][4] = *reinterpret_cast<float (*)[kOutTiles / 2][4]>(&o[0]);
-  float (&o_high)[kOutTiles / 2][4] = *reinterpret_cast<float (*)[kOutTiles / 2][4]>(&o[kOutTiles / 2]);
+  float (&o_low)[kOutTiles / 2][4] = *reinterpret_cast<float (*)[kOutTiles / 2][4]>(&o[0][0]);
+  float (&o_high)[kOutTiles / 2][4] =
+      *reinterpret_cast<float (*)[kOutTiles / 2][4]>(&o[0][kOutTiles / 2]);
   // O += P V of `tile`, P this warpgroup's probabilities (registers); one commit group.
   const auto issue_own_pv = [&](int tile) {
     const uint64_t v_desc = v_descriptor(tile);
@@ -364,44 +367,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                        return visibility.visible(token, key);
                      });
   };
-  // Row `half`'s max over the tile's scores (raw; times exp_scale for the log2 domain).
-  const auto tile_max = [&](int half) {
-    float m = kNegInf;
-#pragma unroll
-    for (int n = 0; n < kScoreTiles; ++n) m = fmaxf(m, fmaxf(s[0][n][2 * half], s[0][n][2 * half + 1]));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
-    return fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
-  };
-  // s becomes exp2(s * exp_scale - reference) for row `half`; returns this thread's sum.
-  const auto exponentiate = [&](int half, float reference) {
-    float sum = 0.f;
-#pragma unroll
-    for (int n = 0; n < kScoreTiles; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float prob = ptx::fast_exp2(fmaf(s[0][n][2 * half + e], exp_scale, -reference));
-        s[0][n][2 * half + e] = prob;
-        sum += prob;
-      }
-    }
-    return sum;
-  };
-  // o's rows times their factors (skipped where no row of the warp moved: warp-uniform).
-  const auto rescale_output = [&](const float (&factor)[2]) {
-    if (__any_sync(0xffffffff, factor[0] != 1.f || factor[1] != 1.f)) {
-#pragma unroll
-      for (int n = 0; n < kOutTiles; ++n) {
-        o[n][0] *= factor[0];
-        o[n][1] *= factor[0];
-        o[n][2] *= factor[1];
-        o[n][3] *= factor[1];
-      }
-    }
-  };
-  // The reference a row's probabilities are taken against (0 while it has seen no key: exp2
-  // of -inf stays 0), and the factor from one max to the next (never inf - inf).
-  const auto reference_of = [](float max) { return max == kNegInf ? 0.f : max; };
-
   // This thread's rows' new max and the tile's correction into shared memory (one lane of the
   // quad writes, after every lane read the old max), for the other warpgroup.
   const auto publish_max = [&](const float (&max)[2], const float (&correction)[2],
@@ -422,43 +387,45 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     constexpr bool kHasOdd = decltype(has_odd)::value;
     constexpr bool kHasNextEven = decltype(has_next_even)::value;
     masked_scores(a);
-    float correction[2], max[2];
+    float correction[1][2], max[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + 8 * half;
       const float old_max = row_max[row];
-      max[half] = fmaxf(old_max, tile_max(half) * exp_scale);
-      const float reference = reference_of(max[half]);
-      correction[half] = ptx::fast_exp2(old_max - reference);
-      row_sum[half] = row_sum[half] * correction[half] + exponentiate(half, reference);
+      max[half] = fmaxf(old_max, Softmax::tile_max(s, 0, half) * exp_scale);
+      const float reference = Softmax::reference_of(max[half]);
+      correction[0][half] = ptx::fast_exp2(old_max - reference);
+      row_sum[half] = row_sum[half] * correction[0][half] +
+                      Softmax::exponentiate_row(s, 0, half, exp_scale, reference);
     }
-    rescale_output(correction);
-    publish_max(max, correction, even_correction);
+    Softmax::rescale(o, correction);
+    publish_max(max, correction[0], even_correction);
     sync::barrier_arrive<kThreads>(kScaleEvenReady);
     wgmma::pack_a_fragments<DType, kKV>(probs, s[0]);
     issue_own_pv(a);
     sync::barrier_wait<kThreads>(kScaleOddReady);
     wgmma::wait_group<0>();
-    wgmma::pin(o);
+    wgmma::pin(o[0]);
     // Chunks 0-31 of stage a % 2: this warpgroup was their last reader.
     copy_part(a + 2, next_address[0]);
     next_address[0] = copier.row_address(a + 4, warp, lane);
     // P_a on the odd tile's max, for warpgroup 1's half of the output; O0 likewise.
-    float odd[2];
+    float odd[1][2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      odd[half] = odd_correction[row0 + 8 * half];
-      row_sum[half] *= odd[half];
+      const float factor = odd_correction[row0 + 8 * half];
+      odd[0][half] = factor;
+      row_sum[half] *= factor;
 #pragma unroll
       for (int n = 0; n < kScoreTiles; ++n) {
-        s[0][n][2 * half] *= odd[half];
-        s[0][n][2 * half + 1] *= odd[half];
+        s[0][n][2 * half] *= factor;
+        s[0][n][2 * half + 1] *= factor;
       }
     }
     wgmma::pack_a_fragments<DType, kKV>(probs, s[0]);
     store_probs(even_probs);
     sync::barrier_arrive<kThreads>(kEvenProbsReady);
-    rescale_output(odd);
+    Softmax::rescale(o, odd);
     if constexpr (kHasOdd) {
       sync::barrier_wait<kThreads>(kOddProbsReady);
       wgmma::fence_generic_to_async_smem();
@@ -473,7 +440,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       } else {
         wgmma::wait_group<0>();
       }
-      wgmma::pin(o);
+      wgmma::pin(o[0]);
     }
   };
 
@@ -485,26 +452,27 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     constexpr bool kHasNextOdd = decltype(has_next_odd)::value;
     sync::barrier_wait<kThreads>(kScaleEvenReady);
     if constexpr (kHasOdd) masked_scores(a + 1);
-    float factor[2], max[2], correction[2];
+    float factor[1][2], max[2], correction[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + 8 * half;
       const float even_max = row_max[row];
       const float even = even_correction[row];
       if constexpr (kHasOdd) {
-        max[half] = fmaxf(even_max, tile_max(half) * exp_scale);
-        const float reference = reference_of(max[half]);
+        max[half] = fmaxf(even_max, Softmax::tile_max(s, 0, half) * exp_scale);
+        const float reference = Softmax::reference_of(max[half]);
         correction[half] = ptx::fast_exp2(even_max - reference);
-        factor[half] = even * correction[half];
-        row_sum[half] = row_sum[half] * factor[half] + exponentiate(half, reference);
+        factor[0][half] = even * correction[half];
+        row_sum[half] = row_sum[half] * factor[0][half] +
+                        Softmax::exponentiate_row(s, 0, half, exp_scale, reference);
       } else {
         max[half] = even_max;
         correction[half] = 1.f;
-        factor[half] = even;
+        factor[0][half] = even;
         row_sum[half] *= even;
       }
     }
-    rescale_output(factor);
+    Softmax::rescale(o, factor);
     publish_max(max, correction, odd_correction);
     sync::barrier_arrive<kThreads>(kScaleOddReady);
     if constexpr (kHasOdd) {
@@ -522,7 +490,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       next_address[1] = copier.row_address(a + 5, warp, lane);
     }
     wgmma::wait_group<0>();
-    wgmma::pin(o);
+    wgmma::pin(o[0]);
     if constexpr (kHasNextEven) {
       copy_part(a + 2, next_address[0]);  // chunks 32-71 of the even stage: read
       next_address[0] = copier.row_address(a + 4, warp, lane);
@@ -592,7 +560,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const float scale = total != 0.f ? 1.f / total : 0.f;
     writer.template write_pairs<kOutTiles>(
         row, warpgroup * kOutTiles * 8 + 2 * (lane % 4), [&](int n) {
-          return make_float2(output(o[n][2 * half] * scale), output(o[n][2 * half + 1] * scale));
+          return make_float2(output(o[0][n][2 * half] * scale),
+                             output(o[0][n][2 * half + 1] * scale));
         });
     if (warpgroup == 0 && lane % 4 == 0) {
       writer.write_lse(row, total != 0.f ? (row_max[row] + __log2f(total)) * kLn2 : kNegInf);

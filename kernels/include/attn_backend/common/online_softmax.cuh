@@ -76,30 +76,27 @@ struct OnlineSoftmax {
     return total != 0.f ? (row_max[mt][half] + __log2f(total)) * kLn2 : kNegInf;
   }
 
- private:
-  // Folds row (mt, half)'s max over the tile into its running max; returns the reference the
-  // tile's probabilities are taken against and sets the correction of the rows' past.
-  __device__ __forceinline__ float fold_max(const float (&s)[kM][kN][4], int mt, int half,
-                                            float exp_scale, float& correction) {
-    float tile_max = kNegInf;
+  // The steps of update(), for kernels whose rows' running max lives elsewhere (mla_seesaw.cuh:
+  // shared by two warpgroups). Row (mt, half)'s raw max over the tile (its quad's lanes agree).
+  __device__ __forceinline__ static float tile_max(const float (&s)[kM][kN][4], int mt,
+                                                   int half) {
+    float m = kNegInf;
 #pragma unroll
-    for (int n = 0; n < kN; ++n) {
-      tile_max = fmaxf(tile_max, fmaxf(s[mt][n][2 * half], s[mt][n][2 * half + 1]));
-    }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
-    const float new_max = fmaxf(row_max[mt][half], tile_max * exp_scale);
-    // With nothing seen yet the max is -inf; subtracting 0 keeps exp2 at 0.
-    const float reference = new_max == kNegInf ? 0.f : new_max;
-    correction = ptx::fast_exp2(row_max[mt][half] - reference);
-    row_max[mt][half] = new_max;
-    return reference;
+    for (int n = 0; n < kN; ++n) m = fmaxf(m, fmaxf(s[mt][n][2 * half], s[mt][n][2 * half + 1]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
+    return fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
   }
 
-  // Row (mt, half)'s scores become exp2(s * exp_scale - reference); its sum, corrected, adds them.
-  __device__ __forceinline__ void exponentiate(float (&s)[kM][kN][4], int mt, int half,
-                                               float exp_scale, float reference,
-                                               float correction) {
+  // The reference a row's probabilities are taken against for running max `max`: with nothing
+  // seen yet the max is -inf, and subtracting 0 keeps exp2 at 0 (never inf - inf).
+  __device__ __forceinline__ static float reference_of(float max) {
+    return max == kNegInf ? 0.f : max;
+  }
+
+  // Row (mt, half)'s scores become exp2(s * exp_scale - reference); returns this thread's sum.
+  __device__ __forceinline__ static float exponentiate_row(float (&s)[kM][kN][4], int mt,
+                                                           int half, float exp_scale,
+                                                           float reference) {
     float sum = 0.f;
 #pragma unroll
     for (int n = 0; n < kN; ++n) {
@@ -110,7 +107,27 @@ struct OnlineSoftmax {
         sum += prob;
       }
     }
-    row_sum[mt][half] = row_sum[mt][half] * correction + sum;
+    return sum;
+  }
+
+ private:
+  // Folds row (mt, half)'s max over the tile into its running max; returns the reference the
+  // tile's probabilities are taken against and sets the correction of the rows' past.
+  __device__ __forceinline__ float fold_max(const float (&s)[kM][kN][4], int mt, int half,
+                                            float exp_scale, float& correction) {
+    const float new_max = fmaxf(row_max[mt][half], tile_max(s, mt, half) * exp_scale);
+    const float reference = reference_of(new_max);
+    correction = ptx::fast_exp2(row_max[mt][half] - reference);
+    row_max[mt][half] = new_max;
+    return reference;
+  }
+
+  // Row (mt, half)'s scores become exp2(s * exp_scale - reference); its sum, corrected, adds them.
+  __device__ __forceinline__ void exponentiate(float (&s)[kM][kN][4], int mt, int half,
+                                               float exp_scale, float reference,
+                                               float correction) {
+    row_sum[mt][half] =
+        row_sum[mt][half] * correction + exponentiate_row(s, mt, half, exp_scale, reference);
   }
 
   // Once the running maxima settle most tiles leave them unchanged; then the m-tile's outputs
