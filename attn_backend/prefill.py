@@ -94,9 +94,10 @@ class PagedPrefill(KernelWrapper):
         64-row warpgroup kernel of 32-key tiles, "seesaw" on the 64-row warpgroup kernel of
         64-key tiles whose warpgroups take alternate tiles (16-bit caches; mla_seesaw.cuh),
         "mma" on the mma.sync ones (16-row tiles for requests of up to 16 rows, 32-row tiles
-        otherwise), "auto" requests of more than 16 rows on the 32-key warpgroup kernel where
-        it runs and the others on the 16-row mma.sync one. "seesaw" is for MLA's head dims
-        only, and not yet run on a GPU."""
+        otherwise), "auto" by rows per request where the warpgroup kernels run: at most 16 on
+        the 16-row mma.sync kernel, at most 64 on the 32-key warpgroup one, more on the
+        seesaw one (16-bit caches; FP8 ones stay on the 32-key kernel). "seesaw" is for MLA's
+        head dims only."""
         if max_num_tokens < 1:
             raise ValueError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
         self._init_shape(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
@@ -105,7 +106,7 @@ class PagedPrefill(KernelWrapper):
                          use_cuda_graph=use_cuda_graph, enable_pdl=enable_pdl, backend=backend)
         self.max_num_tokens = max_num_tokens
         if self._is_mla:
-            (long, short), narrow = self._mla_configs(backend), None
+            long, short, narrow = self._mla_configs(backend)
         elif backend == "seesaw":
             raise ValueError(f"backend='seesaw' is MLA's latent kernel (head dims "
                              f"{MLA_HEAD_DIMS}); head dims ({self.head_dim}, {self.head_dim_vo}) "
@@ -135,22 +136,33 @@ class PagedPrefill(KernelWrapper):
     def _is_mla(self) -> bool:
         return (self.head_dim, self.head_dim_vo) == MLA_HEAD_DIMS
 
-    def _mla_configs(self, backend: str) -> tuple[KernelConfig | None, KernelConfig | None]:
-        """MLA's (long, short) configurations: on mma.sync 32-row tiles, and 16-row ones for
-        requests of at most 16 rows (a decode of 16 heads); "wgmma" (32-key tiles) or "seesaw"
-        (64-key tiles, 16-bit caches) that 64-row warpgroup shape for both. "auto" where wgmma
-        runs: the 32-key 64-row shape for long requests and the 16-row mma.sync one for the
-        short (faster on the H200 at 16 rows, where the 64-row tile would idle three quarters
-        of its rows; bench/results/mla_decode-*)."""
-        short = self._find_config("prefill_mla")
-        if backend == "seesaw" and fp8.is_fp8(self.kv_dtype):
+    def _mla_configs(self, backend: str) -> tuple[KernelConfig | None, KernelConfig | None,
+                                                  KernelConfig | None]:
+        """MLA's (long, short, narrow) configurations. "mma": 32-row mma.sync tiles, and 16-row
+        ones for requests of at most 16 rows (a decode of 16 heads); "wgmma" (32-key tiles) or
+        "seesaw" (64-key tiles, 16-bit caches): that 64-row warpgroup shape for every request.
+        "auto" where wgmma runs, by packed rows per request (bench/results/mla_decode-*, the
+        H200): at most 16 on the 16-row mma.sync kernel (the 64-row tiles would idle three
+        quarters of their rows), at most 64 (e.g. 16 heads x 4 drafts) on the 32-key warpgroup
+        kernel, more (128 heads) on the seesaw one, 3-23% faster there than the 32-key one
+        and 4-8% slower at 64 rows of 16 heads; FP8 caches, which the seesaw kernel does not
+        read, take the 32-key kernel above 16 rows."""
+        mma_16_rows = self._find_config("prefill_mla")
+        is_fp8_cache = fp8.is_fp8(self.kv_dtype)
+        if backend == "seesaw" and is_fp8_cache:
             raise ValueError(f"backend='seesaw' reads 16-bit latent caches; kv_dtype "
                              f"{self.kv_dtype} takes backend='wgmma', 'mma' or 'auto'")
-        # "auto" stays on the 32-key kernel until the seesaw one has run on a GPU (bench/NOTES.md,
-        # session 22: written and compiled, not yet judged).
-        wgmma_name = "prefill_mla_seesaw" if backend == "seesaw" else "prefill_mla_wgmma"
-        long = self._wgmma_or_mma(wgmma_name, "prefill_mla_wide", backend)
-        return long, long if backend in ("wgmma", "seesaw") else short
+        if backend in ("wgmma", "seesaw"):
+            name = "prefill_mla_seesaw" if backend == "seesaw" else "prefill_mla_wgmma"
+            every = self._wgmma_or_mma(name, "prefill_mla_wide", backend)
+            return every, every, None
+        wgmma_32_keys = self._wgmma_or_mma("prefill_mla_wgmma", "prefill_mla_wide", backend)
+        if backend == "mma" or is_fp8_cache or not (wgmma_32_keys and wgmma_32_keys.wgmma):
+            return wgmma_32_keys, mma_16_rows, None
+        seesaw = self._wgmma_or_mma("prefill_mla_seesaw", "prefill_mla_wide", backend)
+        if not (seesaw and seesaw.wgmma):  # a build without the seesaw kernel
+            return wgmma_32_keys, mma_16_rows, None
+        return seesaw, wgmma_32_keys, mma_16_rows
 
     def _long_config(self, backend: str) -> KernelConfig | None:
         """The long-query configuration of `backend` (None: no schedule on this device)."""

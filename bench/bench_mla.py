@@ -13,7 +13,8 @@ SGLang 0.5.23's pin, 10 MB, stable-ABI extensions; else sgl_kernel.flash_mla; pa
 views of the latent and rope columns). A peer that is missing or fails says so in the notes.
 Where our default is a warpgroup (wgmma) kernel, each row also times the mma.sync kernels
 on the same inputs (`ours_mma`); on a 16-bit cache where it is not the seesaw kernel, the
-seesaw one (`ours_seesaw`); `kernel` names the configuration `ours` ran. The GPU
+seesaw one (`ours_seesaw`), and where it is, the 32-key warpgroup one (`ours_wgmma32`);
+`kernel` names the configuration `ours` ran. The GPU
 tests (tests/test_mla_gpu.py) check the latent kernels before this runs in scripts/gpu_check.sh.
 
 FP8 rows (`_fp8e4m3_` in place of `_bf16_`; ATTN_BACKEND_BENCH_KV_DTYPES=bf16 leaves them out):
@@ -155,11 +156,14 @@ def run() -> tuple[str, list[dict], list[str]]:
 
 
 def _other_kernels(shape: dict, planned) -> dict:
-    """Our other MLA kernels on the same case, timed in the same run: the mma.sync ones where
-    "auto" took a warpgroup kernel, the seesaw one where it took another and the cache is
-    16-bit, so that one run says where each kernel wins."""
+    """Our other MLA kernels on the same case, timed in the same run, so that one run says
+    where each wins: the mma.sync ones where "auto" took a warpgroup kernel; the seesaw one
+    where it took another and the cache is 16-bit, the 32-key warpgroup one where it took
+    the seesaw one."""
     others = {"ours_mma": PagedPrefill(**shape, backend="mma")} if planned.wgmma else {}
-    if planned.name != "prefill_mla_seesaw" and shape["kv_dtype"].itemsize == 2:
+    if planned.name == "prefill_mla_seesaw":
+        others["ours_wgmma32"] = PagedPrefill(**shape, backend="wgmma")
+    elif shape["kv_dtype"].itemsize == 2:
         try:
             others["ours_seesaw"] = PagedPrefill(**shape, backend="seesaw")
         except ValueError:  # an older build (a before/after run), or no sm_90 GPU

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -96,5 +98,14 @@ def test_the_deepseek_model_is_an_mla_model_with_dense_mlps(tmp_path):
     hf = config.hf_config
     assert hf.first_k_dense_replace >= hf.num_hidden_layers  # every layer's MLP is dense
     assert BENCHMARKS["deepseek"] == "e2e_sglang_mla"
+    # SGLang's DeepSeek model reads these as attributes while it builds its layers (moe_layer_freq
+    # in every layer, on the H200 a missing one failed every engine); the two left out are read
+    # only behind a hasattr (rope_theta) or on paths of quantised checkpoints.
+    import sglang.srt.models.deepseek_v2 as deepseek_model
+    source = Path(deepseek_model.__file__).read_text()
+    read = set(re.findall(r"(?<![\w.])(?:self\.)?config\.([A-Za-z_]\w*)\b(?!\s*\()", source))
+    assert {"moe_layer_freq", "topk_method", "n_routed_experts"} <= read
+    missing = {name for name in read if not hasattr(hf, name)}
+    assert missing <= {"rope_theta", "quantization_config"}, missing
     with pytest.raises(ValueError, match="model kind"):
         write_model_dir(tmp_path / "other", kind="mamba")

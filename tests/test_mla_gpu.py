@@ -176,19 +176,21 @@ def test_mla_graph_replay_with_new_lengths(seed, latent_backend):
                                    msg=lambda m: f"lengths={lengths}: {m}")
 
 
-def test_auto_takes_wgmma_beyond_16_rows_on_sm90(seed):
-    """The default: a decode of 16 heads on the 16-row mma.sync kernel, 128 heads and
-    verify rows on the 64-row wgmma kernel where the GPU runs it."""
+def test_auto_chooses_the_mla_kernel_by_rows_per_request(seed):
+    """The default where the GPU runs the warpgroup kernels: up to 16 rows per request (a
+    decode of 16 heads) on the 16-row mma.sync kernel, up to 64 (16 heads x 2 or 4 drafts) on
+    the 32-key wgmma kernel, more (128 heads, 16 heads x 8 tokens) on the seesaw one."""
     wgmma = torch.cuda.get_device_capability()[0] == 9
-    for heads, q_len, want in ((16, 1, "prefill_mla"), (128, 1, "prefill_mla_wgmma"),
-                               (16, 4, "prefill_mla_wgmma")):
+    for heads, q_len, want in ((16, 1, "prefill_mla"), (16, 2, "prefill_mla_wgmma"),
+                               (16, 4, "prefill_mla_wgmma"), (16, 8, "prefill_mla_seesaw"),
+                               (128, 1, "prefill_mla_seesaw")):
         problem, table, q = mla_problem([q_len] * 2, [300, 2000], heads=heads, page_size=16,
                                         seed=seed)
         mla = make_mla(q, problem, "auto")
         mla.plan(qo_indptr([q_len] * 2), [300, 2000])
         assert planned_kernel(mla) == (want if wgmma else
                                        ("prefill_mla" if heads * q_len <= 16 else
-                                        "prefill_mla_wide"))
+                                        "prefill_mla_wide")), (heads, q_len)
         check_against_reference(mla, problem, table, q, seed=seed, causal=True)
 
 
