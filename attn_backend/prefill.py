@@ -156,12 +156,11 @@ class PagedPrefill(KernelWrapper):
             name = "prefill_mla_seesaw" if backend == "seesaw" else "prefill_mla_wgmma"
             every = self._wgmma_or_mma(name, "prefill_mla_wide", backend)
             return every, every, None
+        # "mma", or "auto" where no warpgroup kernel runs: mma.sync's 32-row shape.
         wgmma_32_keys = self._wgmma_or_mma("prefill_mla_wgmma", "prefill_mla_wide", backend)
-        if backend == "mma" or is_fp8_cache or not (wgmma_32_keys and wgmma_32_keys.wgmma):
+        if is_fp8_cache or wgmma_32_keys is None or not wgmma_32_keys.wgmma:
             return wgmma_32_keys, mma_16_rows, None
-        seesaw = self._wgmma_or_mma("prefill_mla_seesaw", "prefill_mla_wide", backend)
-        if not (seesaw and seesaw.wgmma):  # a build without the seesaw kernel
-            return wgmma_32_keys, mma_16_rows, None
+        seesaw = self._wgmma_or_mma("prefill_mla_seesaw", "prefill_mla_wgmma", backend)
         return seesaw, wgmma_32_keys, mma_16_rows
 
     def _long_config(self, backend: str) -> KernelConfig | None:

@@ -235,8 +235,8 @@ def plan_prefill(q_lens: np.ndarray, kv_lens: np.ndarray, *, group_size: int, sh
 def choose_prefill_shape(q_lens: np.ndarray, *, group_size: int, short_rows: int | None,
                          graph_num_tokens: int | None, narrow_rows: int | None = None) -> str:
     """Which tiles a prefill batch takes, "narrow", "short" or "long": a tile never spans
-    requests, so requests of at most `narrow_rows` packed rows take the narrow (key-split)
-    tiles, those of at most `short_rows` the short ones (with CUDA graphs: the rows per request
+    requests, so requests of at most `narrow_rows` packed rows take the narrow tiles (d128's
+    key-split ones, MLA's 16-row mma.sync ones), those of at most `short_rows` the short ones (with CUDA graphs: the rows per request
     of the captured tokens, fixed per graph); the others take the long-query tiles, which read
     each K/V tile for more rows. None: the wrapper has no such configuration."""
     if graph_num_tokens is not None:

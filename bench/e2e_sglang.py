@@ -64,8 +64,9 @@ MODEL_KINDS = {
 }
 
 
-# (SGLang 0.5.17: `config.moe_layer_freq` in every layer's constructor, `topk_method` and
-# `scoring_func` in the router's.)
+# Keys of DeepSeek-V3's released config.json that transformers' DeepseekV3Config does not
+# define and SGLang 0.5.17's deepseek_v2.py reads as attributes (`moe_layer_freq` in every
+# layer's constructor, `topk_method` and `scoring_func` in the router's).
 DEEPSEEK_RELEASE_KEYS = {"moe_layer_freq": 1, "topk_method": "noaux_tc",
                          "scoring_func": "sigmoid"}
 
@@ -111,8 +112,6 @@ def model_config(kind: str, *, layers: int, **tokens):
             n_routed_experts=8, moe_intermediate_size=256, n_shared_experts=1,
             num_experts_per_tok=2, n_group=1, topk_group=1, rope_theta=10000.0,
             rope_scaling=None, architectures=["DeepseekV3ForCausalLM"],
-            # Keys of DeepSeek-V3's released config.json that transformers' DeepseekV3Config
-            # does not define and SGLang's deepseek_v2.py reads as attributes.
             **DEEPSEEK_RELEASE_KEYS, **common)
     raise ValueError(f"model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
 

@@ -125,6 +125,30 @@ def test_mla_backends_plan_for_their_kernels_and_the_cpu_plans_mma_for_auto():
 
 
 @needs_prebuilt
+def test_mla_auto_plans_three_tiers_by_rows_per_request_where_wgmma_runs(monkeypatch):
+    """Where the warpgroup kernels run (stood in for on the CPU), the plan takes the 16-row
+    mma.sync tiles up to 16 rows per request, the 32-key wgmma ones up to 64, the seesaw ones
+    above; FP8 caches keep the 32-key kernel above 16 rows."""
+    from attn_backend import PagedPrefill
+
+    monkeypatch.setattr(PagedPrefill, "_wgmma_or_mma", lambda self, wgmma, mma, backend:
+                        self._find_config(mma if backend == "mma" else wgmma))
+
+    def planned(heads, q_len, kv_dtype=torch.bfloat16):
+        mla = PagedPrefill(num_qo_heads=heads, num_kv_heads=1, head_dim=576, head_dim_vo=512,
+                           dtype=torch.bfloat16, kv_dtype=kv_dtype, device="cpu",
+                           max_batch_size=4, max_num_tokens=64)
+        mla.plan([0, q_len, 2 * q_len], [100, 3000])
+        return mla._planned.config.name
+
+    assert planned(16, 1) == "prefill_mla"
+    assert planned(16, 4) == "prefill_mla_wgmma"
+    assert planned(16, 8) == "prefill_mla_seesaw"
+    assert planned(128, 1) == "prefill_mla_seesaw"
+    assert planned(128, 1, torch.float8_e4m3fn) == "prefill_mla_wgmma"
+
+
+@needs_prebuilt
 def test_the_run_op_takes_at_most_14_arguments_and_traces_with_fake_tensors():
     from torch.fx.experimental.proxy_tensor import make_fx
 
