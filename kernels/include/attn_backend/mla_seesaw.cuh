@@ -23,8 +23,10 @@
 //   and while one warpgroup runs its softmax the other's products keep the tensor cores busy.
 // - loads: a tile's 72 chunks per row are copied in two parts, each by the warpgroup that reads
 //   them last (chunks 0-31, V's first 256 columns: warpgroup 0; 32-71: warpgroup 1), as soon as
-//   that warpgroup is done with the stage; an mbarrier per part completes when the copies land
-//   (cp.async.mbarrier.arrive), so no warpgroup waits at a CTA-wide barrier for the other's loads.
+//   that warpgroup is done with the stage; an mbarrier per 64-column block completes when its
+//   copies land (cp.async.mbarrier.arrive), so no warpgroup waits at a CTA-wide barrier for the
+//   other's loads, and S starts on a part's first block while the rest are in flight (waiting
+//   for a whole 32 KB part cost its transfer time, about a microsecond per SM, on every tile).
 //   Each warp looks up its 16 rows' pages itself, a tile ahead, and passes the row addresses by
 //   shuffles (no address table in shared memory: Q, two 72 KB stages and a probability tile
 //   take 221 KB of the 227).
@@ -78,6 +80,9 @@ struct MlaSeesawTraits : Shape {
   using LayoutP = Swizzled128BBlocks<Shape::kKVTile * 2 / 16, Shape::kRows>;  // 64 x 64 probabilities
   // The part of a row warpgroup 0 copies: V's first 256 columns (its half of P V).
   static constexpr int kLowChunks = Shape::kHeadDimVO / 2 * 2 / 16;  // 32
+  // A row's 64-column blocks (8 chunks, 4 k-steps of S each), the unit of copy completion.
+  static constexpr int kBlocks = kChunks / 8;        // 9
+  static constexpr int kLowBlocks = kLowChunks / 8;  // 4: warpgroup 0's
   static constexpr int kSteps = Shape::kHeadDimQK / 16;               // 36 k-steps of S
   static constexpr int kRopeSteps = (Shape::kHeadDimQK - Shape::kHeadDimVO) / 16;  // 4, from registers
   static constexpr int kTileBytes = Shape::kKVTile * kChunks * 16;  // 72 KB
@@ -92,7 +97,7 @@ struct MlaSeesawTraits : Shape {
   static constexpr int kScalarsOffset = kEvenProbsOffset + kProbsBytes;
   static constexpr int kBarriersOffset = kScalarsOffset + 3 * Shape::kRows * 4;
   static constexpr int kAlignPad = 1024;  // the kernel aligns the dynamic base itself
-  static constexpr int kSmemBytes = kBarriersOffset + 2 * Shape::kStages * 8 + kAlignPad;
+  static constexpr int kSmemBytes = kBarriersOffset + kBlocks * Shape::kStages * 8 + kAlignPad;
   static_assert(kSteps - kRopeSteps == kChunks / 8 * 4 - 4 && (kSteps - kRopeSteps) % 4 == 0,
                 "the rope dims are Q's last 128-byte block");
   static_assert(kTileBytes % 1024 == 0 && kQOffset % 1024 == 0 && kEvenProbsOffset % 1024 == 0 &&
@@ -134,16 +139,16 @@ struct LatentRowCopier {
                         static_cast<int64_t>(sizeof(DTypeKV));
   }
 
-  // cp.async of chunks [kFirst, kFirst + kCount) of the warp's 16 rows into `tile_smem`.
-  template <int kFirst, int kCount>
-  __device__ __forceinline__ void copy_rows(uint8_t* tile_smem, const char* address, int warp,
-                                            int lane) const {
+  // cp.async of chunks [first, first + kCount) of the warp's 16 rows into `tile_smem`.
+  template <int kCount>
+  __device__ __forceinline__ void copy_rows(uint8_t* tile_smem, const char* address, int first,
+                                            int warp, int lane) const {
     static_assert((16 * kCount) % 32 == 0, "whole passes of the warp");
-#pragma unroll 4
+#pragma unroll
     for (int pass = 0; pass < 16 * kCount / 32; ++pass) {
       const int i = lane + 32 * pass;
       const int row = i / kCount;
-      const int chunk = kFirst + i % kCount;
+      const int chunk = first + i % kCount;
       const char* src = reinterpret_cast<const char*>(
           __shfl_sync(0xffffffff, reinterpret_cast<unsigned long long>(address), row));
       const bool valid = src != nullptr;
@@ -181,7 +186,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   float* const row_max = reinterpret_cast<float*>(smem + Traits::kScalarsOffset);
   float* const even_correction = row_max + kRows;
   float* const odd_correction = even_correction + kRows;
-  // [stage][part]: part 0 (chunks < kLowChunks) copied by warpgroup 0, part 1 by warpgroup 1.
+  // [stage][block]: blocks < kLowBlocks copied by warpgroup 0, the others by warpgroup 1.
   uint64_t* const landed = reinterpret_cast<uint64_t*>(smem + Traits::kBarriersOffset);
 
   PackedTileWork work;
@@ -200,7 +205,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   if (tid == 0) {
 #pragma unroll
-    for (int i = 0; i < 2 * Traits::kStages; ++i) sync::mbarrier_init(landed + i, 128);
+    for (int i = 0; i < Traits::kBlocks * Traits::kStages; ++i) sync::mbarrier_init(landed + i, 128);
   }
   if (tid < kRows) row_max[tid] = kNegInf;
   load_query_rows<DType, typename Traits::LayoutQ, kRows, kThreads>(p, rows, num_rows, q_smem);
@@ -211,23 +216,34 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int num_tiles = copier.num_tiles;
   uint8_t* const ring = smem;
   const auto stage_of = [&](int tile) { return ring + (tile % 2) * Traits::kTileBytes; };
-  // This warpgroup's part of `tile` (one commit group, even without a tile, so that the
-  // query's group is always the third newest after the prologue).
+  // This warpgroup's part of `tile`, block by block, each block's mbarrier completing when
+  // its copies (and this thread's earlier ones) land, so that S can start on the first block
+  // while the others are in flight. One commit group, even without a tile, so that the
+  // query's group is always the third newest after the prologue.
+  const auto copy_blocks = [&](int tile, const char* address, auto first_block, auto end_block) {
+    constexpr int kFirstBlock = decltype(first_block)::value;
+    constexpr int kEndBlock = decltype(end_block)::value;
+#pragma unroll 1
+    for (int block = kFirstBlock; block < kEndBlock; ++block) {
+      copier.template copy_rows<8>(stage_of(tile), address, 8 * block, warp, lane);
+      sync::arrive_when_copies_land(landed + (tile % 2) * Traits::kBlocks + block);
+    }
+  };
   const auto copy_part = [&](int tile, const char* address) {
     if (tile < num_tiles) {
       if (warpgroup == 0) {
-        copier.template copy_rows<0, Traits::kLowChunks>(stage_of(tile), address, warp, lane);
+        copy_blocks(tile, address, std::integral_constant<int, 0>(),
+                    std::integral_constant<int, Traits::kLowBlocks>());
       } else {
-        copier.template copy_rows<Traits::kLowChunks, Traits::kChunks - Traits::kLowChunks>(
-            stage_of(tile), address, warp, lane);
+        copy_blocks(tile, address, std::integral_constant<int, Traits::kLowBlocks>(),
+                    std::integral_constant<int, Traits::kBlocks>());
       }
     }
     ptx::cp_async_commit();
-    if (tile < num_tiles) sync::arrive_when_copies_land(landed + (tile % 2) * 2 + warpgroup);
   };
-  // Before the MMAs read `part` of `tile`: it landed (the stage's (tile / 2)-th use).
-  const auto wait_landed = [&](int tile, int part) {
-    sync::mbarrier_wait(landed + (tile % 2) * 2 + part, (tile / 2) & 1);
+  // Before the MMAs read `block` of `tile`: it landed (the stage's (tile / 2)-th use).
+  const auto wait_landed = [&](int tile, int block) {
+    sync::mbarrier_wait(landed + (tile % 2) * Traits::kBlocks + block, (tile / 2) & 1);
     wgmma::fence_generic_to_async_smem();
   };
 
@@ -264,32 +280,34 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   float s[1][kScoreTiles][4];     // its current tile's scores, then probabilities
   uint32_t probs[kKeySteps][4];   // the same, packed as A fragments
 
-  // S of `tile` = Q K^T over the dims of each copied part as it lands, the calling
-  // warpgroup's own part (std::integral_constant: 0 or 1) first, copied earlier or just now by
-  // itself: part 0 = k-steps 0-15, part 1 = the rest, the rope steps with Q from registers.
+  // S of `tile` = Q K^T, each 64-column block's 4 k-steps as soon as that block has landed, the
+  // calling warpgroup's own part (std::integral_constant: 0 or 1) first, copied earlier or just
+  // now by itself: part 0 = blocks 0-3, part 1 = the rest, the rope block with Q from registers.
   // Two commit groups; the caller waits for both. (The parts are compile-time: a wgmma on a
   // path that depends on a runtime value makes ptxas serialize every wgmma of the kernel.)
   const auto issue_scores_part = [&](int tile, auto part, bool first) {
     constexpr int kPart = decltype(part)::value;
-    wait_landed(tile, kPart);
+    constexpr int kFirstBlock = kPart == 0 ? 0 : Traits::kLowBlocks;
+    constexpr int kEndBlock = kPart == 0 ? Traits::kLowBlocks : Traits::kBlocks;
+    constexpr int kSmemBlocks = (Traits::kSteps - Traits::kRopeSteps) / 4;  // Q's blocks in smem
     const uint64_t a_desc = wgmma::opaque(wgmma::descriptor(q_smem, 16, 1024));
     const uint64_t b_desc = wgmma::opaque(wgmma::descriptor(stage_of(tile), 16, 1024));
-    constexpr int kLowSteps = Traits::kLowChunks / 2;  // 16
-    constexpr int kSmemSteps = Traits::kSteps - Traits::kRopeSteps;
-    constexpr int kFirstStep = kPart == 0 ? 0 : kLowSteps;
-    constexpr int kEndStep = kPart == 0 ? kLowSteps : kSmemSteps;
-    wgmma::fence();
 #pragma unroll
-    for (int kk = kFirstStep; kk < kEndStep; ++kk) {
-      const int bytes = (kk / 4) * kRows * 128 + (kk % 4) * 32;  // Q and K tiles: 64 rows
-      wgmma::Wgmma<kKV, DType>::template ss<0>(s[0], a_desc + (bytes >> 4), b_desc + (bytes >> 4),
-                                              !first || kk > kFirstStep);
-    }
-    if constexpr (kPart == 1) {
+    for (int block = kFirstBlock; block < kEndBlock; ++block) {
+      wait_landed(tile, block);
+      // After every wait, not only the first: a fence that ptxas inserts itself after the wait
+      // loop (a divergent path) makes it serialize every wgmma of the kernel (C7520).
+      wgmma::fence();
 #pragma unroll
-      for (int k = 0; k < Traits::kRopeSteps; ++k) {
-        const int bytes = kSmemSteps / 4 * kKV * 128 + k * 32;
-        wgmma::Wgmma<kKV, DType>::template rs<0>(s[0], q_rope[k], b_desc + (bytes >> 4));
+      for (int k = 0; k < 4; ++k) {
+        const int bytes = block * kRows * 128 + k * 32;  // Q and K tiles: 64 rows a block
+        if (block < kSmemBlocks) {
+          wgmma::Wgmma<kKV, DType>::template ss<0>(s[0], a_desc + (bytes >> 4),
+                                                  b_desc + (bytes >> 4),
+                                                  !first || block > kFirstBlock || k > 0);
+        } else {
+          wgmma::Wgmma<kKV, DType>::template rs<0>(s[0], q_rope[k], b_desc + (bytes >> 4));
+        }
       }
     }
     wgmma::commit_group();
