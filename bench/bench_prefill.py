@@ -192,6 +192,11 @@ def plot(rows, ceiling_tflops, path, device: str | None = None):
     builds = sorted({p for row in rows for p in row["peers"] if p.startswith("attn_backend_")})
     names += builds  # earlier builds of ours (bench/before_after.py)
     colors += ["tab:gray"] * len(builds)
+    # A second FlashInfer release merged in (bench/merge_peers.py names it flashinfer_<kind>_<version>).
+    releases = sorted({p for row in rows for p in row["peers"]
+                       if p.startswith("flashinfer_") and p not in names})
+    names += releases
+    colors += ["tab:brown", "tab:pink", "tab:orange"][:len(releases)] + ["tab:gray"] * max(0, len(releases) - 3)
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(rows)), 4.5))
     width = 0.8 / len(names)
     for i, (name, color) in enumerate(zip(names, colors)):
