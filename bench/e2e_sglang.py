@@ -257,7 +257,8 @@ def main(argv=None) -> int:
                         help="engines per row, started in turns (backend order reversed every "
                              "other turn); rows report the median over engines")
     parser.add_argument("--page16", nargs="*", default=[OURS, "flashinfer"],
-                        help="backends also run with page size 16")
+                        help="backends also run with page size 16 (default: attn_backend "
+                             "flashinfer; the flag with no names: none)")
     parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--agreement-prompts", type=int, default=32)
     parser.add_argument("--agreement-tokens", type=int, default=8)
