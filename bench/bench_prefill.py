@@ -195,8 +195,9 @@ def plot(rows, ceiling_tflops, path, device: str | None = None):
     # A second FlashInfer release merged in (bench/merge_peers.py names it flashinfer_<kind>_<version>).
     releases = sorted({p for row in rows for p in row["peers"]
                        if p.startswith("flashinfer_") and p not in names})
+    palette = ["tab:brown", "tab:pink", "tab:orange"]
     names += releases
-    colors += ["tab:brown", "tab:pink", "tab:orange"][:len(releases)] + ["tab:gray"] * max(0, len(releases) - 3)
+    colors += [palette[i % len(palette)] for i in range(len(releases))]
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(rows)), 4.5))
     width = 0.8 / len(names)
     for i, (name, color) in enumerate(zip(names, colors)):
