@@ -139,21 +139,40 @@ struct LatentRowCopier {
                         static_cast<int64_t>(sizeof(DTypeKV));
   }
 
-  // cp.async of chunks [first, first + kCount) of the warp's 16 rows into `tile_smem`.
-  template <int kCount>
-  __device__ __forceinline__ void copy_rows(uint8_t* tile_smem, const char* address, int first,
-                                            int warp, int lane) const {
-    static_assert((16 * kCount) % 32 == 0, "whole passes of the warp");
+  // One warp's copies of a 64-column block of its 16 rows: lane l copies chunk l % 8 of rows
+  // l / 8 + 4 pass (passes 0-3). Everything that depends on the row only (its address, taken by
+  // a shuffle; a null row; the swizzled place) is worked out once a tile: a block moves the
+  // source by 128 bytes and the destination by Layout::kBlockBytes.
+  static constexpr int kPasses = 16 * 8 / 32;
+  struct BlockCopies {
+    const char* src[kPasses];  // the lane's chunk of the pass's row in block 0 (k_base: a null row)
+    uint32_t dst[kPasses];     // its byte offset in the tile's block 0
+    bool valid[kPasses];
+  };
+
+  __device__ __forceinline__ BlockCopies block_copies(const char* address, int warp,
+                                                      int lane) const {
+    BlockCopies copies;
 #pragma unroll
-    for (int pass = 0; pass < 16 * kCount / 32; ++pass) {
-      const int i = lane + 32 * pass;
-      const int row = i / kCount;
-      const int chunk = first + i % kCount;
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int row = lane / 8 + 4 * pass;
+      const int chunk = lane % 8;
       const char* src = reinterpret_cast<const char*>(
           __shfl_sync(0xffffffff, reinterpret_cast<unsigned long long>(address), row));
-      const bool valid = src != nullptr;
-      ptx::cp_async_16(tile_smem + Layout::chunk_index(16 * warp + row, chunk) * 16,
-                       (valid ? src : k_base) + chunk * 16, valid);
+      copies.valid[pass] = src != nullptr;
+      copies.src[pass] = (copies.valid[pass] ? src : k_base) + chunk * 16;
+      copies.dst[pass] = Layout::chunk_index(16 * warp + row, chunk) * 16;
+    }
+    return copies;
+  }
+
+  __device__ __forceinline__ void copy_block(uint8_t* tile_smem, const BlockCopies& copies,
+                                             int block) const {
+    uint8_t* const block_smem = tile_smem + block * Layout::kBlockBytes;
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      ptx::cp_async_16(block_smem + copies.dst[pass], copies.src[pass] + 128 * block,
+                       copies.valid[pass]);
     }
   }
 };
@@ -223,9 +242,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const auto copy_blocks = [&](int tile, const char* address, auto first_block, auto end_block) {
     constexpr int kFirstBlock = decltype(first_block)::value;
     constexpr int kEndBlock = decltype(end_block)::value;
+    const auto copies = copier.block_copies(address, warp, lane);
 #pragma unroll 1
     for (int block = kFirstBlock; block < kEndBlock; ++block) {
-      copier.template copy_rows<8>(stage_of(tile), address, 8 * block, warp, lane);
+      copier.copy_block(stage_of(tile), copies, block);
       sync::arrive_when_copies_land(landed + (tile % 2) * Traits::kBlocks + block);
     }
   };

@@ -38,6 +38,8 @@ template <int kChunks_, int kRows>
 struct Swizzled128BBlocks {
   static constexpr int kChunks = kChunks_;
   static_assert(kChunks % 8 == 0 && kRows % 8 == 0, "whole 128-byte lines and 8-row groups");
+  // Column block b's chunks are block 0's moved by b * kBlockBytes.
+  static constexpr int kBlockBytes = kRows * 8 * 16;
   __device__ __forceinline__ static int chunk_index(int row, int chunk) {
     return (chunk / 8) * (kRows * 8) + row * 8 + ((chunk % 8) ^ (row & 7));
   }
