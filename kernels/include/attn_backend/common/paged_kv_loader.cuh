@@ -17,6 +17,7 @@
 
 #include "attn_backend/common/params.cuh"
 #include "attn_backend/common/ptx.cuh"
+#include "attn_backend/common/smem_layout.cuh"
 #include "attn_backend/common/wgmma.cuh"
 
 namespace attn_backend {
@@ -98,16 +99,40 @@ struct PagedKVLoader {
   }
 
   // Thread `tid` copies chunk tid % kChunks of rows tid / kChunks + j * (kThreads / kChunks)
-  // (rows whose chunk count divides the threads), or the chunks tid + j * kThreads of the
-  // tile in row-major order (MLA's 72-chunk rows). The second form would serve both, with
-  // the same addresses, but compiles to longer code for the first (the chunk is no longer a
-  // per-thread constant for ptxas: 5% more SASS and a larger stack frame in the decode and
-  // prefill kernels), so the first keeps its own loop.
+  // (rows whose chunk count divides the threads); or, for rows of whole 128-byte blocks that
+  // do not (MLA's 72-chunk latent rows, 24-chunk rows of head dim 192), chunk tid % 8 of
+  // every block of rows tid / 8 + j * (kThreads / 8); or else the chunks tid + j * kThreads
+  // of the tile in row-major order. The row-major form would serve all, with the same
+  // addresses, but compiles to longer code (the row and chunk are no longer per-thread
+  // constants for ptxas: each copy of the 72-chunk rows cost about 14 SASS instructions, its
+  // row address read and checked again; 5% more SASS and a larger stack frame in the decode
+  // and prefill kernels).
   template <typename Layout>
   __device__ __forceinline__ void load_side(uint8_t* tile_smem, int stage, int side) const {
     constexpr int kChunks = Layout::kChunks;
     const char* const* addresses = row_addresses + stage * kTileTokens * 2 + side;
-    if constexpr (kThreads % kChunks != 0) {
+    if constexpr (kThreads % kChunks != 0 && kThreads % 8 == 0 &&
+                  blocks_move_by_constant_offset<Layout>()) {
+      // A row's address is read and checked once for its kChunks / 8 copies.
+      constexpr int kRowsPerPass = kThreads / 8;
+      const int chunk = tid % 8;
+      const int first_row = tid / 8;
+#pragma unroll
+      for (int j = 0; j < (kTileTokens + kRowsPerPass - 1) / kRowsPerPass; ++j) {
+        const int row = first_row + j * kRowsPerPass;
+        if (kTileTokens % kRowsPerPass == 0 || row < kTileTokens) {
+          const char* src = addresses[row * 2];
+          const bool valid = src != nullptr;
+          const char* const row_src = (valid ? src : k_base) + chunk * 16;
+          uint8_t* const row_dst = tile_smem + Layout::chunk_index(row, chunk) * 16;
+#pragma unroll
+          for (int block = 0; block < kChunks / 8; ++block) {
+            ptx::cp_async_16(row_dst + Layout::chunk_index(0, 8 * block) * 16, row_src + 128 * block,
+                             valid);
+          }
+        }
+      }
+    } else if constexpr (kThreads % kChunks != 0) {
 #pragma unroll
       for (int j = 0; j < (kTileTokens * kChunks + kThreads - 1) / kThreads; ++j) {
         const int i = tid + j * kThreads;

@@ -22,7 +22,7 @@ template <int kChunks_>
 struct XorSwizzledRows {
   static constexpr int kChunks = kChunks_;
   static_assert(kChunks % 4 == 0, "rows of whole 64-byte halves of 128-byte lines");
-  __device__ __forceinline__ static int chunk_index(int row, int chunk) {
+  __host__ __device__ __forceinline__ static constexpr int chunk_index(int row, int chunk) {
     if constexpr (kChunks % 8 == 4) {
       return row * kChunks + (chunk ^ ((row >> 1) & 3));
     } else {
@@ -40,9 +40,31 @@ struct Swizzled128BBlocks {
   static_assert(kChunks % 8 == 0 && kRows % 8 == 0, "whole 128-byte lines and 8-row groups");
   // Column block b's chunks are block 0's moved by b * kBlockBytes.
   static constexpr int kBlockBytes = kRows * 8 * 16;
-  __device__ __forceinline__ static int chunk_index(int row, int chunk) {
+  __host__ __device__ __forceinline__ static constexpr int chunk_index(int row, int chunk) {
     return (chunk / 8) * (kRows * 8) + row * 8 + ((chunk % 8) ^ (row & 7));
   }
 };
+
+// Whether chunk 8 b + c of every row sits at chunk c's place moved by block b's offset (the
+// swizzle permutes chunks only inside 128-byte blocks), so that a copier can work out a row's
+// place once and step through its blocks by a constant.
+template <typename Layout>
+constexpr bool blocks_move_by_constant_offset() {
+  if constexpr (Layout::kChunks % 8 != 0) {
+    return false;
+  } else {
+    for (int row = 0; row < 16; ++row) {
+      for (int block = 0; block < Layout::kChunks / 8; ++block) {
+        for (int chunk = 0; chunk < 8; ++chunk) {
+          if (Layout::chunk_index(row, 8 * block + chunk) !=
+              Layout::chunk_index(row, chunk) + Layout::chunk_index(0, 8 * block)) {
+            return false;
+          }
+        }
+      }
+    }
+    return true;
+  }
+}
 
 }  // namespace attn_backend
