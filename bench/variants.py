@@ -49,8 +49,9 @@ void run_variant(int64_t variant, const at::Tensor& q, const at::Tensor& k_cache
     kv.push_back(one);
     kv.push_back(one);
   }}
+  // V's head dim from its cache view: head_dim, or MLA's 512 columns of the 576-wide rows.
   AttentionParams params = make_attention_params(
-      info, head_dim, head_dim, tile_rows, q, kv, page_table, std::nullopt,
+      info, head_dim, v_cache.size(3), tile_rows, q, kv, page_table, std::nullopt,
       std::nullopt, table_holds_slots, workspace, std::nullopt, sm_scale, 0.0, out, std::nullopt);
 #ifdef ATTN_BACKEND_DECODE_TRACE
   TORCH_CHECK(trace.has_value() && trace->scalar_type() == at::kLong && trace->is_contiguous() &&

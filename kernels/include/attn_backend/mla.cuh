@@ -56,9 +56,13 @@ constexpr int kMlaHeadDimVO = 512;
 
 // The CTA shape: 16-row m-tiles (kMTiles of them: up to 32 packed rows), the ring depth and
 // the keys per tile (64, or 32: half the ring for the same depth); 8 warps always (the warp
-// split above is built on them).
-template <int kMTiles_, int kStages_, int kKVTile_ = 64>
+// split above is built on them). kCtasPerSm_: CTAs an SM runs at once (0: as the cache type
+// decides, see MlaTraits; 2 asks for at most 128 registers a thread).
+template <int kMTiles_, int kStages_, int kKVTile_ = 64, int kCtasPerSm_ = 0,
+          bool kQueryInRegisters_ = false>
 struct MlaShape {
+  static constexpr int kCtasPerSmAsked = kCtasPerSm_;
+  static constexpr bool kQueryInRegisters = kQueryInRegisters_;
   static constexpr int kHeadDimQK = kMlaHeadDimQK;
   static constexpr int kHeadDimVO = kMlaHeadDimVO;
   static constexpr int kMTiles = kMTiles_;
@@ -77,7 +81,8 @@ struct MlaTraits : Shape {
   static_assert(sizeof(DTypeQ) == 2 && (std::is_same_v<DTypeQ, DTypeKV> || is_fp8<DTypeKV>()),
                 "MLA: a 16-bit query over a latent cache of its type or FP8");
   static constexpr bool kFp8 = is_fp8<DTypeKV>();
-  static constexpr int kCtasPerSm = kFp8 && Shape::kRows == 16 ? 2 : 1;
+  static constexpr int kCtasPerSm =
+      Shape::kCtasPerSmAsked > 0 ? Shape::kCtasPerSmAsked : (kFp8 && Shape::kRows == 16 ? 2 : 1);
   static constexpr int kStages = kFp8 && kCtasPerSm == 1 ? 2 * Shape::kStages : Shape::kStages;
   static constexpr int kChunksQ = chunks_per_row<DTypeQ, Shape::kHeadDimQK>();  // 72
   static constexpr int kChunksK = chunks_per_row<DTypeKV, Shape::kHeadDimQK>();  // 72, FP8 36
@@ -175,6 +180,18 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
   // col0 * sizeof(DTypeKV) on: the XOR swizzle keeps each aligned 8-chunk block (FP8 rows:
   // 4-chunk group) in place, so the block's tile is the tile from that chunk on.
   const int col0 = warp * Traits::kColsPerWarp;
+  // kQueryInRegisters: this warp's A fragments of S, read from shared memory once, not per tile.
+  uint32_t query[Traits::kQueryInRegisters ? Traits::kStepsPerPart : 1][kM][4];
+  if constexpr (Traits::kQueryInRegisters) {
+#pragma unroll
+    for (int step = 0; step < Traits::kStepsPerPart; ++step) {
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) {
+        Mma::template load_a<typename Traits::LayoutQ>(
+            query[step][mt], q_smem, mt * 16, dim_part * Traits::kStepsPerPart + step, lane);
+      }
+    }
+  }
   float o[kM][Traits::kColsPerWarp / 8][4];
 #pragma unroll
   for (int mt = 0; mt < kM; ++mt) {
@@ -194,16 +211,25 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
 #pragma unroll
         for (int n = 0; n < 2; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
       }
-      // Two CTAs per SM (at most 128 registers): a few steps in flight, not all 18.
-#pragma unroll(Traits::kCtasPerSm == 2 ? 3 : Traits::kStepsPerPart)
-      for (int step = 0; step < Traits::kStepsPerPart; ++step) {
-        const int kk = dim_part * Traits::kStepsPerPart + step;
-        uint32_t a[kM][4];
+      if constexpr (Traits::kQueryInRegisters) {
 #pragma unroll
-        for (int mt = 0; mt < kM; ++mt) {
-          Mma::template load_a<typename Traits::LayoutQ>(a[mt], q_smem, mt * 16, kk, lane);
+        for (int step = 0; step < Traits::kStepsPerPart; ++step) {
+          const int kk = dim_part * Traits::kStepsPerPart + step;
+          Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s, query[step], k_tile, key0, kk,
+                                                                 lane);
         }
-        Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s, a, k_tile, key0, kk, lane);
+      } else {
+        // Two CTAs per SM (at most 128 registers): a few steps in flight, not all 18.
+#pragma unroll(Traits::kCtasPerSm == 2 ? 3 : Traits::kStepsPerPart)
+        for (int step = 0; step < Traits::kStepsPerPart; ++step) {
+          const int kk = dim_part * Traits::kStepsPerPart + step;
+          uint32_t a[kM][4];
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) {
+            Mma::template load_a<typename Traits::LayoutQ>(a[mt], q_smem, mt * 16, kk, lane);
+          }
+          Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s, a, k_tile, key0, kk, lane);
+        }
       }
 #pragma unroll
       for (int mt = 0; mt < kM; ++mt) {

@@ -1,0 +1,146 @@
+"""Time alternative shapes of the 16-row mma.sync MLA latent kernel (mla.cuh; bf16 caches, 16
+heads of one token: DeepSeek-V3's decode at TP 8) on the mla_decode shapes, beside the shipped
+kernel and FlashMLA in the same run.
+
+    python -m bench.sweep_mla [--shapes 64x4096x64,1x32768x64] [--profile VARIANT]
+
+Shape BATCHxKVxPAGE. Each variant `MlaShape<m-tiles, stages, keys per tile, CTAs per SM>` is
+compiled into a side extension (bench/variants.py) whose op launches it over exactly the run
+op's parameters; its schedule is the planner's specification for its tile and CTA slots (split
+partials priced as the shipped MLA configurations price them), written into a shipped wrapper's
+workspace. Every variant's output is checked against the shipped kernel's; the printed
+TB/s count the latent bytes as bench/bench_mla.py does.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+import attn_backend
+from attn_backend import PagedKVCache, PagedPrefill, PageTable
+from attn_backend.schedule import TileShape, plan_prefill
+
+from .bench_mla import DTYPE, RANK, ROPE, Peers
+from .common import median_ms, shuffled_pages
+from .variants import build_variant_extension, install_schedule
+
+HEADS = 16
+# (m-tiles, stages, keys per tile, CTAs per SM (0: as the cache type decides), query fragments
+# in registers). The first is the shipped prefill_mla: 64-key tiles in a 2-deep ring, one CTA
+# per SM; then the same with each warp's A fragments of S held in registers across tiles (a
+# quarter less shared-memory traffic per tile), and two CTAs per SM of 2-deep 32-key rings
+# (each CTA's phases overlap the other's). Deeper rings of 32-key tiles (4 or 5 stages, one
+# CTA) were 0.85-0.92x the shipped shape on the H200 (session 25).
+VARIANTS = [(1, 2, 64, 0, False), (1, 2, 64, 0, True), (1, 2, 32, 2, False)]
+DEFAULT_SHAPES = ("64x4096x64,64x4096x1,128x4096x64,16x4096x64,64x32768x64,16x32768x64,"
+                  "64x1024x64,1x32768x64,1x4096x64")
+
+_VARIANT_TU = """
+#include "attention_params.h"
+#include "attn_backend/mla.cuh"
+namespace attn_backend {{
+using VariantTraits{i} = MlaTraits<MlaShape<{m}, {stages}, {kv}, {ctas}, {qreg}>, __nv_bfloat16,
+                                   __nv_bfloat16, __nv_bfloat16>;
+constexpr auto* kVariantKernel{i} = &paged_mla_kernel<VariantTraits{i}, LogitsTransform<false>, false>;
+void run_variant_{i}(const AttentionParams& params, dim3 grid, cudaStream_t stream) {{
+  launch_with_pdl(kVariantKernel{i}, params, grid, VariantTraits{i}::kThreads,
+                  VariantTraits{i}::kSmemBytes, /*pdl=*/false, stream);
+}}
+std::vector<int64_t> info_variant_{i}() {{
+  return {{VariantTraits{i}::kRows, VariantTraits{i}::kKVTile,
+          ctas_per_sm(kVariantKernel{i}, VariantTraits{i}::kThreads, VariantTraits{i}::kSmemBytes),
+          VariantTraits{i}::kThreads}};
+}}
+}}  // namespace attn_backend
+"""
+
+
+def variant_units(shapes) -> list[str]:
+    return [_VARIANT_TU.format(i=i, m=m, stages=stages, kv=kv, ctas=ctas,
+                               qreg="true" if query_in_registers else "false")
+            for i, (m, stages, kv, ctas, query_in_registers) in enumerate(shapes)]
+
+
+def partial_tokens(rows: int) -> int:
+    """A split partial's price in keys, as KernelConfig::partial_tokens() prices MLA's."""
+    return rows * RANK * 4 // ((RANK + ROPE) * 2)
+
+
+def run_shape(variants, ops, batch, kv_len, page_size, peers, profile) -> None:
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(batch * kv_len + 64 * 64, 1, RANK + ROPE, dtype=DTYPE, device="cuda")
+    cache = PagedKVCache.from_mla(latent, RANK, page_size)
+    pages = shuffled_pages(batch, kv_len, page_size, cache.num_pages, gen)
+    table = PageTable.from_block_table(pages.cuda())
+    q = torch.randn(batch, HEADS, RANK + ROPE, dtype=DTYPE, device="cuda")
+    qo_indptr = list(range(batch + 1))
+    shape = dict(num_qo_heads=HEADS, num_kv_heads=1, head_dim=RANK + ROPE, head_dim_vo=RANK,
+                 dtype=DTYPE, device="cuda", max_batch_size=batch, max_num_tokens=batch)
+    shipped = PagedPrefill(**shape)
+    shipped.plan(qo_indptr, [kv_len] * batch)
+    want = shipped.run(q, cache, table)
+    moved = batch * kv_len * (RANK + ROPE) * 2 + q.numel() * 2 + want.numel() * 2
+    results = {}
+    if not profile:
+        shipped_out = torch.empty_like(want)
+        results[f"shipped ({shipped._planned.config.name})"] = median_ms(
+            lambda: shipped.run(q, cache, table, out=shipped_out), iters=50)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for v in variants:
+        rows, kv_tile, ctas, _ = ops.info(v)
+        slots = max(1, ctas) * num_sms
+        # backend="mma": its buffers hold the 16-row kernel's partials for `slots` CTAs.
+        wrapper = PagedPrefill(**shape, cta_slots=slots, backend="mma")
+        wrapper.plan(qo_indptr, [kv_len] * batch)
+        schedule = plan_prefill(np.ones(batch, dtype=np.int64), np.full(batch, kv_len),
+                                group_size=HEADS, shape=TileShape(rows, kv_tile, partial_tokens(rows)),
+                                causal=True, window_left=-1, has_mask=False, num_kv_heads=1,
+                                cta_slots=slots)
+        plan = install_schedule(wrapper, schedule, partial_rows=rows)
+        out = torch.full_like(want, float("nan"))
+
+        def call():
+            ops.run(v, q, cache.k, cache.v, table.table, table.holds_token_slots,
+                    wrapper._workspace.tensor, plan, RANK + ROPE, rows, (RANK + ROPE) ** -0.5,
+                    out)
+
+        call()
+        diff = (out.float() - want.float()).abs().max().item()
+        if profile:
+            for _ in range(3):
+                call()
+            continue
+        label = (f"v{v} MlaShape<{','.join(map(str, VARIANTS[v]))}> ctas/SM={ctas} "
+                 f"items={schedule.num_items} diff={diff:.2g}")
+        results[label] = median_ms(call, iters=50)
+    if peers.flash_mla is not None and page_size == 64 and not profile:
+        results["flashmla"] = median_ms(peers.flashmla(latent, pages, kv_len, q, 1), iters=50)
+    torch.cuda.synchronize()
+    for name, ms in results.items():
+        print(f"  {batch}x{kv_len} p{page_size}  {name:64s} {ms * 1e3:8.1f} us "
+              f"{moved / (ms * 1e-3) / 1e12:6.3f} TB/s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="BATCHxKVxPAGE,...")
+    parser.add_argument("--profile", type=int, default=None,
+                        help="run only variant V, a few times, for ncu")
+    args = parser.parse_args()
+    attn_backend.set_debug_checks(False)
+    build_variant_extension("attn_backend_mla_variants", variant_units(VARIANTS))
+    ops = torch.ops.attn_backend_mla_variants
+    peers = Peers()
+    variants = [args.profile] if args.profile is not None else list(range(len(VARIANTS)))
+    for shape in args.shapes.split(","):
+        batch, kv_len, page_size = map(int, shape.split("x"))
+        run_shape(variants, ops, batch, kv_len, page_size, peers, args.profile is not None)
+    for note in peers.notes:
+        print("note:", note)
+
+
+if __name__ == "__main__":
+    main()
