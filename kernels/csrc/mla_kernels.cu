@@ -2,7 +2,9 @@
 // work items (any number of query tokens per request) over DeepSeek's 576-wide latent rows.
 //
 // prefill_mla: 16 packed rows (16 heads of one token: DeepSeek-V3 at TP 8), 2 stages of
-// 64-key tiles, one CTA per SM (173 KB). prefill_mla_wide: 32 rows (32+ heads, or 16 heads
+// 64-key tiles, one CTA per SM (173 KB), each warp's query fragments of S in registers for
+// the whole kv range (216 registers; 1-4% faster than reading them from shared memory every
+// tile on the H200: bench/sweep_mla.py, session 25). prefill_mla_wide: 32 rows (32+ heads, or 16 heads
 // of two tokens), 200 KB; the planner takes the wide shape where the rows fill it. Both are
 // also compiled for FP8 latent caches (4 stages of the half-size rows).
 #include "attn_backend/mla.cuh"
@@ -53,7 +55,7 @@ KernelConfig config(const char* name) {
 }  // namespace
 
 void add_mla_configs(std::vector<KernelConfig>& configs) {
-  configs.push_back(config<MlaShape<1, 2>>("prefill_mla"));
+  configs.push_back(config<MlaShape<1, 2, 64, 0, /*kQueryInRegisters=*/true>>("prefill_mla"));
   configs.push_back(config<MlaShape<2, 2>>("prefill_mla_wide"));
 }
 

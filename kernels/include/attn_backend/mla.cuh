@@ -84,6 +84,8 @@ struct MlaTraits : Shape {
   static constexpr int kCtasPerSm =
       Shape::kCtasPerSmAsked > 0 ? Shape::kCtasPerSmAsked : (kFp8 && Shape::kRows == 16 ? 2 : 1);
   static constexpr int kStages = kFp8 && kCtasPerSm == 1 ? 2 * Shape::kStages : Shape::kStages;
+  // Where one CTA holds the SM (up to 255 registers a thread): two CTAs need the registers.
+  static constexpr bool kQueryInRegisters = Shape::kQueryInRegisters && kCtasPerSm == 1;
   static constexpr int kChunksQ = chunks_per_row<DTypeQ, Shape::kHeadDimQK>();  // 72
   static constexpr int kChunksK = chunks_per_row<DTypeKV, Shape::kHeadDimQK>();  // 72, FP8 36
   using LayoutQ = XorSwizzledRows<kChunksQ>;
