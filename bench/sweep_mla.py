@@ -29,11 +29,12 @@ from .variants import build_variant_extension, install_schedule
 
 HEADS = 16
 # (m-tiles, stages, keys per tile, CTAs per SM (0: as the cache type decides), query fragments
-# in registers). The first is the shipped prefill_mla: 64-key tiles in a 2-deep ring, one CTA
-# per SM; then the same with each warp's A fragments of S held in registers across tiles (a
-# quarter less shared-memory traffic per tile), and two CTAs per SM of 2-deep 32-key rings
-# (each CTA's phases overlap the other's). Deeper rings of 32-key tiles (4 or 5 stages, one
-# CTA) were 0.85-0.92x the shipped shape on the H200 (session 25).
+# in registers). The first is prefill_mla as it was before session 25 (64-key tiles in a 2-deep
+# ring, one CTA per SM, S's A fragments read from shared memory every tile); the second is the
+# shipped prefill_mla (those fragments held in registers across tiles: 1-4% faster on the
+# H200); then two CTAs per SM of 2-deep 32-key rings (each CTA's phases overlap the other's:
+# faster at page 1, slower at page 64). Deeper rings of 32-key tiles (4 or 5 stages, one CTA)
+# were 0.80-0.99x the shipped shape (bench/results/sweep_mla-2026-12-04-h200.txt).
 VARIANTS = [(1, 2, 64, 0, False), (1, 2, 64, 0, True), (1, 2, 32, 2, False)]
 DEFAULT_SHAPES = ("64x4096x64,64x4096x1,128x4096x64,16x4096x64,64x32768x64,16x32768x64,"
                   "64x1024x64,1x32768x64,1x4096x64")
