@@ -57,10 +57,13 @@ constexpr int kMlaHeadDimVO = 512;
 // The CTA shape: 16-row m-tiles (kMTiles of them: up to 32 packed rows), the ring depth and
 // the keys per tile (64, or 32: half the ring for the same depth); 8 warps always (the warp
 // split above is built on them). kCtasPerSm_: CTAs an SM runs at once (0: as the cache type
-// decides, see MlaTraits; 2 asks for at most 128 registers a thread).
+// decides, see MlaTraits; 2 asks for at most 128 registers a thread). kLoadsPerTile_ = 2: the
+// ring's stages are half tiles (kStages of them, e.g. 5: three halves load while a tile
+// computes; PagedKVLoader's steps).
 template <int kMTiles_, int kStages_, int kKVTile_ = 64, int kCtasPerSm_ = 0,
-          bool kQueryInRegisters_ = false>
+          bool kQueryInRegisters_ = false, int kLoadsPerTile_ = 1>
 struct MlaShape {
+  static constexpr int kLoadsPerTile = kLoadsPerTile_;
   static constexpr int kCtasPerSmAsked = kCtasPerSm_;
   static constexpr bool kQueryInRegisters = kQueryInRegisters_;
   static constexpr int kHeadDimQK = kMlaHeadDimQK;
@@ -90,8 +93,10 @@ struct MlaTraits : Shape {
   static constexpr int kChunksK = chunks_per_row<DTypeKV, Shape::kHeadDimQK>();  // 72, FP8 36
   using LayoutQ = XorSwizzledRows<kChunksQ>;
   using LayoutK = XorSwizzledRows<kChunksK>;
-  using Loader = PagedKVLoader<DTypeKV, Shape::kKVTile, kStages, Shape::kThreads, LayoutK,
-                               LayoutK, /*kValueInKey=*/true>;
+  // The ring's tiles: kLoadsPerTile of them per tile of kKVTile keys.
+  static constexpr int kLoadTokens = Shape::kKVTile / Shape::kLoadsPerTile;
+  using Loader = PagedKVLoader<DTypeKV, kLoadTokens, kStages, Shape::kThreads, LayoutK, LayoutK,
+                               /*kValueInKey=*/true, Shape::kLoadsPerTile>;
   using Mma = MmaSync<DTypeQ, DTypeKV>;
   static constexpr int kKeyGroups = Shape::kKVTile / 16;  // S: 16-key groups of a tile
   static constexpr int kDimParts = Shape::kWarps / kKeyGroups;  // S: the dims' shares
@@ -159,7 +164,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
   const typename Traits::Loader loader(p, smem, smem + Traits::kRowAddressOffset, cta.kv_head,
                                        item.request, item.kv_start, item.kv_end);
   auto pending = loader.start();  // its barrier also publishes the row state
-  ptx::cp_async_wait<Traits::kStages - 1>();  // the query rows
+  ptx::cp_async_wait<Traits::kStages - Traits::kLoadsPerTile>();  // the query rows
   __syncthreads();
   if constexpr (Mma::kConvertsQuery) {
     fp8::convert_query_tile<typename Traits::DTypeQ, Traits::kQBytes, Traits::kThreads>(
@@ -203,9 +208,15 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
     }
   }
 
-  for (int tile = 0; tile < loader.num_tiles; ++tile) {
+  constexpr bool kWholeTiles = Traits::kLoadsPerTile == 1;  // the ring's tiles are the kernel's
+  const int num_tiles = loader.num_tiles / Traits::kLoadsPerTile;
+  for (int tile = 0; tile < num_tiles; ++tile) {
     loader.template advance<false>(tile, pending);  // every warp is done with the last tile
-    const uint8_t* const k_tile = loader.k_tile(tile % Traits::kStages);
+    // This warp's keys of S: in the ring tile (a half with kLoadsPerTile 2) that holds them.
+    const uint8_t* const k_tile =
+        loader.k_tile(kWholeTiles ? tile % Traits::kStages
+                                  : Traits::Loader::stage_of(tile, key0 / Traits::kLoadTokens));
+    const int k_row0 = kWholeTiles ? key0 : key0 % Traits::kLoadTokens;
     {
       float s[kM][2][4];
 #pragma unroll
@@ -217,8 +228,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
 #pragma unroll
         for (int step = 0; step < Traits::kStepsPerPart; ++step) {
           const int kk = dim_part * Traits::kStepsPerPart + step;
-          Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s, query[step], k_tile, key0, kk,
-                                                                 lane);
+          Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s, query[step], k_tile, k_row0,
+                                                                 kk, lane);
         }
       } else {
         // Two CTAs per SM (at most 128 registers): a few steps in flight, not all 18.
@@ -230,7 +241,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
           for (int mt = 0; mt < kM; ++mt) {
             Mma::template load_a<typename Traits::LayoutQ>(a[mt], q_smem, mt * 16, kk, lane);
           }
-          Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s, a, k_tile, key0, kk, lane);
+          Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s, a, k_tile, k_row0, kk, lane);
         }
       }
 #pragma unroll
@@ -310,7 +321,9 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
         }
       }
       // 16 keys at a time: only one step's probabilities live in registers.
-      const uint8_t* const v_tile = loader.v_tile(tile % Traits::kStages) + col0 * sizeof(DTypeKV);
+      constexpr int kStepsPerLoad = Traits::kLoadTokens / 16;
+      const uint8_t* const whole_v_tile =
+          loader.v_tile(tile % Traits::kStages) + col0 * sizeof(DTypeKV);
 #pragma unroll
       for (int step = 0; step < kKV / 16; ++step) {
         float prob[kM][2][4];
@@ -328,7 +341,12 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
             }
           }
         }
-        Mma::template pv<typename Traits::LayoutK, kM, 1>(o, prob, v_tile, 16 * step, lane);
+        const uint8_t* const v_tile =
+            kWholeTiles ? whole_v_tile
+                        : loader.v_tile(Traits::Loader::stage_of(tile, step / kStepsPerLoad)) +
+                              col0 * sizeof(DTypeKV);
+        Mma::template pv<typename Traits::LayoutK, kM, 1>(o, prob, v_tile,
+                                                          16 * (step % kStepsPerLoad), lane);
       }
     }
   }

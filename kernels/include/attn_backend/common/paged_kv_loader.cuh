@@ -10,6 +10,14 @@
 // bit patterns (the mask hides those scores). Any element type: rows are 16-byte chunks.
 // kValueInKey (MLA's latent rows): V is the first columns of each K row, so only K is
 // loaded and the V tile is the K tile.
+//
+// kTilesPerStep = P > 1: the kernel computes P consecutive tiles at a time (a step), and the
+// ring holds kStages tiles, not a multiple of P, so that more of it is in flight while a step
+// computes: with P = 2 and 5 stages of half-size tiles, 3 half tiles (1.5 of the kernel's
+// tiles) load during each step's compute, where 2 stages of whole tiles keep 1 in flight, in
+// the same shared memory plus a half tile. Step s reads tiles P s .. P s + P - 1 (their stages
+// are not adjacent when the ring wraps); the tile count is rounded up to whole steps, the
+// tiles past the range zero-filled.
 #pragma once
 
 #include <cstdint>
@@ -23,19 +31,20 @@
 namespace attn_backend {
 
 template <typename DTypeKV, int kTileTokens_, int kStages_, int kThreads, typename LayoutK,
-          typename LayoutV, bool kValueInKey = false>
+          typename LayoutV, bool kValueInKey = false, int kTilesPerStep_ = 1>
 struct PagedKVLoader {
   static constexpr int kTileTokens = kTileTokens_;
   static constexpr int kStages = kStages_;
+  static constexpr int kTilesPerStep = kTilesPerStep_;
   static constexpr int kKTileBytes = kTileTokens * LayoutK::kChunks * 16;
   static constexpr int kVTileBytes = kValueInKey ? 0 : kTileTokens * LayoutV::kChunks * 16;
   static constexpr int kStageBytes = kKTileBytes + kVTileBytes;
   static constexpr int kRingBytes = kStages * kStageBytes;
   // Per stage and key: the global addresses of its K and V rows (null: not read).
   static constexpr int kRowAddressBytes = kStages * kTileTokens * 2 * 8;
-  static_assert(kStages >= 2, "a ring of at least two stages");
-  static_assert(kTileTokens % 16 == 0 && kTileTokens <= kThreads,
-                "tiles of whole 16-key MMA steps, one page-id fetch per thread");
+  static_assert(kStages >= 2 * kTilesPerStep, "a ring of at least two steps");
+  static_assert(kTileTokens % 16 == 0 && kTilesPerStep * kTileTokens <= kThreads,
+                "tiles of whole 16-key MMA steps, one page-id fetch per thread for a step's keys");
   static_assert(!kValueInKey || std::is_same_v<LayoutK, LayoutV>,
                 "a V tile inside the K tile has its layout");
 
@@ -52,7 +61,7 @@ struct PagedKVLoader {
   const int64_t table_row;
   const int kv_start;
   const int kv_end;
-  const int num_tiles;
+  const int num_tiles;  // whole steps of tiles
   const int tid;
 
   __device__ __forceinline__ PagedKVLoader(const AttentionParams& params, uint8_t* ring_smem,
@@ -66,7 +75,8 @@ struct PagedKVLoader {
         table_row(params.pages.row_of(request)),
         kv_start(first_key),
         kv_end(end_key),
-        num_tiles((end_key - first_key + kTileTokens - 1) / kTileTokens),
+        num_tiles((end_key - first_key + kTilesPerStep * kTileTokens - 1) /
+                  (kTilesPerStep * kTileTokens) * kTilesPerStep),
         tid(static_cast<int>(threadIdx.x)) {}
 
   __device__ __forceinline__ uint8_t* k_tile(int stage) const { return ring + stage * kStageBytes; }
@@ -74,20 +84,33 @@ struct PagedKVLoader {
     return kValueInKey ? k_tile(stage) : ring + stage * kStageBytes + kKTileBytes;
   }
 
-  // The page of this thread's key of `tile` (read from the table now, used a tile later).
-  __device__ __forceinline__ PendingRow fetch(int tile) const {
+  // Steps of tiles: the number of them, and the stage of a step's tile (P = 1: step % kStages).
+  __device__ __forceinline__ int num_steps() const { return num_tiles / kTilesPerStep; }
+  __device__ __forceinline__ static int stage_of(int step, int tile_in_step) {
+    return (step * kTilesPerStep + tile_in_step) % kStages;
+  }
+
+  // The page of this thread's key of tiles [first_tile, first_tile + kTilesPerStep) (read from
+  // the table now, used a step later): thread tid has key tid % kTileTokens of tile
+  // first_tile + tid / kTileTokens.
+  __device__ __forceinline__ PendingRow fetch(int first_tile) const {
     PendingRow row{-1, 0};
-    const int token = kv_start + tile * kTileTokens + tid;
-    if (tid < kTileTokens && tile < num_tiles && token < kv_end) {
+    const int token = kv_start + first_tile * kTileTokens + tid;
+    // (The tile is spelt out, not a member function's result: ptxas then schedules the
+    // one-tile-per-step loaders' code exactly as before steps existed.)
+    const int tile = kTilesPerStep == 1 ? first_tile : first_tile + tid / kTileTokens;
+    if (tid < kTilesPerStep * kTileTokens && tile < num_tiles && token < kv_end) {
       const TokenLocation location = p.pages.locate(table_row, token, p.page_size, p.num_pages);
       row = {location.page, location.slot_in_page};
     }
     return row;
   }
 
-  __device__ __forceinline__ void store(int tile, const PendingRow& row) const {
-    if (tid < kTileTokens && tile < num_tiles) {
-      const char** dst = row_addresses + ((tile % kStages) * kTileTokens + tid) * 2;
+  __device__ __forceinline__ void store(int first_tile, const PendingRow& row) const {
+    const int tile = kTilesPerStep == 1 ? first_tile : first_tile + tid / kTileTokens;
+    if (tid < kTilesPerStep * kTileTokens && tile < num_tiles) {
+      const int key = kTilesPerStep == 1 ? tid : tid % kTileTokens;
+      const char** dst = row_addresses + ((tile % kStages) * kTileTokens + key) * 2;
       const bool valid = row.page >= 0;
       dst[0] = valid ? k_base + (row.page * p.k.stride_page + row.slot_in_page * p.k.stride_slot) *
                                     static_cast<int64_t>(sizeof(DTypeKV))
@@ -168,35 +191,42 @@ struct PagedKVLoader {
     if constexpr (!kValueInKey) load_side<LayoutV>(v_tile(stage), stage, 1);
   }
 
-  // Prologue: row addresses of the first kStages - 1 tiles, their loads in flight (a commit
-  // per stage even without a tile keeps the group count uniform); returns the page ids of
-  // the tile after them.
+  // Prologue: row addresses of the first kStages - P tiles, their loads in flight (a commit
+  // per tile even without one keeps the group count uniform); returns the page ids of the P
+  // tiles after them. (With P > 1 the last group of addresses may run a tile past them: the
+  // same addresses are stored again before that tile loads.)
   __device__ __forceinline__ PendingRow start() const {
+    constexpr int kPrologueTiles = kStages - kTilesPerStep;
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) store(s, fetch(s));
+    for (int s = 0; s < kPrologueTiles; s += kTilesPerStep) store(s, fetch(s));
     __syncthreads();
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
+    for (int s = 0; s < kPrologueTiles; ++s) {
       if (s < num_tiles) load(s);
       ptx::cp_async_commit();
     }
-    return fetch(kStages - 1);
+    return fetch(kPrologueTiles);
   }
 
-  // Before computing `tile`: afterwards it has landed for every thread, all warps are done
-  // with the stage that tile + kStages - 1 reuses, whose loads are in flight, and `pending`
-  // holds the page ids of the tile after that. kAsyncProxyReads: the MMAs read shared memory
-  // through the async proxy (wgmma), which needs a fence after the generic-proxy writes.
+  // Before computing `step` (tiles P step .. P step + P - 1): afterwards they have landed for
+  // every thread, all warps are done with the stages that the P tiles from
+  // P step + kStages - P on reuse (the last step's), whose loads are in flight, and `pending`
+  // holds the page ids of the P tiles after those. kAsyncProxyReads: the MMAs read shared
+  // memory through the async proxy (wgmma), which needs a fence after the generic-proxy writes.
   template <bool kAsyncProxyReads>
-  __device__ __forceinline__ void advance(int tile, PendingRow& pending) const {
-    const int next = tile + kStages - 1;
+  __device__ __forceinline__ void advance(int step, PendingRow& pending) const {
+    const int next = step * kTilesPerStep + kStages - kTilesPerStep;
     store(next, pending);
-    ptx::cp_async_wait<kStages - 2>();
+    // Committed: tiles up to next - 1; needed: up to P step + P - 1.
+    ptx::cp_async_wait<kStages - 2 * kTilesPerStep>();
     if constexpr (kAsyncProxyReads) wgmma::fence_generic_to_async_smem();
     __syncthreads();
-    if (next < num_tiles) load(next);
-    ptx::cp_async_commit();
-    pending = fetch(next + 1);
+#pragma unroll
+    for (int j = 0; j < kTilesPerStep; ++j) {
+      if (next + j < num_tiles) load(next + j);
+      ptx::cp_async_commit();
+    }
+    pending = fetch(next + kTilesPerStep);
   }
 };
 
