@@ -191,10 +191,12 @@ std::vector<int64_t> plan_prefill(const at::Tensor& qo_indptr, const at::Tensor&
               info.max_num_tokens);
   // A tile never spans requests: batches whose requests have at most a short shape's rows
   // take it (with graphs: the rows per request of the captured tokens, fixed per graph), the
-  // narrowest that holds them: the 16-row key-split tiles (a verify of 4 drafts x group 4),
-  // then the 64-row short tile. The others take the long-query shape, which reads each K/V
-  // tile for more rows. (Several 16-row tiles per request read the same keys once each: at 32
-  // and 64 rows the 64-row tile is faster; bench/NOTES.md, session 18.)
+  // narrowest that holds them, else the long-query shape, which reads each K/V tile for more
+  // rows. The tiers are the wrapper's configurations: head dim 128 has the 16-row key-split
+  // tiles (a verify of 4 drafts x group 4), then the 64-row short tile (several 16-row tiles
+  // per request read the same keys once each: at 32 and 64 rows the 64-row tile is faster;
+  // bench/NOTES.md, session 18); MLA's latent rows on sm_90 the 16-row mma.sync kernel, then
+  // the 64-row warpgroup one of 32-key tiles, then the seesaw one (session 23).
   int64_t config_id = info.config_id, slots = info.cta_slots;
   if (info.alt_config_id >= 0 || info.narrow_config_id >= 0) {
     int64_t rows_per_request = 0;
