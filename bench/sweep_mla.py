@@ -41,8 +41,8 @@ HEADS = 16
 # (bench/results/sweep_mla-2026-12-04-h200.txt).
 VARIANTS = [(1, 2, 64, 0, False, 1), (1, 2, 64, 0, True, 1), (1, 5, 64, 0, True, 2),
             (1, 2, 32, 2, False, 1)]
-DEFAULT_SHAPES = ("64x4096x64,64x4096x1,128x4096x64,16x4096x64,64x32768x64,16x32768x64,"
-                  "64x1024x64,1x32768x64,1x4096x64")
+DEFAULT_SHAPES = ("64x4096x64,64x4096x1,128x4096x64,128x4096x1,16x4096x64,64x32768x64,"
+                  "16x32768x64,16x32768x1,64x1024x64,1x32768x64,1x4096x64")
 
 _VARIANT_TU = """
 #include "attention_params.h"
