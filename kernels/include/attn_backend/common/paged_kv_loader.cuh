@@ -84,8 +84,7 @@ struct PagedKVLoader {
     return kValueInKey ? k_tile(stage) : ring + stage * kStageBytes + kKTileBytes;
   }
 
-  // Steps of tiles: the number of them, and the stage of a step's tile (P = 1: step % kStages).
-  __device__ __forceinline__ int num_steps() const { return num_tiles / kTilesPerStep; }
+  // The stage of tile `tile_in_step` of step `step` (P = 1: step % kStages).
   __device__ __forceinline__ static int stage_of(int step, int tile_in_step) {
     return (step * kTilesPerStep + tile_in_step) % kStages;
   }
@@ -96,8 +95,8 @@ struct PagedKVLoader {
   __device__ __forceinline__ PendingRow fetch(int first_tile) const {
     PendingRow row{-1, 0};
     const int token = kv_start + first_tile * kTileTokens + tid;
-    // (The tile is spelt out, not a member function's result: ptxas then schedules the
-    // one-tile-per-step loaders' code exactly as before steps existed.)
+    // (Spelt out here and in store(), not a member function: through one, ptxas scheduled
+    // the one-tile-per-step loaders' code differently.)
     const int tile = kTilesPerStep == 1 ? first_tile : first_tile + tid / kTileTokens;
     if (tid < kTilesPerStep * kTileTokens && tile < num_tiles && token < kv_end) {
       const TokenLocation location = p.pages.locate(table_row, token, p.page_size, p.num_pages);
