@@ -5,7 +5,7 @@ kernel and FlashMLA in the same run.
     python -m bench.sweep_mla [--shapes 64x4096x64,1x32768x64] [--profile VARIANT]
 
 Shape BATCHxKVxPAGE. Each variant `MlaShape<m-tiles, stages, keys per tile, CTAs per SM,
-query in registers, ring tiles per tile>` (mla.cuh) is
+query in registers, ring tiles per tile, S's accumulator chains>` (mla.cuh) is
 compiled into a side extension (bench/variants.py) whose op launches it over exactly the run
 op's parameters; its schedule is the planner's specification for its tile and CTA slots (split
 partials priced as the shipped MLA configurations price them), written into a shipped wrapper's
@@ -30,17 +30,19 @@ from .variants import build_variant_extension, install_schedule
 
 HEADS = 16
 # (m-tiles, stages, keys per tile, CTAs per SM (0: as the cache type decides), query fragments
-# in registers, ring tiles per tile). The first is prefill_mla as it was before session 25
-# (64-key tiles in a 2-deep ring, one CTA per SM, S's A fragments read from shared memory
-# every tile); the second is the shipped prefill_mla (those fragments held in registers across
-# tiles: 1-4% faster on the H200); then a ring of 5 half tiles (32 keys each: three halves,
-# 1.5 tiles, load while a tile computes, where the 2-deep ring keeps one in flight; aimed at
-# page 1, whose scattered rows arrive later), and two CTAs per SM of 2-deep 32-key rings (each
-# CTA's phases overlap the other's: faster at page 1, slower at page 64). Deeper rings of 32-key
-# tiles computed one at a time (4 or 5 stages, one CTA) were 0.80-0.99x the shipped shape
+# in registers, ring tiles per tile, S's accumulator chains). The first is prefill_mla as it
+# was before session 25 (64-key tiles in a 2-deep ring, one CTA per SM, S's A fragments read
+# from shared memory every tile); the second is the shipped prefill_mla (those fragments held
+# in registers across tiles: 1-4% faster on the H200); then a ring of 5 half tiles (32 keys
+# each: three halves, 1.5 tiles, load while a tile computes, where the 2-deep ring keeps one in
+# flight; aimed at page 1, whose scattered rows arrive later); S's 18 steps in two chains of
+# MMAs (the 16-row kernel waits on its phases, not on HBM: ncu, session 25), alone and with the
+# half-tile ring; and two CTAs per SM of 2-deep 32-key rings (each CTA's phases overlap the
+# other's: faster at page 1, slower at page 64). Deeper rings of 32-key tiles computed one at a
+# time (4 or 5 stages, one CTA) were 0.80-0.99x the shipped shape
 # (bench/results/sweep_mla-2026-12-04-h200.txt).
-VARIANTS = [(1, 2, 64, 0, False, 1), (1, 2, 64, 0, True, 1), (1, 5, 64, 0, True, 2),
-            (1, 2, 32, 2, False, 1)]
+VARIANTS = [(1, 2, 64, 0, False, 1, 1), (1, 2, 64, 0, True, 1, 1), (1, 5, 64, 0, True, 2, 1),
+            (1, 2, 64, 0, True, 1, 2), (1, 5, 64, 0, True, 2, 2), (1, 2, 32, 2, False, 1, 1)]
 DEFAULT_SHAPES = ("64x4096x64,64x4096x1,128x4096x64,128x4096x1,16x4096x64,64x32768x64,"
                   "16x32768x64,16x32768x1,64x1024x64,1x32768x64,1x4096x64")
 
@@ -48,7 +50,7 @@ _VARIANT_TU = """
 #include "attention_params.h"
 #include "attn_backend/mla.cuh"
 namespace attn_backend {{
-using VariantTraits{i} = MlaTraits<MlaShape<{m}, {stages}, {kv}, {ctas}, {qreg}, {loads}>, __nv_bfloat16,
+using VariantTraits{i} = MlaTraits<MlaShape<{m}, {stages}, {kv}, {ctas}, {qreg}, {loads}, {chains}>, __nv_bfloat16,
                                    __nv_bfloat16, __nv_bfloat16>;
 constexpr auto* kVariantKernel{i} = &paged_mla_kernel<VariantTraits{i}, LogitsTransform<false>, false>;
 void run_variant_{i}(const AttentionParams& params, dim3 grid, cudaStream_t stream) {{
@@ -66,8 +68,9 @@ std::vector<int64_t> info_variant_{i}() {{
 
 def variant_units(shapes) -> list[str]:
     return [_VARIANT_TU.format(i=i, m=m, stages=stages, kv=kv, ctas=ctas,
-                               qreg="true" if query_in_registers else "false", loads=loads)
-            for i, (m, stages, kv, ctas, query_in_registers, loads) in enumerate(shapes)]
+                               qreg="true" if query_in_registers else "false", loads=loads,
+                               chains=chains)
+            for i, (m, stages, kv, ctas, query_in_registers, loads, chains) in enumerate(shapes)]
 
 
 def partial_tokens(rows: int) -> int:

@@ -65,10 +65,10 @@ def test_the_trace_summary_times_the_merges_apart_from_the_epilogues():
 def test_mla_variant_units_format():
     from bench import sweep_mla
 
-    for i, (m, stages, kv, ctas, in_registers, loads) in enumerate(sweep_mla.VARIANTS):
+    for i, (m, stages, kv, ctas, in_registers, loads, chains) in enumerate(sweep_mla.VARIANTS):
         unit = sweep_mla.variant_units(sweep_mla.VARIANTS)[i]
         flag = "true" if in_registers else "false"
-        assert f"MlaShape<{m}, {stages}, {kv}, {ctas}, {flag}, {loads}>" in unit
+        assert f"MlaShape<{m}, {stages}, {kv}, {ctas}, {flag}, {loads}, {chains}>" in unit
         assert f"run_variant_{i}(" in unit and f"info_variant_{i}()" in unit
     # A split partial's price as KernelConfig::partial_tokens() computes it for 16 rows.
     assert sweep_mla.partial_tokens(16) == 16 * 512 * 4 // (576 * 2)

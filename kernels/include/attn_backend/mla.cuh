@@ -59,11 +59,13 @@ constexpr int kMlaHeadDimVO = 512;
 // split above is built on them). kCtasPerSm_: CTAs an SM runs at once (0: as the cache type
 // decides, see MlaTraits; 2 asks for at most 128 registers a thread). kLoadsPerTile_ = 2: the
 // ring's stages are half tiles (kStages of them, e.g. 5: three halves load while a tile
-// computes; PagedKVLoader's steps).
+// computes; PagedKVLoader's steps). kSChains_ = 2 (with the query in registers): S's steps
+// accumulate in two chains of MMAs, not one.
 template <int kMTiles_, int kStages_, int kKVTile_ = 64, int kCtasPerSm_ = 0,
-          bool kQueryInRegisters_ = false, int kLoadsPerTile_ = 1>
+          bool kQueryInRegisters_ = false, int kLoadsPerTile_ = 1, int kSChains_ = 1>
 struct MlaShape {
   static constexpr int kLoadsPerTile = kLoadsPerTile_;
+  static constexpr int kSChains = kSChains_;
   static constexpr int kCtasPerSmAsked = kCtasPerSm_;
   static constexpr bool kQueryInRegisters = kQueryInRegisters_;
   static constexpr int kHeadDimQK = kMlaHeadDimQK;
@@ -224,7 +226,37 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
 #pragma unroll
         for (int n = 0; n < 2; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
       }
-      if constexpr (Traits::kQueryInRegisters) {
+      if constexpr (Traits::kQueryInRegisters && Traits::kSChains == 2) {
+        // Even and odd steps into two accumulators, added at the end: two dependent chains of
+        // 9 MMAs instead of one of 18.
+        float s_odd[kM][2][4];
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            s_odd[mt][n][0] = s_odd[mt][n][1] = s_odd[mt][n][2] = s_odd[mt][n][3] = 0.f;
+          }
+        }
+#pragma unroll
+        for (int step = 0; step < Traits::kStepsPerPart; ++step) {
+          const int kk = dim_part * Traits::kStepsPerPart + step;
+          if (step % 2 == 0) {
+            Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s, query[step], k_tile, k_row0,
+                                                                   kk, lane);
+          } else {
+            Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s_odd, query[step], k_tile,
+                                                                   k_row0, kk, lane);
+          }
+        }
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][n][e] += s_odd[mt][n][e];
+          }
+        }
+      } else if constexpr (Traits::kQueryInRegisters) {
 #pragma unroll
         for (int step = 0; step < Traits::kStepsPerPart; ++step) {
           const int kk = dim_part * Traits::kStepsPerPart + step;
