@@ -97,6 +97,10 @@ struct MlaTraits : Shape {
   using LayoutK = XorSwizzledRows<kChunksK>;
   // The ring's tiles: kLoadsPerTile of them per tile of kKVTile keys.
   static constexpr int kLoadTokens = Shape::kKVTile / Shape::kLoadsPerTile;
+  static_assert(kLoadTokens % 16 == 0 && kLoadTokens * Shape::kLoadsPerTile == Shape::kKVTile,
+                "ring tiles of whole 16-key steps that make up a tile");
+  static_assert(Shape::kSChains == 1 || (Shape::kSChains == 2 && kQueryInRegisters),
+                "two chains of S's MMAs are built on the query fragments in registers");
   using Loader = PagedKVLoader<DTypeKV, kLoadTokens, kStages, Shape::kThreads, LayoutK, LayoutK,
                                /*kValueInKey=*/true, Shape::kLoadsPerTile>;
   using Mma = MmaSync<DTypeQ, DTypeKV>;
