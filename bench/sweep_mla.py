@@ -73,11 +73,6 @@ def variant_units(shapes) -> list[str]:
             for i, (m, stages, kv, ctas, query_in_registers, loads, chains) in enumerate(shapes)]
 
 
-def partial_tokens(rows: int) -> int:
-    """A split partial's price in keys, as KernelConfig::partial_tokens() prices MLA's."""
-    return rows * RANK * 4 // ((RANK + ROPE) * 2)
-
-
 def run_shape(variants, ops, batch, kv_len, page_size, peers, profile) -> None:
     gen = torch.Generator().manual_seed(0)
     latent = torch.randn(batch * kv_len + 64 * 64, 1, RANK + ROPE, dtype=DTYPE, device="cuda")
@@ -92,6 +87,9 @@ def run_shape(variants, ops, batch, kv_len, page_size, peers, profile) -> None:
     shipped.plan(qo_indptr, [kv_len] * batch)
     want = shipped.run(q, cache, table)
     moved = batch * kv_len * (RANK + ROPE) * 2 + q.numel() * 2 + want.numel() * 2
+    # A split partial's price in keys, as the planner prices the shipped configuration's, per
+    # row (the partial of a row is the same 512 floats whatever the tile).
+    shipped_config = shipped._planned.config
     results = {}
     if not profile:
         shipped_out = torch.empty_like(want)
@@ -105,7 +103,9 @@ def run_shape(variants, ops, batch, kv_len, page_size, peers, profile) -> None:
         wrapper = PagedPrefill(**shape, cta_slots=slots, backend="mma")
         wrapper.plan(qo_indptr, [kv_len] * batch)
         schedule = plan_prefill(np.ones(batch, dtype=np.int64), np.full(batch, kv_len),
-                                group_size=HEADS, shape=TileShape(rows, kv_tile, partial_tokens(rows)),
+                                group_size=HEADS,
+                                shape=TileShape(rows, kv_tile, shipped_config.partial_tokens
+                                                * rows // shipped_config.tile_rows),
                                 causal=True, window_left=-1, has_mask=False, num_kv_heads=1,
                                 cta_slots=slots)
         plan = install_schedule(wrapper, schedule, partial_rows=rows)

@@ -70,5 +70,3 @@ def test_mla_variant_units_format():
         flag = "true" if in_registers else "false"
         assert f"MlaShape<{m}, {stages}, {kv}, {ctas}, {flag}, {loads}, {chains}>" in unit
         assert f"run_variant_{i}(" in unit and f"info_variant_{i}()" in unit
-    # A split partial's price as KernelConfig::partial_tokens() computes it for 16 rows.
-    assert sweep_mla.partial_tokens(16) == 16 * 512 * 4 // (576 * 2)
