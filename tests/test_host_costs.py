@@ -119,6 +119,77 @@ def test_sglang_per_replay_host_work_verify_batch_64(benchmark):
     assert prefill.use_cuda_graph and prefill._planned.num_tokens == batch * drafts
 
 
+def _sglang_mla_backend(batch):
+    """Our SGLang backend for a DeepSeek-V3-shaped rank (TP 8: 16 heads over latent rows of
+    512 + 64), page 1 (SGLang's default for MLA), with graph state for `batch` requests."""
+    from types import SimpleNamespace
+
+    class DeepSeekRankConfig(SimpleNamespace):  # what SGLang's ModelConfig answers
+        def get_num_attention_heads(self, tp_size):
+            return self.num_attention_heads // tp_size
+
+        def get_num_kv_heads(self, tp_size):
+            return max(1, self.num_key_value_heads // tp_size)
+
+    runner = SimpleNamespace(
+        device="cpu", dtype=torch.bfloat16, kv_cache_dtype=torch.bfloat16, page_size=1,
+        use_mla_backend=True, token_to_kv_pool=SimpleNamespace(), tp_size=8,
+        req_to_token_pool=SimpleNamespace(req_to_token=torch.zeros(batch + 1, 4096,
+                                                                   dtype=torch.int32)),
+        model_config=DeepSeekRankConfig(num_attention_heads=128, num_key_value_heads=128,
+                                        head_dim=192, v_head_dim=128, kv_lora_rank=512,
+                                        qk_rope_head_dim=64))
+    from attn_backend.integrations.sglang.backend import SGLangAttnBackend
+
+    backend = SGLangAttnBackend(runner)
+    backend.init_cuda_graph_state(max_bs=batch, max_num_tokens=batch * 4)
+    return backend
+
+
+def _mla_replay_view(batch, mode):
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    seq_lens = torch.from_numpy(np.random.default_rng(0).integers(4, 4000, size=batch))
+    view = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens=seq_lens,
+                           seq_lens_cpu=seq_lens, req_pool_indices=torch.arange(1, batch + 1))
+    if mode == "verify":
+        view.forward_mode = ForwardMode.TARGET_VERIFY
+        view.spec_info = SimpleNamespace(draft_token_num=4, topk=1, custom_mask=None)
+    return view
+
+
+@needs_extension
+def test_sglang_mla_per_replay_host_work_batch_64(benchmark):
+    """What SGLang's decode graph replay costs on the host for a DeepSeek-shaped MLA model at
+    batch 64 (issue 18's end-to-end shape): the metadata and the latent kernel's plan."""
+    pytest.importorskip("sglang")
+    batch = 64
+    backend = _sglang_mla_backend(batch)
+    view = _mla_replay_view(batch, "decode")
+    backend.init_forward_metadata_out_graph(view)  # builds the wrapper
+    benchmark(backend.init_forward_metadata_out_graph, view)
+    (wrapper,) = backend.forward_metadata.wrappers.values()
+    assert wrapper.use_cuda_graph and wrapper._planned.num_tokens == batch
+    assert (wrapper.head_dim, wrapper.head_dim_vo) == (576, 512)
+
+
+@needs_extension
+@pytest.mark.parametrize("mode", ["decode", "verify"])
+def test_sglang_mla_replay_plans_allocate_nothing(mode):
+    """The MLA backend's per-replay host work (decode and verify graphs of a DeepSeek-shaped
+    rank) calls the C++ planner and views only, as the MHA backend's does."""
+    pytest.importorskip("sglang")
+    batch = 64
+    backend = _sglang_mla_backend(batch)
+    view = _mla_replay_view(batch, mode)
+    backend.init_forward_metadata_out_graph(view)  # builds the wrappers
+    ops = _ops_of(lambda: backend.init_forward_metadata_out_graph(view))
+    assert any("plan_" in op for op in ops), ops  # the planner ran
+    assert not ops & _ALLOCATING_OPS, sorted(ops & _ALLOCATING_OPS)
+
+
 def _ops_of(fn, calls: int = 5) -> set[str]:
     from torch.profiler import ProfilerActivity, profile
 
