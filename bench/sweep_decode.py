@@ -39,6 +39,7 @@ from .bench_decode import (HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, kv_bytes
                            make_problem)
 from .common import copy_ceiling_tbs, median_ms
 from .variants import TRACE_FIELDS, build_variant_extension, install_schedule
+from .variants import variant_unit as variant_unit_of
 
 GROUP = NUM_QO_HEADS // NUM_KV_HEADS
 
@@ -119,25 +120,13 @@ FP8_VARIANTS = [(3, 4, 16), (2, 3, 16), (3, 3, 16), (2, 2, 16), (2, 3, 32), (2, 
 KV_TYPES = {"bf16": (torch.bfloat16, "__nv_bfloat16"),
             "fp8e4m3": (torch.float8_e4m3fn, "__nv_fp8_e4m3")}
 
-_VARIANT_TU = """
-#include "attention_params.h"
-#include "attn_backend/decode.cuh"
-namespace attn_backend {{
-using VariantTraits{i} =
-    DecodeTraits<DecodeShape<128, 128, {stages}, {warps}, {tokens}>, __nv_bfloat16, {kv_type},
-                 __nv_bfloat16>;
-constexpr auto* kVariantKernel{i} = &paged_decode_kernel<VariantTraits{i}, LogitsTransform<false>>;
-void run_variant_{i}(const AttentionParams& params, dim3 grid, cudaStream_t stream) {{
-  launch_with_pdl(kVariantKernel{i}, params, grid, VariantTraits{i}::kThreads,
-                  VariantTraits{i}::kSmemBytes, /*pdl=*/false, stream);
-}}
-std::vector<int64_t> info_variant_{i}() {{
-  return {{VariantTraits{i}::kRows, VariantTraits{i}::kTileTokens,
-          ctas_per_sm(kVariantKernel{i}, VariantTraits{i}::kThreads, VariantTraits{i}::kSmemBytes),
-          VariantTraits{i}::kThreads}};
-}}
-}}  // namespace attn_backend
-"""
+def variant_unit(i: int, stages: int, warps: int, tokens: int, kv_type: str) -> str:
+    return variant_unit_of(
+        i, header="decode.cuh",
+        traits=f"DecodeTraits<DecodeShape<128, 128, {stages}, {warps}, {tokens}>, __nv_bfloat16, "
+               f"{kv_type}, __nv_bfloat16>",
+        kernel="paged_decode_kernel<{}, LogitsTransform<false>>", tile_tokens="kTileTokens")
+
 
 _TRACE_DEFINE = "#define ATTN_BACKEND_DECODE_TRACE\n"
 SHIPPED_SHAPE = (2, 4, 16)  # kernels/csrc/decode_kernels.cu's SplitDecodeShape<128, 128>
@@ -145,7 +134,7 @@ SHIPPED_SHAPE = (2, 4, 16)  # kernels/csrc/decode_kernels.cu's SplitDecodeShape<
 
 def build_variants(kv="bf16"):
     kv_type = KV_TYPES[kv][1]
-    units = [_VARIANT_TU.format(i=i, stages=stages, warps=warps, tokens=tokens, kv_type=kv_type)
+    units = [variant_unit(i, stages, warps, tokens, kv_type)
              for i, (stages, warps, tokens) in enumerate(variant_shapes(kv))]
     name = f"attn_backend_decode_variants_{kv}"
     build_variant_extension(name, units)
@@ -158,9 +147,7 @@ def variant_shapes(kv: str) -> list[tuple[int, int, int]]:
 
 def build_traced(kv="bf16"):
     """The shipped shape as variant 0, with the CTA timeline compiled in."""
-    unit = _VARIANT_TU.format(i=0, stages=SHIPPED_SHAPE[0], warps=SHIPPED_SHAPE[1],
-                              tokens=SHIPPED_SHAPE[2],
-                              kv_type=KV_TYPES[kv][1])
+    unit = variant_unit(0, *SHIPPED_SHAPE, KV_TYPES[kv][1])
     name = f"attn_backend_decode_trace_{kv}"
     build_variant_extension(name, [unit], prefix=_TRACE_DEFINE)
     return getattr(torch.ops, name)

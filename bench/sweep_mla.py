@@ -26,7 +26,7 @@ from attn_backend.schedule import TileShape, plan_prefill
 
 from .bench_mla import DTYPE, RANK, ROPE, Peers
 from .common import median_ms, shuffled_pages
-from .variants import build_variant_extension, install_schedule
+from .variants import build_variant_extension, install_schedule, variant_unit
 
 HEADS = 16
 # (m-tiles, stages, keys per tile, CTAs per SM (0: as the cache type decides), query fragments
@@ -46,31 +46,16 @@ VARIANTS = [(1, 2, 64, 0, False, 1, 1), (1, 2, 64, 0, True, 1, 1), (1, 5, 64, 0,
 DEFAULT_SHAPES = ("64x4096x64,64x4096x1,128x4096x64,128x4096x1,16x4096x64,64x32768x64,"
                   "16x32768x64,16x32768x1,64x1024x64,1x32768x64,1x4096x64")
 
-_VARIANT_TU = """
-#include "attention_params.h"
-#include "attn_backend/mla.cuh"
-namespace attn_backend {{
-using VariantTraits{i} = MlaTraits<MlaShape<{m}, {stages}, {kv}, {ctas}, {qreg}, {loads}, {chains}>, __nv_bfloat16,
-                                   __nv_bfloat16, __nv_bfloat16>;
-constexpr auto* kVariantKernel{i} = &paged_mla_kernel<VariantTraits{i}, LogitsTransform<false>, false>;
-void run_variant_{i}(const AttentionParams& params, dim3 grid, cudaStream_t stream) {{
-  launch_with_pdl(kVariantKernel{i}, params, grid, VariantTraits{i}::kThreads,
-                  VariantTraits{i}::kSmemBytes, /*pdl=*/false, stream);
-}}
-std::vector<int64_t> info_variant_{i}() {{
-  return {{VariantTraits{i}::kRows, VariantTraits{i}::kKVTile,
-          ctas_per_sm(kVariantKernel{i}, VariantTraits{i}::kThreads, VariantTraits{i}::kSmemBytes),
-          VariantTraits{i}::kThreads}};
-}}
-}}  // namespace attn_backend
-"""
-
-
 def variant_units(shapes) -> list[str]:
-    return [_VARIANT_TU.format(i=i, m=m, stages=stages, kv=kv, ctas=ctas,
-                               qreg="true" if query_in_registers else "false", loads=loads,
-                               chains=chains)
-            for i, (m, stages, kv, ctas, query_in_registers, loads, chains) in enumerate(shapes)]
+    units = []
+    for i, (m, stages, kv, ctas, query_in_registers, loads, chains) in enumerate(shapes):
+        flag = "true" if query_in_registers else "false"
+        units.append(variant_unit(
+            i, header="mla.cuh",
+            traits=f"MlaTraits<MlaShape<{m}, {stages}, {kv}, {ctas}, {flag}, {loads}, {chains}>, "
+                   "__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>",
+            kernel="paged_mla_kernel<{}, LogitsTransform<false>, false>", tile_tokens="kKVTile"))
+    return units
 
 
 def run_shape(variants, ops, batch, kv_len, page_size, peers, profile) -> None:

@@ -30,6 +30,7 @@ from attn_backend.schedule import TileShape, plan_prefill
 from .bench_prefill import HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, flops
 from .common import median_ms, shuffled_pages
 from .variants import build_variant_extension, install_schedule
+from .variants import variant_unit as variant_unit_of
 
 # (m-tiles per warp, kv tile, stages, warps, wgmma); wgmma shapes need an sm_90 GPU.
 VARIANTS = [(1, 128, 2, 12, True), (1, 128, 2, 8, True), (1, 64, 3, 12, True),
@@ -46,31 +47,17 @@ SWEEPS = {"long": ("attn_backend_prefill_variants", VARIANTS,
           "short": ("attn_backend_prefill_short_variants", SHORT_VARIANTS,
                     "64x4x4096,64x8x4096,64x16x4096")}
 
-_VARIANT_TU = """
-#include "attention_params.h"
-#include "attn_backend/prefill.cuh"
-namespace attn_backend {{
-using VariantTraits{i} = PrefillTraits<PrefillShape<128, 128, {m}, {kv}, {stages}, {warps}, {wgmma}>,
-                                       __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>;
-constexpr auto* kVariantKernel{i} =
-    &paged_prefill_kernel<VariantTraits{i}, LogitsTransform<false>, false>;
-void run_variant_{i}(const AttentionParams& params, dim3 grid, cudaStream_t stream) {{
-  launch_with_pdl(kVariantKernel{i}, params, grid, VariantTraits{i}::kThreads,
-                  VariantTraits{i}::kSmemBytes, /*pdl=*/false, stream);
-}}
-std::vector<int64_t> info_variant_{i}() {{
-  return {{VariantTraits{i}::kRows, VariantTraits{i}::kKVTile,
-          ctas_per_sm(kVariantKernel{i}, VariantTraits{i}::kThreads, VariantTraits{i}::kSmemBytes),
-          VariantTraits{i}::kThreads}};
-}}
-}}  // namespace attn_backend
-"""
+def variant_unit(i: int, m: int, kv: int, stages: int, warps: int, wgmma: bool) -> str:
+    flag = "true" if wgmma else "false"
+    return variant_unit_of(
+        i, header="prefill.cuh",
+        traits=f"PrefillTraits<PrefillShape<128, 128, {m}, {kv}, {stages}, {warps}, {flag}>, "
+               "__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>",
+        kernel="paged_prefill_kernel<{}, LogitsTransform<false>, false>", tile_tokens="kKVTile")
 
 
 def build_variants(name, shapes):
-    units = [_VARIANT_TU.format(i=i, m=m, kv=kv, stages=stages, warps=warps,
-                                wgmma="true" if wgmma else "false")
-             for i, (m, kv, stages, warps, wgmma) in enumerate(shapes)]
+    units = [variant_unit(i, *shape) for i, shape in enumerate(shapes)]
     build_variant_extension(name, units)
     return getattr(torch.ops, name)
 

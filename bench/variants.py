@@ -91,6 +91,31 @@ TORCH_LIBRARY_IMPL({library}, CompositeExplicitAutograd, m) {{
 """.replace("@TRACE_FIELDS@", str(TRACE_FIELDS))
 
 
+def variant_unit(i: int, *, header: str, traits: str, kernel: str, tile_tokens: str) -> str:
+    """Variant unit i: `traits` (a C++ traits type) launched as `kernel` (the kernel template's
+    name and its arguments after the traits, e.g. "paged_prefill_kernel<{}, LogitsTransform<false>,
+    false>" with {} for the traits), declared in attn_backend/`header`; `tile_tokens` names the
+    traits' keys per tile for info_variant_i."""
+    traits_name = f"VariantTraits{i}"
+    return f"""
+#include "attention_params.h"
+#include "attn_backend/{header}"
+namespace attn_backend {{
+using {traits_name} = {traits};
+constexpr auto* kVariantKernel{i} = &{kernel.format(traits_name)};
+void run_variant_{i}(const AttentionParams& params, dim3 grid, cudaStream_t stream) {{
+  launch_with_pdl(kVariantKernel{i}, params, grid, {traits_name}::kThreads,
+                  {traits_name}::kSmemBytes, /*pdl=*/false, stream);
+}}
+std::vector<int64_t> info_variant_{i}() {{
+  return {{{traits_name}::kRows, {traits_name}::{tile_tokens},
+          ctas_per_sm(kVariantKernel{i}, {traits_name}::kThreads, {traits_name}::kSmemBytes),
+          {traits_name}::kThreads}};
+}}
+}}  // namespace attn_backend
+"""
+
+
 def build_variant_extension(name: str, variant_units: list[str], prefix: str = "") -> None:
     """Compile and load extension `name` (its ops under torch.ops.<name>); `prefix` goes
     before every unit (e.g. a #define)."""

@@ -17,8 +17,7 @@ def test_the_ops_unit_formats_and_reads_fp8_caches_with_unit_scales():
 def test_decode_variant_units_format_for_each_cache_type():
     for kv, (_, cpp_type) in sweep_decode.KV_TYPES.items():
         for i, (stages, warps, tokens) in enumerate(sweep_decode.variant_shapes(kv)):
-            unit = sweep_decode._VARIANT_TU.format(i=i, stages=stages, warps=warps, tokens=tokens,
-                                                   kv_type=cpp_type)
+            unit = sweep_decode.variant_unit(i, stages, warps, tokens, cpp_type)
             assert f"DecodeShape<128, 128, {stages}, {warps}, {tokens}>" in unit
             assert cpp_type in unit
 
@@ -26,8 +25,7 @@ def test_decode_variant_units_format_for_each_cache_type():
 def test_prefill_variant_units_format():
     for i, (m, kv, stages, warps, wgmma) in enumerate(sweep_prefill.VARIANTS
                                                       + sweep_prefill.SHORT_VARIANTS):
-        unit = sweep_prefill._VARIANT_TU.format(i=i, m=m, kv=kv, stages=stages, warps=warps,
-                                                wgmma="true" if wgmma else "false")
+        unit = sweep_prefill.variant_unit(i, m, kv, stages, warps, wgmma)
         assert f"PrefillShape<128, 128, {m}, {kv}, {stages}, {warps}," in unit
 
 

@@ -146,7 +146,8 @@ def _sglang_mla_backend(batch):
     return backend
 
 
-def _mla_replay_view(batch, mode):
+def _replay_view(batch, mode):
+    """SGLang's view of a decode or verify (4-token chains) graph replay's static buffers."""
     from types import SimpleNamespace
 
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -167,27 +168,12 @@ def test_sglang_mla_per_replay_host_work_batch_64(benchmark):
     pytest.importorskip("sglang")
     batch = 64
     backend = _sglang_mla_backend(batch)
-    view = _mla_replay_view(batch, "decode")
+    view = _replay_view(batch, "decode")
     backend.init_forward_metadata_out_graph(view)  # builds the wrapper
     benchmark(backend.init_forward_metadata_out_graph, view)
     (wrapper,) = backend.forward_metadata.wrappers.values()
     assert wrapper.use_cuda_graph and wrapper._planned.num_tokens == batch
     assert (wrapper.head_dim, wrapper.head_dim_vo) == (576, 512)
-
-
-@needs_extension
-@pytest.mark.parametrize("mode", ["decode", "verify"])
-def test_sglang_mla_replay_plans_allocate_nothing(mode):
-    """The MLA backend's per-replay host work (decode and verify graphs of a DeepSeek-shaped
-    rank) calls the C++ planner and views only, as the MHA backend's does."""
-    pytest.importorskip("sglang")
-    batch = 64
-    backend = _sglang_mla_backend(batch)
-    view = _mla_replay_view(batch, mode)
-    backend.init_forward_metadata_out_graph(view)  # builds the wrappers
-    ops = _ops_of(lambda: backend.init_forward_metadata_out_graph(view))
-    assert any("plan_" in op for op in ops), ops  # the planner ran
-    assert not ops & _ALLOCATING_OPS, sorted(ops & _ALLOCATING_OPS)
 
 
 def _ops_of(fn, calls: int = 5) -> set[str]:
@@ -206,25 +192,18 @@ _ALLOCATING_OPS = {"aten::empty", "aten::empty_strided", "aten::zeros", "aten::o
 
 
 @needs_extension
+@pytest.mark.parametrize("model", ["llama", "deepseek"])
 @pytest.mark.parametrize("mode", ["decode", "verify"])
-def test_sglang_replay_plans_allocate_nothing(mode):
+def test_sglang_replay_plans_allocate_nothing(mode, model):
     """The per-replay host work of SGLang's decode and verify graphs (the backend's
-    init_forward_metadata_out_graph) calls the C++ planner and views only: no tensor is
-    allocated, pinned or copied per step on the host (a pin_memory() per plan once cost the
-    engine's decode steps; the device-side upload, one copy per plan, is GPU-tested)."""
+    init_forward_metadata_out_graph), for a GQA model and an MLA one, calls the C++ planner
+    and views only: no tensor is allocated, pinned or copied per step on the host (a
+    pin_memory() per plan once cost the engine's decode steps; the device-side upload, one
+    copy per plan, is GPU-tested)."""
     pytest.importorskip("sglang")
-    from types import SimpleNamespace
-
-    from sglang.srt.model_executor.forward_batch_info import ForwardMode
-
     batch = 64
-    backend = _sglang_backend(batch)
-    seq_lens = torch.from_numpy(np.random.default_rng(0).integers(4, 4000, size=batch))
-    view = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens=seq_lens,
-                           seq_lens_cpu=seq_lens, req_pool_indices=torch.arange(1, batch + 1))
-    if mode == "verify":
-        view.forward_mode = ForwardMode.TARGET_VERIFY
-        view.spec_info = SimpleNamespace(draft_token_num=4, topk=1, custom_mask=None)
+    backend = _sglang_backend(batch) if model == "llama" else _sglang_mla_backend(batch)
+    view = _replay_view(batch, mode)
     backend.init_forward_metadata_out_graph(view)  # builds the wrappers
     ops = _ops_of(lambda: backend.init_forward_metadata_out_graph(view))
     assert any("plan_" in op for op in ops), ops  # the planner ran
