@@ -88,21 +88,27 @@ struct MlaTraits : Shape {
   static constexpr bool kFp8 = is_fp8<DTypeKV>();
   static constexpr int kCtasPerSm =
       Shape::kCtasPerSmAsked > 0 ? Shape::kCtasPerSmAsked : (kFp8 && Shape::kRows == 16 ? 2 : 1);
-  static constexpr int kStages = kFp8 && kCtasPerSm == 1 ? 2 * Shape::kStages : Shape::kStages;
+  // FP8 caches keep whole tiles: the shape's ring of whole tiles (2 deep where it is one of
+  // half tiles), doubled where one CTA has the SM; the half-tile ring and the two S chains
+  // are options of 16-bit caches, so one configuration serves both.
+  static constexpr int kLoadsPerTile = kFp8 ? 1 : Shape::kLoadsPerTile;
+  static constexpr int kWholeTileStages = Shape::kLoadsPerTile == 1 ? Shape::kStages : 2;
+  static constexpr int kStages =
+      kFp8 ? (kCtasPerSm == 1 ? 2 * kWholeTileStages : kWholeTileStages) : Shape::kStages;
   // Where one CTA holds the SM (up to 255 registers a thread): two CTAs need the registers.
   static constexpr bool kQueryInRegisters = Shape::kQueryInRegisters && kCtasPerSm == 1;
+  static constexpr int kSChains = kQueryInRegisters ? Shape::kSChains : 1;
   static constexpr int kChunksQ = chunks_per_row<DTypeQ, Shape::kHeadDimQK>();  // 72
   static constexpr int kChunksK = chunks_per_row<DTypeKV, Shape::kHeadDimQK>();  // 72, FP8 36
   using LayoutQ = XorSwizzledRows<kChunksQ>;
   using LayoutK = XorSwizzledRows<kChunksK>;
   // The ring's tiles: kLoadsPerTile of them per tile of kKVTile keys.
-  static constexpr int kLoadTokens = Shape::kKVTile / Shape::kLoadsPerTile;
-  static_assert(kLoadTokens % 16 == 0 && kLoadTokens * Shape::kLoadsPerTile == Shape::kKVTile,
+  static constexpr int kLoadTokens = Shape::kKVTile / kLoadsPerTile;
+  static_assert(kLoadTokens % 16 == 0 && kLoadTokens * kLoadsPerTile == Shape::kKVTile,
                 "ring tiles of whole 16-key steps that make up a tile");
-  static_assert(Shape::kSChains == 1 || (Shape::kSChains == 2 && kQueryInRegisters),
-                "two chains of S's MMAs are built on the query fragments in registers");
+  static_assert(kSChains == 1 || kSChains == 2, "S in one chain of MMAs or two");
   using Loader = PagedKVLoader<DTypeKV, kLoadTokens, kStages, Shape::kThreads, LayoutK, LayoutK,
-                               /*kValueInKey=*/true, Shape::kLoadsPerTile>;
+                               /*kValueInKey=*/true, kLoadsPerTile>;
   using Mma = MmaSync<DTypeQ, DTypeKV>;
   static constexpr int kKeyGroups = Shape::kKVTile / 16;  // S: 16-key groups of a tile
   static constexpr int kDimParts = Shape::kWarps / kKeyGroups;  // S: the dims' shares
