@@ -2,7 +2,7 @@
 heads of one token: DeepSeek-V3's decode at TP 8) on the mla_decode shapes, beside the shipped
 kernel and FlashMLA in the same run.
 
-    python -m bench.sweep_mla [--shapes 64x4096x64,1x32768x64] [--profile VARIANT]
+    python -m bench.sweep_mla [--shapes 64x4096x64,1x32768x64] [--profile VARIANT] [--out DIR]
 
 Shape BATCHxKVxPAGE. Each variant `MlaShape<m-tiles, stages, keys per tile, CTAs per SM,
 query in registers, ring tiles per tile, S's accumulator chains>` (mla.cuh) is
@@ -16,6 +16,7 @@ TB/s count the latent bytes as bench/bench_mla.py does.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,8 +25,8 @@ import attn_backend
 from attn_backend import PagedKVCache, PagedPrefill, PageTable
 from attn_backend.schedule import TileShape, plan_prefill
 
-from .bench_mla import DTYPE, RANK, ROPE, Peers
-from .common import median_ms, shuffled_pages
+from .bench_mla import DTYPE, RANK, ROPE, TIMING_NOTE, Peers, case_name
+from .common import copy_ceiling_tbs, median_ms, shuffled_pages, write_results
 from .variants import build_variant_extension, install_schedule, variant_unit
 
 HEADS = 16
@@ -58,7 +59,10 @@ def variant_units(shapes) -> list[str]:
     return units
 
 
-def run_shape(variants, ops, batch, kv_len, page_size, peers, profile) -> None:
+def run_shape(variants, ops, batch, kv_len, page_size, peers, profile) -> dict | None:
+    """Times the shape; returns its results row (None when profiling): `ours` the shipped
+    kernel's TB/s, `variants` each variant's (by its index and shape), `variant_max_abs_diff`
+    against the shipped output, `peers` FlashMLA's where it runs (page 64)."""
     gen = torch.Generator().manual_seed(0)
     latent = torch.randn(batch * kv_len + 64 * 64, 1, RANK + ROPE, dtype=DTYPE, device="cuda")
     cache = PagedKVCache.from_mla(latent, RANK, page_size)
@@ -76,9 +80,10 @@ def run_shape(variants, ops, batch, kv_len, page_size, peers, profile) -> None:
     # row (the partial of a row is the same 512 floats whatever the tile).
     shipped_config = shipped._planned.config
     results = {}
+    variant_times, variant_diffs = {}, {}
     if not profile:
         shipped_out = torch.empty_like(want)
-        results[f"shipped ({shipped._planned.config.name})"] = median_ms(
+        results[f"shipped ({shipped._planned.config.name})"] = shipped_ms = median_ms(
             lambda: shipped.run(q, cache, table, out=shipped_out), iters=50)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for v in variants:
@@ -109,13 +114,29 @@ def run_shape(variants, ops, batch, kv_len, page_size, peers, profile) -> None:
             continue
         label = (f"v{v} MlaShape<{','.join(map(str, VARIANTS[v]))}> ctas/SM={ctas} "
                  f"items={schedule.num_items} diff={diff:.2g}")
-        results[label] = median_ms(call, iters=50)
+        results[label] = variant_times[variant_name(v)] = median_ms(call, iters=50)
+        variant_diffs[variant_name(v)] = diff
+    peer_times = {}
     if peers.flash_mla is not None and page_size == 64 and not profile:
-        results["flashmla"] = median_ms(peers.flashmla(latent, pages, kv_len, q, 1), iters=50)
+        results["flashmla"] = peer_times["flashmla"] = median_ms(
+            peers.flashmla(latent, pages, kv_len, q, 1), iters=50)
     torch.cuda.synchronize()
     for name, ms in results.items():
         print(f"  {batch}x{kv_len} p{page_size}  {name:64s} {ms * 1e3:8.1f} us "
               f"{moved / (ms * 1e-3) / 1e12:6.3f} TB/s", flush=True)
+    if profile:
+        return None
+    tbs = lambda ms: round(moved / (ms * 1e-3) / 1e12, 4)  # noqa: E731
+    return {"case": case_name(batch, kv_len, HEADS, page_size), "ours": tbs(shipped_ms),
+            "kernel": shipped_config.name, "ours_us": round(shipped_ms * 1e3, 2),
+            "variants": {name: tbs(ms) for name, ms in variant_times.items()},
+            "variant_max_abs_diff": {name: float(f"{d:.3g}") for name, d in variant_diffs.items()},
+            "peers": {name: tbs(ms) for name, ms in peer_times.items()}}
+
+
+def variant_name(v: int) -> str:
+    """A variant's key in the results: its index and its MlaShape arguments."""
+    return f"v{v}_" + "-".join(str(int(x)) for x in VARIANTS[v])
 
 
 def main() -> None:
@@ -123,17 +144,30 @@ def main() -> None:
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="BATCHxKVxPAGE,...")
     parser.add_argument("--profile", type=int, default=None,
                         help="run only variant V, a few times, for ncu")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the rows as bench/results JSON (benchmark mla_sweep) here")
     args = parser.parse_args()
     attn_backend.set_debug_checks(False)
     build_variant_extension("attn_backend_mla_variants", variant_units(VARIANTS))
     ops = torch.ops.attn_backend_mla_variants
     peers = Peers()
     variants = [args.profile] if args.profile is not None else list(range(len(VARIANTS)))
+    rows = []
     for shape in args.shapes.split(","):
         batch, kv_len, page_size = map(int, shape.split("x"))
-        run_shape(variants, ops, batch, kv_len, page_size, peers, args.profile is not None)
+        row = run_shape(variants, ops, batch, kv_len, page_size, peers, args.profile is not None)
+        if row is not None:
+            rows.append(row)
     for note in peers.notes:
         print("note:", note)
+    if args.out is not None and rows:
+        ceiling = {"name": "device-to-device copy", "unit": "TB/s",
+                   "value": round(copy_ceiling_tbs(), 3)}
+        notes = peers.notes + [
+            "variants: MlaShape<m-tiles, stages, keys per tile, CTAs per SM, query in "
+            "registers, ring tiles per tile, S chains> of bench/sweep_mla.py VARIANTS; v1 is "
+            "the shipped shape as of session 25", TIMING_NOTE]
+        print("->", write_results("mla_sweep", "TB/s", ceiling, rows, args.out, notes))
 
 
 if __name__ == "__main__":

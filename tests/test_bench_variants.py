@@ -68,3 +68,11 @@ def test_mla_variant_units_format():
         flag = "true" if in_registers else "false"
         assert f"MlaShape<{m}, {stages}, {kv}, {ctas}, {flag}, {loads}, {chains}>" in unit
         assert f"run_variant_{i}(" in unit and f"info_variant_{i}()" in unit
+
+
+def test_mla_variant_names_are_unique_results_keys():
+    from bench import sweep_mla
+
+    names = [sweep_mla.variant_name(v) for v in range(len(sweep_mla.VARIANTS))]
+    assert len(set(names)) == len(names)
+    assert names[1] == "v1_" + "-".join(str(int(x)) for x in sweep_mla.VARIANTS[1])
