@@ -10,7 +10,8 @@ compiled into a side extension (bench/variants.py) whose op launches it over exa
 op's parameters; its schedule is the planner's specification for its tile and CTA slots (split
 partials priced as the shipped MLA configurations price them), written into a shipped wrapper's
 workspace. Every variant's output is checked against the shipped kernel's; the printed
-TB/s count the latent bytes as bench/bench_mla.py does.
+TB/s count the latent bytes as bench/bench_mla.py does. `--out DIR` also writes the rows as
+`mla_sweep-<date>-<gpu>.json` (bench/results' format) with the copy ceiling of the same run.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ VARIANTS = [(1, 2, 64, 0, False, 1, 1), (1, 2, 64, 0, True, 1, 1), (1, 5, 64, 0,
             (1, 2, 64, 0, True, 1, 2), (1, 5, 64, 0, True, 2, 2), (1, 2, 32, 2, False, 1, 1)]
 DEFAULT_SHAPES = ("64x4096x64,64x4096x1,128x4096x64,128x4096x1,16x4096x64,64x32768x64,"
                   "16x32768x64,16x32768x1,64x1024x64,1x32768x64,1x4096x64")
+
 
 def variant_units(shapes) -> list[str]:
     units = []
