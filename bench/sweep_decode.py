@@ -38,7 +38,7 @@ from attn_backend.schedule import (ITEM_OVERHEAD_TOKENS, TileShape, WorkSchedule
 from .bench_decode import (HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, kv_bytes, make_decode,
                            make_problem)
 from .common import copy_ceiling_tbs, median_ms
-from .variants import TRACE_FIELDS, build_variant_extension, install_schedule
+from .variants import TRACE_FIELDS, build_variant_extension, checked_run, install_schedule
 from .variants import variant_unit as variant_unit_of
 
 GROUP = NUM_QO_HEADS // NUM_KV_HEADS
@@ -250,11 +250,8 @@ def run_shape(variants, ops, batch, kv_len, page_size, ordered, peers, ceiling, 
             def call():
                 launch(ops, v, decode, plan, q, cache, table, out)
 
-            call()
-            diff = (out.float() - want.float()).abs().max().item()
-            if profile:
-                for _ in range(3):
-                    call()
+            diff = checked_run(call, out, want, profile)
+            if diff is None:
                 continue
             name = (f"v{v} stages={shapes[v][0]} warps={shapes[v][1]} keys/warp={shapes[v][2]} "
                     f"ctas/SM={ctas} "

@@ -28,7 +28,7 @@ from attn_backend.schedule import TileShape, plan_prefill
 
 from .bench_mla import DTYPE, RANK, ROPE, TIMING_NOTE, Peers, case_name
 from .common import copy_ceiling_tbs, median_ms, shuffled_pages, write_results
-from .variants import build_variant_extension, install_schedule, variant_unit
+from .variants import build_variant_extension, checked_run, install_schedule, variant_unit
 
 HEADS = 16
 # (m-tiles, stages, keys per tile, CTAs per SM (0: as the cache type decides), query fragments
@@ -108,11 +108,8 @@ def run_shape(variants, ops, batch, kv_len, page_size, peers, profile) -> dict |
                     wrapper._workspace.tensor, plan, RANK + ROPE, rows, (RANK + ROPE) ** -0.5,
                     out)
 
-        call()
-        diff = (out.float() - want.float()).abs().max().item()
-        if profile:
-            for _ in range(3):
-                call()
+        diff = checked_run(call, out, want, profile)
+        if diff is None:
             continue
         label = (f"v{v} MlaShape<{','.join(map(str, VARIANTS[v]))}> ctas/SM={ctas} "
                  f"items={schedule.num_items} diff={diff:.2g}")

@@ -29,7 +29,7 @@ from attn_backend.schedule import TileShape, plan_prefill
 
 from .bench_prefill import HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, Peers, flops
 from .common import median_ms, shuffled_pages
-from .variants import build_variant_extension, install_schedule
+from .variants import build_variant_extension, checked_run, install_schedule
 from .variants import variant_unit as variant_unit_of
 
 # (m-tiles per warp, kv tile, stages, warps, wgmma); wgmma shapes need an sm_90 GPU.
@@ -100,11 +100,8 @@ def run_shape(variants, shapes, ops, batch, q_len, kv_len, peers, profile):
             ops.run(v, q, cache.k, cache.v, table.table, table.holds_token_slots,
                     prefill._workspace.tensor, plan, HEAD_DIM, rows, 1 / HEAD_DIM ** 0.5, out)
 
-        call()
-        diff = (out.float() - want.float()).abs().max().item()
-        if profile:
-            for _ in range(3):
-                call()
+        diff = checked_run(call, out, want, profile)
+        if diff is None:
             continue
         results[f"v{v} {shapes[v]} rows={rows} ctas/SM={ctas} diff={diff:.2g}"] = \
             median_ms(call, iters=20)

@@ -17,6 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from attn_backend import _sources
 
 # A decode CTA's row of the trace (decode.cuh kTraceFields): entry, first tile, loop end,
@@ -148,6 +150,19 @@ def build_variant_extension(name: str, variant_units: list[str], prefix: str = "
          extra_include_paths=[str(kernels / "include"), str(kernels / "csrc")],
          extra_cuda_cflags=_sources.NVCC_FLAGS, extra_cflags=_sources.CXX_FLAGS,
          build_directory=str(build_dir), is_python_module=False, verbose=False)
+
+
+def checked_run(call, out: torch.Tensor, want: torch.Tensor, profile: bool) -> float | None:
+    """Runs a variant's launch `call` once and returns the largest difference of its `out` from
+    the shipped kernel's `want`; with `profile` runs it three more times (for ncu) and returns
+    None: the caller then times nothing."""
+    call()
+    diff = (out.float() - want.float()).abs().max().item()
+    if profile:
+        for _ in range(3):
+            call()
+        return None
+    return diff
 
 
 def install_schedule(wrapper, schedule, *, partial_rows: int) -> list[int]:

@@ -230,48 +230,38 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
                                   : Traits::Loader::stage_of(tile, key0 / Traits::kLoadTokens));
     const int k_row0 = kWholeTiles ? key0 : key0 % Traits::kLoadTokens;
     {
-      float s[kM][2][4];
+      // S accumulates in kSChains chains of MMAs (step i into chain i % kSChains), added into
+      // the first at the end.
+      float chains[Traits::kSChains][kM][2][4];
 #pragma unroll
-      for (int mt = 0; mt < kM; ++mt) {
+      for (int c = 0; c < Traits::kSChains; ++c) {
 #pragma unroll
-        for (int n = 0; n < 2; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+        for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            chains[c][mt][n][0] = chains[c][mt][n][1] = chains[c][mt][n][2] =
+                chains[c][mt][n][3] = 0.f;
+          }
+        }
       }
-      if constexpr (Traits::kQueryInRegisters && Traits::kSChains == 2) {
-        // Even and odd steps into two accumulators, added at the end: two dependent chains of
-        // 9 MMAs instead of one of 18.
-        float s_odd[kM][2][4];
-#pragma unroll
-        for (int mt = 0; mt < kM; ++mt) {
-#pragma unroll
-          for (int n = 0; n < 2; ++n) {
-            s_odd[mt][n][0] = s_odd[mt][n][1] = s_odd[mt][n][2] = s_odd[mt][n][3] = 0.f;
-          }
-        }
+      float (&s)[kM][2][4] = chains[0];
+      if constexpr (Traits::kQueryInRegisters) {
 #pragma unroll
         for (int step = 0; step < Traits::kStepsPerPart; ++step) {
           const int kk = dim_part * Traits::kStepsPerPart + step;
-          if (step % 2 == 0) {
-            Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s, query[step], k_tile, k_row0,
-                                                                   kk, lane);
-          } else {
-            Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s_odd, query[step], k_tile,
-                                                                   k_row0, kk, lane);
-          }
+          Mma::template qk_step<typename Traits::LayoutK, kM, 1>(
+              chains[step % Traits::kSChains], query[step], k_tile, k_row0, kk, lane);
         }
 #pragma unroll
-        for (int mt = 0; mt < kM; ++mt) {
+        for (int c = 1; c < Traits::kSChains; ++c) {
 #pragma unroll
-          for (int n = 0; n < 2; ++n) {
+          for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[mt][n][e] += s_odd[mt][n][e];
+            for (int n = 0; n < 2; ++n) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) s[mt][n][e] += chains[c][mt][n][e];
+            }
           }
-        }
-      } else if constexpr (Traits::kQueryInRegisters) {
-#pragma unroll
-        for (int step = 0; step < Traits::kStepsPerPart; ++step) {
-          const int kk = dim_part * Traits::kStepsPerPart + step;
-          Mma::template qk_step<typename Traits::LayoutK, kM, 1>(s, query[step], k_tile, k_row0,
-                                                                 kk, lane);
         }
       } else {
         // Two CTAs per SM (at most 128 registers): a few steps in flight, not all 18.
