@@ -3,6 +3,7 @@ heads of one token: DeepSeek-V3's decode at TP 8) on the mla_decode shapes, besi
 kernel and FlashMLA in the same run.
 
     python -m bench.sweep_mla [--shapes 64x4096x64,1x32768x64] [--profile VARIANT] [--out DIR]
+    python -m bench.sweep_mla --plot bench/results/mla_sweep-<date>-h200.json   (CPU: its PNG)
 
 Shape BATCHxKVxPAGE. Each variant `MlaShape<m-tiles, stages, keys per tile, CTAs per SM,
 query in registers, ring tiles per tile, S's accumulator chains>` (mla.cuh) is
@@ -11,12 +12,14 @@ op's parameters; its schedule is the planner's specification for its tile and CT
 partials priced as the shipped MLA configurations price them), written into a shipped wrapper's
 workspace. Every variant's output is checked against the shipped kernel's; the printed
 TB/s count the latent bytes as bench/bench_mla.py does. `--out DIR` also writes the rows as
-`mla_sweep-<date>-<gpu>.json` (bench/results' format) with the copy ceiling of the same run.
+`mla_sweep-<date>-<gpu>.json` (bench/results' format) with the copy ceiling of the same run,
+and its plot beside it: each variant's and FlashMLA's TB/s over the shipped kernel's, per case.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +141,38 @@ def variant_name(v: int) -> str:
     return f"v{v}_" + "-".join(str(int(x)) for x in VARIANTS[v])
 
 
+def plot(result: dict, path: Path) -> None:
+    """Bars of each variant's (and FlashMLA's) TB/s over the shipped kernel's, one group per case:
+    a sweep is read as ratios within one run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = sorted({name for row in rows for name in row["variants"]})
+    names += sorted({name for row in rows for name in row["peers"]})
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.8))
+    width = 0.8 / len(names)
+    colors = plt.get_cmap("tab10")
+    for i, name in enumerate(names):
+        ratios = [({**row["variants"], **row["peers"]}.get(name, np.nan)) / row["ours"]
+                  for row in rows]
+        ax.bar(np.arange(len(rows)) + (i - (len(names) - 1) / 2) * width, ratios, width,
+               label=name, color="black" if name == "flashmla" else colors(i))
+    ax.axhline(1.0, color="gray", linewidth=1)
+    ax.set_xticks(np.arange(len(rows)))
+    ax.set_xticklabels([row["case"].replace("_mla512-64_bf16", "") for row in rows],
+                       rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0.75, 1.15)
+    ax.set_ylabel("TB/s / shipped kernel's TB/s")
+    ax.legend(fontsize=7, ncol=4)
+    ax.set_title(f"16-row MLA kernel shapes, 16 heads, bf16 ({result['device']}, "
+                 f"{result['date']}, {result['git_commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="BATCHxKVxPAGE,...")
@@ -145,7 +180,12 @@ def main() -> None:
                         help="run only variant V, a few times, for ncu")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the rows as bench/results JSON (benchmark mla_sweep) here")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="only draw the PNG of a written sweep JSON (no GPU needed)")
     args = parser.parse_args()
+    if args.plot is not None:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
     attn_backend.set_debug_checks(False)
     build_variant_extension("attn_backend_mla_variants", variant_units(VARIANTS))
     ops = torch.ops.attn_backend_mla_variants
@@ -166,7 +206,9 @@ def main() -> None:
             "variants: MlaShape<m-tiles, stages, keys per tile, CTAs per SM, query in "
             "registers, ring tiles per tile, S chains> of bench/sweep_mla.py VARIANTS; v1 is "
             "the shipped shape as of session 25", TIMING_NOTE]
-        print("->", write_results("mla_sweep", "TB/s", ceiling, rows, args.out, notes))
+        path = write_results("mla_sweep", "TB/s", ceiling, rows, args.out, notes)
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        print("->", path, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
