@@ -176,6 +176,33 @@ def test_sglang_mla_per_replay_host_work_batch_64(benchmark):
     assert (wrapper.head_dim, wrapper.head_dim_vo) == (576, 512)
 
 
+@needs_extension
+def test_sglang_replays_keep_the_page_tables_of_the_static_buffers():
+    """A graph replay hands over the same static req_pool_indices every step: its page table
+    is built once and kept (it views the buffer, so each step's new rows are read); another
+    index tensor (an eager forward) gets a table of its own."""
+    pytest.importorskip("sglang")
+    backend = _sglang_mla_backend(8)
+    view = _replay_view(8, "decode")
+    backend.init_forward_metadata_out_graph(view)
+    table = backend.forward_metadata.page_table
+    assert table.row_index is view.req_pool_indices
+    view.req_pool_indices.copy_(torch.arange(8, 0, -1))  # the next step's rows, in place
+    view.seq_lens_cpu = view.seq_lens = view.seq_lens + 1
+    backend.init_forward_metadata_out_graph(view)
+    assert backend.forward_metadata.page_table is table
+    assert backend.forward_metadata.kv_lens.tolist() == view.seq_lens.tolist()
+    eager = _replay_view(8, "decode")
+    backend.init_forward_metadata_out_graph(eager)
+    assert backend.forward_metadata.page_table is not table
+    assert backend.forward_metadata.page_table.row_index is eager.req_pool_indices
+    assert backend.forward_metadata.qo_indptr.tolist() == list(range(9))
+    verify = _replay_view(8, "verify")
+    backend.init_forward_metadata_out_graph(verify)
+    assert backend.forward_metadata.qo_indptr.tolist() == list(range(0, 36, 4))
+    assert backend.forward_metadata.kv_lens.tolist() == (verify.seq_lens + 4).tolist()
+
+
 def _ops_of(fn, calls: int = 5) -> set[str]:
     from torch.profiler import ProfilerActivity, profile
 

@@ -148,6 +148,8 @@ class SGLangAttnBackend(AttentionBackend):
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.max_batch_size = self.req_to_token_pool.req_to_token.shape[0]
         self.forward_metadata: ForwardMetadata | None = None
+        # The last page tables built and the tensors they view (see _page_tables).
+        self._kept_page_tables: tuple | None = None
         self.dtype = model_runner.dtype
         self.kv_dtype = getattr(model_runner, "kv_cache_dtype", model_runner.dtype)
         self._fp8_pool = fp8.is_fp8(self.kv_dtype)  # the layers' scales apply
@@ -231,34 +233,32 @@ class SGLangAttnBackend(AttentionBackend):
             return
         seq_lens_cpu = forward_batch.seq_lens_cpu
         seq_lens = (seq_lens_cpu if seq_lens_cpu is not None else forward_batch.seq_lens.cpu())
-        kv_lens = np.asarray(seq_lens, dtype=np.int64)
+        # (Tensor.numpy(): a view, as np.asarray gives, without its conversion protocol's cost.)
+        kv_lens = seq_lens.numpy().astype(np.int64, copy=False) \
+            if isinstance(seq_lens, torch.Tensor) else np.asarray(seq_lens, dtype=np.int64)
         custom_mask = None
+        # Decode and verify (every replayed step) give each request the same number of query
+        # rows: their offsets are a range, not a prefix sum.
         if mode.is_decode():
-            extend_lens = np.ones_like(kv_lens)
+            qo_indptr = np.arange(len(kv_lens) + 1, dtype=np.int64)
         elif mode.is_target_verify():
             # seq_lens is the committed prefix; the n drafts' K/V were just written after it.
             spec_info = forward_batch.spec_info
             drafts = getattr(spec_info, "num_tokens_per_req", None) or spec_info.draft_token_num
-            extend_lens = np.full_like(kv_lens, drafts)
+            qo_indptr = np.arange(0, (len(kv_lens) + 1) * drafts, drafts, dtype=np.int64)
             kv_lens = kv_lens + drafts
             # A chain (topk 1) is causal over the drafts; a tree needs its mask.
             if getattr(spec_info, "topk", None) != 1:
                 custom_mask = spec_info.custom_mask
-        elif mode.is_draft_extend_v2():
-            extend_lens, kv_lens = self._draft_extend_lengths(forward_batch, kv_lens)
         else:
-            extend_lens = self._extend_lens(forward_batch)
-        req_pool_indices = forward_batch.req_pool_indices
-        req_to_token = self.req_to_token_pool.req_to_token
-        meta = ForwardMetadata(
-            kv_lens=kv_lens,
-            qo_indptr=np.concatenate([[0], np.cumsum(extend_lens)]),
-            page_table=PageTable.from_req_to_token(req_to_token, req_pool_indices),
-            custom_mask=custom_mask,
-            window_page_table=PageTable.from_req_to_token(
-                req_to_token, req_pool_indices, slot_map=self._slot_map())
-            if self._hybrid_pool is not None else None,
-        )
+            if mode.is_draft_extend_v2():
+                extend_lens, kv_lens = self._draft_extend_lengths(forward_batch, kv_lens)
+            else:
+                extend_lens = self._extend_lens(forward_batch)
+            qo_indptr = np.concatenate([[0], np.cumsum(extend_lens)])
+        page_table, window_page_table = self._page_tables(forward_batch.req_pool_indices)
+        meta = ForwardMetadata(kv_lens=kv_lens, qo_indptr=qo_indptr, page_table=page_table,
+                               custom_mask=custom_mask, window_page_table=window_page_table)
         self.forward_metadata = meta
         if mode.is_decode() and not self.mla:  # MLA decodes on the prefill-family kernel
             for key in self.layer_keys:
@@ -487,6 +487,22 @@ class SGLangAttnBackend(AttentionBackend):
             write_kv(cache, slots,
                      k.view(-1, layer.tp_k_head_num, layer.qk_head_dim),
                      v.view(-1, layer.tp_k_head_num, layer.v_head_dim), via_input_dtype=True)
+
+    def _page_tables(self, req_pool_indices: torch.Tensor):
+        """(page table, window page table or None) over the pool's req_to_token, rows picked
+        by `req_pool_indices`. A graph replay hands over the same static index buffer every
+        step (new values, same tensor): its tables are kept, not rebuilt and checked again."""
+        req_to_token = self.req_to_token_pool.req_to_token
+        slot_map = self._slot_map() if self._hybrid_pool is not None else None
+        kept = self._kept_page_tables
+        if kept is not None and kept[0] is req_pool_indices and kept[1] is req_to_token and \
+                kept[2] is slot_map:
+            return kept[3]
+        tables = (PageTable.from_req_to_token(req_to_token, req_pool_indices),
+                  PageTable.from_req_to_token(req_to_token, req_pool_indices, slot_map=slot_map)
+                  if slot_map is not None else None)
+        self._kept_page_tables = (req_pool_indices, req_to_token, slot_map, tables)
+        return tables
 
     def _is_window_layer(self, layer) -> bool:
         """Whether `layer` lives in the window pool of a hybrid pool."""
